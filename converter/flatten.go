@@ -306,6 +306,11 @@ func (t *tree) store(r io.Reader, size int64) (*inode, error) {
 	if size < 0 {
 		return nil, fmt.Errorf("%w: negative size", ErrUnsafe)
 	}
+	// Sparse tar entries expand to zeros the compressed stream never held,
+	// so the spooled bytes count against the image limit too.
+	if size > t.limit.maxBytes-t.end {
+		return nil, fmt.Errorf("%w: file of %d bytes exceeds the image limit of %d uncompressed bytes (possible decompression bomb)", ErrTooLarge, size, t.limit.maxBytes)
+	}
 	ino := &inode{off: t.end, size: size}
 	if size == 0 {
 		return ino, nil
