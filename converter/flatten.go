@@ -196,7 +196,7 @@ func (t *tree) entry(layer int, hdr *tar.Header, body io.Reader, opaque *[]*node
 	switch hdr.Typeflag {
 	case tar.TypeDir:
 		n.typ = flat.TypeDir
-	case tar.TypeReg, tar.TypeRegA, tar.TypeGNUSparse:
+	case tar.TypeReg, tar.TypeGNUSparse: // the reader reports the old TypeRegA as TypeReg
 		n.typ = flat.TypeReg
 		ino, err := t.store(body, hdr.Size)
 		if err != nil {

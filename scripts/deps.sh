@@ -1,0 +1,37 @@
+#!/usr/bin/env bash
+# deps.sh installs what Shoal's tests, benchmarks and demo need on a fresh
+# Debian machine, and does nothing when everything is already there:
+#   - Debian packages: docker-registry (the real registry for integration
+#     tests), debootstrap (the Debian image), fuse3, iproute2;
+#   - Go modules (go mod download);
+#   - the cached Debian root filesystem tarball (scripts/debian-rootfs.sh).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need=()
+command -v docker-registry >/dev/null || need+=(docker-registry)
+command -v debootstrap >/dev/null || need+=(debootstrap)
+command -v fusermount3 >/dev/null || need+=(fuse3)
+command -v ip >/dev/null || need+=(iproute2)
+command -v curl >/dev/null || need+=(curl)
+if ((${#need[@]})); then
+	if [[ $(id -u) -ne 0 ]]; then
+		echo "deps: missing ${need[*]}; run as root or: sudo apt-get install -y ${need[*]}" >&2
+		exit 1
+	fi
+	echo "deps: installing ${need[*]}" >&2
+	export DEBIAN_FRONTEND=noninteractive
+	apt-get update -qq
+	apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+fi
+# The Debian package starts a registry on :5000 as a service; tests start
+# their own on free loopback ports and need no other.
+if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registry 2>/dev/null; then
+	systemctl stop docker-registry || true
+fi
+go mod download
+if [[ $(id -u) -eq 0 ]]; then
+	scripts/debian-rootfs.sh >/dev/null
+else
+	echo "deps: not root: the Debian image tarball is built by the first test that needs it, or skipped" >&2
+fi
