@@ -28,7 +28,7 @@ type Stats struct {
 	Entries         int   `json:"entries"`
 	Files           int   `json:"files"`
 	ImageBytes      int64 `json:"image_bytes"`        // uncompressed file contents, hard links once
-	Blocks          int   `json:"blocks"`             // blocks cut from the contents
+	CutBlocks       int   `json:"cut_blocks"`         // blocks cut from the contents, duplicates included
 	UniqueBlocks    int   `json:"unique_blocks"`      // blocks stored
 	StoredBytes     int64 `json:"stored_bytes"`       // uncompressed bytes of unique blocks
 	CompressedBytes int64 `json:"compressed_bytes"`   // bytes of all data blobs
@@ -213,7 +213,7 @@ func (t *tree) build(ctx context.Context, o buildOptions) (*buildResult, error) 
 			case <-ctx.Done():
 				return ctx.Err()
 			}
-			st.Blocks++
+			st.CutBlocks++
 			blk, ok := known[c.id]
 			if !ok {
 				blob, off, err := bw.write(c.comp)

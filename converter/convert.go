@@ -160,6 +160,9 @@ func DefaultDestination(src name.Reference) (name.Tag, error) {
 	default:
 		return name.Tag{}, fmt.Errorf("reference %s: neither tag nor digest", src)
 	}
+	if len(tag) > 128 {
+		return name.Tag{}, fmt.Errorf("derived tag %q is longer than the 128 characters registries accept; name the destination explicitly", tag)
+	}
 	return src.Context().Tag(tag), nil
 }
 
@@ -325,8 +328,10 @@ func build(ctx context.Context, img v1.Image, c *config) (res *Result, flatImg v
 	st.IndexBytes = int64(len(indexBlob))
 	st.LayerBytes = t.total
 	st.SourceEntries = t.count
-	plat := c.platform
-	if cf != nil && cf.OS != "" {
+	// The source's own config names the platform, so the result does not
+	// depend on the machine that converts.
+	var plat v1.Platform
+	if cf != nil {
 		plat = v1.Platform{OS: cf.OS, Architecture: cf.Architecture, Variant: cf.Variant}
 	}
 	flatImg, err = newFlatImage(Config{

@@ -150,6 +150,7 @@ func TestConvertRejectsUnsafeEntries(t *testing.T) {
 	}{
 		{name: "dotdot", layer: []ent{{name: "../etc/passwd", body: "x"}}, wantErr: "climbs out of the image root"},
 		{name: "nested dotdot", layer: []ent{{name: "a/../../b", body: "x"}}, wantErr: "climbs out of the image root"},
+		{name: "rooted dotdot", layer: []ent{{name: "/../b", body: "x"}}, wantErr: "climbs out of the image root"},
 		{name: "hardlink to nothing", layer: []ent{{name: "a", typ: tar.TypeLink, link: "missing"}}, wantErr: "missing or directory target"},
 		{name: "long name", layer: []ent{{name: strings.Repeat("n", 300), body: "x"}}, wantErr: "longer than 255"},
 		{name: "escaping symlink is dropped", layer: []ent{{name: "ok", body: "x"}, {name: "d/evil", typ: tar.TypeSymlink, link: "../../../etc/shadow"}}, absent: "d/evil"},
@@ -329,30 +330,103 @@ func sharedBytes(t testing.TB, a, b *flat.Index) (shared, total int64) {
 	return shared, total
 }
 
-// TestWhiteoutThenRecreateInOneLayer follows containerd: a layer that deletes
-// a path and creates it again ends with the new entry, whatever the order of
-// the two in the tar.
-func TestWhiteoutThenRecreateInOneLayer(t *testing.T) {
+// TestLayerSemantics covers the corner cases of applying layers where
+// go-containerregistry's Extract is no oracle: whiteouts and opaque markers
+// apply to lower layers only, wherever they stand in the tar; symlinks in
+// parent paths are followed inside the root, as containerd does.
+func TestLayerSemantics(t *testing.T) {
 	t.Parallel()
-	_, flatImg, cleanup, err := Build(t.Context(), imageOf(t,
-		[]ent{{name: "x", typ: tar.TypeSymlink, link: "y"}, {name: "d/old", body: "old"}},
-		[]ent{{name: ".wh.x"}, {name: "x/inside", body: "in"}, {name: "d/new", body: "new"}, {name: "d/.wh..wh..opq"}},
-	), quiet())
-	if err != nil {
-		t.Fatal(err)
+	cases := []struct {
+		name    string
+		layers  [][]ent
+		present []string
+		absent  []string
+	}{
+		{
+			name: "whiteout then recreate",
+			layers: [][]ent{
+				{{name: "x", typ: tar.TypeSymlink, link: "y"}},
+				{{name: ".wh.x"}, {name: "x/inside", body: "in"}},
+			},
+			present: []string{"x", "x/inside"},
+		},
+		{
+			name: "recreate then whiteout",
+			layers: [][]ent{
+				{{name: "x", body: "old"}},
+				{{name: "x", body: "new"}, {name: ".wh.x"}},
+			},
+			present: []string{"x"},
+		},
+		{
+			name: "opaque after new entries",
+			layers: [][]ent{
+				{{name: "d/old", body: "old"}},
+				{{name: "d/new", body: "new"}, {name: "d/.wh..wh..opq"}},
+			},
+			present: []string{"d/new"},
+			absent:  []string{"d/old"},
+		},
+		{
+			name: "opaque hides lower files below a relisted dir",
+			layers: [][]ent{
+				{{name: "d/a/old", body: "old"}, {name: "d/b/old", body: "old"}},
+				{{name: "d/.wh..wh..opq"}, {name: "d/a/", typ: tar.TypeDir}},
+			},
+			present: []string{"d/a"},
+			absent:  []string{"d/a/old", "d/b", "d/b/old"},
+		},
+		{
+			name: "opaque keeps new files below an unlisted dir",
+			layers: [][]ent{
+				{{name: "d/a/old", body: "old"}},
+				{{name: "d/.wh..wh..opq"}, {name: "d/a/new", body: "new"}},
+			},
+			present: []string{"d/a/new"},
+			absent:  []string{"d/a/old"},
+		},
+		{
+			name: "symlinked parent is followed",
+			layers: [][]ent{
+				{{name: "usr/lib/", typ: tar.TypeDir}, {name: "lib", typ: tar.TypeSymlink, link: "usr/lib"}},
+				{{name: "lib/x", body: "x"}, {name: "usr/abs", typ: tar.TypeSymlink, link: "/usr/lib"}, {name: "usr/abs/y", body: "y"}},
+			},
+			present: []string{"lib", "usr/lib/x", "usr/lib/y"},
+			absent:  []string{"lib/x"},
+		},
+		{
+			name: "symlinked parent escaping is clamped to the root",
+			layers: [][]ent{
+				{{name: "up", typ: tar.TypeSymlink, link: "/../../.."}},
+				{{name: "up/z", body: "z"}},
+			},
+			present: []string{"z", "up"},
+		},
+		{
+			name:    "backslash is an ordinary character",
+			layers:  [][]ent{{{name: `a\b`, body: "x"}}},
+			present: []string{`a\b`},
+			absent:  []string{"a/b"},
+		},
 	}
-	defer cleanup()
-	m, _ := flatImg.Manifest()
-	l, _ := flatImg.LayerByDigest(m.Layers[0].Digest)
-	rc, _ := l.Compressed()
-	defer rc.Close()
-	x, err := flat.ReadBlob(rc)
-	if err != nil {
-		t.Fatal(err)
-	}
-	for p, want := range map[string]bool{"x": true, "x/inside": true, "d/new": true, "d/old": false} {
-		if _, ok := x.Lookup(p); ok != want {
-			t.Errorf("%s present = %v, want %v", p, ok, want)
-		}
+	for _, tc := range cases {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			res, _, cleanup, err := Build(t.Context(), imageOf(t, tc.layers...), quiet())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer cleanup()
+			for _, p := range tc.present {
+				if _, ok := res.Index.Lookup(p); !ok {
+					t.Errorf("%s missing", p)
+				}
+			}
+			for _, p := range tc.absent {
+				if _, ok := res.Index.Lookup(p); ok {
+					t.Errorf("%s present", p)
+				}
+			}
+		})
 	}
 }

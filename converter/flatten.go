@@ -124,28 +124,43 @@ func (t *tree) apply(layer int, name string, r io.Reader, compressedSize int64) 
 	}
 	// Opaque markers hide only lower layers, whatever their position in the tar.
 	for _, dir := range opaque {
-		for k, c := range dir.children {
-			if c.layer != layer {
-				delete(dir.children, k)
-			}
-		}
+		pruneLower(dir, layer)
 	}
 	return nil
 }
 
+// pruneLower removes from dir's subtree everything lower layers wrote,
+// keeping what layer wrote. A lower directory that still holds entries of
+// this layer stays, as the parent they need.
+func pruneLower(dir *node, layer int) {
+	for k, c := range dir.children {
+		if c.typ == flat.TypeDir {
+			pruneLower(c, layer)
+			if c.layer != layer && len(c.children) == 0 {
+				delete(dir.children, k)
+			}
+		} else if c.layer != layer {
+			delete(dir.children, k)
+		}
+	}
+}
+
 // cleanName turns a tar entry name into a clean relative path ("" for the
-// root). Leading slashes are dropped; a name that climbs out of the root is
-// an error.
+// root). Leading slashes are dropped (a layer is always relative to the image
+// root); a name that climbs out of the root with ".." is an error. Backslashes
+// are ordinary characters on Linux and stay as they are.
 func cleanName(name string) (string, error) {
 	if strings.IndexByte(name, 0) >= 0 {
 		return "", fmt.Errorf("%w: NUL in name %q", ErrUnsafe, name)
 	}
-	p := path.Clean("/" + strings.ReplaceAll(name, "\\", "/"))
-	raw := path.Clean(strings.ReplaceAll(name, "\\", "/"))
-	if raw == ".." || strings.HasPrefix(raw, "../") {
+	rel := path.Clean(strings.TrimLeft(name, "/"))
+	if rel == ".." || strings.HasPrefix(rel, "../") {
 		return "", fmt.Errorf("%w: entry %q climbs out of the image root", ErrUnsafe, name)
 	}
-	return strings.TrimPrefix(p, "/"), nil
+	if rel == "." {
+		return "", nil
+	}
+	return rel, nil
 }
 
 func (t *tree) entry(layer int, hdr *tar.Header, body io.Reader, opaque *[]*node) error {
@@ -165,8 +180,12 @@ func (t *tree) entry(layer int, hdr *tar.Header, body io.Reader, opaque *[]*node
 		return nil
 	}
 	if target, ok := strings.CutPrefix(base, whiteoutPrefix); ok {
+		// Whiteouts hide lower layers only: an entry this layer wrote stays,
+		// wherever the whiteout stands in the tar.
 		if d := t.dir(dirName, layer, false); d != nil {
-			delete(d.children, target)
+			if c, ok := d.children[target]; ok && c.layer != layer {
+				delete(d.children, target)
+			}
 		}
 		return nil
 	}
@@ -196,7 +215,7 @@ func (t *tree) entry(layer int, hdr *tar.Header, body io.Reader, opaque *[]*node
 	switch hdr.Typeflag {
 	case tar.TypeDir:
 		n.typ = flat.TypeDir
-	case tar.TypeReg, tar.TypeGNUSparse: // the reader reports the old TypeRegA as TypeReg
+	case tar.TypeReg, tar.TypeCont, tar.TypeGNUSparse: // the reader reports the old TypeRegA as TypeReg
 		n.typ = flat.TypeReg
 		ino, err := t.store(body, hdr.Size)
 		if err != nil {
@@ -228,10 +247,14 @@ func (t *tree) entry(layer int, hdr *tar.Header, body io.Reader, opaque *[]*node
 		cp := *src
 		cp.layer = layer
 		n = &cp
-	case tar.TypeChar:
+	case tar.TypeChar, tar.TypeBlock:
+		if hdr.Devmajor < 0 || hdr.Devminor < 0 || hdr.Devmajor > 1<<32-1 || hdr.Devminor > 1<<32-1 {
+			return fmt.Errorf("%w: device numbers %d,%d of %q out of range", ErrUnsafe, hdr.Devmajor, hdr.Devminor, hdr.Name)
+		}
 		n.typ, n.devMajor, n.devMinor = flat.TypeChar, uint32(hdr.Devmajor), uint32(hdr.Devminor)
-	case tar.TypeBlock:
-		n.typ, n.devMajor, n.devMinor = flat.TypeBlock, uint32(hdr.Devmajor), uint32(hdr.Devminor)
+		if hdr.Typeflag == tar.TypeBlock {
+			n.typ = flat.TypeBlock
+		}
 	case tar.TypeFifo:
 		n.typ = flat.TypeFIFO
 	case tar.TypeXGlobalHeader:
@@ -264,26 +287,54 @@ func (n *node) replaceMeta(from *node) {
 	n.mtimeSec, n.mtimeNs, n.xattrs, n.layer = from.mtimeSec, from.mtimeNs, from.xattrs, from.layer
 }
 
+// maxLinkHops bounds symlink resolution in parent paths (Linux's limit).
+const maxLinkHops = 40
+
 // dir returns the directory at p, creating missing ones (mode 0755, owned by
-// root) when create is set; a non-directory in the way is replaced, as a
-// container runtime extracting the layer would.
+// root, stamped with layer) when create is set. A symlink on the way is
+// followed inside the image root, as containerd resolves parent paths when
+// it applies a layer; any other non-directory on the way is replaced by a
+// directory.
 func (t *tree) dir(p string, layer int, create bool) *node {
-	d := t.root
-	if p == "" {
+	hops := 0
+	var walk func(p string) *node
+	walk = func(p string) *node {
+		d := t.root
+		cur := ""
+		rest := p
+		for rest != "" {
+			c, r, _ := strings.Cut(rest, "/")
+			rest = r
+			next, ok := d.children[c]
+			if ok && next.typ == flat.TypeSymlink && hops < maxLinkHops {
+				hops++
+				target := next.linkname
+				if !path.IsAbs(target) {
+					target = path.Join("/", cur, target)
+				}
+				resolved := strings.TrimPrefix(path.Clean("/"+target), "/") // clamped to the root
+				if rest != "" {
+					resolved = strings.TrimPrefix(resolved+"/"+rest, "/")
+				}
+				return walk(resolved)
+			}
+			if !ok || next.typ != flat.TypeDir {
+				if !create {
+					return nil
+				}
+				next = &node{typ: flat.TypeDir, mode: 0o755, children: map[string]*node{}, layer: layer}
+				d.children[c] = next
+			}
+			d = next
+			if cur == "" {
+				cur = c
+			} else {
+				cur += "/" + c
+			}
+		}
 		return d
 	}
-	for c := range strings.SplitSeq(p, "/") {
-		next, ok := d.children[c]
-		if !ok || next.typ != flat.TypeDir {
-			if !create {
-				return nil
-			}
-			next = &node{typ: flat.TypeDir, mode: 0o755, children: map[string]*node{}, layer: layer}
-			d.children[c] = next
-		}
-		d = next
-	}
-	return d
+	return walk(p)
 }
 
 func (t *tree) lookup(p string) *node {

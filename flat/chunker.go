@@ -12,17 +12,18 @@ import (
 const DefaultAvgBlockSize = 256 << 10
 
 // Chunker finds content-defined cut points with FastCDC (normalized chunking,
-// level 2) over a gear rolling hash. Cut points depend only on the last 64
-// bytes before them, so an insertion or deletion moves at most the blocks
-// around it. The gear table is fixed by the format: changing it, or the
+// level 2) over a gear rolling hash. A cut point depends only on the bytes
+// since the previous cut (hashing starts avg/4 bytes after it, and the hash
+// remembers the last 64 bytes), so an insertion or deletion moves only the
+// blocks around it and the cuts resynchronise after. The gear table is fixed by the format: changing it, or the
 // size limits derived from the average, changes every block ID.
 type Chunker struct {
 	min, avg, max int
 	maskS, maskL  uint64
 }
 
-// NewChunker returns a chunker whose blocks average about avg bytes, never
-// shorter than avg/4 (except the last) nor longer than 4*avg. avg must be a
+// NewChunker returns a chunker whose blocks average about avg bytes, longer
+// than avg/4 (except the last) and at most 4*avg. avg must be a
 // power of two between 4 KiB and MaxBlockSize/4.
 func NewChunker(avg int) (*Chunker, error) {
 	if avg < 4<<10 || avg > MaxBlockSize/4 || avg&(avg-1) != 0 {

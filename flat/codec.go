@@ -149,17 +149,19 @@ func Decode(b []byte) (*Index, error) {
 	if len(b) < len(magic)+4 || !bytes.Equal(b[:len(magic)], magic[:]) {
 		return nil, fmt.Errorf("%w: not a flat index (bad magic)", ErrMalformed)
 	}
+	// The version comes first so that a newer index is reported as such,
+	// whatever else a later version changes.
+	if v, n := binary.Uvarint(b[len(magic):]); n <= 0 || v != Version {
+		return nil, fmt.Errorf("%w: unsupported version %d (this build reads %d)", ErrMalformed, v, Version)
+	}
 	body := b[:len(b)-4]
 	if got, want := crc32.Checksum(body, castagnoli), binary.LittleEndian.Uint32(b[len(b)-4:]); got != want {
 		return nil, fmt.Errorf("%w: checksum mismatch", ErrMalformed)
 	}
 	r := reader{b: body, off: len(magic)}
 	x := &Index{}
-	v := r.uvarint("version")
-	if r.err == nil && v != Version {
-		return nil, fmt.Errorf("%w: unsupported version %d (this build reads %d)", ErrMalformed, v, Version)
-	}
-	x.Source = r.str("source", 1024)
+	r.uvarint("version")
+	x.Source = r.str("source", MaxSourceLen)
 	x.AvgBlockSize = r.u32("average block size")
 
 	n := r.count("blobs", 2)
@@ -182,18 +184,20 @@ func Decode(b []byte) (*Index, error) {
 	x.Entries = make([]Entry, n)
 	prev := ""
 	var prevBlock int64
+	var pathBuf []byte
 	for i := range x.Entries {
 		if r.err != nil {
 			break
 		}
 		e := &x.Entries[i]
 		shared := r.uvarint("path prefix")
-		suffix := r.str("path", MaxPathLen)
+		suffix := r.rawStr("path", MaxPathLen)
 		if shared > uint64(len(prev)) {
 			r.fail("entry %d: path prefix %d longer than previous path", i, shared)
 			break
 		}
-		e.Path = prev[:shared] + suffix
+		pathBuf = append(append(pathBuf[:0], prev[:shared]...), suffix...)
+		e.Path = string(pathBuf)
 		prev = e.Path
 		e.Type = Type(r.byte("type"))
 		e.Mode = r.u32("mode")
@@ -252,6 +256,9 @@ func Decode(b []byte) (*Index, error) {
 func (x *Index) Validate() error {
 	bad := func(format string, args ...any) error {
 		return fmt.Errorf("%w: %s", ErrMalformed, fmt.Sprintf(format, args...))
+	}
+	if len(x.Source) > MaxSourceLen {
+		return bad("source of %d bytes", len(x.Source))
 	}
 	for i, b := range x.Blobs {
 		if !validDigest(b.Digest) {
@@ -332,6 +339,10 @@ func (x *Index) Validate() error {
 				return bad("entry %q: bad symlink target", e.Path)
 			}
 		case TypeHardlink:
+			// A hard link is only a name: the inode's metadata lives on its target.
+			if e.Mode != 0 || e.UID != 0 || e.GID != 0 || e.MtimeSec != 0 || e.MtimeNs != 0 || len(e.Xattrs) != 0 {
+				return bad("entry %q: hard link with metadata of its own", e.Path)
+			}
 			if err := checkPath(e.Linkname); err != nil {
 				return bad("entry %q: hard link target: %v", e.Path, err)
 			}
@@ -495,16 +506,19 @@ func (r *reader) bytes(what string, n int) []byte {
 	return r.b[r.off-n : r.off]
 }
 
-func (r *reader) str(what string, limit int) string {
-	n := r.uvarint(what + " length")
+func (r *reader) str(what string, limit int) string { return string(r.rawStr(what, limit)) }
+
+// rawStr returns a length-prefixed byte string without copying it.
+func (r *reader) rawStr(what string, limit int) []byte {
+	n := r.uvarint(what)
 	if r.err != nil {
-		return ""
+		return nil
 	}
 	if n > uint64(limit) {
 		r.fail("%s of %d bytes (limit %d)", what, n, limit)
-		return ""
+		return nil
 	}
-	return string(r.bytes(what, int(n)))
+	return r.bytes(what, int(n))
 }
 
 // count reads an element count and rejects one that the remaining bytes

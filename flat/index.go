@@ -22,8 +22,6 @@ const (
 
 	// AnnotationSource is the digest of the source image manifest.
 	AnnotationSource = "dev.shoal.source.digest"
-	// AnnotationSourceRef is the reference the source image was read from.
-	AnnotationSourceRef = "dev.shoal.source.ref"
 	// AnnotationFormat is the flat format version, as a decimal string.
 	AnnotationFormat = "dev.shoal.format.version"
 	// TagSuffix is appended to a source tag to name its flat form.
@@ -126,6 +124,7 @@ const (
 	MaxLinkLen   = 4096
 	MaxXattrs    = 256
 	MaxXattrLen  = 64 << 10
+	MaxSourceLen = 1024
 )
 
 // ComparePaths orders paths component by component, so that a directory's

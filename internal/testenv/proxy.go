@@ -1,0 +1,136 @@
+//go:build linux
+
+package testenv
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"net/http/httputil"
+	"net/url"
+	"sync"
+	"sync/atomic"
+	"testing"
+)
+
+// CountingProxy is a reverse proxy on a loopback port that counts the
+// response-body bytes it passes back, request by request. Put one in front of
+// a registry (or any HTTP server) and point clients at Host to measure how
+// much the origin served. It forwards the client's Host header, so the
+// Location URLs a registry returns during a push point back at the proxy.
+type CountingProxy struct {
+	// Host is "127.0.0.1:PORT"; use it where the upstream's host would go.
+	Host string
+
+	srv   *httptest.Server
+	bytes atomic.Int64
+
+	mu   sync.Mutex
+	reqs []ProxiedRequest
+}
+
+// ProxiedRequest is one request that went through a CountingProxy.
+type ProxiedRequest struct {
+	Method string
+	Path   string // URL path and query
+	Range  string // the Range header, if any
+	Status int
+	Bytes  int64 // response-body bytes sent to the client
+}
+
+// Proxy starts a CountingProxy in front of the registry. It keeps working
+// across Stop and Restart (answering 502 while the registry is down) and is
+// closed when the test ends.
+func (r *Registry) Proxy(tb testing.TB) *CountingProxy {
+	tb.Helper()
+	return NewCountingProxy(tb, r.Host)
+}
+
+// NewCountingProxy starts a CountingProxy in front of the plain-HTTP server at
+// upstream ("host:port") and closes it when the test ends.
+func NewCountingProxy(tb testing.TB, upstream string) *CountingProxy {
+	tb.Helper()
+	target := &url.URL{Scheme: "http", Host: upstream}
+	rp := &httputil.ReverseProxy{
+		Rewrite: func(pr *httputil.ProxyRequest) {
+			pr.SetURL(target)
+			pr.Out.Host = pr.In.Host
+		},
+		// A stopped upstream is a state tests create on purpose; say so in
+		// the test's log, not on stderr.
+		ErrorHandler: func(w http.ResponseWriter, req *http.Request, err error) {
+			tb.Logf("testenv: proxy %s %s: %v", req.Method, req.URL.Path, err)
+			w.WriteHeader(http.StatusBadGateway)
+		},
+	}
+	p := &CountingProxy{}
+	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		cw := &countingWriter{ResponseWriter: w, status: http.StatusOK}
+		rp.ServeHTTP(cw, req)
+		p.mu.Lock()
+		p.reqs = append(p.reqs, ProxiedRequest{
+			Method: req.Method,
+			Path:   req.URL.RequestURI(),
+			Range:  req.Header.Get("Range"),
+			Status: cw.status,
+			Bytes:  cw.n,
+		})
+		p.mu.Unlock()
+		p.bytes.Add(cw.n)
+	}))
+	p.Host = p.srv.Listener.Addr().String()
+	tb.Cleanup(p.srv.Close)
+	return p
+}
+
+// Ref returns the reference of repoTag through the proxy.
+func (p *CountingProxy) Ref(repoTag string) string { return p.Host + "/" + repoTag }
+
+// URL returns the proxy's base URL, "http://127.0.0.1:PORT".
+func (p *CountingProxy) URL() string { return p.srv.URL }
+
+// BytesServed returns the response-body bytes served since the start or the
+// last Reset. A request still in flight is counted when it completes.
+func (p *CountingProxy) BytesServed() int64 { return p.bytes.Load() }
+
+// Requests returns the requests completed since the start or the last Reset,
+// in completion order.
+func (p *CountingProxy) Requests() []ProxiedRequest {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return append([]ProxiedRequest(nil), p.reqs...)
+}
+
+// Reset zeroes the byte count and forgets the requests.
+func (p *CountingProxy) Reset() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.reqs = nil
+	p.bytes.Store(0)
+}
+
+type countingWriter struct {
+	http.ResponseWriter
+	status      int
+	wroteHeader bool
+	n           int64
+}
+
+func (w *countingWriter) WriteHeader(code int) {
+	// 1xx responses are informational; the final status comes later.
+	if !w.wroteHeader && code >= 200 {
+		w.status = code
+		w.wroteHeader = true
+	}
+	w.ResponseWriter.WriteHeader(code)
+}
+
+func (w *countingWriter) Write(b []byte) (int, error) {
+	w.wroteHeader = true
+	n, err := w.ResponseWriter.Write(b)
+	w.n += int64(n)
+	return n, err
+}
+
+// Unwrap lets http.ResponseController reach the real writer (ReverseProxy
+// flushes through it).
+func (w *countingWriter) Unwrap() http.ResponseWriter { return w.ResponseWriter }
