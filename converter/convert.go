@@ -1,6 +1,7 @@
 package converter
 
 import (
+	"bufio"
 	"context"
 	"errors"
 	"fmt"
@@ -18,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+	"github.com/klauspost/compress/gzip"
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/shoal-project/shoal/flat"
@@ -361,7 +363,7 @@ func applyLayer(t *tree, i int, l v1.Layer, n int, _ types.MediaType, c *config)
 	if c.progress != nil {
 		fmt.Fprintf(c.progress, "layer %d/%d %s (%d MB compressed)\n", i+1, n, d.String()[:19], size>>20)
 	}
-	rc, err := l.Uncompressed()
+	rc, err := uncompressed(l)
 	if err != nil {
 		return RegistryError("read layer", d.String(), err)
 	}
@@ -412,3 +414,62 @@ func RegistryError(op, ref string, err error) error {
 	}
 	return fmt.Errorf("%s %s: %w", op, ref, err)
 }
+
+// uncompressed opens a layer's tar stream. It reads the compressed blob
+// (which go-containerregistry verifies against its digest as it is read) and
+// picks the decompressor from the magic bytes: klauspost's gzip is about
+// twice as fast as the standard library's, which ggcr's Uncompressed uses.
+func uncompressed(l v1.Layer) (io.ReadCloser, error) {
+	rc, err := l.Compressed()
+	if err != nil {
+		return nil, err
+	}
+	br := bufio.NewReaderSize(rc, 1<<20)
+	magic, err := br.Peek(4)
+	if err != nil && !errors.Is(err, io.EOF) {
+		rc.Close()
+		return nil, err
+	}
+	switch {
+	case len(magic) >= 2 && magic[0] == 0x1f && magic[1] == 0x8b:
+		zr, err := gzip.NewReader(br)
+		if err != nil {
+			rc.Close()
+			return nil, fmt.Errorf("gzip: %w", err)
+		}
+		return readCloser{drainAtEOF{zr, br}, func() error { zr.Close(); return rc.Close() }}, nil
+	case len(magic) == 4 && magic[0] == 0x28 && magic[1] == 0xb5 && magic[2] == 0x2f && magic[3] == 0xfd:
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		if err != nil {
+			rc.Close()
+			return nil, fmt.Errorf("zstd: %w", err)
+		}
+		return readCloser{drainAtEOF{zr, br}, func() error { zr.Close(); return rc.Close() }}, nil
+	}
+	return readCloser{br, rc.Close}, nil
+}
+
+// drainAtEOF reads what follows the compressed stream when it ends, so that
+// the verifying reader underneath reaches EOF and checks the blob's digest; a
+// mismatch surfaces as the read error instead of io.EOF.
+type drainAtEOF struct {
+	io.Reader
+	tail io.Reader
+}
+
+func (d drainAtEOF) Read(p []byte) (int, error) {
+	n, err := d.Reader.Read(p)
+	if errors.Is(err, io.EOF) {
+		if _, derr := io.Copy(io.Discard, d.tail); derr != nil {
+			return n, derr
+		}
+	}
+	return n, err
+}
+
+type readCloser struct {
+	io.Reader
+	close func() error
+}
+
+func (r readCloser) Close() error { return r.close() }

@@ -554,3 +554,13 @@ func imageFromLayers(dir string, meta []layerMeta, source string) (v1.Image, err
 	}
 	return img, nil
 }
+
+// BuildImage is ImageFromTarball for programs (the demo) that have no
+// testing.TB: the same layers, the same cache, the same digest.
+func BuildImage(ctx context.Context, rootfsTar string) (v1.Image, error) {
+	dir, meta, _, err := cachedLayers(ctx, rootfsTar)
+	if err != nil {
+		return nil, fmt.Errorf("layers from %s: %w", rootfsTar, err)
+	}
+	return imageFromLayers(dir, meta, filepath.Base(rootfsTar))
+}
