@@ -220,6 +220,12 @@ func TestConvertRegistryErrorsAreOneLine(t *testing.T) {
 	t.Cleanup(auth.Close)
 	authHost := strings.TrimPrefix(auth.URL, "http://")
 
+	broken := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Error(w, "internal error", http.StatusInternalServerError)
+	}))
+	t.Cleanup(broken.Close)
+	brokenHost := strings.TrimPrefix(broken.URL, "http://")
+
 	tls := httptest.NewServer(registry.New(registry.Logger(nopLogger())))
 	t.Cleanup(tls.Close)
 	plainHost := strings.TrimPrefix(tls.URL, "http://")
@@ -233,6 +239,7 @@ func TestConvertRegistryErrorsAreOneLine(t *testing.T) {
 		{"missing repo", reg + "/absent:v1", true, "not found"},
 		{"dead registry", deadHost + "/x:v1", true, "unreachable"},
 		{"bad auth", authHost + "/x:v1", true, "access denied"},
+		{"broken registry", brokenHost + "/x:v1", true, "registry failed (HTTP 500)"},
 		{"https to plain http", plainHost + "/x:v1", false, ""},
 		{"bad reference", "UPPER/Case::", true, "reference"},
 	}
