@@ -185,6 +185,7 @@ func Decode(b []byte) (*Index, error) {
 	prev := ""
 	var prevBlock int64
 	var pathBuf []byte
+	var slab []Extent
 	for i := range x.Entries {
 		if r.err != nil {
 			break
@@ -210,7 +211,13 @@ func Decode(b []byte) (*Index, error) {
 			e.Size = r.uvarint("size")
 			ne := r.count("extents", 3)
 			if ne > 0 {
-				e.Extents = make([]Extent, ne)
+				// Extents of all files share slabs: one allocation per
+				// thousands of files instead of one per file.
+				if len(slab)+ne > cap(slab) {
+					slab = make([]Extent, 0, max(ne, 8192))
+				}
+				e.Extents = slab[len(slab) : len(slab)+ne : len(slab)+ne]
+				slab = slab[:len(slab)+ne]
 			}
 			for j := range e.Extents {
 				d := r.varint("extent block")
@@ -525,7 +532,7 @@ func (r *reader) rawStr(what string, limit int) []byte {
 // cannot hold (each element takes at least minSize bytes), so a few hostile
 // bytes can never make the decoder allocate gigabytes.
 func (r *reader) count(what string, minSize int) int {
-	n := r.uvarint(what + " count")
+	n := r.uvarint(what)
 	if r.err != nil {
 		return 0
 	}
