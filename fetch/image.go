@@ -1,0 +1,204 @@
+package fetch
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"fmt"
+	"net/http"
+	"strconv"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+
+	"github.com/shoal-project/shoal/converter"
+	"github.com/shoal-project/shoal/flat"
+)
+
+// Image is a flat image opened from its registry: the decoded index, and the
+// Registry source that reads its blocks.
+type Image struct {
+	ref      string
+	digest   string
+	index    *flat.Index
+	registry *Registry
+}
+
+// Index returns the image's decoded, validated index. Callers must not
+// modify it.
+func (im *Image) Index() *flat.Index { return im.index }
+
+// Digest returns the digest of the flat image's manifest ("sha256:...").
+func (im *Image) Digest() string { return im.digest }
+
+// Ref returns the image's reference pinned to its digest
+// ("registry/repo:tag@sha256:...", or "registry/repo@sha256:...").
+func (im *Image) Ref() string { return im.ref }
+
+// Registry returns the source that reads the image's blocks from the
+// registry. It is made once per Image and shares its counters.
+func (im *Image) Registry() *Registry { return im.registry }
+
+// FlatRef names the flat form of the source image src as the converter
+// pushes it by default: the same repository, tag "<tag>-shoal" (or
+// "sha256-<hex>-shoal" for a digest reference).
+func FlatRef(src string) (string, error) {
+	r, err := name.ParseReference(src)
+	if err != nil {
+		return "", fmt.Errorf("image reference %q: %w", src, err)
+	}
+	t, err := converter.DefaultDestination(r)
+	if err != nil {
+		return "", err
+	}
+	return t.Name(), nil
+}
+
+// OpenImage resolves ref, checks that it names a flat image, and downloads,
+// verifies and decodes its index. ctx bounds the whole call and is not kept.
+// Credentials come from the keychain (WithKeychain); the authenticated
+// transport made here is the one the image's Registry source uses.
+func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) {
+	cfg, err := newConfig(opts)
+	if err != nil {
+		return nil, fmt.Errorf("open %s: %w", ref, err)
+	}
+	r, err := name.ParseReference(ref, cfg.nameOpts()...)
+	if err != nil {
+		return nil, fmt.Errorf("image reference %q: %w", ref, err)
+	}
+	repo := r.Context()
+	fail := func(what string, err error) (*Image, error) {
+		return nil, fmt.Errorf("open %s: %s: %w", ref, what, err)
+	}
+
+	auth, err := authn.Resolve(ctx, cfg.keychain, repo)
+	if err != nil {
+		return fail("credentials", err)
+	}
+	var rt http.RoundTripper
+	err = cfg.retry(ctx, "registry handshake", func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
+		defer cancel()
+		var err error
+		rt, err = transport.NewWithContext(ctx, repo.Registry, auth, cfg.transport, []string{repo.Scope(transport.PullScope)})
+		return translate(err)
+	})
+	if err != nil {
+		return fail("registry handshake", err)
+	}
+
+	var desc *remote.Descriptor
+	err = cfg.retry(ctx, "manifest", func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
+		defer cancel()
+		var err error
+		desc, err = remote.Get(r, remote.WithContext(ctx), remote.WithTransport(rt))
+		return translate(err)
+	})
+	if err != nil {
+		return fail("manifest", err)
+	}
+	m, err := flatManifest(ref, desc)
+	if err != nil {
+		return nil, err
+	}
+
+	im := &Image{digest: desc.Digest.String()}
+	if t, ok := r.(name.Tag); ok {
+		im.ref = t.Name() + "@" + im.digest
+	} else {
+		im.ref = repo.Digest(im.digest).Name()
+	}
+	reg := &Registry{cfg: &cfg, c: newBlobClient(&cfg, repo, rt), ref: im.ref}
+
+	layer := m.Layers[0]
+	timeout := cfg.timeout + time.Duration(layer.Size/minIndexRate)*time.Second
+	err = cfg.retry(ctx, "index", func(ctx context.Context) error {
+		blob, err := reg.c.get(ctx, layer.Digest.String(), 0, layer.Size, layer.Size, true, timeout)
+		if err != nil {
+			return err
+		}
+		if sum := sha256.Sum256(blob); hex.EncodeToString(sum[:]) != layer.Digest.Hex {
+			return fmt.Errorf("blob %s hashes to sha256:%x", layer.Digest, sum)
+		}
+		im.index, err = flat.DecodeBlob(blob)
+		return err
+	})
+	if err != nil {
+		return fail("index", err)
+	}
+	if err := checkBlobs(im.index, m); err != nil {
+		return fail("index", err)
+	}
+	reg.blobs = im.index.Blobs
+	im.registry = reg
+	cfg.log.Info("opened flat image", "component", "fetch", "ref", im.ref,
+		"index_bytes", layer.Size, "blobs", len(im.index.Blobs), "blocks", len(im.index.Blocks), "entries", len(im.index.Entries))
+	return im, nil
+}
+
+// flatManifest parses desc and checks that it is a flat image manifest.
+func flatManifest(ref string, desc *remote.Descriptor) (*v1.Manifest, error) {
+	if desc.MediaType.IsIndex() {
+		return nil, fmt.Errorf("open %s: this is an image index (a multi-platform image) and has no flat form here; "+
+			"convert it with `shoal convert %s`, which flattens one platform, then open its -shoal tag: %w", ref, ref, ErrNotFlat)
+	}
+	m, err := v1.ParseManifest(bytes.NewReader(desc.Manifest))
+	if err != nil {
+		return nil, fmt.Errorf("open %s: parse manifest: %w", ref, err)
+	}
+	if m.Config.MediaType != flat.MediaTypeConfig || len(m.Layers) == 0 || m.Layers[0].MediaType != flat.MediaTypeIndex {
+		hint := ref + flat.TagSuffix
+		if fr, err := FlatRef(ref); err == nil {
+			hint = fr
+		}
+		return nil, fmt.Errorf("open %s: this is a plain image (config %s) and has no flat form here; "+
+			"convert it with `shoal convert %s`, then open %s: %w", ref, m.Config.MediaType, ref, hint, ErrNotFlat)
+	}
+	if v, ok := m.Annotations[flat.AnnotationFormat]; ok && v != strconv.Itoa(flat.Version) {
+		return nil, fmt.Errorf("open %s: flat format version %s, this build reads version %d: %w", ref, v, flat.Version, ErrNotFlat)
+	}
+	for i, l := range m.Layers[1:] {
+		if l.MediaType != flat.MediaTypeBlocks {
+			return nil, fmt.Errorf("open %s: layer %d has media type %s, want %s: %w", ref, i+1, l.MediaType, flat.MediaTypeBlocks, flat.ErrMalformed)
+		}
+	}
+	idx := m.Layers[0]
+	if idx.Digest.Algorithm != "sha256" {
+		return nil, fmt.Errorf("open %s: index digest %s: only sha256 is supported: %w", ref, idx.Digest, flat.ErrMalformed)
+	}
+	if idx.Size <= 0 || idx.Size > flat.MaxIndexSize {
+		return nil, fmt.Errorf("open %s: index blob of %d bytes (limit %d): %w", ref, idx.Size, flat.MaxIndexSize, flat.ErrMalformed)
+	}
+	return m, nil
+}
+
+// checkBlobs checks that every data blob the index names is a layer of the
+// manifest with the same size: the registry keeps only blobs a manifest
+// references, so any other would 404 at the first read.
+func checkBlobs(x *flat.Index, m *v1.Manifest) error {
+	sizes := make(map[string]int64, len(m.Layers))
+	for _, l := range m.Layers[1:] {
+		sizes[l.Digest.String()] = l.Size
+	}
+	var errs []error
+	for _, b := range x.Blobs {
+		size, ok := sizes[b.Digest]
+		switch {
+		case !ok:
+			errs = append(errs, fmt.Errorf("data blob %s is not a layer of the manifest", b.Digest))
+		case size != int64(b.Size):
+			errs = append(errs, fmt.Errorf("data blob %s has %d bytes in the manifest, %d in the index", b.Digest, size, b.Size))
+		}
+	}
+	if len(errs) > 0 {
+		return fmt.Errorf("%w: %w", flat.ErrMalformed, joinErrors(errs...))
+	}
+	return nil
+}
