@@ -15,6 +15,8 @@ import (
 	"os"
 	"os/signal"
 	"syscall"
+
+	"github.com/shoal-project/shoal/sandbox"
 )
 
 type command struct {
@@ -24,12 +26,18 @@ type command struct {
 
 var commands = []command{
 	{"convert", "convert [flags] SRC [DST]", "flatten an image and push it beside the original", runConvert},
+	{"run", "run [flags] REF -- CMD [ARGS...]", "run a command in an image mounted lazily", runRun},
+	{"mount", "mount [flags] REF DIR", "mount an image lazily and serve it until interrupted", runMount},
+	{"unmount", "unmount [--lazy] DIR", "unmount a Shoal mount", runUnmount},
 }
 
 // errUsage marks errors for which the usage text helps more than the message.
 var errUsage = errors.New("usage")
 
-func main() { os.Exit(run(os.Args[1:], os.Stdout, os.Stderr)) }
+func main() {
+	sandbox.Init() // in the re-executed sandbox child this never returns
+	os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+}
 
 func run(args []string, stdout, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -54,6 +62,10 @@ func run(args []string, stdout, stderr io.Writer) int {
 		case errors.Is(err, errUsage):
 			fmt.Fprintf(stderr, "shoal %s: %v\nusage: shoal %s\n", c.name, err, c.usage)
 			return 2
+		case errors.As(err, new(exitStatus)):
+			var es exitStatus
+			errors.As(err, &es)
+			return int(es)
 		case errors.Is(err, context.Canceled):
 			fmt.Fprintf(stderr, "shoal %s: interrupted\n", c.name)
 			return 130

@@ -1,0 +1,103 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"log/slog"
+
+	"golang.org/x/sys/unix"
+
+	"github.com/shoal-project/shoal/node"
+)
+
+// nodeFlags are the flags of every command that opens the state directory.
+type nodeFlags struct {
+	stateDir *string
+	plain    *bool
+	quota    *int64
+}
+
+func addNodeFlags(fs *flag.FlagSet) nodeFlags {
+	return nodeFlags{
+		stateDir: fs.String("state-dir", node.DefaultStateDir(), "state directory (block cache, mounts); env "+node.EnvStateDir),
+		plain:    fs.Bool("plain-http", false, "talk plain HTTP to the registry (local test registries)"),
+		quota:    fs.Int64("cache-quota", 0, "block cache size limit in bytes (0: unlimited)"),
+	}
+}
+
+func (f nodeFlags) open(ctx context.Context, log *slog.Logger, stderr io.Writer) (*node.Node, error) {
+	return node.Open(ctx, *f.stateDir, node.WithLogger(log), node.WithPlainHTTP(*f.plain),
+		node.WithCacheQuota(*f.quota), node.WithNotices(stderr))
+}
+
+func runMount(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs, level := newFlags("mount", stderr)
+	nf := addNodeFlags(fs)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: shoal mount [flags] REF DIR\n\nMounts the image REF read-only and lazily at DIR and serves it until\ninterrupted or `shoal unmount DIR`. REF may be a flat image or a standard one\n(its flat form, tag + \"-shoal\", is used; without one it is converted here).\n\nflags:")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 2 {
+		return fmt.Errorf("%w: want REF DIR", errUsage)
+	}
+	log, err := logger(*level, stderr)
+	if err != nil {
+		return err
+	}
+	n, err := nf.open(ctx, log, stderr)
+	if err != nil {
+		return err
+	}
+	defer n.Close()
+	img, err := n.Resolve(ctx, fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	m, err := n.Mount(ctx, img, fs.Arg(1))
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(stderr, "mounted %s at %s (%d entries, %s); Ctrl-C or `shoal unmount %s` to stop\n",
+		img.Ref, m.Dir, len(img.Index.Entries), human(int64(img.Index.ImageBytes())), m.Dir)
+	done := make(chan struct{})
+	go func() { m.FS.Wait(); close(done) }()
+	select {
+	case <-ctx.Done():
+	case <-done: // unmounted from outside
+	}
+	return m.Close()
+}
+
+func runUnmount(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs, _ := newFlags("unmount", stderr)
+	lazy := fs.Bool("lazy", false, "detach now even if busy; the kernel finishes when the last user is gone")
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 1 {
+		return fmt.Errorf("%w: want DIR", errUsage)
+	}
+	dir := fs.Arg(0)
+	flags := 0
+	if *lazy {
+		flags = unix.MNT_DETACH
+	}
+	err := unix.Unmount(dir, flags)
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, unix.EBUSY):
+		return fmt.Errorf("%s is busy (a process uses it); stop it or pass --lazy", dir)
+	case errors.Is(err, unix.EINVAL):
+		return fmt.Errorf("%s is not a mount point", dir)
+	case errors.Is(err, unix.ENOTCONN):
+		return unix.Unmount(dir, unix.MNT_DETACH)
+	}
+	return fmt.Errorf("unmount %s: %w", dir, err)
+}

@@ -1,0 +1,449 @@
+package lazyfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"strconv"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"github.com/hanwen/go-fuse/v2/fs"
+	"github.com/hanwen/go-fuse/v2/fuse"
+	"golang.org/x/sync/singleflight"
+
+	"github.com/shoal-project/shoal/flat"
+)
+
+// Fetcher returns the bytes of one block. It is all lazyfs needs from the
+// resolution chain behind it (local cache, peers, registry).
+type Fetcher interface {
+	// Fetch returns the uncompressed bytes of b, verified against b.ID. The
+	// returned slice belongs to lazyfs from then on and must not be
+	// modified. Fetch must return when ctx is done: lazyfs cancels it at
+	// Unmount and after the fetch timeout (WithFetchTimeout). Fetch is
+	// called concurrently, but never twice at once for the same block of
+	// one mount.
+	Fetch(ctx context.Context, b flat.Block) ([]byte, error)
+}
+
+// Prefetcher is an optional extension of a Fetcher. When a file is read
+// sequentially, lazyfs passes the next blocks to Prefetch instead of fetching
+// them itself, so the chain can merge them into fewer, larger requests and
+// keep them where the following Fetch calls will find them. Prefetch is a
+// hint: it must not block, and its ctx ends at Unmount.
+type Prefetcher interface {
+	Prefetch(ctx context.Context, blocks []flat.Block)
+}
+
+// Errors of this package.
+var (
+	// ErrClosed is returned for work asked of a mount that is unmounting.
+	ErrClosed = errors.New("lazyfs: mount closed")
+	// ErrCorrupt is returned when a Fetcher hands back bytes that do not
+	// match the block (wrong length, or wrong hash when verifying).
+	ErrCorrupt = errors.New("lazyfs: fetched block does not match its id")
+)
+
+// Option configures a mount.
+type Option func(*config) error
+
+type config struct {
+	log             *slog.Logger
+	readahead       int
+	fetchTimeout    time.Duration
+	cacheBytes      int64
+	allowOther      bool
+	fsName          string
+	verify          bool
+	kernelReadahead int
+	debug           bool
+}
+
+func defaults() config {
+	return config{
+		log:             slog.Default(),
+		readahead:       4,
+		fetchTimeout:    time.Minute,
+		cacheBytes:      64 << 20,
+		fsName:          "shoal",
+		verify:          true,
+		kernelReadahead: 1 << 20,
+	}
+}
+
+// WithLogger sets the logger (default: slog.Default()).
+func WithLogger(l *slog.Logger) Option {
+	return func(c *config) error {
+		if l == nil {
+			return errors.New("nil logger")
+		}
+		c.log = l
+		return nil
+	}
+}
+
+// WithReadahead sets how many blocks past the current one a sequential
+// reader keeps requested ahead of it (default 4; 0 disables).
+func WithReadahead(blocks int) Option {
+	return func(c *config) error {
+		if blocks < 0 || blocks > 64 {
+			return fmt.Errorf("readahead %d blocks: want 0 to 64", blocks)
+		}
+		c.readahead = blocks
+		return nil
+	}
+}
+
+// WithFetchTimeout bounds each Fetch call (default 1 minute). A read waiting
+// for a block that takes longer fails with EIO.
+func WithFetchTimeout(d time.Duration) Option {
+	return func(c *config) error {
+		if d <= 0 {
+			return fmt.Errorf("fetch timeout %v: want a positive duration", d)
+		}
+		c.fetchTimeout = d
+		return nil
+	}
+}
+
+// WithCacheBytes bounds the in-memory cache of decompressed blocks
+// (default 64 MiB). It needs to hold only the blocks being read right now
+// and a readahead window per sequential reader: the kernel's page cache
+// keeps what was read. A block larger than the bound is never cached, so a
+// bound below the image's block size (0, say) makes every read that misses
+// the page cache fetch again.
+func WithCacheBytes(n int64) Option {
+	return func(c *config) error {
+		if n < 0 {
+			return fmt.Errorf("cache of %d bytes: want 0 or more", n)
+		}
+		c.cacheBytes = n
+		return nil
+	}
+}
+
+// WithAllowOther lets users other than the one that mounted access the file
+// system (default: off). Permissions are checked by the kernel against the
+// modes and owners in the index either way.
+func WithAllowOther(on bool) Option {
+	return func(c *config) error { c.allowOther = on; return nil }
+}
+
+// WithFSName sets the source shown in /proc/mounts and df (default "shoal");
+// the type is always fuse.shoal.
+func WithFSName(name string) Option {
+	return func(c *config) error {
+		if name == "" {
+			return errors.New("empty file system name")
+		}
+		c.fsName = name
+		return nil
+	}
+}
+
+// WithVerify sets whether lazyfs checks every fetched block against its ID
+// before using it (default: on). The Fetcher contract already promises
+// verified bytes; the second check costs one SHA-256 per fetched block and
+// turns a bug anywhere in the chain into EIO instead of wrong file contents.
+func WithVerify(on bool) Option {
+	return func(c *config) error { c.verify = on; return nil }
+}
+
+// WithKernelReadahead sets the kernel's readahead for the mount in bytes
+// (default 1 MiB; 0 leaves the kernel's default, usually 128 KiB). A larger
+// window means fewer, larger FUSE reads for sequential access. Setting it
+// needs root; without, the kernel's default stays and a debug line says so.
+func WithKernelReadahead(bytes int) Option {
+	return func(c *config) error {
+		if bytes < 0 || bytes > 64<<20 {
+			return fmt.Errorf("kernel readahead %d: want 0 to 64 MiB", bytes)
+		}
+		c.kernelReadahead = bytes
+		return nil
+	}
+}
+
+// WithFUSEDebug logs every FUSE request and reply at debug level (default:
+// off). Very verbose.
+func WithFUSEDebug(on bool) Option {
+	return func(c *config) error { c.debug = on; return nil }
+}
+
+// Timeouts handed to the kernel. The tree never changes while mounted, so
+// the kernel may keep names, attributes and failed lookups as long as it
+// likes; an hour bounds only how long stale kernel state could outlive a
+// (future) remount at the same inode numbers.
+const cacheTimeout = time.Hour
+
+// maxBackgroundFetches bounds the readahead fetches lazyfs runs itself when
+// the Fetcher is not a Prefetcher. Hints beyond it are dropped, not queued.
+const maxBackgroundFetches = 8
+
+// FS is a mounted flat image.
+type FS struct {
+	dir    string
+	x      *flat.Index
+	t      *tree
+	f      Fetcher
+	pf     Prefetcher // f, if it is one
+	cfg    config
+	log    *slog.Logger
+	server *fuse.Server
+
+	// ctx is the parent of every fetch; Unmount cancels it. It is the
+	// mount's lifetime, not a request's.
+	ctx    context.Context
+	cancel context.CancelFunc
+
+	sf    singleflight.Group
+	cache *blockCache
+	sem   chan struct{} // background readahead fetches in flight
+
+	mu     sync.Mutex // guards closed and bg.Add
+	closed bool
+	bg     sync.WaitGroup // fetches and readahead goroutines
+	done   chan struct{}  // closed when the server has exited and bg is drained
+
+	unmountOnce sync.Once
+	unmountErr  error
+
+	stats stats
+}
+
+type stats struct {
+	fetches, fetchErrors, fetchedBytes atomic.Int64
+	hits, misses                       atomic.Int64
+	readahead                          atomic.Int64
+	readBytes, readErrors              atomic.Int64
+	waiting                            atomic.Int64
+}
+
+// Stats are a mount's counters since it was mounted.
+type Stats struct {
+	Fetches      int64 `json:"fetches"`       // Fetch calls made
+	FetchErrors  int64 `json:"fetch_errors"`  // of which failed (error, timeout, corrupt)
+	FetchedBytes int64 `json:"fetched_bytes"` // uncompressed bytes fetched
+	CacheHits    int64 `json:"cache_hits"`    // block lookups of reads served from memory
+	CacheMisses  int64 `json:"cache_misses"`  // block lookups of reads that waited for a fetch
+	Readahead    int64 `json:"readahead"`     // blocks hinted or fetched ahead of sequential readers
+	ReadBytes    int64 `json:"read_bytes"`    // bytes returned to the kernel
+	ReadErrors   int64 `json:"read_errors"`   // reads answered with EIO
+	Waiting      int64 `json:"waiting"`       // reads waiting for a block right now
+	CachedBytes  int64 `json:"cached_bytes"`  // decompressed bytes held in memory
+}
+
+// Mount mounts x read-only at mountpoint and serves it until Unmount. Metadata is
+// answered from x; file contents come from f, block by block, as they are
+// read. ctx bounds the mounting only (its values, not its cancellation,
+// reach every Fetch). The mount needs root, or fusermount for an
+// unprivileged user.
+func Mount(ctx context.Context, mountpoint string, x *flat.Index, f Fetcher, opts ...Option) (*FS, error) {
+	c := defaults()
+	for _, o := range opts {
+		if err := o(&c); err != nil {
+			return nil, err
+		}
+	}
+	if f == nil {
+		return nil, errors.New("lazyfs: nil Fetcher")
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	if err := x.Validate(); err != nil {
+		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	}
+	t, err := newTree(x)
+	if err != nil {
+		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	}
+	m := &FS{
+		dir:   mountpoint,
+		x:     x,
+		t:     t,
+		f:     f,
+		cfg:   c,
+		log:   c.log.With("component", "lazyfs", "mountpoint", mountpoint),
+		cache: newBlockCache(c.cacheBytes),
+		sem:   make(chan struct{}, maxBackgroundFetches),
+		done:  make(chan struct{}),
+	}
+	m.pf, _ = f.(Prefetcher)
+	m.ctx, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
+
+	timeout := cacheTimeout
+	fuseLog := slog.NewLogLogger(m.log.Handler(), slog.LevelWarn)
+	if c.debug {
+		fuseLog = slog.NewLogLogger(m.log.Handler(), slog.LevelDebug)
+	}
+	fsOpts := &fs.Options{
+		MountOptions: fuse.MountOptions{
+			FsName:      c.fsName,
+			Name:        "shoal",
+			AllowOther:  c.allowOther,
+			Options:     []string{"ro", "default_permissions"},
+			DirectMount: true,
+			// The mount is read-only in the VFS as well as in the superblock.
+			DirectMountFlags: syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
+			// One READ may carry up to 1 MiB, the kernel's limit.
+			MaxWrite:     fuse.MAX_KERNEL_WRITE,
+			MaxReadAhead: fuse.MAX_KERNEL_WRITE,
+			// Kernel readahead goes out as background requests; let enough of
+			// them be in flight for several sequential readers.
+			MaxBackground: 64,
+			// Replies are slices of cached blocks sent with writev; there is
+			// no file descriptor to splice from.
+			DisableSplice: true,
+			// Nothing changes under the kernel, so it never needs to drop
+			// cached pages because an mtime moved, and it may cache symlinks.
+			ExplicitDataCacheControl: true,
+			EnableSymlinkCaching:     true,
+			Debug:                    c.debug,
+			Logger:                   fuseLog,
+		},
+		EntryTimeout:    &timeout,
+		AttrTimeout:     &timeout,
+		NegativeTimeout: &timeout,
+		// Modes are served exactly as the image has them, 0000 included.
+		NullPermissions: true,
+		RootStableAttr:  &fs.StableAttr{Ino: t.ino(0)},
+		Logger:          fuseLog,
+	}
+	root := &dir{node{m: m, i: 0}}
+	server, err := fs.Mount(mountpoint, root, fsOpts)
+	if err != nil {
+		m.cancel()
+		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	}
+	m.server = server
+	if c.kernelReadahead > 0 {
+		m.setKernelReadahead(c.kernelReadahead)
+	}
+	go func() {
+		// However the file system goes away (Unmount, umount(8), the kernel
+		// aborting the connection), stop fetching and drain.
+		server.Wait()
+		m.stop()
+		m.bg.Wait()
+		close(m.done)
+	}()
+	m.log.Info("mounted", "entries", len(x.Entries), "blocks", len(x.Blocks), "image_bytes", x.ImageBytes(),
+		"prefetcher", m.pf != nil)
+	return m, nil
+}
+
+// Dir returns the mount point.
+func (m *FS) Dir() string { return m.dir }
+
+// Stats returns the mount's counters.
+func (m *FS) Stats() Stats {
+	s := &m.stats
+	return Stats{
+		Fetches: s.fetches.Load(), FetchErrors: s.fetchErrors.Load(), FetchedBytes: s.fetchedBytes.Load(),
+		CacheHits: s.hits.Load(), CacheMisses: s.misses.Load(), Readahead: s.readahead.Load(),
+		ReadBytes: s.readBytes.Load(), ReadErrors: s.readErrors.Load(), Waiting: s.waiting.Load(),
+		CachedBytes: m.cache.bytes(),
+	}
+}
+
+// Wait blocks until the file system is unmounted (by Unmount or from
+// outside) and every fetch lazyfs started has returned.
+func (m *FS) Wait() { <-m.done }
+
+// unmountTries is how often Unmount retries a busy mount before detaching
+// it: a file closed just before Unmount can keep it busy for a moment.
+const unmountTries = 6
+
+// Unmount cancels every fetch in flight (reads waiting for them fail with
+// EIO), unmounts, and waits for the server and every fetch to finish. If
+// files are still open after a few retries, the mount is detached instead
+// (umount -l): it disappears from the tree at once, and its server keeps
+// answering the open files from memory until the last is closed; Wait
+// returns then. Calling Unmount again returns the first call's result.
+func (m *FS) Unmount() error {
+	m.unmountOnce.Do(func() { m.unmountErr = m.unmount() })
+	return m.unmountErr
+}
+
+func (m *FS) unmount() error {
+	m.stop()
+	var err error
+	delay := time.Duration(0)
+	for try := 1; ; try++ {
+		err = syscall.Unmount(m.dir, 0)
+		if err == nil || !errors.Is(err, syscall.EBUSY) || try == unmountTries {
+			break
+		}
+		delay = 2*delay + 5*time.Millisecond
+		time.Sleep(delay)
+	}
+	switch {
+	case err == nil:
+	case errors.Is(err, syscall.EBUSY):
+		if err = syscall.Unmount(m.dir, syscall.MNT_DETACH); err == nil {
+			m.log.Warn("mount busy: detached; open files are served until closed")
+			return nil
+		}
+	case errors.Is(err, syscall.EINVAL):
+		// Not a mount point any more: unmounted from outside.
+		m.log.Info("already unmounted")
+		return nil
+	case errors.Is(err, syscall.EPERM):
+		// Mounted through fusermount by an unprivileged user.
+		err = m.server.Unmount()
+	}
+	if err != nil {
+		return fmt.Errorf("unmount %s: %w", m.dir, err)
+	}
+	select {
+	case <-m.done:
+	case <-time.After(5 * time.Second):
+		// Only a Fetcher that ignores its cancelled context gets here.
+		m.log.Warn("unmounted; still waiting for fetches to return")
+		<-m.done
+	}
+	m.log.Info("unmounted")
+	return nil
+}
+
+// stop refuses new background work and cancels all fetches in flight.
+func (m *FS) stop() {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
+	m.cancel()
+}
+
+// track registers one background goroutine, unless the mount is closing.
+// Registering under the same lock that stop takes is what makes bg.Wait safe.
+func (m *FS) track() bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return false
+	}
+	m.bg.Add(1)
+	return true
+}
+
+// setKernelReadahead raises the readahead of the mount's backing device
+// info. The FUSE init reply cannot raise it past the kernel's default of
+// 128 KiB, but sysfs can, for files opened from then on.
+func (m *FS) setKernelReadahead(bytes int) {
+	var st syscall.Stat_t
+	if err := syscall.Stat(m.dir, &st); err != nil {
+		m.log.Debug("kernel readahead left at default", "err", err)
+		return
+	}
+	major := (st.Dev>>8)&0xfff | (st.Dev>>32)&^0xfff
+	minor := st.Dev&0xff | (st.Dev>>12)&^0xff
+	path := "/sys/class/bdi/" + strconv.FormatUint(major, 10) + ":" + strconv.FormatUint(minor, 10) + "/read_ahead_kb"
+	if err := os.WriteFile(path, []byte(strconv.Itoa(bytes>>10)), 0); err != nil {
+		m.log.Debug("kernel readahead left at default", "err", err)
+	}
+}

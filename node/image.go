@@ -1,0 +1,256 @@
+package node
+
+import (
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+
+	"github.com/shoal-project/shoal/converter"
+	"github.com/shoal-project/shoal/fetch"
+	"github.com/shoal-project/shoal/flat"
+)
+
+// Image is an image ready to mount: its index and the chain that reads its
+// blocks.
+type Image struct {
+	Source   string         // the reference the user named
+	Ref      string         // the flat image, pinned; "local:<source digest>" for a local conversion
+	Local    bool           // converted on this node: every block is in the cache, pinned
+	Index    *flat.Index    //
+	Chain    *fetch.Chain   //
+	Registry *fetch.Registry // nil for a local conversion
+	Config   *v1.ConfigFile // the source image's config (Env, WorkingDir, ...), if it could be read
+}
+
+func (n *Node) fetchOpts() []fetch.Option {
+	return []fetch.Option{fetch.WithPlainHTTP(n.cfg.plainHTTP), fetch.WithLogger(n.cfg.log)}
+}
+
+func (n *Node) nameOpts() []name.Option {
+	if n.cfg.plainHTTP {
+		return []name.Option{name.Insecure}
+	}
+	return nil
+}
+
+// Resolve finds the flat form of ref (ref's tag + "-shoal", or ref itself if
+// it is a flat image) and opens it. When there is none, it converts ref here
+// (a full pull, as a standard client would), keeps every block in the cache,
+// and says so in one notice line — unless WithoutFallback.
+func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
+	var im *fetch.Image
+	var err error
+	if flatRef, ferr := fetch.FlatRef(ref); ferr == nil && !strings.HasSuffix(refTag(ref), flat.TagSuffix) {
+		im, err = fetch.OpenImage(ctx, flatRef, n.fetchOpts()...)
+		if err != nil && !errors.Is(err, fetch.ErrNotFound) && !errors.Is(err, fetch.ErrNotFlat) {
+			return nil, err
+		}
+	}
+	if im == nil {
+		im, err = fetch.OpenImage(ctx, ref, n.fetchOpts()...)
+		switch {
+		case errors.Is(err, fetch.ErrNotFlat):
+			if n.cfg.noFallback {
+				return nil, fmt.Errorf("%s has no flat form (convert it with `shoal convert %s`)", ref, ref)
+			}
+			return n.convertLocally(ctx, ref)
+		case err != nil:
+			return nil, err
+		}
+	}
+	chain, err := fetch.NewChain(n.store, []fetch.Source{im.Registry()}, fetch.WithLogger(n.cfg.log))
+	if err != nil {
+		return nil, err
+	}
+	img := &Image{Source: ref, Ref: im.Ref(), Index: im.Index(), Chain: chain, Registry: im.Registry()}
+	img.Config = n.sourceConfig(ctx, im.Ref(), im.Index().Source)
+	return img, nil
+}
+
+func refTag(ref string) string {
+	if i := strings.LastIndexByte(ref, ':'); i > strings.LastIndexByte(ref, '/') {
+		return ref[i+1:]
+	}
+	return ""
+}
+
+// sourceConfig reads the source image's config (for its Env and working
+// directory): two small requests, best effort.
+func (n *Node) sourceConfig(ctx context.Context, flatRef, srcDigest string) *v1.ConfigFile {
+	r, err := name.ParseReference(flatRef, n.nameOpts()...)
+	if err != nil || srcDigest == "" {
+		return nil
+	}
+	src := r.Context().Digest(srcDigest)
+	img, err := remote.Image(src, remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain))
+	if err != nil {
+		n.log.Debug("source config unavailable", "ref", src.String(), "err", err)
+		return nil
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		n.log.Debug("source config unreadable", "ref", src.String(), "err", err)
+		return nil
+	}
+	return cf
+}
+
+// convertLocally flattens ref on this node. The index is kept in
+// indexes/<source digest> and every block is put in the cache and pinned:
+// no registry can serve them again. A later call for the same source reuses
+// both without pulling.
+func (n *Node) convertLocally(ctx context.Context, ref string) (*Image, error) {
+	r, err := name.ParseReference(ref, n.nameOpts()...)
+	if err != nil {
+		return nil, fmt.Errorf("image reference %q: %w", ref, err)
+	}
+	src, err := remote.Image(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain),
+		remote.WithPlatform(converter.HostPlatform()))
+	if err != nil {
+		return nil, converter.RegistryError("read", ref, err)
+	}
+	d, err := src.Digest()
+	if err != nil {
+		return nil, err
+	}
+	cf, _ := src.ConfigFile()
+	chain, err := fetch.NewChain(n.store, nil, fetch.WithLogger(n.cfg.log))
+	if err != nil {
+		return nil, err
+	}
+	img := &Image{Source: ref, Ref: "local:" + d.String(), Local: true, Chain: chain, Config: cf}
+	idxPath := filepath.Join(n.dir, "indexes", d.Hex)
+	if x, err := n.loadLocalIndex(ctx, idxPath); err == nil {
+		img.Index = x
+		return img, nil
+	}
+	if n.cfg.notice != nil {
+		fmt.Fprintf(n.cfg.notice, "shoal: %s has no flat form in its registry; converting it here (a full pull, as a standard client would)\n", ref)
+	}
+	res, flatImg, cleanup, err := converter.Build(ctx, src, converter.WithLogger(n.cfg.log))
+	if err != nil {
+		return nil, err
+	}
+	defer cleanup()
+	if err := n.storeBlocks(ctx, res.Index, flatImg); err != nil {
+		return nil, err
+	}
+	blob, err := flat.EncodeBlob(res.Index)
+	if err != nil {
+		return nil, err
+	}
+	if err := writeFileAtomic(idxPath, blob); err != nil {
+		return nil, fmt.Errorf("keep index: %w", err)
+	}
+	img.Index = res.Index
+	return img, nil
+}
+
+// loadLocalIndex returns a kept index if every block it names is still cached.
+func (n *Node) loadLocalIndex(ctx context.Context, p string) (*flat.Index, error) {
+	f, err := os.Open(p)
+	if err != nil {
+		return nil, err
+	}
+	defer f.Close()
+	x, err := flat.ReadBlob(f)
+	if err != nil {
+		return nil, err
+	}
+	for _, b := range x.Blocks {
+		if ok, err := n.store.Has(ctx, b.ID); err != nil || !ok {
+			return nil, fmt.Errorf("block %s no longer cached", b.ID)
+		}
+	}
+	return x, nil
+}
+
+// storeBlocks reads the built data blobs and puts every block, verified, in
+// the cache, pinned.
+func (n *Node) storeBlocks(ctx context.Context, x *flat.Index, img v1.Image) error {
+	byBlob := make(map[uint32][]flat.Block)
+	for _, b := range x.Blocks {
+		byBlob[b.Blob] = append(byBlob[b.Blob], b)
+	}
+	for bi, blocks := range byBlob {
+		h, err := v1.NewHash(x.Blobs[bi].Digest)
+		if err != nil {
+			return err
+		}
+		l, err := img.LayerByDigest(h)
+		if err != nil {
+			return err
+		}
+		rc, err := l.Compressed()
+		if err != nil {
+			return err
+		}
+		err = func() error {
+			defer rc.Close()
+			var pos uint64
+			var comp []byte
+			for _, b := range blocks { // in blob order
+				if b.Offset > pos {
+					if _, err := io.CopyN(io.Discard, rc, int64(b.Offset-pos)); err != nil {
+						return err
+					}
+					pos = b.Offset
+				}
+				if cap(comp) < int(b.CLen) {
+					comp = make([]byte, b.CLen)
+				}
+				comp = comp[:b.CLen]
+				if _, err := io.ReadFull(rc, comp); err != nil {
+					return err
+				}
+				pos += uint64(b.CLen)
+				data, err := flat.DecodeBlock(b, comp, nil)
+				if err != nil {
+					return err
+				}
+				if err := n.store.Put(ctx, b.ID, data); err != nil {
+					return fmt.Errorf("cache block: %w", err)
+				}
+				if err := n.store.Pin(ctx, b.ID); err != nil {
+					return fmt.Errorf("pin block: %w", err)
+				}
+			}
+			return nil
+		}()
+		if err != nil {
+			return fmt.Errorf("store converted blocks: %w", err)
+		}
+	}
+	return nil
+}
+
+func writeFileAtomic(p string, data []byte) error {
+	tmp := p + ".tmp"
+	if err := os.WriteFile(tmp, data, 0o600); err != nil {
+		return err
+	}
+	return os.Rename(tmp, p)
+}
+
+// runID is a fresh name for a run directory.
+func runID(seed string) string {
+	var rnd [8]byte
+	f, err := os.Open("/dev/urandom")
+	if err == nil {
+		_, _ = io.ReadFull(f, rnd[:])
+		f.Close()
+	}
+	h := sha256.Sum256(append([]byte(seed), rnd[:]...))
+	return hex.EncodeToString(h[:6])
+}
