@@ -24,13 +24,13 @@ import (
 // Image is an image ready to mount: its index and the chain that reads its
 // blocks.
 type Image struct {
-	Source   string         // the reference the user named
-	Ref      string         // the flat image, pinned; "local:<source digest>" for a local conversion
-	Local    bool           // converted on this node: every block is in the cache, pinned
-	Index    *flat.Index    //
-	Chain    *fetch.Chain   //
+	Source   string          // the reference the user named
+	Ref      string          // the flat image, pinned; "local:<source digest>" for a local conversion
+	Local    bool            // converted on this node: every block is in the cache, pinned
+	Index    *flat.Index     //
+	Chain    *fetch.Chain    //
 	Registry *fetch.Registry // nil for a local conversion
-	Config   *v1.ConfigFile // the source image's config (Env, WorkingDir, ...), if it could be read
+	Config   *v1.ConfigFile  // the source image's config (Env, WorkingDir, ...), if it could be read
 }
 
 func (n *Node) fetchOpts() []fetch.Option {
