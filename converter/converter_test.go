@@ -19,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/testenv"
 )
 
 func nopLogger() *log.Logger { return log.New(io.Discard, "", 0) }
@@ -98,7 +99,7 @@ func TestConvertMatchesOracle(t *testing.T) {
 		t.Errorf("source digest %s / %s, want %s", res.SourceDigest, res.Index.Source, srcDigest)
 	}
 	x, got := readFlat(t, res.Ref)
-	compareTrees(t, extracted(t, img), got)
+	testenv.CompareTrees(t, testenv.ExtractTree(t, img), got)
 
 	// Spot checks of semantics the oracle comparison alone would not name.
 	for _, p := range []string{"etc/hostname", "etc/old/a", "etc/old/sub", "opt/app/lib1", "opt/app/lib2", "opt/app/lib3"} {

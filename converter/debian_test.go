@@ -32,8 +32,8 @@ func TestConvertDebianImage(t *testing.T) {
 	t.Logf("converted %d entries, %d files, %d bytes into %d blocks (%d compressed bytes, index %d bytes)",
 		res.Stats.Entries, res.Stats.Files, res.Stats.ImageBytes, res.Stats.UniqueBlocks, res.Stats.CompressedBytes, res.Stats.IndexBytes)
 	x, got := readFlat(t, res.Ref)
-	want := extracted(t, img)
-	compareTrees(t, want, got)
+	want := testenv.ExtractTree(t, img)
+	testenv.CompareTrees(t, want, got)
 	if len(want) < 3000 {
 		t.Errorf("oracle saw only %d entries: is this really a Debian root filesystem?", len(want))
 	}

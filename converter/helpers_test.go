@@ -21,6 +21,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/testenv"
 )
 
 // ent describes one tar entry of a synthetic layer.
@@ -116,20 +117,9 @@ func push(t testing.TB, ref string, img v1.Image) {
 	}
 }
 
-// fileInfo is what the oracle comparison looks at for one entry.
-type fileInfo struct {
-	typ      flat.Type
-	mode     uint32
-	uid, gid uint32
-	link     string
-	sha      string
-	xattrs   string
-	dev      [2]uint32
-}
-
 // readFlat fetches a pushed flat image and returns its index and every
 // regular file's contents (hard links resolved), verifying every block.
-func readFlat(t testing.TB, ref string) (*flat.Index, map[string]fileInfo) {
+func readFlat(t testing.TB, ref string) (*flat.Index, testenv.Tree) {
 	t.Helper()
 	r, err := name.ParseReference(ref, name.Insecure)
 	if err != nil {
@@ -183,25 +173,25 @@ func readFlat(t testing.TB, ref string) (*flat.Index, map[string]fileInfo) {
 	})
 }
 
-func treeOf(t testing.TB, x *flat.Index, block func(flat.Block) []byte) map[string]fileInfo {
+func treeOf(t testing.TB, x *flat.Index, block func(flat.Block) []byte) testenv.Tree {
 	t.Helper()
 	cache := map[uint32][]byte{}
-	out := map[string]fileInfo{}
+	out := testenv.Tree{}
 	for i := range x.Entries {
 		e := &x.Entries[i]
 		if e.Path == "" {
 			continue
 		}
 		src := &x.Entries[x.Resolve(i)]
-		fi := fileInfo{typ: src.Type, mode: src.Mode, uid: src.UID, gid: src.GID, dev: [2]uint32{src.DevMajor, src.DevMinor}}
+		fi := testenv.TreeEntry{Kind: src.Type.String(), Mode: src.Mode, UID: src.UID, GID: src.GID, Dev: [2]uint32{src.DevMajor, src.DevMinor}}
 		if e.Type == flat.TypeSymlink {
-			fi.link = e.Linkname
+			fi.Link = e.Linkname
 		}
 		var xs []string
 		for _, xa := range src.Xattrs {
 			xs = append(xs, xa.Name+"="+string(xa.Value))
 		}
-		fi.xattrs = strings.Join(xs, ",")
+		fi.Xattrs = strings.Join(xs, ",")
 		if src.Type == flat.TypeReg {
 			h := sha256.New()
 			for _, ex := range src.Extents {
@@ -212,106 +202,10 @@ func treeOf(t testing.TB, x *flat.Index, block func(flat.Block) []byte) map[stri
 				}
 				h.Write(data[ex.Offset : ex.Offset+ex.Length])
 			}
-			fi.sha = hex.EncodeToString(h.Sum(nil))
+			fi.SHA256 = hex.EncodeToString(h.Sum(nil))
 		}
 		out[e.Path] = fi
 	}
 	return out
 }
 
-// extracted flattens img with go-containerregistry's mutate.Extract, which
-// none of Shoal's code takes part in, and returns the same view as readFlat.
-func extracted(t testing.TB, img v1.Image) map[string]fileInfo {
-	t.Helper()
-	rc := mutate.Extract(img)
-	defer rc.Close()
-	tr := tar.NewReader(rc)
-	out := map[string]fileInfo{}
-	for {
-		h, err := tr.Next()
-		if err == io.EOF {
-			break
-		}
-		if err != nil {
-			t.Fatal(err)
-		}
-		p := strings.TrimPrefix(h.Name, "/")
-		if p == "." || p == "" {
-			continue
-		}
-		if _, seen := out[p]; seen {
-			continue // Extract writes upper layers first: the first header wins
-		}
-		fi := fileInfo{mode: uint32(h.Mode) & 0o7777, uid: uint32(h.Uid), gid: uint32(h.Gid)}
-		var xs []string
-		ks := []string{}
-		for k := range h.PAXRecords {
-			if strings.HasPrefix(k, xattrPAXPrefix) {
-				ks = append(ks, k)
-			}
-		}
-		sortStrings(ks)
-		for _, k := range ks {
-			xs = append(xs, strings.TrimPrefix(k, xattrPAXPrefix)+"="+h.PAXRecords[k])
-		}
-		fi.xattrs = strings.Join(xs, ",")
-		switch h.Typeflag {
-		case tar.TypeDir:
-			fi.typ = flat.TypeDir
-		case tar.TypeReg:
-			fi.typ = flat.TypeReg
-			sum := sha256.New()
-			if _, err := io.Copy(sum, tr); err != nil {
-				t.Fatal(err)
-			}
-			fi.sha = hex.EncodeToString(sum.Sum(nil))
-		case tar.TypeSymlink:
-			fi.typ, fi.link = flat.TypeSymlink, h.Linkname
-		case tar.TypeLink:
-			target, ok := out[strings.TrimPrefix(h.Linkname, "/")]
-			if !ok {
-				t.Fatalf("extract: hard link %s to unseen %s", p, h.Linkname)
-			}
-			fi = target
-		case tar.TypeChar, tar.TypeBlock:
-			fi.typ = flat.TypeChar
-			if h.Typeflag == tar.TypeBlock {
-				fi.typ = flat.TypeBlock
-			}
-			fi.dev = [2]uint32{uint32(h.Devmajor), uint32(h.Devminor)}
-		case tar.TypeFifo:
-			fi.typ = flat.TypeFIFO
-		}
-		out[p] = fi
-	}
-	return out
-}
-
-func sortStrings(s []string) {
-	for i := 1; i < len(s); i++ {
-		for j := i; j > 0 && s[j] < s[j-1]; j-- {
-			s[j], s[j-1] = s[j-1], s[j]
-		}
-	}
-}
-
-// compareTrees reports every difference between the oracle and the flat tree.
-// Directories the flat tree made for parents a layer never listed are allowed.
-func compareTrees(t testing.TB, want, got map[string]fileInfo) {
-	t.Helper()
-	for p, w := range want {
-		g, ok := got[p]
-		if !ok {
-			t.Errorf("%s: missing from flat image", p)
-			continue
-		}
-		if g != w {
-			t.Errorf("%s: flat %+v, extract %+v", p, g, w)
-		}
-	}
-	for p, g := range got {
-		if _, ok := want[p]; !ok && g.typ != flat.TypeDir {
-			t.Errorf("%s: in flat image only (%+v)", p, g)
-		}
-	}
-}

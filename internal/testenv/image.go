@@ -98,7 +98,12 @@ func DebianImage(tb testing.TB) v1.Image {
 // loopback registry such as Registry.Ref("debian:bookworm"), and returns it.
 func PushDebianImage(tb testing.TB, ref string) v1.Image {
 	tb.Helper()
-	img := DebianImage(tb)
+	return PushImage(tb, ref, DebianImage(tb))
+}
+
+// PushImage pushes img to ref in a plain-HTTP loopback registry and returns it.
+func PushImage(tb testing.TB, ref string, img v1.Image) v1.Image {
+	tb.Helper()
 	r, err := name.ParseReference(ref, name.Insecure)
 	if err != nil {
 		tb.Fatalf("testenv: parse %q: %v", ref, err)
