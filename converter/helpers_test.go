@@ -208,4 +208,3 @@ func treeOf(t testing.TB, x *flat.Index, block func(flat.Block) []byte) testenv.
 	}
 	return out
 }
-
