@@ -11,6 +11,7 @@ import (
 	"slices"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"github.com/shoal-project/shoal/blockstore"
 	"github.com/shoal-project/shoal/flat"
@@ -45,9 +46,10 @@ var _ Cache = (*blockstore.Store)(nil)
 // for one block, through Fetch or FetchMany, make one fetch. It is safe for
 // concurrent use and satisfies lazyfs's Fetcher.
 type Chain struct {
-	cache   Cache
-	sources []Source
-	log     *slog.Logger
+	observer Observer
+	cache    Cache
+	sources  []Source
+	log      *slog.Logger
 
 	mu       sync.Mutex
 	inflight map[flat.BlockID]*call
@@ -98,6 +100,7 @@ func NewChain(cache Cache, sources []Source, opts ...Option) (*Chain, error) {
 		cache:    cache,
 		sources:  sources,
 		log:      cfg.log.With("component", "fetch"),
+		observer: cfg.observer,
 		inflight: map[flat.BlockID]*call{},
 		bySource: make([]sourceCounters, len(sources)),
 
@@ -329,6 +332,9 @@ func (c *Chain) resolve(ctx context.Context, blocks []flat.Block) (map[flat.Bloc
 	missing := blocks
 	if c.cache != nil {
 		missing = make([]flat.Block, 0, len(blocks))
+		start := time.Now()
+		var hits int
+		var hitBytes int64
 		for _, b := range blocks {
 			data, err := c.cache.Get(ctx, b.ID)
 			switch {
@@ -336,6 +342,8 @@ func (c *Chain) resolve(ctx context.Context, blocks []flat.Block) (map[flat.Bloc
 				got[b.ID] = data
 				c.cacheBlocks.Add(1)
 				c.cacheBytes.Add(int64(len(data)))
+				hits++
+				hitBytes += int64(len(data))
 				continue
 			case err == nil:
 				c.log.Error("cache returned a block of the wrong length; fetching it again", "block", b.ID.String(), "len", len(data), "want", b.ULen)
@@ -349,6 +357,9 @@ func (c *Chain) resolve(ctx context.Context, blocks []flat.Block) (map[flat.Bloc
 			}
 			missing = append(missing, b)
 		}
+		if c.observer != nil && hits > 0 {
+			c.observer.Fetched("cache", hits, hitBytes, time.Since(start), nil)
+		}
 	}
 
 	var errs []error
@@ -357,7 +368,11 @@ func (c *Chain) resolve(ctx context.Context, blocks []flat.Block) (map[flat.Bloc
 		if len(missing) == 0 || ctx.Err() != nil {
 			break
 		}
+		start := time.Now()
 		res, err := src.FetchMany(ctx, missing)
+		took := time.Since(start)
+		var delivered int
+		var deliveredBytes int64
 		var still []flat.Block
 		for _, b := range missing {
 			data, ok := res[b.ID]
@@ -375,6 +390,11 @@ func (c *Chain) resolve(ctx context.Context, blocks []flat.Block) (map[flat.Bloc
 			fetched = append(fetched, b)
 			c.bySource[i].blocks.Add(1)
 			c.bySource[i].bytes.Add(int64(len(data)))
+			delivered++
+			deliveredBytes += int64(len(data))
+		}
+		if c.observer != nil {
+			c.observer.Fetched(src.Name(), delivered, deliveredBytes, took, err)
 		}
 		if len(still) > 0 {
 			if err == nil {

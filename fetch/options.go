@@ -17,6 +17,7 @@ import (
 type Option func(*config) error
 
 type config struct {
+	observer   Observer
 	plainHTTP  bool
 	keychain   authn.Keychain
 	transport  http.RoundTripper
@@ -201,3 +202,14 @@ func WithParallelRequests(n int) Option {
 		return nil
 	}
 }
+
+// Observer is told what each source delivered and how long the batch took;
+// the daemon feeds its metrics from it. Calls come from fetching goroutines:
+// implementations must be quick and safe for concurrent use.
+type Observer interface {
+	Fetched(source string, blocks int, bytes int64, d time.Duration, err error)
+}
+
+// WithObserver reports every source batch to o (default: none). Cache hits
+// are reported with source "cache".
+func WithObserver(o Observer) Option { return func(c *config) error { c.observer = o; return nil } }

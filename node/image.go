@@ -44,6 +44,14 @@ func (n *Node) nameOpts() []name.Option {
 	return nil
 }
 
+func (n *Node) chainOpts() []fetch.Option {
+	opts := []fetch.Option{fetch.WithLogger(n.cfg.log)}
+	if n.cfg.observer != nil {
+		opts = append(opts, fetch.WithObserver(n.cfg.observer))
+	}
+	return opts
+}
+
 // Resolve finds the flat form of ref (ref's tag + "-shoal", or ref itself if
 // it is a flat image) and opens it. When there is none, it converts ref here
 // (a full pull, as a standard client would), keeps every block in the cache,
@@ -69,7 +77,7 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 			return nil, err
 		}
 	}
-	chain, err := fetch.NewChain(n.store, []fetch.Source{im.Registry()}, fetch.WithLogger(n.cfg.log))
+	chain, err := fetch.NewChain(n.store, []fetch.Source{im.Registry()}, n.chainOpts()...)
 	if err != nil {
 		return nil, err
 	}
@@ -125,7 +133,7 @@ func (n *Node) convertLocally(ctx context.Context, ref string) (*Image, error) {
 		return nil, err
 	}
 	cf, _ := src.ConfigFile()
-	chain, err := fetch.NewChain(n.store, nil, fetch.WithLogger(n.cfg.log))
+	chain, err := fetch.NewChain(n.store, nil, n.chainOpts()...)
 	if err != nil {
 		return nil, err
 	}

@@ -29,6 +29,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/shoal-project/shoal/blockstore"
+	"github.com/shoal-project/shoal/fetch"
 )
 
 // EnvStateDir names the environment variable that overrides the default
@@ -55,6 +56,7 @@ func DefaultStateDir() string {
 type Option func(*config) error
 
 type config struct {
+	observer   fetch.Observer
 	log        *slog.Logger
 	quota      int64
 	plainHTTP  bool
@@ -82,6 +84,12 @@ func WithPlainHTTP(on bool) Option { return func(c *config) error { c.plainHTTP 
 // WithNotices writes one-line notices for people (the local conversion
 // fallback) to w (default: none).
 func WithNotices(w io.Writer) Option { return func(c *config) error { c.notice = w; return nil } }
+
+// WithFetchObserver reports every batch of blocks fetched, by source, to o
+// (the daemon's metrics).
+func WithFetchObserver(o fetch.Observer) Option {
+	return func(c *config) error { c.observer = o; return nil }
+}
 
 // WithoutFallback makes a missing flat form an error instead of a local
 // conversion (default: convert locally).

@@ -8,8 +8,12 @@ import (
 	"io"
 	"log/slog"
 
+	"path/filepath"
+	"strings"
+
 	"golang.org/x/sys/unix"
 
+	"github.com/shoal-project/shoal/daemon"
 	"github.com/shoal-project/shoal/node"
 )
 
@@ -50,6 +54,19 @@ func runMount(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 	if err != nil {
 		return err
 	}
+	if c := dialDaemon(ctx, *nf.stateDir); c != nil {
+		dir, err := filepath.Abs(fs.Arg(1))
+		if err != nil {
+			return err
+		}
+		mi, err := c.Mount(ctx, daemon.MountRequest{Ref: fs.Arg(0), Dir: dir})
+		if err != nil {
+			return err
+		}
+		fmt.Fprintf(stderr, "the daemon mounted %s at %s (%d entries, %s); `shoal unmount %s` to stop\n",
+			mi.Ref, mi.Dir, mi.Entries, human(mi.ImageBytes), mi.Dir)
+		return nil
+	}
 	n, err := nf.open(ctx, log, stderr)
 	if err != nil {
 		return err
@@ -77,18 +94,29 @@ func runMount(ctx context.Context, args []string, stdout, stderr io.Writer) erro
 func runUnmount(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, _ := newFlags("unmount", stderr)
 	lazy := fs.Bool("lazy", false, "detach now even if busy; the kernel finishes when the last user is gone")
+	stateDir := fs.String("state-dir", node.DefaultStateDir(), "state directory of the daemon that may hold the mount")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
 	if fs.NArg() != 1 {
 		return fmt.Errorf("%w: want DIR", errUsage)
 	}
-	dir := fs.Arg(0)
+	dir, err := filepath.Abs(fs.Arg(0))
+	if err != nil {
+		return err
+	}
+	if c := dialDaemon(ctx, *stateDir); c != nil {
+		if _, err := c.Unmount(ctx, daemon.UnmountRequest{Dir: dir}); err == nil {
+			return nil
+		} else if !strings.Contains(err.Error(), "no such mount") {
+			return err
+		}
+	}
 	flags := 0
 	if *lazy {
 		flags = unix.MNT_DETACH
 	}
-	err := unix.Unmount(dir, flags)
+	err = unix.Unmount(dir, flags)
 	switch {
 	case err == nil:
 		return nil

@@ -6,10 +6,15 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
+	"github.com/shoal-project/shoal/daemon"
+	"github.com/shoal-project/shoal/fetch"
+	"github.com/shoal-project/shoal/lazyfs"
 	"github.com/shoal-project/shoal/sandbox"
 )
 
@@ -59,33 +64,26 @@ func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return err
 	}
 	start := time.Now()
-	n, err := nf.open(ctx, log, stderr)
+	var mt *heldMount
+	if c := dialDaemon(ctx, *nf.stateDir); c != nil {
+		mt, err = mountWithDaemon(ctx, c, ref)
+	} else {
+		mt, err = mountInProcess(ctx, nf, log, stderr, ref)
+	}
 	if err != nil {
 		return err
 	}
-	defer n.Close()
-	img, err := n.Resolve(ctx, ref)
-	if err != nil {
-		return err
-	}
-	m, err := n.Mount(ctx, img, "")
-	if err != nil {
-		return err
-	}
-	defer m.Close()
+	defer mt.finish() // on early errors; finishing twice is harmless
 	mounted := time.Now()
 
-	upper, work := filepath.Join(m.RunDir, "upper"), filepath.Join(m.RunDir, "work")
+	upper, work := filepath.Join(mt.runDir, "upper"), filepath.Join(mt.runDir, "work")
 	for _, d := range []string{upper, work} {
 		if err := os.Mkdir(d, 0o755); err != nil {
 			return err
 		}
 	}
-	spec := sandbox.Spec{Lower: m.Dir, Upper: upper, Work: work, Args: cmdArgs,
+	spec := sandbox.Spec{Lower: mt.dir, Upper: upper, Work: work, Args: cmdArgs, Env: mt.env, Dir: mt.workDir,
 		Stdin: os.Stdin, Stdout: stdout, Stderr: stderr, Hostname: "shoal"}
-	if cf := img.Config; cf != nil {
-		spec.Env, spec.Dir = cf.Config.Env, cf.Config.WorkingDir
-	}
 	runErr := sandbox.Run(ctx, spec)
 	ran := time.Now()
 	code := 0
@@ -96,20 +94,9 @@ func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	case runErr != nil:
 		return runErr
 	}
-	fsStats := m.FS.Stats()
-	closeErr := m.Close()
+	st, closeErr := mt.finish()
 	if *statsFile != "" {
-		cs := img.Chain.Stats()
-		st := RunStats{
-			Ref: img.Ref, LocalConversion: img.Local,
-			BytesFromCache: cs.BytesFromCache, BytesFromPeers: cs.BytesFromPeers, BytesFromRegistry: cs.BytesFromRegistry,
-			BlocksFetched: cs.BlocksFetched, ImageBytes: int64(img.Index.ImageBytes()), BytesRead: fsStats.ReadBytes,
-			MountMS: mounted.Sub(start).Milliseconds(), RunMS: ran.Sub(mounted).Milliseconds(), ExitCode: code,
-		}
-		if img.Registry != nil {
-			rs := img.Registry.Stats()
-			st.RegistryWireBytes, st.RegistryRequests = rs.Bytes, rs.Requests
-		}
+		st.MountMS, st.RunMS, st.ExitCode = mounted.Sub(start).Milliseconds(), ran.Sub(mounted).Milliseconds(), code
 		b, _ := json.MarshalIndent(st, "", "  ")
 		if err := os.WriteFile(*statsFile, append(b, '\n'), 0o644); err != nil {
 			return fmt.Errorf("write stats: %w", err)
@@ -122,4 +109,85 @@ func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return exitStatus(code)
 	}
 	return nil
+}
+
+// heldMount is a lazy mount for `run`, held in this process or by the daemon.
+type heldMount struct {
+	dir, runDir string
+	env         []string
+	workDir     string
+	finish      func() (RunStats, error) // unmounts and returns the counters; idempotent
+}
+
+func mountInProcess(ctx context.Context, nf nodeFlags, log *slog.Logger, stderr io.Writer, ref string) (*heldMount, error) {
+	n, err := nf.open(ctx, log, stderr)
+	if err != nil {
+		return nil, err
+	}
+	img, err := n.Resolve(ctx, ref)
+	if err != nil {
+		n.Close()
+		return nil, err
+	}
+	m, err := n.Mount(ctx, img, "")
+	if err != nil {
+		n.Close()
+		return nil, err
+	}
+	rm := &heldMount{dir: m.Dir, runDir: m.RunDir}
+	if cf := img.Config; cf != nil {
+		rm.env, rm.workDir = cf.Config.Env, cf.Config.WorkingDir
+	}
+	var once sync.Once
+	var st RunStats
+	var ferr error
+	rm.finish = func() (RunStats, error) {
+		once.Do(func() {
+			fsStats := m.FS.Stats()
+			ferr = errors.Join(m.Close(), n.Close())
+			var rs *fetch.RegistryStats
+			if img.Registry != nil {
+				r := img.Registry.Stats()
+				rs = &r
+			}
+			st = runStats(img.Ref, img.Local, int64(img.Index.ImageBytes()), img.Chain.Stats(), rs, fsStats)
+		})
+		return st, ferr
+	}
+	return rm, nil
+}
+
+func mountWithDaemon(ctx context.Context, c *daemon.Client, ref string) (*heldMount, error) {
+	mi, err := c.Mount(ctx, daemon.MountRequest{Ref: ref})
+	if err != nil {
+		return nil, err
+	}
+	rm := &heldMount{dir: mi.Dir, runDir: mi.RunDir, env: mi.Env, workDir: mi.WorkingDir}
+	var once sync.Once
+	var st RunStats
+	var ferr error
+	rm.finish = func() (RunStats, error) {
+		once.Do(func() {
+			// Unmount even when the run was interrupted.
+			uctx, cancel := context.WithTimeout(context.WithoutCancel(ctx), 30*time.Second)
+			defer cancel()
+			fin, err := c.Unmount(uctx, daemon.UnmountRequest{ID: mi.ID})
+			ferr = err
+			st = runStats(fin.Ref, fin.Local, fin.ImageBytes, fin.Fetch, fin.Registry, fin.FS)
+		})
+		return st, ferr
+	}
+	return rm, nil
+}
+
+func runStats(ref string, local bool, imageBytes int64, fs fetch.Stats, rs *fetch.RegistryStats, lfs lazyfs.Stats) RunStats {
+	st := RunStats{
+		Ref: ref, LocalConversion: local,
+		BytesFromCache: fs.BytesFromCache, BytesFromPeers: fs.BytesFromPeers, BytesFromRegistry: fs.BytesFromRegistry,
+		BlocksFetched: fs.BlocksFetched, ImageBytes: imageBytes, BytesRead: lfs.ReadBytes,
+	}
+	if rs != nil {
+		st.RegistryWireBytes, st.RegistryRequests = rs.Bytes, rs.Requests
+	}
+	return st
 }

@@ -1,0 +1,202 @@
+package daemon
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/shoal-project/shoal/blockstore"
+	"github.com/shoal-project/shoal/fetch"
+	"github.com/shoal-project/shoal/lazyfs"
+)
+
+// MountRequest asks the daemon to mount Ref at Dir ("" for a fresh
+// directory under the state directory, as `shoal run` wants).
+type MountRequest struct {
+	Ref string `json:"ref"`
+	Dir string `json:"dir,omitempty"`
+}
+
+// MountInfo describes a mount the daemon holds.
+type MountInfo struct {
+	ID         string               `json:"id"`
+	Source     string               `json:"source"`
+	Ref        string               `json:"ref"`
+	Dir        string               `json:"dir"`
+	RunDir     string               `json:"run_dir"`
+	Local      bool                 `json:"local_conversion"`
+	ImageBytes int64                `json:"image_bytes"`
+	Entries    int                  `json:"entries"`
+	MountMS    int64                `json:"mount_ms"`
+	Fetch      fetch.Stats          `json:"fetch"`
+	FS         lazyfs.Stats         `json:"fs"`
+	Registry   *fetch.RegistryStats `json:"registry,omitempty"`
+	UpSeconds  float64              `json:"up_seconds"`
+	Env        []string             `json:"env,omitempty"`         // the source image's environment
+	WorkingDir string               `json:"working_dir,omitempty"` // and working directory
+}
+
+// Status is the daemon's state.
+type Status struct {
+	StateDir string           `json:"state_dir"`
+	Cache    blockstore.Stats `json:"cache"`
+	Mounts   []MountInfo      `json:"mounts"`
+}
+
+// UnmountRequest names a mount by id or directory.
+type UnmountRequest struct {
+	ID  string `json:"id,omitempty"`
+	Dir string `json:"dir,omitempty"`
+}
+
+func (d *Daemon) routes() http.Handler {
+	mux := http.NewServeMux()
+	mux.HandleFunc("POST /v1/mounts", d.handleMount)
+	mux.HandleFunc("POST /v1/unmount", d.handleUnmount)
+	mux.HandleFunc("GET /v1/status", d.handleStatus)
+	return mux
+}
+
+func (d *Daemon) handleMount(w http.ResponseWriter, r *http.Request) {
+	var req MountRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil || req.Ref == "" {
+		httpError(w, http.StatusBadRequest, fmt.Errorf("want {\"ref\": ..., \"dir\": ...}"))
+		return
+	}
+	info, err := d.Mount(r.Context(), req)
+	if err != nil {
+		httpError(w, http.StatusBadGateway, err)
+		return
+	}
+	writeJSON(w, info)
+}
+
+// Mount resolves and mounts an image; the daemon holds it until Unmount.
+func (d *Daemon) Mount(ctx context.Context, req MountRequest) (MountInfo, error) {
+	d.mu.Lock()
+	n := d.node
+	d.mu.Unlock()
+	if n == nil {
+		return MountInfo{}, errors.New("daemon is not running")
+	}
+	// The mount outlives the request: only the resolving is bounded by it.
+	img, err := n.Resolve(ctx, req.Ref)
+	if err != nil {
+		return MountInfo{}, err
+	}
+	dir := req.Dir
+	if dir != "" && !filepath.IsAbs(dir) {
+		return MountInfo{}, fmt.Errorf("mount directory %q must be absolute", dir)
+	}
+	m, err := n.Mount(context.WithoutCancel(ctx), img, dir)
+	if err != nil {
+		return MountInfo{}, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.seq++
+	id := fmt.Sprintf("m%d", d.seq)
+	e := &mountEntry{id: id, m: m, started: time.Now()}
+	d.mounts[id] = e
+	d.metrics.mounts.Set(float64(len(d.mounts)))
+	d.log.Info("mounted", "id", id, "ref", img.Ref, "dir", m.Dir)
+	return e.info(), nil
+}
+
+func (e *mountEntry) info() MountInfo {
+	img := e.m.Image
+	mi := MountInfo{
+		ID: e.id, Source: img.Source, Ref: img.Ref, Dir: e.m.Dir, RunDir: e.m.RunDir, Local: img.Local,
+		ImageBytes: int64(img.Index.ImageBytes()), Entries: len(img.Index.Entries), MountMS: e.m.Elapsed.Milliseconds(),
+		Fetch: img.Chain.Stats(), FS: e.m.FS.Stats(), UpSeconds: time.Since(e.started).Seconds(),
+	}
+	if img.Registry != nil {
+		rs := img.Registry.Stats()
+		mi.Registry = &rs
+	}
+	if img.Config != nil {
+		mi.Env, mi.WorkingDir = img.Config.Config.Env, img.Config.Config.WorkingDir
+	}
+	return mi
+}
+
+func (d *Daemon) handleUnmount(w http.ResponseWriter, r *http.Request) {
+	var req UnmountRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil || (req.ID == "" && req.Dir == "") {
+		httpError(w, http.StatusBadRequest, fmt.Errorf("want {\"id\": ...} or {\"dir\": ...}"))
+		return
+	}
+	info, err := d.Unmount(req)
+	switch {
+	case errors.Is(err, errNoMount):
+		httpError(w, http.StatusNotFound, err)
+	case err != nil:
+		httpError(w, http.StatusConflict, err)
+	default:
+		writeJSON(w, info)
+	}
+}
+
+var errNoMount = errors.New("no such mount")
+
+// Unmount unmounts a mount and returns its final counters.
+func (d *Daemon) Unmount(req UnmountRequest) (MountInfo, error) {
+	d.mu.Lock()
+	var e *mountEntry
+	for id, m := range d.mounts {
+		if id == req.ID || (req.Dir != "" && filepath.Clean(req.Dir) == m.m.Dir) {
+			e = m
+			break
+		}
+	}
+	if e == nil {
+		d.mu.Unlock()
+		return MountInfo{}, fmt.Errorf("%w: %s%s", errNoMount, req.ID, req.Dir)
+	}
+	delete(d.mounts, e.id)
+	d.metrics.mounts.Set(float64(len(d.mounts)))
+	d.mu.Unlock()
+	info := e.info()
+	if err := e.m.Close(); err != nil {
+		return info, err
+	}
+	d.log.Info("unmounted", "id", e.id, "dir", e.m.Dir)
+	return info, nil
+}
+
+func (d *Daemon) handleStatus(w http.ResponseWriter, r *http.Request) {
+	writeJSON(w, d.Status())
+}
+
+// Status reports the cache and the mounts.
+func (d *Daemon) Status() Status {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	st := Status{StateDir: d.cfg.StateDir, Mounts: []MountInfo{}}
+	if d.node != nil {
+		st.Cache = d.node.Store().Stats()
+	}
+	for _, e := range d.mounts {
+		st.Mounts = append(st.Mounts, e.info())
+	}
+	return st
+}
+
+type apiError struct {
+	Error string `json:"error"`
+}
+
+func httpError(w http.ResponseWriter, code int, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(apiError{Error: err.Error()})
+}
+
+func writeJSON(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}

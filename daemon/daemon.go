@@ -1,0 +1,190 @@
+// Package daemon is Shoal's node daemon: one long-running process per
+// machine that owns the state directory, the block cache and every lazy
+// mount, and serves a local API on a unix socket (mount, unmount, status)
+// and Prometheus metrics on a TCP address.
+//
+// The CLI talks to it when its socket exists and does the work in-process
+// otherwise, so every command works with or without a daemon. The API is
+// JSON over HTTP on the socket: HTTP gives deadlines, cancellation and a
+// curl-able interface for free, and the socket's file mode (0660, root)
+// is the access control. Mounts belong to the daemon: a client that dies
+// does not take its mount down; SIGTERM unmounts everything and exits.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"golang.org/x/sync/errgroup"
+	"gopkg.in/yaml.v3"
+
+	"github.com/shoal-project/shoal/node"
+)
+
+// Config is the daemon's configuration; a YAML file with the same keys can
+// supply it (flags override the file).
+type Config struct {
+	StateDir    string            `yaml:"state_dir"`
+	Socket      string            `yaml:"socket"`       // default <state_dir>/shoal.sock
+	MetricsAddr string            `yaml:"metrics_addr"` // "" disables; e.g. 127.0.0.1:9464
+	PlainHTTP   bool              `yaml:"plain_http"`
+	CacheQuota  int64             `yaml:"cache_quota"`
+	Labels      map[string]string `yaml:"labels"` // zone, rack: used to prefer near peers
+}
+
+// LoadConfig reads a YAML config file strictly: unknown keys are errors.
+func LoadConfig(path string) (Config, error) {
+	var c Config
+	f, err := os.Open(path)
+	if err != nil {
+		return c, fmt.Errorf("config: %w", err)
+	}
+	defer f.Close()
+	dec := yaml.NewDecoder(f)
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil {
+		return c, fmt.Errorf("config %s: %w", path, err)
+	}
+	return c, nil
+}
+
+// SocketPath is where a daemon with state directory dir listens by default.
+func SocketPath(stateDir string) string { return filepath.Join(stateDir, "shoal.sock") }
+
+// Daemon is a configured daemon; Run runs it.
+type Daemon struct {
+	cfg     Config
+	base    *slog.Logger // for the packages below, which add their own component
+	log     *slog.Logger
+	metrics *metrics
+
+	mu     sync.Mutex
+	node   *node.Node
+	mounts map[string]*mountEntry // by id
+	seq    int
+}
+
+type mountEntry struct {
+	id      string
+	m       *node.Mount
+	started time.Time
+}
+
+// New checks the configuration and wires the daemon; it starts nothing.
+func New(cfg Config, log *slog.Logger) (*Daemon, error) {
+	if cfg.StateDir == "" {
+		cfg.StateDir = node.DefaultStateDir()
+	}
+	if cfg.Socket == "" {
+		cfg.Socket = SocketPath(cfg.StateDir)
+	}
+	if log == nil {
+		log = slog.Default()
+	}
+	return &Daemon{cfg: cfg, base: log, log: log.With("component", "daemon"), metrics: newMetrics(), mounts: map[string]*mountEntry{}}, nil
+}
+
+// Run opens the state directory, serves the API and metrics until ctx is
+// done, then unmounts everything and closes the cache.
+func (d *Daemon) Run(ctx context.Context) (err error) {
+	n, err := node.Open(ctx, d.cfg.StateDir, node.WithLogger(d.base), node.WithPlainHTTP(d.cfg.PlainHTTP),
+		node.WithCacheQuota(d.cfg.CacheQuota), node.WithFetchObserver(d.metrics))
+	if err != nil {
+		return err
+	}
+	d.mu.Lock()
+	d.node = n
+	d.mu.Unlock()
+	defer func() { err = errors.Join(err, d.shutdown()) }()
+	d.metrics.watchNode(d)
+
+	ln, err := listenUnix(d.cfg.Socket)
+	if err != nil {
+		return err
+	}
+	g, ctx := errgroup.WithContext(ctx)
+	api := &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second}
+	g.Go(func() error { return serve(ctx, api, ln) })
+	if d.cfg.MetricsAddr != "" {
+		mln, err := net.Listen("tcp", d.cfg.MetricsAddr)
+		if err != nil {
+			ln.Close()
+			return fmt.Errorf("metrics listener: %w", err)
+		}
+		ms := &http.Server{Handler: d.metrics.handler(), ReadHeaderTimeout: 10 * time.Second}
+		g.Go(func() error { return serve(ctx, ms, mln) })
+		d.log.Info("serving metrics", "addr", mln.Addr().String())
+	}
+	d.log.Info("daemon ready", "socket", d.cfg.Socket, "state_dir", d.cfg.StateDir)
+	return g.Wait()
+}
+
+// serve runs srv on ln until ctx is done, then shuts it down gracefully.
+func serve(ctx context.Context, srv *http.Server, ln net.Listener) error {
+	errc := make(chan error, 1)
+	go func() { errc <- srv.Serve(ln) }()
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+	}
+	sctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	if err := srv.Shutdown(sctx); err != nil {
+		return err
+	}
+	if err := <-errc; !errors.Is(err, http.ErrServerClosed) {
+		return err
+	}
+	return nil
+}
+
+// listenUnix listens on path, replacing a stale socket a crash left (one
+// nobody answers on) but refusing to steal a live daemon's.
+func listenUnix(path string) (net.Listener, error) {
+	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
+		return nil, err
+	}
+	if c, err := net.DialTimeout("unix", path, time.Second); err == nil {
+		c.Close()
+		return nil, fmt.Errorf("another daemon is already serving %s", path)
+	}
+	_ = os.Remove(path)
+	ln, err := net.Listen("unix", path)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", path, err)
+	}
+	if err := os.Chmod(path, 0o660); err != nil {
+		ln.Close()
+		return nil, err
+	}
+	return ln, nil
+}
+
+// shutdown unmounts everything and closes the node.
+func (d *Daemon) shutdown() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var errs []error
+	for id, e := range d.mounts {
+		if err := e.m.Close(); err != nil {
+			errs = append(errs, fmt.Errorf("unmount %s: %w", e.m.Dir, err))
+		}
+		delete(d.mounts, id)
+	}
+	if d.node != nil {
+		errs = append(errs, d.node.Close())
+		d.node = nil
+	}
+	_ = os.Remove(d.cfg.Socket)
+	d.log.Info("daemon stopped")
+	return errors.Join(errs...)
+}

@@ -1,0 +1,162 @@
+package daemon
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"io"
+	"log"
+	"log/slog"
+	"net"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/name"
+	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/shoal-project/shoal/converter"
+)
+
+func pushAndConvert(t *testing.T, host string) string {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	body := strings.Repeat("shoal ", 100000)
+	_ = tw.WriteHeader(&tar.Header{Name: "data/file", Mode: 0o644, Size: int64(len(body)), Typeflag: tar.TypeReg})
+	_, _ = tw.Write([]byte(body))
+	_ = tw.Close()
+	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(buf.Bytes())), nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, _ := mutate.AppendLayers(empty.Image, l)
+	ref := host + "/app:v1"
+	r, _ := name.ParseReference(ref, name.Insecure)
+	if err := remote.Write(r, img); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := converter.Convert(t.Context(), ref, "", converter.WithPlainHTTP(true), converter.WithLogger(slog.New(slog.DiscardHandler))); err != nil {
+		t.Fatal(err)
+	}
+	return ref
+}
+
+func TestDaemonMountStatusMetricsShutdown(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for FUSE")
+	}
+	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	t.Cleanup(srv.Close)
+	ref := pushAndConvert(t, strings.TrimPrefix(srv.URL, "http://"))
+
+	state := t.TempDir()
+	ml, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	metricsAddr := ml.Addr().String()
+	ml.Close()
+	d, err := New(Config{StateDir: state, PlainHTTP: true, MetricsAddr: metricsAddr}, slog.New(slog.DiscardHandler))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	done := make(chan error, 1)
+	go func() { done <- d.Run(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		<-done
+	})
+
+	var c *Client
+	for deadline := time.Now().Add(10 * time.Second); ; {
+		if c, err = Dial(t.Context(), SocketPath(state)); err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon did not come up: %v", err)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	mnt := filepath.Join(t.TempDir(), "mnt")
+	mi, err := c.Mount(t.Context(), MountRequest{Ref: ref, Dir: mnt})
+	if err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(filepath.Join(mnt, "data/file"))
+	if err != nil || len(b) != 600000 {
+		t.Fatalf("read through the daemon's mount: %d bytes, %v", len(b), err)
+	}
+	st, err := c.Status(t.Context())
+	if err != nil || len(st.Mounts) != 1 || st.Mounts[0].Fetch.BytesFromRegistry == 0 || st.Cache.Blocks == 0 {
+		t.Errorf("status: %+v, %v", st, err)
+	}
+	resp, err := http.Get("http://" + metricsAddr + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	for _, want := range []string{`shoal_block_bytes_total{source="registry"}`, "shoal_mounts 1", "shoal_fetch_seconds_bucket", "shoal_cache_bytes"} {
+		if !strings.Contains(string(body), want) {
+			t.Errorf("metrics lack %q", want)
+		}
+	}
+	if _, err := c.Mount(t.Context(), MountRequest{Ref: ref + "-nope"}); err == nil {
+		t.Error("mounting a missing image succeeded")
+	}
+	if _, err := c.Unmount(t.Context(), UnmountRequest{Dir: "/nowhere"}); err == nil || !strings.Contains(err.Error(), "no such mount") {
+		t.Errorf("unmount of an unknown dir: %v", err)
+	}
+
+	// A second mount stays up until shutdown, which unmounts it.
+	mi2, err := c.Mount(t.Context(), MountRequest{Ref: ref})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fin, err := c.Unmount(t.Context(), UnmountRequest{ID: mi.ID}); err != nil || fin.FS.ReadBytes != 600000 {
+		t.Errorf("unmount: %+v, %v", fin.FS, err)
+	}
+	cancel()
+	if err := <-done; err != nil {
+		t.Errorf("daemon exit: %v", err)
+	}
+	done <- nil // for the cleanup
+	mounts, _ := os.ReadFile("/proc/self/mountinfo")
+	for _, dir := range []string{mnt, mi2.Dir} {
+		if strings.Contains(string(mounts), dir) {
+			t.Errorf("%s still mounted after shutdown", dir)
+		}
+	}
+	if _, err := os.Stat(SocketPath(state)); !os.IsNotExist(err) {
+		t.Errorf("socket left behind: %v", err)
+	}
+	if _, err := Dial(t.Context(), SocketPath(state)); err == nil {
+		t.Error("dialled a stopped daemon")
+	}
+}
+
+func TestLoadConfigIsStrict(t *testing.T) {
+	t.Parallel()
+	dir := t.TempDir()
+	good := filepath.Join(dir, "good.yaml")
+	os.WriteFile(good, []byte("state_dir: /var/lib/shoal\nmetrics_addr: 127.0.0.1:9464\nlabels:\n  zone: a\n  rack: r1\ncache_quota: 1000\n"), 0o644)
+	c, err := LoadConfig(good)
+	if err != nil || c.Labels["zone"] != "a" || c.CacheQuota != 1000 {
+		t.Errorf("LoadConfig = %+v, %v", c, err)
+	}
+	bad := filepath.Join(dir, "bad.yaml")
+	os.WriteFile(bad, []byte("state_dri: /x\n"), 0o644)
+	if _, err := LoadConfig(bad); err == nil || !strings.Contains(err.Error(), "state_dri") {
+		t.Errorf("typo accepted: %v", err)
+	}
+}
