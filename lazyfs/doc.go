@@ -45,11 +45,12 @@
 //     stay in the page cache across opens and processes until memory
 //     pressure evicts them; the data cache is under explicit control, so the
 //     kernel never drops pages because an attribute looked changed. A read
-//     that hits the page cache never reaches lazyfs (about 90% of tmpfs
-//     throughput in BenchmarkReadCached). The mount also raises the kernel's
-//     readahead window (WithKernelReadahead, 1 MiB by default, as root),
-//     which more than doubles buffered sequential throughput through the
-//     daemon compared with the 128 KiB default.
+//     that hits the page cache never reaches lazyfs, and runs as fast as
+//     tmpfs (BenchmarkReadCached against BenchmarkReadTmpfs). The mount
+//     also raises the kernel's readahead window (WithKernelReadahead, 1 MiB
+//     by default, as root; the FUSE handshake cannot go past 128 KiB), so a
+//     sequential reader sends fewer, larger READs, each spanning more blocks
+//     whose fetches then run in parallel (BenchmarkReadBuffered).
 //  3. Decompressed blocks: a small in-memory LRU (WithCacheBytes, 64 MiB by
 //     default) of recently fetched blocks. The page cache holds what was
 //     read; this cache exists because the kernel reads a block in several
@@ -121,7 +122,9 @@
 // the server and every goroutine lazyfs started. A mount still busy with
 // open files after a few retries is detached instead (umount -l): it
 // leaves the tree at once, and the open files are served from memory until
-// closed, when Wait returns.
+// closed, when Wait returns. The mount's /dev/fuse descriptor is marked
+// close-on-exec (go-fuse's direct mount leaves it inheritable), so programs
+// the daemon starts never hold the connection open after the daemon exits.
 //
 // Processes that serve a mount must not page-fault on it themselves, nor
 // fork a child that touches it before exec (go-fuse's package

@@ -37,33 +37,7 @@ func TestMain(m *testing.M) {
 	if p := os.Getenv(mmapHelperEnv); p != "" {
 		os.Exit(mmapHelper(p))
 	}
-	sweepDeadMounts()
 	os.Exit(m.Run())
-}
-
-// sweepDeadMounts detaches lazyfs test mounts whose server is gone, left by
-// an earlier test binary that was killed (a -timeout panic runs no
-// cleanups). Only dead mounts answer ENOTCONN; live ones are left alone.
-func sweepDeadMounts() {
-	data, err := os.ReadFile("/proc/self/mountinfo")
-	if err != nil {
-		return
-	}
-	for _, line := range strings.Split(string(data), "\n") {
-		f := strings.Fields(line)
-		for i := range f {
-			if f[i] != "-" || i+1 >= len(f) || f[i+1] != "fuse.shoal" {
-				continue
-			}
-			mp := f[4]
-			var st syscall.Stat_t
-			if strings.HasPrefix(mp, os.TempDir()) && syscall.Stat(mp, &st) == syscall.ENOTCONN {
-				if syscall.Unmount(mp, syscall.MNT_DETACH) == nil {
-					fmt.Fprintf(os.Stderr, "lazyfs tests: detached dead mount %s left by an earlier run\n", mp)
-				}
-			}
-		}
-	}
 }
 
 func mmapHelper(path string) int {
@@ -145,6 +119,13 @@ func mountT(t testing.TB, x *flat.Index, f Fetcher, opts ...Option) *FS {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() {
+		if t.Failed() {
+			// The failure may be a hung request. A forced unmount aborts
+			// the FUSE connection first, which frees every thread of this
+			// process stuck in a request: a thread stuck reading from the
+			// server in its own process cannot even be killed.
+			syscall.Unmount(dir, syscall.MNT_FORCE)
+		}
 		if err := m.Unmount(); err != nil {
 			t.Errorf("unmount: %v", err)
 		}
@@ -184,6 +165,7 @@ type ent struct {
 	uid, gid     int
 	xattrs       map[string]string
 	major, minor int64
+	zeroMode     bool // mode 0000 (a zero mode otherwise means the default)
 }
 
 func layerTar(t testing.TB, ents []ent) []byte {
@@ -197,7 +179,7 @@ func layerTar(t testing.TB, ents []ent) []byte {
 		if h.Typeflag == 0 {
 			h.Typeflag = tar.TypeReg
 		}
-		if h.Mode == 0 && e.name != "etc/secret" {
+		if h.Mode == 0 && !e.zeroMode {
 			h.Mode = 0o644
 			if h.Typeflag == tar.TypeDir {
 				h.Mode = 0o755
@@ -280,7 +262,7 @@ func testLayers(t testing.TB) [][]ent {
 		{name: "etc/", typ: tar.TypeDir},
 		{name: "etc/passwd", body: []byte("root:x:0:0::/root:/bin/sh\n")},
 		{name: "etc/empty", body: nil},
-		{name: "etc/secret", body: []byte("mode 0000"), mode: 0},
+		{name: "etc/secret", body: []byte("mode 0000"), zeroMode: true},
 		{name: "etc/suid", body: []byte("#!/bin/sh\n"), mode: 0o4755, gid: 50},
 		{name: "data/", typ: tar.TypeDir, mode: 0o750, uid: 10, gid: 20},
 		{name: "data/random1", body: randomBytes(1, 1536<<10)},

@@ -174,10 +174,9 @@ func WithFUSEDebug(on bool) Option {
 	return func(c *config) error { c.debug = on; return nil }
 }
 
-// Timeouts handed to the kernel. The tree never changes while mounted, so
-// the kernel may keep names, attributes and failed lookups as long as it
-// likes; an hour bounds only how long stale kernel state could outlive a
-// (future) remount at the same inode numbers.
+// cacheTimeout is the entry, attribute and negative-lookup timeout handed to
+// the kernel. The tree never changes while mounted, so the kernel may keep
+// all three as long as it likes; an hour makes revalidation rare.
 const cacheTimeout = time.Hour
 
 // maxBackgroundFetches bounds the readahead fetches lazyfs runs itself when
@@ -237,11 +236,11 @@ type Stats struct {
 	CachedBytes  int64 `json:"cached_bytes"`  // decompressed bytes held in memory
 }
 
-// Mount mounts x read-only at mountpoint and serves it until Unmount. Metadata is
-// answered from x; file contents come from f, block by block, as they are
-// read. ctx bounds the mounting only (its values, not its cancellation,
-// reach every Fetch). The mount needs root, or fusermount for an
-// unprivileged user.
+// Mount mounts x read-only at mountpoint and serves it until Unmount.
+// Metadata is answered from x, which must not change afterwards; file
+// contents come from f, block by block, as they are read. ctx bounds the
+// mounting only (its values, not its cancellation, reach every Fetch). The
+// mount needs root, or fusermount for an unprivileged user.
 func Mount(ctx context.Context, mountpoint string, x *flat.Index, f Fetcher, opts ...Option) (*FS, error) {
 	c := defaults()
 	for _, o := range opts {
@@ -321,6 +320,7 @@ func Mount(ctx context.Context, mountpoint string, x *flat.Index, f Fetcher, opt
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
 	m.server = server
+	closeFUSEOnExec(m.log)
 	if c.kernelReadahead > 0 {
 		m.setKernelReadahead(c.kernelReadahead)
 	}
@@ -429,6 +429,26 @@ func (m *FS) track() bool {
 	}
 	m.bg.Add(1)
 	return true
+}
+
+// closeFUSEOnExec marks this process's /dev/fuse descriptors close-on-exec.
+// go-fuse's direct mount opens the device without O_CLOEXEC, so every
+// program the daemon starts afterwards (container runtimes, shims) would
+// inherit the connection, and keep it alive after the daemon dies: reads
+// would then hang forever instead of failing with ENOTCONN.
+func closeFUSEOnExec(log *slog.Logger) {
+	ents, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		log.Warn("cannot mark /dev/fuse close-on-exec", "err", err)
+		return
+	}
+	for _, e := range ents {
+		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && target == "/dev/fuse" {
+			if fd, err := strconv.Atoi(e.Name()); err == nil {
+				syscall.CloseOnExec(fd)
+			}
+		}
+	}
 }
 
 // setKernelReadahead raises the readahead of the mount's backing device

@@ -77,8 +77,10 @@ func TestConformance(t *testing.T) {
 		if want := typeBits(e.Type) | e.Mode; st.Mode != want {
 			t.Errorf("%q: mode %o, want %o", rel, st.Mode, want)
 		}
-		if d.Type() != fs.FileMode(0) && d.Type()&fs.ModeType == 0 {
-			t.Errorf("%q: readdir type %v", rel, d.Type())
+		if fi, err := os.Lstat(p); err != nil {
+			t.Errorf("lstat %q: %v", rel, err)
+		} else if fi.Mode().Type() != d.Type() {
+			t.Errorf("%q: readdir says type %v, lstat %v", rel, d.Type(), fi.Mode().Type())
 		}
 		if st.Uid != e.UID || st.Gid != e.GID {
 			t.Errorf("%q: owner %d:%d, want %d:%d", rel, st.Uid, st.Gid, e.UID, e.GID)
@@ -595,6 +597,18 @@ func TestExec(t *testing.T) {
 		if err != nil || strings.TrimSpace(string(out)) != "ran" {
 			t.Errorf("exec %s: %v: %s", prog, err, out)
 		}
+	}
+}
+
+// TestNoFUSELeakToChildren: programs started after a mount must not inherit
+// the FUSE connection. (Not parallel: another test mounting at the same
+// moment could have a descriptor open for an instant before it is marked.)
+func TestNoFUSELeakToChildren(t *testing.T) {
+	x, bm, _ := largeIndex(t)
+	mountT(t, x, bm)
+	out, err := exec.Command("/bin/sh", "-c", "ls -l /proc/$$/fd").CombinedOutput()
+	if err != nil || strings.Contains(string(out), "/dev/fuse") {
+		t.Errorf("a child process inherits /dev/fuse (%v):\n%s", err, out)
 	}
 }
 

@@ -190,8 +190,8 @@ func (m *FS) aheadBlocks(i int32, h *handle, end int64) []uint32 {
 // finds no free slot is dropped, since the read that needs the block will
 // fetch it anyway.
 func (m *FS) readahead(blocks []uint32) {
-	if len(blocks) == 0 {
-		return
+	if len(blocks) == 0 || (m.pf == nil && m.cfg.cacheBytes == 0) {
+		return // nothing to do, or nowhere to keep what would be fetched
 	}
 	m.stats.readahead.Add(int64(len(blocks)))
 	if m.pf != nil {
