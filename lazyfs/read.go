@@ -195,14 +195,25 @@ func (m *FS) readahead(blocks []uint32) {
 	}
 	m.stats.readahead.Add(int64(len(blocks)))
 	if m.pf != nil {
+		// Blocks that must come from far away go out as one batch the
+		// Fetcher can merge into few requests.
 		bs := make([]flat.Block, len(blocks))
 		for k, b := range blocks {
 			bs[k] = m.x.Blocks[b]
 		}
 		m.pf.Prefetch(m.ctx, bs)
+	}
+	if m.cfg.cacheBytes == 0 {
 		return
 	}
+	// And they are loaded into memory ahead of the reader: a Prefetcher
+	// skips blocks its own cache holds, and reading those (a disk read and
+	// a hash each) in the reader's path is what limits sequential reads of
+	// cached images. Fetches of blocks in the batch above join it.
 	for _, b := range blocks {
+		if m.cache.contains(b) {
+			continue
+		}
 		select {
 		case m.sem <- struct{}{}:
 		default:
