@@ -5,6 +5,7 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/shoal-project/shoal/fetch"
@@ -42,7 +43,7 @@ func newMetrics() *metrics {
 		mounts: prometheus.NewGauge(prometheus.GaugeOpts{Name: "shoal_mounts", Help: "Lazy mounts held."}),
 	}
 	m.reg.MustRegister(m.bytes, m.blocks, m.latency, m.fetchErrors, m.mounts,
-		prometheus.NewGoCollector(), prometheus.NewProcessCollector(prometheus.ProcessCollectorOpts{}))
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	for _, s := range []string{"cache", "peers", "registry"} {
 		m.bytes.WithLabelValues(s)
 		m.blocks.WithLabelValues(s)

@@ -1,0 +1,297 @@
+package p2p
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"golang.org/x/time/rate"
+
+	"github.com/shoal-project/shoal/flat"
+)
+
+const (
+	// requestTimeout bounds reading a request on the serving side.
+	requestTimeout = 10 * time.Second
+	// writeTimeout bounds each write of a response (after pacing).
+	writeTimeout = 10 * time.Second
+	// getTimeout bounds reading one block from the local store.
+	getTimeout = 10 * time.Second
+	// paceChunk is the unit of upload pacing and of writes.
+	paceChunk = 32 << 10
+	// minTransferRate sizes the deadline of a block's data: a frame may take
+	// FrameTimeout plus one second per MiB.
+	minTransferRate = 1 << 20
+	// maxRequestBytes bounds the block bytes one request asks for, so that
+	// one failure wastes little and the deadlines stay meaningful.
+	maxRequestBytes = 32 << 20
+)
+
+// uploader enforces the upload limits: a slot per stream served, BUSY when
+// none is free, and a token bucket shared by all streams for bytes/s.
+type uploader struct {
+	slots chan struct{}
+	lim   *rate.Limiter // nil: unlimited
+}
+
+func newUploader(streams int, bytesPerSec int64) *uploader {
+	u := &uploader{slots: make(chan struct{}, streams)}
+	if bytesPerSec > 0 {
+		u.lim = rate.NewLimiter(rate.Limit(bytesPerSec), max(paceChunk, int(bytesPerSec/8)))
+	}
+	return u
+}
+
+// acquire takes an upload slot without waiting.
+func (u *uploader) acquire() (release func(), ok bool) {
+	select {
+	case u.slots <- struct{}{}:
+		return func() { <-u.slots }, true
+	default:
+		return nil, false
+	}
+}
+
+// pace waits until n more bytes may be sent.
+func (u *uploader) pace(ctx context.Context, n int) error {
+	if u.lim == nil {
+		return nil
+	}
+	return u.lim.WaitN(ctx, n)
+}
+
+// handleBlock serves a /shoal/block/1 stream: one request, then one frame
+// per CID in the order asked (or a single BUSY frame).
+func (n *Node) handleBlock(st network.Stream) {
+	if !n.enter() {
+		st.Reset()
+		return
+	}
+	defer n.wg.Done()
+	p := st.Conn().RemotePeer()
+	_ = st.SetReadDeadline(time.Now().Add(requestTimeout))
+	payload, err := readFrame(bufio.NewReaderSize(st, 1024), maxRequestFrame, nil)
+	if err != nil {
+		st.Reset()
+		return
+	}
+	q, err := decodeRequest(payload)
+	if err != nil {
+		n.log.Debug("bad block request", "peer", p.String(), "err", err)
+		st.Reset()
+		return
+	}
+	w := bufio.NewWriterSize(st, paceChunk+64)
+	write := func(b []byte) error {
+		_ = st.SetWriteDeadline(time.Now().Add(writeTimeout))
+		_, err := w.Write(b)
+		return err
+	}
+	release, ok := n.up.acquire()
+	if !ok {
+		n.st.busySent.Add(1)
+		if write(appendBlockHeader(nil, statusBusy, nil, 0)) == nil && w.Flush() == nil {
+			_ = st.Close()
+		} else {
+			st.Reset()
+		}
+		return
+	}
+	defer release()
+	n.st.activeUploads.Add(1)
+	defer n.st.activeUploads.Add(-1)
+
+	ctx, cancel := context.WithCancel(n.life)
+	defer cancel()
+	if err := n.serve(ctx, q, write); err != nil {
+		n.log.Debug("serving blocks", "peer", p.String(), "image", q.image, "err", err)
+		st.Reset()
+		return
+	}
+	_ = st.SetWriteDeadline(time.Now().Add(writeTimeout))
+	if err := w.Flush(); err != nil {
+		st.Reset()
+		return
+	}
+	_ = st.Close()
+}
+
+// serve writes one frame per requested CID.
+func (n *Node) serve(ctx context.Context, q request, write func([]byte) error) error {
+	for _, c := range q.cids {
+		data := n.lookup(ctx, c)
+		if data == nil {
+			n.st.notFound.Add(1)
+			if err := write(appendBlockHeader(nil, statusNotFound, c, 0)); err != nil {
+				return err
+			}
+			continue
+		}
+		if err := write(appendBlockHeader(nil, statusOK, c, len(data))); err != nil {
+			return err
+		}
+		for off := 0; off < len(data); off += paceChunk {
+			chunk := data[off:min(off+paceChunk, len(data))]
+			if err := n.up.pace(ctx, len(chunk)); err != nil {
+				return err
+			}
+			if err := write(chunk); err != nil {
+				return err
+			}
+			n.st.bytesUp.Add(int64(len(chunk)))
+		}
+		n.st.blocksServed.Add(1)
+	}
+	return nil
+}
+
+// lookup returns the bytes of the block named by binary CID c, or nil if
+// c is not a block ID or the store does not have it.
+func (n *Node) lookup(ctx context.Context, c []byte) []byte {
+	if n.cfg.Blocks == nil {
+		return nil
+	}
+	cc, err := castCID(c)
+	if err != nil {
+		return nil
+	}
+	id, err := flat.IDFromCID(cc)
+	if err != nil {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, getTimeout)
+	defer cancel()
+	data, err := n.cfg.Blocks.Get(ctx, id)
+	if err != nil || len(data) > flat.MaxBlockSize {
+		return nil
+	}
+	return data
+}
+
+// outcome is what one request to one peer produced.
+type outcome struct {
+	got       map[flat.BlockID][]byte
+	notFound  []flat.Block
+	firstByte time.Duration // 0 if no byte arrived
+	busy      bool
+	bad       bool  // a wrong block or an unrequested one: penalise
+	err       error // why the request ended early; nil if every block was answered
+}
+
+// request asks p for blocks (at most MaxRequestBlocks) and reads the
+// answers, verifying each block against its ID. It returns when every block
+// is answered, the peer ends the stream, a deadline passes, a block fails
+// verification, or ctx ends.
+func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []flat.Block) (out outcome) {
+	out.got = make(map[flat.BlockID][]byte, len(blocks))
+	q := request{image: image, cids: make([][]byte, len(blocks))}
+	idx := make(map[string]int, len(blocks))
+	for i, b := range blocks {
+		q.cids[i] = b.ID.CID().Bytes()
+		idx[string(q.cids[i])] = i
+	}
+	answered := make([]bool, len(blocks))
+
+	octx, cancel := context.WithTimeout(ctx, n.cfg.FirstByteTimeout)
+	st, err := n.host.NewStream(octx, p, ProtocolBlock)
+	cancel()
+	if err != nil {
+		out.err = fmt.Errorf("open stream: %w", err)
+		return out
+	}
+	// The caller giving up resets the stream, which unblocks any read.
+	stop := context.AfterFunc(ctx, func() { st.Reset() })
+	defer stop()
+	ok := false
+	defer func() {
+		if ok {
+			_ = st.Close()
+		} else {
+			st.Reset()
+		}
+	}()
+
+	start := time.Now()
+	_ = st.SetWriteDeadline(start.Add(n.cfg.FirstByteTimeout))
+	if _, err := st.Write(appendFrame(nil, q.encode())); err != nil {
+		out.err = fmt.Errorf("send request: %w", err)
+		return out
+	}
+	_ = st.CloseWrite()
+	_ = st.SetReadDeadline(start.Add(n.cfg.FirstByteTimeout))
+	r := bufio.NewReaderSize(st, 64<<10)
+	scratch := make([]byte, maxCIDLen)
+	left := len(blocks)
+	for left > 0 {
+		h, err := readBlockHeader(r, scratch)
+		if out.firstByte == 0 && (err == nil || !isTimeout(err)) {
+			out.firstByte = max(time.Since(start), time.Nanosecond)
+		}
+		switch {
+		case err == nil:
+		case errors.Is(err, io.EOF):
+			out.err = fmt.Errorf("peer ended the answer with %d of %d blocks unanswered", left, len(blocks))
+			return out
+		case ctx.Err() != nil:
+			out.err = ctx.Err()
+			return out
+		default:
+			out.err = fmt.Errorf("read answer: %w", err)
+			return out
+		}
+		if h.status == statusBusy {
+			out.busy = true
+			out.err = ErrBusy
+			return out
+		}
+		i, known := idx[string(h.cid)]
+		if !known || answered[i] {
+			out.bad = true
+			out.err = fmt.Errorf("%w: answer for a block not asked for", ErrBadBlock)
+			return out
+		}
+		answered[i] = true
+		left--
+		b := blocks[i]
+		if h.status == statusNotFound {
+			out.notFound = append(out.notFound, b)
+			_ = st.SetReadDeadline(time.Now().Add(n.cfg.FrameTimeout))
+			continue
+		}
+		if h.dataLen != int(b.ULen) {
+			out.bad = true
+			out.err = fmt.Errorf("%w: block %s of %d bytes, want %d", ErrBadBlock, b.ID, h.dataLen, b.ULen)
+			return out
+		}
+		_ = st.SetReadDeadline(time.Now().Add(n.cfg.FrameTimeout + time.Duration(h.dataLen/minTransferRate)*time.Second))
+		data := make([]byte, h.dataLen)
+		if _, err := io.ReadFull(r, data); err != nil {
+			if ctx.Err() != nil {
+				err = ctx.Err()
+			}
+			out.err = fmt.Errorf("read block %s: %w", b.ID, err)
+			return out
+		}
+		if !b.ID.Verify(data) {
+			out.bad = true
+			out.err = fmt.Errorf("%w: block %s", ErrBadBlock, b.ID)
+			return out
+		}
+		out.got[b.ID] = data
+		n.st.bytesDown.Add(int64(len(data)))
+		n.st.blocksFetched.Add(1)
+		_ = st.SetReadDeadline(time.Now().Add(n.cfg.FrameTimeout))
+	}
+	ok = true
+	return out
+}
+
+func isTimeout(err error) bool {
+	var t interface{ Timeout() bool }
+	return errors.As(err, &t) && t.Timeout()
+}

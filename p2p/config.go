@@ -1,0 +1,296 @@
+package p2p
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/pnet"
+	ma "github.com/multiformats/go-multiaddr"
+
+	"github.com/shoal-project/shoal/flat"
+)
+
+// BlockGetter is what a Node serves to its peers: verified, uncompressed
+// block bytes by ID. *blockstore.Store satisfies it. Get returns an error
+// for a block it does not hold; which error does not matter to the peer, who
+// is told NOT_FOUND. If the getter also has Has(ctx, id) (bool, error), as
+// the blockstore does, JoinImage uses it to build the node's initial have
+// bitmap for the image.
+type BlockGetter interface {
+	Get(ctx context.Context, id flat.BlockID) ([]byte, error)
+}
+
+// hasser is BlockGetter's optional extension.
+type hasser interface {
+	Has(ctx context.Context, id flat.BlockID) (bool, error)
+}
+
+// DefaultListenAddr is the address a Node listens on when Config.ListenAddrs
+// is empty: every IPv4 interface, TCP port 4701.
+const DefaultListenAddr = "/ip4/0.0.0.0/tcp/4701"
+
+// IdentityFile is the name of the private key file in Config.IdentityDir.
+const IdentityFile = "identity.key"
+
+// Config configures a Node. Every zero value means the documented default.
+type Config struct {
+	// ListenAddrs are the TCP multiaddrs to listen on, such as
+	// "/ip4/0.0.0.0/tcp/4701". Default: DefaultListenAddr. Tests use
+	// "/ip4/127.0.0.1/tcp/0".
+	ListenAddrs []string
+	// IdentityDir holds the node's libp2p identity, an ed25519 key in
+	// IdentityFile (libp2p's protobuf key encoding), created on first start
+	// with mode 0600. Default "": a fresh identity every start, which is
+	// fine for tests but makes a daemon a stranger to its peers after every
+	// restart.
+	IdentityDir string
+	// BootstrapPeers are multiaddrs ending in /p2p/<peer id> to join the DHT
+	// through. Default: none (the node can still be connected to, and can
+	// be told of peers with Connect).
+	BootstrapPeers []string
+	// PSK, if set, makes this a private network (libp2p pnet): only nodes
+	// with the same 32-byte key can connect. PSKFile is read instead when
+	// PSK is empty; see ParsePSK for the accepted formats. Default: none.
+	PSK     []byte
+	PSKFile string
+	// Zone and Rack label where the node runs. They are sent to peers in the
+	// have protocol's hello; peers in the same zone (and rack) are asked
+	// first. Default: none (no preference). At most 64 bytes each.
+	Zone, Rack string
+
+	// Blocks is what the node serves. Default nil: it serves nothing and
+	// answers NOT_FOUND to every request.
+	Blocks BlockGetter
+	// MaxUploadStreams bounds the block requests served at once; a request
+	// beyond it is answered BUSY. Default 16.
+	MaxUploadStreams int
+	// UploadBytesPerSec paces the block bytes sent to all peers together
+	// (a token bucket). Default 0: unlimited.
+	UploadBytesPerSec int64
+
+	// FirstByteTimeout bounds the wait, after a request is sent, for the
+	// first byte of the answer; a peer slower than that is skipped and the
+	// blocks fall through to the next source. Default 2 s.
+	FirstByteTimeout time.Duration
+	// FrameTimeout bounds the wait for each later frame (plus one second per
+	// MiB of its data). Default 5 s.
+	FrameTimeout time.Duration
+	// AnnounceInterval is how often newly held and dropped blocks are sent
+	// to image peers, batched. Default 250 ms.
+	AnnounceInterval time.Duration
+	// RefreshInterval is how often the node looks for more peers of the
+	// images it has joined when it has few, reconnects to the bootstrap
+	// peers when it has none, and re-provides image records that are due.
+	// Default 5 min.
+	RefreshInterval time.Duration
+	// MaxImagePeers is the number of providers JoinImage connects to per
+	// image; twice as many may connect to it. Default 32.
+	MaxImagePeers int
+	// BadBlockStrikes is the number of wrong blocks after which a peer is
+	// avoided for PenaltyCoolDown. Default 3.
+	BadBlockStrikes int
+	// PenaltyCoolDown is how long a peer with BadBlockStrikes strikes is
+	// avoided. Default 10 min.
+	PenaltyCoolDown time.Duration
+	// BusyBackoff is how long a peer that answered BUSY is not asked again.
+	// Default 1 s.
+	BusyBackoff time.Duration
+
+	// Logger receives the node's logs, with component=p2p. Default:
+	// slog.Default().
+	Logger *slog.Logger
+}
+
+// withDefaults returns c with defaults filled in, or an error for a value
+// that cannot be right.
+func (c Config) withDefaults() (Config, error) {
+	if len(c.ListenAddrs) == 0 {
+		c.ListenAddrs = []string{DefaultListenAddr}
+	}
+	if c.MaxUploadStreams == 0 {
+		c.MaxUploadStreams = 16
+	}
+	setDur := func(d *time.Duration, def time.Duration) {
+		if *d == 0 {
+			*d = def
+		}
+	}
+	setDur(&c.FirstByteTimeout, 2*time.Second)
+	setDur(&c.FrameTimeout, 5*time.Second)
+	setDur(&c.AnnounceInterval, 250*time.Millisecond)
+	setDur(&c.RefreshInterval, 5*time.Minute)
+	setDur(&c.PenaltyCoolDown, 10*time.Minute)
+	setDur(&c.BusyBackoff, time.Second)
+	if c.MaxImagePeers == 0 {
+		c.MaxImagePeers = 32
+	}
+	if c.BadBlockStrikes == 0 {
+		c.BadBlockStrikes = 3
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+	var errs []error
+	if c.MaxUploadStreams < 0 {
+		errs = append(errs, fmt.Errorf("max upload streams %d: must not be negative", c.MaxUploadStreams))
+	}
+	if c.UploadBytesPerSec < 0 {
+		errs = append(errs, fmt.Errorf("upload bytes/s %d: must not be negative", c.UploadBytesPerSec))
+	}
+	for name, d := range map[string]time.Duration{
+		"first byte timeout": c.FirstByteTimeout, "frame timeout": c.FrameTimeout,
+		"announce interval": c.AnnounceInterval, "refresh interval": c.RefreshInterval,
+		"penalty cool-down": c.PenaltyCoolDown, "busy backoff": c.BusyBackoff,
+	} {
+		if d < 0 {
+			errs = append(errs, fmt.Errorf("%s %v: must not be negative", name, d))
+		}
+	}
+	if c.MaxImagePeers < 0 || c.BadBlockStrikes < 0 {
+		errs = append(errs, errors.New("max image peers and bad block strikes must not be negative"))
+	}
+	if len(c.Zone) > maxLabelLen || len(c.Rack) > maxLabelLen {
+		errs = append(errs, fmt.Errorf("zone and rack labels: at most %d bytes", maxLabelLen))
+	}
+	for _, a := range c.ListenAddrs {
+		if _, err := ma.NewMultiaddr(a); err != nil {
+			errs = append(errs, fmt.Errorf("listen address %q: %w", a, err))
+		}
+	}
+	return c, errors.Join(errs...)
+}
+
+// parseBootstrap turns /p2p/ multiaddrs into peer infos, merging addresses
+// of the same peer.
+func parseBootstrap(addrs []string) ([]peer.AddrInfo, error) {
+	var mas []ma.Multiaddr
+	for _, a := range addrs {
+		m, err := ma.NewMultiaddr(a)
+		if err != nil {
+			return nil, fmt.Errorf("bootstrap peer %q: %w", a, err)
+		}
+		mas = append(mas, m)
+	}
+	infos, err := peer.AddrInfosFromP2pAddrs(mas...)
+	if err != nil {
+		return nil, fmt.Errorf("bootstrap peers (each needs /p2p/<peer id>): %w", err)
+	}
+	return infos, nil
+}
+
+// loadIdentity reads the key in dir/IdentityFile, creating it (and dir) if
+// it does not exist. An empty dir gives a fresh key that is not saved.
+func loadIdentity(dir string, log *slog.Logger) (crypto.PrivKey, error) {
+	if dir == "" {
+		k, _, err := crypto.GenerateEd25519Key(rand.Reader)
+		return k, err
+	}
+	path := filepath.Join(dir, IdentityFile)
+	for range 2 {
+		data, err := os.ReadFile(path)
+		if err == nil {
+			if fi, err := os.Stat(path); err == nil && fi.Mode().Perm()&0o077 != 0 {
+				log.Warn("identity key file is readable by others; it should be mode 0600", "path", path, "mode", fi.Mode().Perm())
+			}
+			k, err := crypto.UnmarshalPrivateKey(data)
+			if err != nil {
+				return nil, fmt.Errorf("identity %s: %w", path, err)
+			}
+			return k, nil
+		}
+		if !errors.Is(err, os.ErrNotExist) {
+			return nil, fmt.Errorf("identity: %w", err)
+		}
+		if err := createIdentity(dir, path); err != nil && !errors.Is(err, os.ErrExist) {
+			return nil, err
+		}
+		// Created, or another process won the race: read what is there.
+	}
+	return nil, fmt.Errorf("identity %s: could not create", path)
+}
+
+// createIdentity writes a new key to path atomically: a temporary file,
+// then a hard link, which fails if path appeared meanwhile.
+func createIdentity(dir, path string) error {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("identity: %w", err)
+	}
+	k, _, err := crypto.GenerateEd25519Key(rand.Reader)
+	if err != nil {
+		return fmt.Errorf("identity: generate key: %w", err)
+	}
+	data, err := crypto.MarshalPrivateKey(k)
+	if err != nil {
+		return fmt.Errorf("identity: encode key: %w", err)
+	}
+	f, err := os.CreateTemp(dir, ".identity-*")
+	if err != nil {
+		return fmt.Errorf("identity: %w", err)
+	}
+	tmp := f.Name()
+	defer os.Remove(tmp)
+	_, werr := f.Write(data)
+	if err := errors.Join(werr, f.Chmod(0o600), f.Sync(), f.Close()); err != nil {
+		return fmt.Errorf("identity: write %s: %w", tmp, err)
+	}
+	if err := os.Link(tmp, path); err != nil {
+		if errors.Is(err, os.ErrExist) {
+			return err
+		}
+		return fmt.Errorf("identity: %w", err)
+	}
+	return nil
+}
+
+// pskV1Header starts libp2p's swarm key file.
+var pskV1Header = []byte("/key/swarm/psk/1.0.0/")
+
+// ParsePSK decodes a pre-shared key for a private network. Two formats are
+// accepted:
+//
+//   - libp2p's swarm key file (as written by ipfs-swarm-key-gen), three
+//     lines: "/key/swarm/psk/1.0.0/", then "/base16/", "/base64/" or
+//     "/bin/", then the 32-byte key in that encoding;
+//   - the key alone as 64 hexadecimal digits (surrounding white space is
+//     ignored), for example from `openssl rand -hex 32`.
+func ParsePSK(data []byte) (pnet.PSK, error) {
+	if bytes.HasPrefix(data, pskV1Header) {
+		k, err := pnet.DecodeV1PSK(bytes.NewReader(data))
+		if err != nil {
+			return nil, fmt.Errorf("pre-shared key (swarm key v1): %w", err)
+		}
+		return k, nil
+	}
+	s := bytes.TrimSpace(data)
+	if len(s) != 64 {
+		return nil, fmt.Errorf("pre-shared key: want a swarm key file or 64 hex digits, got %d bytes", len(s))
+	}
+	k := make([]byte, 32)
+	if _, err := hex.Decode(k, s); err != nil {
+		return nil, fmt.Errorf("pre-shared key: %w", err)
+	}
+	return k, nil
+}
+
+// LoadPSK reads and decodes a pre-shared key file (see ParsePSK).
+func LoadPSK(path string) (pnet.PSK, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("pre-shared key: %w", err)
+	}
+	k, err := ParsePSK(data)
+	if err != nil {
+		return nil, fmt.Errorf("%s: %w", path, err)
+	}
+	return k, nil
+}

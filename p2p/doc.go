@@ -1,0 +1,149 @@
+// Package p2p is Shoal's swarm: how a node finds the other nodes that hold
+// an image's blocks, learns which blocks each of them holds, and fetches
+// blocks from them — verified, bounded in time, and never at the cost of a
+// wrong byte. It is the "peers" step of a read, between the local block
+// cache and the registry; the fetch chain sees it only as a fetch.Source
+// (PeerSource), and whatever it cannot deliver quickly falls through to the
+// registry.
+//
+//	store, _ := blockstore.Open(ctx, dir, blockstore.WithOnEvict(func(id flat.BlockID) { node.Withdraw(id) }))
+//	node, _ := p2p.New(ctx, p2p.Config{IdentityDir: stateDir, BootstrapPeers: peers, Blocks: store, Zone: zone})
+//	go node.Run(ctx)
+//	_ = node.JoinImage(ctx, im.Digest(), im.Index())
+//	chain, _ := fetch.NewChain(store, []fetch.Source{node.Source(im.Digest()), im.Registry()})
+//	// after a block is fetched and stored: node.Announce(id)
+//
+// # Lifecycle
+//
+// New wires: it loads the identity (an ed25519 key created on first start,
+// mode 0600), starts the libp2p host listening (TCP, noise, yamux; a
+// pre-shared key makes it a libp2p private network), creates the DHT and
+// registers the stream handlers, so the node serves peers as soon as New
+// returns. Run joins the DHT through the bootstrap peers, sends batched
+// have-updates, and refreshes, until its context ends; it closes the node
+// on the way out. Close is idempotent and waits for every goroutine the node
+// started.
+//
+// # Finding peers: image records and have bitmaps
+//
+// The DHT is go-libp2p-kad-dht in server mode under the protocol prefix
+// /shoal (it speaks /shoal/kad/1.0.0 and never mixes with the public IPFS
+// DHT). Provider records are keyed by ImageKey: the flat image's manifest
+// digest as a CIDv1 (raw codec, sha2-256) — the CID of the manifest bytes.
+// There are no per-block records. JoinImage costs one provide (in the
+// background) and one FindProviders; the node then connects to up to
+// MaxImagePeers providers and the peers tell each other, over
+// /shoal/have/1, which blocks of the image they hold: a bitmap over the
+// image's block table, by position. A start therefore costs O(images) DHT
+// operations, not O(blocks).
+//
+// Why not per-block records, measured in TestDHTConverges (30 nodes on
+// loopback, no race detector): a provide is a DHT lookup plus an
+// ADD_PROVIDER to the 20 closest peers, about 40 ms once routing tables
+// have settled and over a second while they fill. A 2 GiB image of 256 KiB
+// blocks has about 8,000 blocks: per-block records would be 8,000 provides
+// per node per image (minutes of provide work, repeated every 12 hours to
+// outlive the 48-hour record lifetime) and 160,000 stored records per node,
+// 160 million for a thousand nodes; and a reader would need a lookup per
+// block before its first byte. With image records it is one provide and one
+// lookup per node per image; the image's bitmap is 1 KB, sent once per peer,
+// and each newly held block costs a few bytes in a batched update.
+//
+// The cost of the choice: a node sees the blocks of the peers it has a have
+// session with (up to MaxImagePeers it found, plus up to twice that many
+// that found it), not of the whole swarm; and a block shared by two images
+// is found through either image's peers only if the node joined that image
+// (PeerSource looks across every joined image).
+//
+// # The have protocol (/shoal/have/1)
+//
+// Each direction is its own stream: a node opens one to each peer of the
+// image and only writes on it; the peer only reads. All messages are
+// length-prefixed frames (uvarint length, then the payload):
+//
+//	hello  = 0x01 str(image digest) str(zone) str(rack) uvarint(nblocks) bitmap
+//	update = 0x02 positions(set) positions(clear)
+//	str(s)       = uvarint(len) bytes
+//	bitmap       = ceil(nblocks/8) bytes, bit i%8 of byte i/8 is block i; bits past nblocks are 0
+//	positions(p) = uvarint(count) then count uvarint deltas (p[0], then p[i]-p[i-1]-1)
+//
+// The hello carries the sender's zone and rack labels, kept per peer for
+// peer choice. A node that receives a hello for an image it has joined
+// (with the same block count) keeps the bitmap, answers with its own
+// session if it has none to the sender, and applies updates until the
+// stream ends, when the peer's bitmap is dropped. A hello for an image not
+// joined is answered with a stream reset. Announce (after a block is
+// verified and stored) and Withdraw (on eviction, from the blockstore's
+// OnEvict hook) change the node's own bitmap; the changed positions go out
+// every AnnounceInterval (250 ms) as one update, carrying each position's
+// state at flush time. An idle session sends an empty update every 15 s; a
+// peer silent for 45 s is dropped. A session whose queue (64 updates)
+// overflows is closed, and the next one starts with a full hello. A
+// NOT_FOUND answer clears the block from that peer's bitmap locally (its
+// withdrawal is in flight). DHT records cannot be withdrawn: they expire,
+// and LeaveImage stops re-providing.
+//
+// # The block protocol (/shoal/block/1)
+//
+// One request per stream; the client writes it and closes its side:
+//
+//	request = frame( str(image digest) uvarint(count) count × str(binary CID) )
+//
+// with at most MaxRequestBlocks (256) CIDs and a 16 KiB frame. The server
+// answers with one frame per CID, in order, streamed:
+//
+//	answer = status(1 byte) str(binary CID) uvarint(len) len bytes
+//	status = 0 OK (len = the block's uncompressed size, at most flat.MaxBlockSize)
+//	         1 NOT_FOUND (len 0)
+//	         2 BUSY (empty CID, len 0; the only frame, sent instead of any answer)
+//
+// Blocks travel uncompressed, as the blockstore keeps them. Every length is
+// checked against its limit before anything is allocated for it
+// (FuzzReadFrame; a frame claiming 2^62 bytes costs no allocation), and
+// the client also refuses a block whose length is not the one its index
+// says. Deadlines: a server reads the request within 10 s and each write
+// has 10 s; a client waits FirstByteTimeout (2 s) for the first answer and
+// FrameTimeout (5 s) plus a second per MiB for each later frame. A caller's
+// cancellation resets the stream at once.
+//
+// Upload limits: a request is served only if one of MaxUploadStreams slots
+// is free, otherwise it gets BUSY at once — the asker moves on rather than
+// queueing behind a loaded peer. Bytes are paced by one token bucket for the
+// whole node (UploadBytesPerSec), in 32 KiB steps.
+//
+// # Fetching, verification and penalties
+//
+// PeerSource.FetchMany assigns each block to one holder: not avoided, not
+// resting after BUSY, same zone and rack first, then same zone, then the
+// lowest latency (an EWMA of time to first byte; peers within a factor of
+// two are equals), at random among equals, with one random order per call
+// so that blocks with the same holders batch onto the same peer. Requests
+// to different peers run in parallel (up to 8), each peer's blocks in
+// batches of at most 256 blocks and 32 MiB. Every received block is hashed
+// against its ID before it is accepted. A wrong block, or an answer for a
+// block not asked for, ends the request, is counted as a strike against the
+// peer, and after BadBlockStrikes (3) strikes the peer is avoided for
+// PenaltyCoolDown (10 min). A peer that is busy, slow to first byte, or
+// gone is not asked again in the same call; three failures in a row rest it
+// for 10 s. The blocks it did not deliver are planned again over the
+// remaining holders (up to four rounds); what is still missing is left out
+// with an error, for the registry. The fetch chain verifies again whatever
+// a source returns.
+//
+// Hedging (a second request to the next holder after a latency budget) and
+// origin coalescing (one designated fetcher per block, chosen by rendezvous
+// hashing over ImagePeers, while the others wait a bounded time) belong in
+// PeerSource.plan and are not built yet.
+//
+// # Private networks
+//
+// Config.PSK or PSKFile turns on libp2p's private network: every connection
+// is encrypted with the 32-byte key before the handshake, so a node without
+// it cannot connect at all. ParsePSK accepts libp2p's swarm key file
+// ("/key/swarm/psk/1.0.0/", then /base16/, /base64/ or /bin/ and the key)
+// or the key alone as 64 hex digits.
+//
+// Stats exposes counters (bytes up and down, blocks served and fetched,
+// BUSY sent and received, bad blocks, failed requests, peers) for the
+// daemon's metrics.
+package p2p

@@ -1,0 +1,417 @@
+package p2p
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"io"
+
+	"github.com/ipfs/go-cid"
+
+	"github.com/shoal-project/shoal/flat"
+)
+
+// Wire limits. Every length read from the wire is checked against one of
+// these before anything is allocated for it.
+const (
+	// MaxRequestBlocks is the most block CIDs one /shoal/block/1 request may
+	// name. Clients split larger batches.
+	MaxRequestBlocks = 256
+	// MaxBlockFrame is the largest block a response frame may carry.
+	MaxBlockFrame = flat.MaxBlockSize
+
+	maxRequestFrame = 16 << 10          // request payload: digest + up to 256 CIDs of ≤ 64 bytes
+	maxHelloFrame   = (1 << 20) + 1<<10 // have hello: labels + a bitmap of up to 8 Mi blocks
+	maxUpdateFrame  = 64 << 10          // have update: set/clear position lists
+	maxCIDLen       = 64                // a CIDv1 sha2-256 is 36 bytes
+	maxDigestLen    = 256               // "sha256:" + 64 hex is 71
+	maxLabelLen     = 64                // zone and rack labels
+	maxBitmapBlocks = 8 << 20           // blocks in one image's have bitmap
+	maxUpdateCount  = 8 << 10           // positions in one update message
+)
+
+// Status of a block response frame.
+const (
+	statusOK       byte = 0
+	statusNotFound byte = 1
+	statusBusy     byte = 2
+)
+
+// Have message types.
+const (
+	msgHello  byte = 1
+	msgUpdate byte = 2
+)
+
+var (
+	// ErrFrameTooLarge is returned when a length field exceeds its limit.
+	ErrFrameTooLarge = errors.New("p2p: frame exceeds its size limit")
+	// ErrMalformed is returned for a frame that does not decode.
+	ErrMalformed = errors.New("p2p: malformed frame")
+)
+
+// frameReader is what the decoders read from: a bufio.Reader over a
+// stream, or a bytes.Reader in tests.
+type frameReader interface {
+	io.Reader
+	io.ByteReader
+}
+
+// readFrame reads one length-prefixed frame (uvarint length, then that many
+// bytes) into buf, growing it if needed, and returns the payload. A length
+// above max is rejected with ErrFrameTooLarge before any byte of the payload
+// is read or allocated.
+func readFrame(r frameReader, max int, buf []byte) ([]byte, error) {
+	n, err := binary.ReadUvarint(r)
+	if err != nil {
+		if errors.Is(err, io.EOF) {
+			return nil, err // a clean end between frames
+		}
+		return nil, ErrMalformed
+	}
+	if n > uint64(max) {
+		return nil, ErrFrameTooLarge
+	}
+	if uint64(cap(buf)) < n {
+		buf = make([]byte, n)
+	}
+	buf = buf[:n]
+	if _, err := io.ReadFull(r, buf); err != nil {
+		return nil, io.ErrUnexpectedEOF
+	}
+	return buf, nil
+}
+
+// appendFrame appends payload to dst as one length-prefixed frame.
+func appendFrame(dst, payload []byte) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(payload)))
+	return append(dst, payload...)
+}
+
+// decoder walks a payload; the first error sticks.
+type decoder struct {
+	b   []byte
+	err error
+}
+
+func (d *decoder) fail() {
+	if d.err == nil {
+		d.err = ErrMalformed
+	}
+}
+
+func (d *decoder) uvarint() uint64 {
+	if d.err != nil {
+		return 0
+	}
+	v, n := binary.Uvarint(d.b)
+	// Overlong encodings are refused, so every message has one encoding.
+	if n <= 0 || n != uvarintLen(v) {
+		d.fail()
+		return 0
+	}
+	d.b = d.b[n:]
+	return v
+}
+
+func uvarintLen(v uint64) int {
+	n := 1
+	for ; v >= 0x80; v >>= 7 {
+		n++
+	}
+	return n
+}
+
+// bytes returns the next length-prefixed field, at most max bytes long. It
+// aliases the payload.
+func (d *decoder) bytes(max int) []byte {
+	n := d.uvarint()
+	if d.err != nil {
+		return nil
+	}
+	if n > uint64(max) || n > uint64(len(d.b)) {
+		d.fail()
+		return nil
+	}
+	v := d.b[:n]
+	d.b = d.b[n:]
+	return v
+}
+
+func (d *decoder) byte() byte {
+	if d.err != nil {
+		return 0
+	}
+	if len(d.b) == 0 {
+		d.fail()
+		return 0
+	}
+	v := d.b[0]
+	d.b = d.b[1:]
+	return v
+}
+
+func appendBytes(dst, v []byte) []byte {
+	dst = binary.AppendUvarint(dst, uint64(len(v)))
+	return append(dst, v...)
+}
+
+// request is a /shoal/block/1 request: the image the blocks are wanted for
+// (informational: the server serves any block it holds) and their CIDs in
+// binary form.
+type request struct {
+	image string
+	cids  [][]byte
+}
+
+func (q *request) encode() []byte {
+	p := appendBytes(nil, []byte(q.image))
+	p = binary.AppendUvarint(p, uint64(len(q.cids)))
+	for _, c := range q.cids {
+		p = appendBytes(p, c)
+	}
+	return p
+}
+
+func decodeRequest(p []byte) (request, error) {
+	d := decoder{b: p}
+	var q request
+	q.image = string(d.bytes(maxDigestLen))
+	n := d.uvarint()
+	if n > MaxRequestBlocks {
+		return request{}, fmt.Errorf("%w: %d blocks in one request (limit %d)", ErrMalformed, n, MaxRequestBlocks)
+	}
+	for i := uint64(0); i < n && d.err == nil; i++ {
+		q.cids = append(q.cids, d.bytes(maxCIDLen))
+	}
+	if d.err == nil && len(d.b) != 0 {
+		d.fail()
+	}
+	if d.err != nil {
+		return request{}, d.err
+	}
+	return q, nil
+}
+
+// appendBlockHeader appends the header of a response frame: status, CID,
+// and the length of the data that follows it.
+func appendBlockHeader(dst []byte, status byte, c []byte, dataLen int) []byte {
+	dst = append(dst, status)
+	dst = appendBytes(dst, c)
+	return binary.AppendUvarint(dst, uint64(dataLen))
+}
+
+// blockHeader is a response frame's header. cid aliases the caller's
+// scratch buffer.
+type blockHeader struct {
+	status  byte
+	cid     []byte
+	dataLen int
+}
+
+// readBlockHeader reads a response frame's header into scratch (which must
+// have room for maxCIDLen bytes). The data (dataLen bytes) follows on r. A
+// CID or data length over its limit is rejected before anything is read
+// into memory for it.
+func readBlockHeader(r frameReader, scratch []byte) (blockHeader, error) {
+	var h blockHeader
+	st, err := r.ReadByte()
+	if err != nil {
+		return h, err // io.EOF: the server is done
+	}
+	if st > statusBusy {
+		return h, fmt.Errorf("%w: status %d", ErrMalformed, st)
+	}
+	h.status = st
+	n, err := binary.ReadUvarint(r)
+	if err != nil {
+		return h, ErrMalformed
+	}
+	if n > maxCIDLen {
+		return h, ErrFrameTooLarge
+	}
+	h.cid = scratch[:n]
+	if _, err := io.ReadFull(r, h.cid); err != nil {
+		return h, io.ErrUnexpectedEOF
+	}
+	dl, err := binary.ReadUvarint(r)
+	if err != nil {
+		return h, ErrMalformed
+	}
+	if dl > MaxBlockFrame {
+		return h, ErrFrameTooLarge
+	}
+	if st != statusOK && dl != 0 {
+		return h, fmt.Errorf("%w: %d data bytes with status %d", ErrMalformed, dl, st)
+	}
+	h.dataLen = int(dl)
+	return h, nil
+}
+
+// hello opens a have stream: who the sender is (labels), which image, and
+// which of its blocks (by position in the block table) it holds.
+type hello struct {
+	image   string
+	zone    string
+	rack    string
+	nblocks int
+	bits    bitmap
+}
+
+func (h *hello) encode() []byte {
+	p := []byte{msgHello}
+	p = appendBytes(p, []byte(h.image))
+	p = appendBytes(p, []byte(h.zone))
+	p = appendBytes(p, []byte(h.rack))
+	p = binary.AppendUvarint(p, uint64(h.nblocks))
+	return append(p, h.bits...)
+}
+
+func decodeHello(p []byte) (hello, error) {
+	d := decoder{b: p}
+	if d.byte() != msgHello {
+		return hello{}, fmt.Errorf("%w: not a hello", ErrMalformed)
+	}
+	var h hello
+	h.image = string(d.bytes(maxDigestLen))
+	h.zone = string(d.bytes(maxLabelLen))
+	h.rack = string(d.bytes(maxLabelLen))
+	n := d.uvarint()
+	if d.err != nil {
+		return hello{}, d.err
+	}
+	if n > maxBitmapBlocks {
+		return hello{}, fmt.Errorf("%w: %d blocks (limit %d)", ErrFrameTooLarge, n, maxBitmapBlocks)
+	}
+	h.nblocks = int(n)
+	if len(d.b) != bitmapLen(h.nblocks) {
+		return hello{}, fmt.Errorf("%w: bitmap of %d bytes for %d blocks", ErrMalformed, len(d.b), n)
+	}
+	h.bits = newBitmap(h.nblocks)
+	copy(h.bits, d.b)
+	if !h.bits.clean(h.nblocks) {
+		return hello{}, fmt.Errorf("%w: bits set past block %d", ErrMalformed, n)
+	}
+	return h, nil
+}
+
+// update changes a have bitmap: positions newly held and positions dropped,
+// each strictly increasing. An empty update is a keepalive.
+type update struct {
+	set, clear []int
+}
+
+func appendPositions(p []byte, pos []int) []byte {
+	p = binary.AppendUvarint(p, uint64(len(pos)))
+	prev := -1
+	for _, v := range pos {
+		p = binary.AppendUvarint(p, uint64(v-prev-1))
+		prev = v
+	}
+	return p
+}
+
+func (u *update) encode() []byte {
+	p := []byte{msgUpdate}
+	p = appendPositions(p, u.set)
+	return appendPositions(p, u.clear)
+}
+
+func (d *decoder) positions(nblocks int) []int {
+	n := d.uvarint()
+	if d.err != nil {
+		return nil
+	}
+	// Each position takes at least one byte, which bounds the allocation.
+	if n > maxUpdateCount || n > uint64(len(d.b)) {
+		d.fail()
+		return nil
+	}
+	out := make([]int, 0, n)
+	prev := -1
+	for i := uint64(0); i < n; i++ {
+		delta := d.uvarint()
+		if d.err != nil || delta >= uint64(nblocks) {
+			d.fail()
+			return nil
+		}
+		v := prev + 1 + int(delta)
+		if v >= nblocks {
+			d.fail()
+			return nil
+		}
+		out = append(out, v)
+		prev = v
+	}
+	return out
+}
+
+// decodeUpdate decodes an update for an image of nblocks blocks; positions
+// outside it are an error.
+func decodeUpdate(p []byte, nblocks int) (update, error) {
+	d := decoder{b: p}
+	if d.byte() != msgUpdate {
+		return update{}, fmt.Errorf("%w: not an update", ErrMalformed)
+	}
+	var u update
+	u.set = d.positions(nblocks)
+	u.clear = d.positions(nblocks)
+	if d.err == nil && len(d.b) != 0 {
+		d.fail()
+	}
+	if d.err != nil {
+		return update{}, d.err
+	}
+	return u, nil
+}
+
+// bitmap is a set of block positions, bit i%8 of byte i/8.
+type bitmap []byte
+
+func bitmapLen(n int) int { return (n + 7) / 8 }
+
+func newBitmap(n int) bitmap { return make(bitmap, bitmapLen(n)) }
+
+func (b bitmap) has(i int) bool {
+	return i >= 0 && i/8 < len(b) && b[i/8]&(1<<(i%8)) != 0
+}
+
+// set sets or clears bit i and reports whether it changed.
+func (b bitmap) set(i int, v bool) bool {
+	if b.has(i) == v {
+		return false
+	}
+	b[i/8] ^= 1 << (i % 8)
+	return true
+}
+
+func (b bitmap) count() int {
+	n := 0
+	for _, x := range b {
+		for ; x != 0; x &= x - 1 {
+			n++
+		}
+	}
+	return n
+}
+
+// clean reports whether no bit at or past n is set.
+func (b bitmap) clean(n int) bool {
+	if n%8 == 0 {
+		return true
+	}
+	return b[len(b)-1]>>(n%8) == 0
+}
+
+// castCID parses a CID from its binary form without accepting trailing
+// bytes.
+func castCID(b []byte) (cid.Cid, error) {
+	n, c, err := cid.CidFromBytes(b)
+	if err != nil {
+		return cid.Undef, err
+	}
+	if n != len(b) {
+		return cid.Undef, ErrMalformed
+	}
+	return c, nil
+}

@@ -1,0 +1,283 @@
+package p2p
+
+import (
+	"bytes"
+	"encoding/binary"
+	"errors"
+	"io"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/multiformats/go-multihash"
+
+	"github.com/shoal-project/shoal/flat"
+)
+
+func TestRequestRoundTrip(t *testing.T) {
+	t.Parallel()
+	q := request{image: "sha256:" + strings.Repeat("ab", 32)}
+	for i := range MaxRequestBlocks {
+		q.cids = append(q.cids, flat.Sum([]byte{byte(i), byte(i >> 8)}).CID().Bytes())
+	}
+	p := q.encode()
+	if len(p) > maxRequestFrame {
+		t.Fatalf("a full request is %d bytes, over the %d limit", len(p), maxRequestFrame)
+	}
+	got, err := decodeRequest(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !reflect.DeepEqual(got, q) {
+		t.Fatal("request changed in a round trip")
+	}
+	q.cids = append(q.cids, q.cids[0])
+	if _, err := decodeRequest(q.encode()); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("257 blocks: %v, want ErrMalformed", err)
+	}
+}
+
+func TestHaveRoundTrip(t *testing.T) {
+	t.Parallel()
+	for _, n := range []int{0, 1, 7, 8, 9, 1000} {
+		h := hello{image: "sha256:00", zone: "z", rack: "r", nblocks: n, bits: newBitmap(n)}
+		for i := 0; i < n; i += 3 {
+			h.bits.set(i, true)
+		}
+		got, err := decodeHello(h.encode())
+		if err != nil {
+			t.Fatalf("%d blocks: %v", n, err)
+		}
+		if !reflect.DeepEqual(got, h) {
+			t.Fatalf("%d blocks: hello changed in a round trip", n)
+		}
+		if n%8 != 0 {
+			bad := h.encode()
+			bad[len(bad)-1] |= 0x80 // a bit past the last block
+			if _, err := decodeHello(bad); !errors.Is(err, ErrMalformed) {
+				t.Fatalf("%d blocks, stray bit: %v", n, err)
+			}
+		}
+	}
+	u := update{set: []int{0, 1, 5, 999}, clear: []int{2, 3}}
+	got, err := decodeUpdate(u.encode(), 1000)
+	if err != nil || !reflect.DeepEqual(got, u) {
+		t.Fatalf("update round trip: %+v, %v", got, err)
+	}
+	if _, err := decodeUpdate(u.encode(), 999); !errors.Is(err, ErrMalformed) {
+		t.Fatalf("position past the image: %v", err)
+	}
+	var empty update
+	if got, err := decodeUpdate(empty.encode(), 0); err != nil || len(got.set)+len(got.clear) != 0 {
+		t.Fatalf("keepalive: %+v, %v", got, err)
+	}
+}
+
+func TestBitmap(t *testing.T) {
+	t.Parallel()
+	b := newBitmap(20)
+	if !b.set(19, true) || b.set(19, true) || !b.has(19) || b.has(18) || b.has(20) || b.has(-1) {
+		t.Fatal("set/has")
+	}
+	b.set(0, true)
+	if b.count() != 2 || !b.set(0, false) || b.count() != 1 {
+		t.Fatal("count")
+	}
+}
+
+// A length field far beyond the limit is refused before anything is
+// allocated for it, by the frame reader and by the block header reader.
+func TestOversizedFramesDoNotAllocate(t *testing.T) {
+	huge := binary.AppendUvarint(nil, 1<<62)
+	r := bytes.NewReader(nil)
+	allocs := testing.AllocsPerRun(100, func() {
+		r.Reset(huge)
+		if _, err := readFrame(r, maxHelloFrame, nil); err != ErrFrameTooLarge {
+			t.Fatalf("readFrame: %v", err)
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("readFrame allocated %v times for an oversized frame", allocs)
+	}
+
+	cidBytes := flat.Sum(nil).CID().Bytes()
+	hdr := appendBlockHeader(nil, statusOK, cidBytes, 0)
+	hdr = append(hdr[:len(hdr)-1], binary.AppendUvarint(nil, 1<<40)...)
+	scratch := make([]byte, maxCIDLen)
+	allocs = testing.AllocsPerRun(100, func() {
+		r.Reset(hdr)
+		if _, err := readBlockHeader(r, scratch); err != ErrFrameTooLarge {
+			t.Fatalf("readBlockHeader: %v", err)
+		}
+	})
+	if allocs != 0 {
+		t.Errorf("readBlockHeader allocated %v times for an oversized block", allocs)
+	}
+
+	// A hello claiming more blocks than allowed.
+	h := []byte{msgHello, 0, 0, 0}
+	h = binary.AppendUvarint(h, maxBitmapBlocks+1)
+	if _, err := decodeHello(h); !errors.Is(err, ErrFrameTooLarge) {
+		t.Errorf("decodeHello: %v", err)
+	}
+}
+
+// FuzzReadFrame feeds arbitrary bytes to every decoder of the wire
+// protocols. None may panic, allocate past its limits, or accept what it
+// cannot re-encode to the same bytes.
+func FuzzReadFrame(f *testing.F) {
+	q := request{image: "sha256:" + strings.Repeat("0", 64), cids: [][]byte{flat.Sum([]byte("a")).CID().Bytes()}}
+	f.Add(appendFrame(nil, q.encode()))
+	h := hello{image: "sha256:1", zone: "z", nblocks: 10, bits: newBitmap(10)}
+	h.bits.set(9, true)
+	f.Add(appendFrame(nil, h.encode()))
+	u := update{set: []int{1, 2}, clear: []int{7}}
+	f.Add(appendFrame(nil, u.encode()))
+	f.Add(appendBlockHeader(nil, statusOK, q.cids[0], 3))
+	f.Add(appendBlockHeader(nil, statusBusy, nil, 0))
+	f.Add(binary.AppendUvarint(nil, 1<<63))
+	f.Add([]byte{})
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		r := bytes.NewReader(data)
+		if p, err := readFrame(r, maxUpdateFrame, nil); err == nil {
+			if len(p) > maxUpdateFrame {
+				t.Fatalf("frame of %d bytes passed a %d limit", len(p), maxUpdateFrame)
+			}
+			if q, err := decodeRequest(p); err == nil {
+				if len(q.cids) > MaxRequestBlocks {
+					t.Fatalf("%d cids", len(q.cids))
+				}
+				if !bytes.Equal(q.encode(), p) {
+					t.Fatal("request does not re-encode to its bytes")
+				}
+			}
+			if h, err := decodeHello(p); err == nil {
+				if !bytes.Equal(h.encode(), p) {
+					t.Fatal("hello does not re-encode to its bytes")
+				}
+			}
+			if u, err := decodeUpdate(p, 1<<20); err == nil {
+				if !bytes.Equal(u.encode(), p) {
+					t.Fatal("update does not re-encode to its bytes")
+				}
+			}
+		} else if !errors.Is(err, ErrFrameTooLarge) && !errors.Is(err, ErrMalformed) &&
+			!errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
+			t.Fatalf("readFrame: unexpected error %v", err)
+		}
+
+		r.Reset(data)
+		scratch := make([]byte, maxCIDLen)
+		for range 4 {
+			hd, err := readBlockHeader(r, scratch)
+			if err != nil {
+				break
+			}
+			if hd.dataLen > MaxBlockFrame || len(hd.cid) > maxCIDLen {
+				t.Fatalf("header past limits: %d data bytes, %d cid bytes", hd.dataLen, len(hd.cid))
+			}
+			if _, err := io.CopyN(io.Discard, r, int64(hd.dataLen)); err != nil {
+				break
+			}
+		}
+	})
+}
+
+func TestImageKey(t *testing.T) {
+	t.Parallel()
+	digest := "sha256:" + strings.Repeat("0123456789abcdef", 4)
+	c, err := ImageKey(digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c.Version() != 1 || c.Type() != cid.Raw {
+		t.Fatalf("%s: want CIDv1 raw", c)
+	}
+	dec, err := multihash.Decode(c.Hash())
+	if err != nil || dec.Code != multihash.SHA2_256 || "sha256:"+bytesHex(dec.Digest) != digest {
+		t.Fatalf("%s does not carry the digest", c)
+	}
+	for _, bad := range []string{"", "sha256:", "sha512:" + strings.Repeat("0", 128), "sha256:" + strings.Repeat("G", 64), "sha256:" + strings.Repeat("A", 64)} {
+		if _, err := ImageKey(bad); !errors.Is(err, ErrBadDigest) {
+			t.Errorf("ImageKey(%q): %v", bad, err)
+		}
+	}
+}
+
+func bytesHex(b []byte) string {
+	const digits = "0123456789abcdef"
+	out := make([]byte, 0, 2*len(b))
+	for _, x := range b {
+		out = append(out, digits[x>>4], digits[x&15])
+	}
+	return string(out)
+}
+
+func TestParsePSK(t *testing.T) {
+	t.Parallel()
+	key := bytes.Repeat([]byte{0xa5}, 32)
+	hexKey := bytesHex(key)
+	tests := []struct {
+		name string
+		in   string
+		ok   bool
+	}{
+		{"v1 base16", "/key/swarm/psk/1.0.0/\n/base16/\n" + hexKey + "\n", true},
+		{"v1 base64", "/key/swarm/psk/1.0.0/\n/base64/\npaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaWlpaU=\n", true},
+		{"v1 bin", "/key/swarm/psk/1.0.0/\n/bin/\n" + string(key), true},
+		{"raw hex", "  " + hexKey + "\n", true},
+		{"short hex", hexKey[:62], false},
+		{"not hex", strings.Repeat("x", 64), false},
+		{"unknown encoding", "/key/swarm/psk/1.0.0/\n/base58/\nabc\n", false},
+		{"empty", "", false},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			k, err := ParsePSK([]byte(tc.in))
+			if tc.ok != (err == nil) {
+				t.Fatalf("err = %v, want ok=%v", err, tc.ok)
+			}
+			if tc.ok && !bytes.Equal(k, key) {
+				t.Fatalf("key = %x", []byte(k))
+			}
+		})
+	}
+}
+
+// The identity is created once, with mode 0600, and reused.
+func TestIdentityPersists(t *testing.T) {
+	t.Parallel()
+	dir := filepath.Join(t.TempDir(), "state")
+	log := testLogger(t)
+	k1, err := loadIdentity(dir, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, IdentityFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Mode().Perm() != 0o600 {
+		t.Errorf("identity file mode %v, want 0600", fi.Mode().Perm())
+	}
+	k2, err := loadIdentity(dir, log)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !k1.Equals(k2) {
+		t.Fatal("a second start made a new identity")
+	}
+	n := startNode(t, Config{IdentityDir: dir})
+	if id, _ := peer.IDFromPrivateKey(k1); n.ID() != id {
+		t.Errorf("node ID %s, want %s from the identity file", n.ID(), id)
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Errorf("state dir holds %d files, want only the key", len(entries))
+	}
+}

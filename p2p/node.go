@@ -1,0 +1,461 @@
+package p2p
+
+import (
+	"context"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p"
+	dht "github.com/libp2p/go-libp2p-kad-dht"
+	"github.com/libp2p/go-libp2p/core/host"
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/protocol"
+	"github.com/libp2p/go-libp2p/p2p/muxer/yamux"
+	"github.com/libp2p/go-libp2p/p2p/security/noise"
+	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
+	"github.com/multiformats/go-multihash"
+	"golang.org/x/sync/errgroup"
+)
+
+// Protocol IDs.
+const (
+	// DHTPrefix is the kad-dht protocol prefix: the DHT speaks
+	// /shoal/kad/1.0.0, so it never mixes with the public IPFS DHT.
+	DHTPrefix protocol.ID = "/shoal"
+	// ProtocolBlock is the block exchange protocol.
+	ProtocolBlock protocol.ID = "/shoal/block/1"
+	// ProtocolHave is the have-bitmap protocol between peers of one image.
+	ProtocolHave protocol.ID = "/shoal/have/1"
+)
+
+var (
+	// ErrClosed is returned by methods of a closed Node.
+	ErrClosed = errors.New("p2p: node closed")
+	// ErrNotJoined is returned for an image the node has not joined.
+	ErrNotJoined = errors.New("p2p: image not joined")
+	// ErrBadDigest is returned for an image digest that is not "sha256:<64 hex>".
+	ErrBadDigest = errors.New("p2p: image digest must be sha256:<64 hex digits>")
+	// ErrNoHolder is wrapped when no usable peer holds a block.
+	ErrNoHolder = errors.New("p2p: no usable peer holds the block")
+	// ErrBusy is wrapped when a peer answered BUSY.
+	ErrBusy = errors.New("p2p: peer busy")
+	// ErrBadBlock is wrapped when a peer sent bytes that do not match the
+	// block's ID.
+	ErrBadBlock = errors.New("p2p: peer sent a block that does not match its id")
+)
+
+// Node is one Shoal daemon's presence in the swarm: a libp2p host, its DHT,
+// the block exchange server, and the have-state of the images it joined.
+// Its methods are safe for concurrent use.
+type Node struct {
+	cfg  Config
+	log  *slog.Logger
+	host host.Host
+	dht  *dht.IpfsDHT
+	boot []peer.AddrInfo
+
+	peers *peerTable
+	up    *uploader
+	st    counters
+
+	// life is the node's lifetime: sessions and background provides run
+	// under it, and Close ends it.
+	life    context.Context
+	cancel  context.CancelFunc
+	running atomic.Bool
+
+	mu       sync.Mutex
+	closed   bool
+	swarms   map[string]*swarm
+	swarmSeq atomic.Int64   // makes each swarm's connection-manager tag unique
+	wg       sync.WaitGroup // goroutines the node started; Add only under mu, while !closed
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+// New makes a node: it loads (or creates) the identity, starts the libp2p
+// host listening, sets up the DHT in server mode and registers the block and
+// have protocols, so peers can reach it as soon as New returns. Joining the
+// DHT through the bootstrap peers, announcing blocks and refreshing happen
+// in Run. ctx bounds construction only.
+func New(ctx context.Context, cfg Config) (*Node, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	cfg, err := cfg.withDefaults()
+	if err != nil {
+		return nil, fmt.Errorf("p2p config: %w", err)
+	}
+	log := cfg.Logger.With("component", "p2p")
+	boot, err := parseBootstrap(cfg.BootstrapPeers)
+	if err != nil {
+		return nil, fmt.Errorf("p2p config: %w", err)
+	}
+	psk := cfg.PSK
+	if len(psk) == 0 && cfg.PSKFile != "" {
+		if psk, err = LoadPSK(cfg.PSKFile); err != nil {
+			return nil, fmt.Errorf("p2p config: %w", err)
+		}
+	}
+	if len(psk) != 0 && len(psk) != 32 {
+		return nil, fmt.Errorf("p2p config: pre-shared key of %d bytes, want 32", len(psk))
+	}
+	key, err := loadIdentity(cfg.IdentityDir, log)
+	if err != nil {
+		return nil, fmt.Errorf("p2p: %w", err)
+	}
+
+	opts := []libp2p.Option{
+		libp2p.Identity(key),
+		libp2p.ListenAddrStrings(cfg.ListenAddrs...),
+		// TCP alone: it works with a pre-shared key (QUIC does not) and
+		// keeps the set of moving parts small.
+		libp2p.Transport(tcp.NewTCPTransport),
+		libp2p.Security(noise.ID, noise.New),
+		libp2p.Muxer(yamux.ID, yamux.DefaultTransport),
+		libp2p.DisableRelay(),
+		// Prometheus wiring comes from the daemon; libp2p's own metrics
+		// would register on the global registry once per host.
+		libp2p.DisableMetrics(),
+		libp2p.UserAgent("shoal"),
+	}
+	if len(psk) != 0 {
+		opts = append(opts, libp2p.PrivateNetwork(psk))
+	}
+	h, err := libp2p.New(opts...)
+	if err != nil {
+		return nil, fmt.Errorf("p2p: start libp2p host: %w", err)
+	}
+	// The DHT lives until Close, not until the constructor's ctx ends.
+	d, err := dht.New(context.WithoutCancel(ctx), h,
+		dht.Mode(dht.ModeServer),
+		dht.ProtocolPrefix(DHTPrefix),
+		dht.BootstrapPeers(boot...),
+	)
+	if err != nil {
+		return nil, errors.Join(fmt.Errorf("p2p: start dht: %w", err), h.Close())
+	}
+
+	n := &Node{
+		cfg:    cfg,
+		log:    log,
+		host:   h,
+		dht:    d,
+		boot:   boot,
+		peers:  newPeerTable(),
+		up:     newUploader(cfg.MaxUploadStreams, cfg.UploadBytesPerSec),
+		swarms: map[string]*swarm{},
+	}
+	n.life, n.cancel = context.WithCancel(context.Background())
+	h.SetStreamHandler(ProtocolBlock, n.handleBlock)
+	h.SetStreamHandler(ProtocolHave, n.handleHave)
+	log.Info("p2p node started", "peer", h.ID().String(), "addrs", fmt.Sprint(h.Addrs()),
+		"private_network", len(psk) != 0, "zone", cfg.Zone, "rack", cfg.Rack)
+	return n, nil
+}
+
+// ID returns the node's peer ID.
+func (n *Node) ID() peer.ID { return n.host.ID() }
+
+// AddrInfo returns the node's peer ID and listen addresses.
+func (n *Node) AddrInfo() peer.AddrInfo {
+	return peer.AddrInfo{ID: n.host.ID(), Addrs: n.host.Addrs()}
+}
+
+// Addrs returns the node's listen addresses with /p2p/<id>, the form
+// Config.BootstrapPeers takes.
+func (n *Node) Addrs() []string {
+	mas, err := peer.AddrInfoToP2pAddrs(&peer.AddrInfo{ID: n.host.ID(), Addrs: n.host.Addrs()})
+	if err != nil {
+		return nil
+	}
+	out := make([]string, len(mas))
+	for i, m := range mas {
+		out[i] = m.String()
+	}
+	return out
+}
+
+// Run joins the DHT through the bootstrap peers and then, until ctx ends or
+// the node is closed, sends batched have-updates to image peers every
+// AnnounceInterval and refreshes every RefreshInterval. It closes the node
+// before it returns, and returns nil when ctx ended it.
+func (n *Node) Run(ctx context.Context) error {
+	if !n.running.CompareAndSwap(false, true) {
+		return errors.New("p2p: Run called twice")
+	}
+	defer n.Close()
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stop := context.AfterFunc(n.life, cancel)
+	defer stop()
+
+	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error {
+		n.bootstrap(ctx)
+		t := time.NewTicker(n.cfg.RefreshInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-t.C:
+				n.refresh(ctx)
+			}
+		}
+	})
+	g.Go(func() error {
+		t := time.NewTicker(n.cfg.AnnounceInterval)
+		defer t.Stop()
+		for {
+			select {
+			case <-ctx.Done():
+				return nil
+			case <-t.C:
+				n.flush()
+			}
+		}
+	})
+	return g.Wait()
+}
+
+// Close stops the node: ends its sessions, closes the DHT and the host, and
+// waits for the goroutines it started. It is idempotent.
+func (n *Node) Close() error {
+	n.closeOnce.Do(func() {
+		n.mu.Lock()
+		n.closed = true
+		n.mu.Unlock()
+		n.cancel()
+		n.closeErr = errors.Join(n.dht.Close(), n.host.Close())
+		n.wg.Wait()
+		n.log.Info("p2p node closed", "peer", n.host.ID().String())
+	})
+	return n.closeErr
+}
+
+// spawn runs fn on a goroutine the node owns (Close waits for it); it
+// reports false, without running fn, once the node is closed.
+func (n *Node) spawn(fn func()) bool {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.closed {
+		return false
+	}
+	n.wg.Go(fn)
+	return true
+}
+
+// bootstrap connects to the bootstrap peers and waits (briefly) for the DHT
+// routing table to take one in, so that a JoinImage right after Run starts
+// has somebody to ask.
+func (n *Node) bootstrap(ctx context.Context) {
+	if len(n.boot) == 0 {
+		return
+	}
+	var wg sync.WaitGroup
+	var ok atomic.Int32
+	for _, ai := range n.boot {
+		if ai.ID == n.host.ID() {
+			continue
+		}
+		wg.Go(func() {
+			cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+			defer cancel()
+			if err := n.host.Connect(cctx, ai); err != nil {
+				if ctx.Err() != nil {
+					return
+				}
+				n.log.Warn("could not reach bootstrap peer", "peer", ai.ID.String(), "err", err)
+				return
+			}
+			ok.Add(1)
+		})
+	}
+	wg.Wait()
+	if ok.Load() == 0 {
+		if ctx.Err() == nil {
+			n.log.Warn("no bootstrap peer reachable; will retry", "peers", len(n.boot))
+		}
+		return
+	}
+	if err := n.dht.Bootstrap(ctx); err != nil {
+		n.log.Warn("dht bootstrap", "err", err)
+	}
+	n.waitRoutingTable(ctx, 5*time.Second)
+}
+
+// waitRoutingTable waits until the DHT's routing table has a peer, up to
+// timeout, if the host is connected to anyone at all.
+func (n *Node) waitRoutingTable(ctx context.Context, timeout time.Duration) {
+	if n.dht.RoutingTable().Size() > 0 || len(n.host.Network().Peers()) == 0 {
+		return
+	}
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+	t := time.NewTicker(10 * time.Millisecond)
+	defer t.Stop()
+	for n.dht.RoutingTable().Size() == 0 {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// refresh reconnects to the bootstrap peers if the node is alone, and for
+// every joined image re-provides its record when due and looks for more
+// peers when it has few: O(images) DHT operations per interval.
+func (n *Node) refresh(ctx context.Context) {
+	if len(n.host.Network().Peers()) == 0 {
+		n.bootstrap(ctx)
+	}
+	for _, s := range n.swarmList() {
+		if ctx.Err() != nil {
+			return
+		}
+		if s.provideDue(time.Now()) {
+			n.provideImage(ctx, s)
+		}
+		if s.peerCount() < max(1, n.cfg.MaxImagePeers/2) {
+			n.discover(ctx, s)
+		}
+	}
+}
+
+// Connect connects to a peer given as a multiaddr with /p2p/<id>.
+func (n *Node) Connect(ctx context.Context, addr string) error {
+	infos, err := parseBootstrap([]string{addr})
+	if err != nil {
+		return err
+	}
+	for _, ai := range infos {
+		if err := n.host.Connect(ctx, ai); err != nil {
+			return fmt.Errorf("connect %s: %w", ai.ID, err)
+		}
+	}
+	return nil
+}
+
+// ImageKey returns the DHT key of a flat image: its manifest digest
+// ("sha256:<hex>") as a CIDv1 with the raw codec and a sha2-256 multihash —
+// the CID that names the manifest's bytes, which is what the digest is.
+func ImageKey(digest string) (cid.Cid, error) {
+	hexDigest, ok := strings.CutPrefix(digest, "sha256:")
+	if !ok || len(hexDigest) != 64 || strings.ToLower(hexDigest) != hexDigest {
+		return cid.Undef, fmt.Errorf("%q: %w", digest, ErrBadDigest)
+	}
+	raw, err := hex.DecodeString(hexDigest)
+	if err != nil {
+		return cid.Undef, fmt.Errorf("%q: %w", digest, ErrBadDigest)
+	}
+	mh, err := multihash.Encode(raw, multihash.SHA2_256)
+	if err != nil {
+		return cid.Undef, fmt.Errorf("%q: %w", digest, err)
+	}
+	return cid.NewCidV1(cid.Raw, mh), nil
+}
+
+// Provide announces in the DHT that this node provides c. The record is
+// stored locally at once, so peers that ask this node find it even if
+// publishing to the closest peers fails; that failure is still returned.
+func (n *Node) Provide(ctx context.Context, c cid.Cid) error {
+	if err := n.dht.Provide(ctx, c, true); err != nil {
+		return fmt.Errorf("provide %s: %w", c, err)
+	}
+	return nil
+}
+
+// FindProviders returns up to limit providers of c other than this node.
+func (n *Node) FindProviders(ctx context.Context, c cid.Cid, limit int) ([]peer.AddrInfo, error) {
+	if limit <= 0 {
+		limit = n.cfg.MaxImagePeers
+	}
+	var out []peer.AddrInfo
+	// Ask for one more than limit: this node may be among the answers.
+	for ai := range n.dht.FindProvidersAsync(ctx, c, limit+1) {
+		if ai.ID == n.host.ID() || ai.ID == "" {
+			continue
+		}
+		out = append(out, ai)
+		if len(out) == limit {
+			break
+		}
+	}
+	if len(out) == 0 && ctx.Err() != nil {
+		return nil, fmt.Errorf("find providers of %s: %w", c, ctx.Err())
+	}
+	return out, nil
+}
+
+// Stats is a snapshot of the node's counters.
+type Stats struct {
+	Peers           int   `json:"peers"`       // connected libp2p peers
+	Images          int   `json:"images"`      // images joined
+	ImagePeers      int   `json:"image_peers"` // peers with a have-bitmap, summed over images
+	AvoidedPeers    int   `json:"avoided_peers"`
+	BytesUploaded   int64 `json:"bytes_uploaded"`
+	BytesDownloaded int64 `json:"bytes_downloaded"` // verified block bytes received
+	BlocksServed    int64 `json:"blocks_served"`
+	BlocksFetched   int64 `json:"blocks_fetched"`
+	NotFoundServed  int64 `json:"not_found_served"`
+	BusyAnswers     int64 `json:"busy_answers"` // BUSY sent
+	BusyReceived    int64 `json:"busy_received"`
+	BadBlocks       int64 `json:"bad_blocks"` // received blocks that failed verification
+	FailedRequests  int64 `json:"failed_requests"`
+	ActiveUploads   int64 `json:"active_uploads"`
+	HaveUpdatesSent int64 `json:"have_updates_sent"`
+}
+
+type counters struct {
+	bytesUp, bytesDown, blocksServed, blocksFetched, notFound atomic.Int64
+	busySent, busyRecv, badBlocks, failedReqs, activeUploads  atomic.Int64
+	updatesSent                                               atomic.Int64
+}
+
+// Stats returns the node's counters.
+func (n *Node) Stats() Stats {
+	st := Stats{
+		Peers:           len(n.host.Network().Peers()),
+		AvoidedPeers:    n.peers.avoided(time.Now()),
+		BytesUploaded:   n.st.bytesUp.Load(),
+		BytesDownloaded: n.st.bytesDown.Load(),
+		BlocksServed:    n.st.blocksServed.Load(),
+		BlocksFetched:   n.st.blocksFetched.Load(),
+		NotFoundServed:  n.st.notFound.Load(),
+		BusyAnswers:     n.st.busySent.Load(),
+		BusyReceived:    n.st.busyRecv.Load(),
+		BadBlocks:       n.st.badBlocks.Load(),
+		FailedRequests:  n.st.failedReqs.Load(),
+		ActiveUploads:   n.st.activeUploads.Load(),
+		HaveUpdatesSent: n.st.updatesSent.Load(),
+	}
+	for _, s := range n.swarmList() {
+		st.Images++
+		st.ImagePeers += s.peerCount()
+	}
+	return st
+}
+
+// PeerInfo returns what the node knows about p: labels, latency, penalties.
+func (n *Node) PeerInfo(p peer.ID) (PeerInfo, bool) { return n.peers.info(p) }
+
+// connect makes sure the host is connected to ai, with a bound on the dial.
+func (n *Node) connect(ctx context.Context, ai peer.AddrInfo) error {
+	if n.host.Network().Connectedness(ai.ID) == network.Connected {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	return n.host.Connect(ctx, ai)
+}
