@@ -12,6 +12,7 @@ import (
 	"github.com/shoal-project/shoal/blockstore"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/lazyfs"
+	"github.com/shoal-project/shoal/p2p"
 )
 
 // MountRequest asks the daemon to mount Ref at Dir ("" for a fresh
@@ -43,6 +44,9 @@ type MountInfo struct {
 // Status is the daemon's state.
 type Status struct {
 	StateDir string           `json:"state_dir"`
+	PeerID   string           `json:"peer_id,omitempty"`
+	Addrs    []string         `json:"addrs,omitempty"` // p2p addresses, with /p2p/<id>
+	Swarm    *p2p.Stats       `json:"swarm,omitempty"`
 	Cache    blockstore.Stats `json:"cache"`
 	Mounts   []MountInfo      `json:"mounts"`
 }
@@ -179,6 +183,10 @@ func (d *Daemon) Status() Status {
 	st := Status{StateDir: d.cfg.StateDir, Mounts: []MountInfo{}}
 	if d.node != nil {
 		st.Cache = d.node.Store().Stats()
+	}
+	if d.swarm != nil {
+		ss := d.swarm.Stats()
+		st.Swarm, st.PeerID, st.Addrs = &ss, d.swarm.ID().String(), d.swarm.Addrs()
 	}
 	for _, e := range d.mounts {
 		st.Mounts = append(st.Mounts, e.info())

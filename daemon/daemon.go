@@ -26,7 +26,9 @@ import (
 	"golang.org/x/sync/errgroup"
 	"gopkg.in/yaml.v3"
 
+	"github.com/shoal-project/shoal/flat"
 	"github.com/shoal-project/shoal/node"
+	"github.com/shoal-project/shoal/p2p"
 )
 
 // Config is the daemon's configuration; a YAML file with the same keys can
@@ -38,6 +40,17 @@ type Config struct {
 	PlainHTTP   bool              `yaml:"plain_http"`
 	CacheQuota  int64             `yaml:"cache_quota"`
 	Labels      map[string]string `yaml:"labels"` // zone, rack: used to prefer near peers
+	P2P         P2PConfig         `yaml:"p2p"`
+}
+
+// P2PConfig configures the swarm.
+type P2PConfig struct {
+	Disabled          bool     `yaml:"disabled"`             // registry only
+	Listen            []string `yaml:"listen"`               // multiaddrs; default /ip4/0.0.0.0/tcp/4701
+	Bootstrap         []string `yaml:"bootstrap"`            // multiaddrs ending in /p2p/<id>
+	PSKFile           string   `yaml:"psk_file"`             // private network key: only holders can join
+	UploadStreams     int      `yaml:"upload_streams"`       // concurrent block uploads (default 16)
+	UploadBytesPerSec int64    `yaml:"upload_bytes_per_sec"` // 0: unlimited
 }
 
 // LoadConfig reads a YAML config file strictly: unknown keys are errors.
@@ -68,6 +81,7 @@ type Daemon struct {
 
 	mu     sync.Mutex
 	node   *node.Node
+	swarm  *p2p.Node              // nil with p2p disabled
 	mounts map[string]*mountEntry // by id
 	seq    int
 }
@@ -95,13 +109,26 @@ func New(cfg Config, log *slog.Logger) (*Daemon, error) {
 // Run opens the state directory, serves the API and metrics until ctx is
 // done, then unmounts everything and closes the cache.
 func (d *Daemon) Run(ctx context.Context) (err error) {
-	n, err := node.Open(ctx, d.cfg.StateDir, node.WithLogger(d.base), node.WithPlainHTTP(d.cfg.PlainHTTP),
-		node.WithCacheQuota(d.cfg.CacheQuota), node.WithFetchObserver(d.metrics))
+	opts := []node.Option{node.WithLogger(d.base), node.WithPlainHTTP(d.cfg.PlainHTTP),
+		node.WithCacheQuota(d.cfg.CacheQuota), node.WithFetchObserver(d.metrics)}
+	var sw *p2p.Node
+	blocks := &lateStore{}
+	if !d.cfg.P2P.Disabled {
+		if sw, err = d.newSwarm(ctx, blocks); err != nil {
+			return fmt.Errorf("p2p: %w", err)
+		}
+		opts = append(opts, node.WithPeers(swarm{sw}), node.WithOnEvict(func(id flat.BlockID) { sw.Withdraw(id) }))
+	}
+	n, err := node.Open(ctx, d.cfg.StateDir, opts...)
 	if err != nil {
+		if sw != nil {
+			sw.Close()
+		}
 		return err
 	}
+	blocks.p.Store(n.Store())
 	d.mu.Lock()
-	d.node = n
+	d.node, d.swarm = n, sw
 	d.mu.Unlock()
 	defer func() { err = errors.Join(err, d.shutdown()) }()
 	d.metrics.watchNode(d)
@@ -111,6 +138,11 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 		return err
 	}
 	g, ctx := errgroup.WithContext(ctx)
+	if sw != nil {
+		d.metrics.watchSwarm(sw)
+		g.Go(func() error { return sw.Run(ctx) })
+		d.log.Info("swarm up", "peer_id", sw.ID().String(), "addrs", sw.Addrs())
+	}
 	api := &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second}
 	g.Go(func() error { return serve(ctx, api, ln) })
 	if d.cfg.MetricsAddr != "" {
@@ -183,6 +215,10 @@ func (d *Daemon) shutdown() error {
 	if d.node != nil {
 		errs = append(errs, d.node.Close())
 		d.node = nil
+	}
+	if d.swarm != nil {
+		errs = append(errs, d.swarm.Close())
+		d.swarm = nil
 	}
 	_ = os.Remove(d.cfg.Socket)
 	d.log.Info("daemon stopped")

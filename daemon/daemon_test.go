@@ -65,7 +65,7 @@ func TestDaemonMountStatusMetricsShutdown(t *testing.T) {
 	}
 	metricsAddr := ml.Addr().String()
 	ml.Close()
-	d, err := New(Config{StateDir: state, PlainHTTP: true, MetricsAddr: metricsAddr}, slog.New(slog.DiscardHandler))
+	d, err := New(Config{StateDir: state, PlainHTTP: true, MetricsAddr: metricsAddr, P2P: P2PConfig{Disabled: true}}, slog.New(slog.DiscardHandler))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -77,7 +77,18 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 			return nil, err
 		}
 	}
-	chain, err := fetch.NewChain(n.store, []fetch.Source{im.Registry()}, n.chainOpts()...)
+	var cache fetch.Cache = n.store
+	sources := []fetch.Source{im.Registry()}
+	if p := n.cfg.peers; p != nil {
+		// One DHT lookup per image: the peers serving it then tell each
+		// other what they hold. A failed join only means no peers yet.
+		if err := p.JoinImage(ctx, im.Digest(), im.Index()); err != nil {
+			n.log.Warn("could not join the image's swarm; using the registry", "image", im.Ref(), "err", err)
+		}
+		sources = append([]fetch.Source{p.PeerSource(im.Digest())}, sources...)
+		cache = announcingCache{Cache: n.store, peers: p}
+	}
+	chain, err := fetch.NewChain(cache, sources, n.chainOpts()...)
 	if err != nil {
 		return nil, err
 	}

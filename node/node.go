@@ -30,6 +30,7 @@ import (
 
 	"github.com/shoal-project/shoal/blockstore"
 	"github.com/shoal-project/shoal/fetch"
+	"github.com/shoal-project/shoal/flat"
 )
 
 // EnvStateDir names the environment variable that overrides the default
@@ -56,6 +57,8 @@ func DefaultStateDir() string {
 type Option func(*config) error
 
 type config struct {
+	peers      Peers
+	onEvict    func(flat.BlockID)
 	observer   fetch.Observer
 	log        *slog.Logger
 	quota      int64
@@ -91,6 +94,10 @@ func WithFetchObserver(o fetch.Observer) Option {
 	return func(c *config) error { c.observer = o; return nil }
 }
 
+// WithOnEvict is called for every block the cache drops (the swarm
+// withdraws it).
+func WithOnEvict(f func(flat.BlockID)) Option { return func(c *config) error { c.onEvict = f; return nil } }
+
 // WithoutFallback makes a missing flat form an error instead of a local
 // conversion (default: convert locally).
 func WithoutFallback() Option { return func(c *config) error { c.noFallback = true; return nil } }
@@ -123,7 +130,11 @@ func Open(ctx context.Context, dir string, opts ...Option) (*Node, error) {
 	}
 	n := &Node{dir: dir, cfg: c, log: c.log.With("component", "node")}
 	n.clearStale()
-	n.store, err = blockstore.Open(ctx, filepath.Join(dir, "blocks"), blockstore.WithQuota(c.quota), blockstore.WithLogger(c.log))
+	bopts := []blockstore.Option{blockstore.WithQuota(c.quota), blockstore.WithLogger(c.log)}
+	if c.onEvict != nil {
+		bopts = append(bopts, blockstore.WithOnEvict(c.onEvict))
+	}
+	n.store, err = blockstore.Open(ctx, filepath.Join(dir, "blocks"), bopts...)
 	if err != nil {
 		return nil, fmt.Errorf("block cache in %s: %w", dir, err)
 	}

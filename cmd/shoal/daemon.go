@@ -35,6 +35,13 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	quota := fs.Int64("cache-quota", -1, "block cache size limit in bytes (0: unlimited)")
 	lbl := labels{}
 	fs.Var(lbl, "label", "a node label key=value (zone, rack), repeatable")
+	var listen, bootstrap multi
+	fs.Var(&listen, "listen", "p2p listen multiaddr, repeatable (default /ip4/0.0.0.0/tcp/4701)")
+	fs.Var(&bootstrap, "bootstrap", "p2p bootstrap peer multiaddr ending in /p2p/<id>, repeatable")
+	pskFile := fs.String("psk-file", "", "private network key file: only nodes with the same key can join")
+	noP2P := fs.Bool("no-p2p", false, "no swarm: fetch from the registry only")
+	uploads := fs.Int("upload-streams", 0, "concurrent block uploads to peers (default 16)")
+	uploadRate := fs.Int64("upload-bytes-per-sec", 0, "cap on bytes/s uploaded to peers (0: unlimited)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -68,6 +75,24 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if set["cache-quota"] {
 		cfg.CacheQuota = *quota
 	}
+	if len(listen) > 0 {
+		cfg.P2P.Listen = listen
+	}
+	if len(bootstrap) > 0 {
+		cfg.P2P.Bootstrap = bootstrap
+	}
+	if set["psk-file"] {
+		cfg.P2P.PSKFile = *pskFile
+	}
+	if set["no-p2p"] {
+		cfg.P2P.Disabled = *noP2P
+	}
+	if set["upload-streams"] {
+		cfg.P2P.UploadStreams = *uploads
+	}
+	if set["upload-bytes-per-sec"] {
+		cfg.P2P.UploadBytesPerSec = *uploadRate
+	}
 	for k, v := range lbl {
 		if cfg.Labels == nil {
 			cfg.Labels = map[string]string{}
@@ -81,6 +106,12 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fmt.Fprintln(stderr, "shoal daemon: starting (SIGTERM or Ctrl-C stops it and unmounts everything)")
 	return d.Run(ctx)
 }
+
+// multi is a repeatable string flag.
+type multi []string
+
+func (m *multi) String() string     { return strings.Join(*m, ",") }
+func (m *multi) Set(s string) error { *m = append(*m, s); return nil }
 
 func runStatus(ctx context.Context, args []string, stdout, stderr io.Writer) error {
 	fs, _ := newFlags("status", stderr)

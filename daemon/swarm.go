@@ -1,0 +1,78 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"path/filepath"
+	"sync/atomic"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoal-project/shoal/blockstore"
+	"github.com/shoal-project/shoal/fetch"
+	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/p2p"
+)
+
+// swarm adapts p2p.Node to node.Peers (p2p does not import fetch).
+type swarm struct{ *p2p.Node }
+
+func (s swarm) PeerSource(image string) fetch.Source { return s.Source(image) }
+
+// lateStore serves peers from the block cache, which exists only once the
+// node is open — after the p2p host that the node needs is made.
+type lateStore struct {
+	p atomic.Pointer[blockstore.Store]
+}
+
+var errNotReady = errors.New("block cache not open yet")
+
+func (l *lateStore) Get(ctx context.Context, id flat.BlockID) ([]byte, error) {
+	s := l.p.Load()
+	if s == nil {
+		return nil, errNotReady
+	}
+	return s.Get(ctx, id)
+}
+
+func (l *lateStore) Has(ctx context.Context, id flat.BlockID) (bool, error) {
+	s := l.p.Load()
+	if s == nil {
+		return false, nil
+	}
+	return s.Has(ctx, id)
+}
+
+// newSwarm makes the libp2p node from the config; it starts nothing.
+func (d *Daemon) newSwarm(ctx context.Context, blocks *lateStore) (*p2p.Node, error) {
+	c := d.cfg.P2P
+	return p2p.New(ctx, p2p.Config{
+		ListenAddrs:       c.Listen,
+		IdentityDir:       filepath.Join(d.cfg.StateDir, "identity"),
+		BootstrapPeers:    c.Bootstrap,
+		PSKFile:           c.PSKFile,
+		Zone:              d.cfg.Labels["zone"],
+		Rack:              d.cfg.Labels["rack"],
+		Blocks:            blocks,
+		MaxUploadStreams:  c.UploadStreams,
+		UploadBytesPerSec: c.UploadBytesPerSec,
+		Logger:            d.base,
+	})
+}
+
+// watchSwarm exports the swarm's counters, read at scrape time.
+func (m *metrics) watchSwarm(n *p2p.Node) {
+	gauge := func(name, help string, f func(p2p.Stats) float64) {
+		m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: name, Help: help}, func() float64 { return f(n.Stats()) }))
+	}
+	counter := func(name, help string, f func(p2p.Stats) float64) {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help}, func() float64 { return f(n.Stats()) }))
+	}
+	gauge("shoal_peers", "Connected libp2p peers.", func(s p2p.Stats) float64 { return float64(s.Peers) })
+	gauge("shoal_image_peers", "Peers with a have-bitmap, summed over joined images.", func(s p2p.Stats) float64 { return float64(s.ImagePeers) })
+	gauge("shoal_provider_records", "Image provider records this node publishes (one per joined image).", func(s p2p.Stats) float64 { return float64(s.Images) })
+	counter("shoal_uploaded_bytes_total", "Block bytes sent to peers.", func(s p2p.Stats) float64 { return float64(s.BytesUploaded) })
+	counter("shoal_peer_downloaded_bytes_total", "Verified block bytes received from peers.", func(s p2p.Stats) float64 { return float64(s.BytesDownloaded) })
+	counter("shoal_busy_answers_total", "Block requests answered BUSY (upload limit).", func(s p2p.Stats) float64 { return float64(s.BusyAnswers) })
+	counter("shoal_bad_peer_blocks_total", "Blocks from peers that failed verification.", func(s p2p.Stats) float64 { return float64(s.BadBlocks) })
+}
