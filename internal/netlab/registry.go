@@ -1,0 +1,216 @@
+//go:build linux
+
+package netlab
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"syscall"
+	"testing"
+	"time"
+)
+
+const (
+	// RegistryPort is the port StartRegistry listens on, on the host's
+	// address.
+	RegistryPort = 5000
+	// RegistryBinary is where Debian's docker-registry package installs the
+	// registry (CNCF distribution v2); $SHOAL_REGISTRY_BIN overrides it, as
+	// for internal/testenv.
+	RegistryBinary = "/usr/bin/docker-registry"
+
+	registryReadyTimeout = 15 * time.Second
+	registryStopTimeout  = 10 * time.Second
+)
+
+func registryBinary() string {
+	if b := os.Getenv("SHOAL_REGISTRY_BIN"); b != "" {
+		return b
+	}
+	return RegistryBinary
+}
+
+// StartRegistry runs Debian's docker-registry inside the host, listening on
+// the host's address only, port RegistryPort, with its storage in a
+// temporary directory of tb. It returns "198.18.0.N:5000" once GET /v2/
+// answers across the lab: from another host when the lab has one (through the
+// bridge and any shaped links), otherwise from the host itself. The registry
+// is stopped when tb ends, before the lab closes. Without the binary the test
+// is skipped, or fails in CI.
+func (h *Host) StartRegistry(tb testing.TB) string {
+	tb.Helper()
+	bin := registryBinary()
+	if _, err := exec.LookPath(bin); err != nil {
+		skipOrFatal(tb, "netlab: real registry not available: %v (apt-get install docker-registry)", err)
+	}
+	dir := tb.TempDir()
+	addr := h.HostPort(RegistryPort)
+	cfg := filepath.Join(dir, "config.yml")
+	if err := os.WriteFile(cfg, []byte(registryConfig(addr, filepath.Join(dir, "data"))), 0o644); err != nil {
+		tb.Fatalf("netlab: registry config: %v", err)
+	}
+	accessLog, err := os.Create(filepath.Join(dir, "access.log"))
+	if err != nil {
+		tb.Fatalf("netlab: %v", err)
+	}
+	defer accessLog.Close()
+	logPath := filepath.Join(dir, "registry.log")
+	logFile, err := os.Create(logPath)
+	if err != nil {
+		tb.Fatalf("netlab: %v", err)
+	}
+	defer logFile.Close()
+
+	cmd := h.Command(context.Background(), bin, "serve", cfg)
+	cmd.Dir = dir
+	cmd.Stdout = accessLog
+	cmd.Stderr = logFile
+	p, err := startLocked(cmd)
+	if err != nil {
+		tb.Fatalf("netlab: start registry on %s: %v", h.name, err)
+	}
+	logTail := func() string {
+		data, _ := os.ReadFile(logPath)
+		data = bytes.TrimSpace(data)
+		if len(data) > 4096 {
+			data = data[len(data)-4096:]
+		}
+		return string(data)
+	}
+	tb.Cleanup(func() {
+		if tb.Failed() {
+			if tail := logTail(); tail != "" {
+				tb.Logf("netlab: registry %s log (tail):\n%s", addr, tail)
+			}
+		}
+		select {
+		case <-p.done:
+			tb.Logf("netlab: registry %s had already exited: %v", addr, p.err)
+			return
+		default:
+		}
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
+		select {
+		case <-p.done:
+		case <-time.After(registryStopTimeout):
+			tb.Logf("netlab: registry %s ignored SIGTERM for %v; killing it", addr, registryStopTimeout)
+			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+			<-p.done
+		}
+	})
+
+	from := h
+	for _, o := range h.lab.Hosts() {
+		if o != h {
+			from = o
+			break
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), registryReadyTimeout)
+	defer cancel()
+	url := "http://" + addr + "/v2/"
+	client := from.HTTPClient()
+	defer client.CloseIdleConnections()
+	if err := waitReady(ctx, client, url, p.done); err != nil {
+		tb.Fatalf("netlab: registry on %s not ready for %s: %v; its log: %s", addr, from.name, err, logTail())
+	}
+	h.lab.logf("netlab: registry on host %s at %s (storage %s; checked from %s)", h.name, addr, dir, from.name)
+	return addr
+}
+
+type process struct {
+	done chan struct{} // closed when the process has exited and been reaped
+	err  error         // cmd.Wait's result, valid after done
+}
+
+// startLocked starts cmd from a goroutine locked to its OS thread and keeps
+// that thread until the child has exited, so that Pdeathsig fires only when
+// the test process itself dies. Go may otherwise retire the forking thread
+// (when some goroutine exits while locked to it), killing a healthy child.
+func startLocked(cmd *exec.Cmd) (*process, error) {
+	p := &process{done: make(chan struct{})}
+	started := make(chan error, 1)
+	go func() {
+		runtime.LockOSThread()
+		defer runtime.UnlockOSThread()
+		if err := cmd.Start(); err != nil {
+			started <- err
+			return
+		}
+		started <- nil
+		p.err = cmd.Wait()
+		close(p.done)
+	}()
+	if err := <-started; err != nil {
+		return nil, err
+	}
+	return p, nil
+}
+
+// waitReady polls url until it answers 200 or 401, the process exits, or ctx
+// ends.
+func waitReady(ctx context.Context, client *http.Client, url string, exited <-chan struct{}) error {
+	client.Timeout = time.Second
+	tick := time.NewTicker(20 * time.Millisecond)
+	defer tick.Stop()
+	var last error
+	for {
+		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+		if err != nil {
+			return err
+		}
+		resp, err := client.Do(req)
+		if err == nil {
+			resp.Body.Close()
+			if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusUnauthorized {
+				return nil
+			}
+			err = fmt.Errorf("GET %s: %s", url, resp.Status)
+		}
+		last = err
+		select {
+		case <-exited:
+			return errors.New("the registry exited")
+		case <-ctx.Done():
+			return fmt.Errorf("%w (last error: %v)", ctx.Err(), last)
+		case <-tick.C:
+		}
+	}
+}
+
+// registryConfig is internal/testenv's registry config (and
+// scripts/registry.sh's), listening on addr: filesystem storage, deletes
+// allowed, the access log on stdout, the rest at warn on stderr.
+func registryConfig(addr, dataDir string) string {
+	return fmt.Sprintf(`version: 0.1
+log:
+  level: warn
+  formatter: text
+  accesslog:
+    disabled: false
+storage:
+  filesystem:
+    rootdirectory: %s
+  delete:
+    enabled: true
+  maintenance:
+    uploadpurging:
+      enabled: false
+http:
+  addr: %s
+  # Fixed, so that an upload survives a restart; this is a lab test registry.
+  secret: shoal-netlab-not-secret
+  headers:
+    X-Content-Type-Options: [nosniff]
+health:
+  storagedriver:
+    enabled: false
+`, dataDir, addr)
+}
