@@ -16,8 +16,12 @@ build:
 deps:
 	@scripts/deps.sh
 
+# Two passes: everything with the race detector, then the heavy end-to-end
+# tests (built with !race: real images of 150-500 MB) without it.
+HEAVY := ./converter ./node ./cmd/shoal
 test: deps
 	$(GO) test -race -count=1 -timeout 30m $(PKGS)
+	$(GO) test -count=1 -timeout 30m -run 'TestConvertDebianImage|TestMountMatchesSource|TestRunFromLazyMount' $(HEAVY)
 
 test-short:
 	$(GO) test -short -count=1 $(PKGS)

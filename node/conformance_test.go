@@ -1,4 +1,7 @@
-//go:build linux
+//go:build linux && !race
+
+// Heavy integration test (a 150–500 MB image end to end): built without the
+// race detector, which slows it tenfold; `make test` runs it in a second pass.
 
 package node
 

@@ -6,6 +6,7 @@ import (
 	"io"
 	"log"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"testing"
 
@@ -15,7 +16,14 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/shoal-project/shoal/sandbox"
 )
+
+func TestMain(m *testing.M) {
+	sandbox.Init() // `shoal run` re-executes the test binary as the sandbox's init
+	os.Exit(m.Run())
+}
 
 func TestConvertCommand(t *testing.T) {
 	t.Parallel()

@@ -1,4 +1,7 @@
-//go:build linux
+//go:build linux && !race
+
+// Heavy integration test (a 150–500 MB image end to end): built without the
+// race detector, which slows it tenfold; `make test` runs it in a second pass.
 
 package main
 
@@ -12,13 +15,7 @@ import (
 
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/internal/testenv"
-	"github.com/shoal-project/shoal/sandbox"
 )
-
-func TestMain(m *testing.M) {
-	sandbox.Init()
-	os.Exit(m.Run())
-}
 
 // TestRunFromLazyMount: `shoal run` starts python3 from a flat image in the
 // real registry, fetching a small part of the image; exit codes propagate;
