@@ -159,12 +159,12 @@ func needRoot(t *testing.T) {
 // applier does (whiteouts, opaque directories, hard links, symlinks, owners,
 // modes, mtimes, xattrs). It returns the compressed bytes read from the
 // registry for the layers and the image's config.
-func unpackImage(ctx context.Context, ref, dir string) (int64, *v1.ConfigFile, error) {
+func unpackImage(ctx context.Context, ref, dir string, opts ...remote.Option) (int64, *v1.ConfigFile, error) {
 	r, err := name.ParseReference(ref, name.Insecure)
 	if err != nil {
 		return 0, nil, err
 	}
-	img, err := remote.Image(r, remote.WithContext(ctx))
+	img, err := remote.Image(r, append([]remote.Option{remote.WithContext(ctx)}, opts...)...)
 	if err != nil {
 		return 0, nil, fmt.Errorf("pull %s: %w", ref, err)
 	}
