@@ -31,9 +31,13 @@ import (
 	"github.com/shoal-project/shoal/internal/testenv"
 )
 
-// buildShoal builds the shoal binary into a temp dir, once per test.
+// buildShoal builds the shoal binary into a temp dir, once per test
+// ($SHOAL_BENCH_BIN names a prebuilt one instead).
 func buildShoal(t *testing.T) string {
 	t.Helper()
+	if b := os.Getenv("SHOAL_BENCH_BIN"); b != "" {
+		return b
+	}
 	goBin, err := exec.LookPath("go")
 	if err != nil {
 		t.Fatalf("no go command to build shoal: %v", err)
