@@ -11,11 +11,21 @@ import (
 	"github.com/shoal-project/shoal/blockstore"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/node"
 	"github.com/shoal-project/shoal/p2p"
 )
 
-// swarm adapts p2p.Node to node.Peers (p2p does not import fetch).
+// swarm adapts p2p.Node to node.Peers (p2p does not import fetch). It is
+// also a node.OriginServer, through p2p.Node.ServeOrigin: every image the
+// node resolves hands the swarm its cache-backed registry chain, through
+// which the node fetches, once, the blocks it is the designated fetcher of
+// — for its own reads and for the peers that ask it (origin coalescing).
 type swarm struct{ *p2p.Node }
+
+var (
+	_ node.Peers        = swarm{}
+	_ node.OriginServer = swarm{}
+)
 
 func (s swarm) PeerSource(image string) fetch.Source { return s.Source(image) }
 
@@ -75,4 +85,11 @@ func (m *metrics) watchSwarm(n *p2p.Node) {
 	counter("shoal_peer_downloaded_bytes_total", "Verified block bytes received from peers.", func(s p2p.Stats) float64 { return float64(s.BytesDownloaded) })
 	counter("shoal_busy_answers_total", "Block requests answered BUSY (upload limit).", func(s p2p.Stats) float64 { return float64(s.BusyAnswers) })
 	counter("shoal_bad_peer_blocks_total", "Blocks from peers that failed verification.", func(s p2p.Stats) float64 { return float64(s.BadBlocks) })
+	counter("shoal_hedged_requests_total", "Block requests sent to a second holder because the first was slow to answer.", func(s p2p.Stats) float64 { return float64(s.HedgedRequests) })
+	counter("shoal_hedge_wins_total", "Hedged requests that delivered a block first.", func(s p2p.Stats) float64 { return float64(s.HedgeWins) })
+	counter("shoal_origin_requests_total", "Requests to a block's designated fetcher for blocks nobody held.", func(s p2p.Stats) float64 { return float64(s.OriginRequests) })
+	counter("shoal_origin_blocks_total", "Blocks received from designated fetchers.", func(s p2p.Stats) float64 { return float64(s.OriginBlocks) })
+	counter("shoal_origin_fetches_total", "Registry fetches run as the designated fetcher (for this node and its peers).", func(s p2p.Stats) float64 { return float64(s.OriginFetches) })
+	gauge("shoal_origin_waiting", "Requests from peers waiting for an origin fetch this node runs for them.", func(s p2p.Stats) float64 { return float64(s.OriginWaiting) })
+	counter("shoal_origin_served_total", "Blocks served to peers from fetches run as their designated fetcher.", func(s p2p.Stats) float64 { return float64(s.OriginServed) })
 }

@@ -1,20 +1,33 @@
 package daemon
 
 import (
+	"archive/tar"
+	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"log"
 	"log/slog"
+	"math/rand/v2"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+
+	"github.com/shoal-project/shoal/converter"
+	"github.com/shoal-project/shoal/fetch"
 )
 
 // startDaemon runs a daemon with p2p on loopback until the test ends.
@@ -134,5 +147,168 @@ func TestPeersServeBlocks(t *testing.T) {
 	st, _ := ca.Status(t.Context())
 	if st.Swarm == nil || st.Swarm.BytesUploaded == 0 {
 		t.Errorf("A uploaded nothing: %+v", st.Swarm)
+	}
+}
+
+// countingRegistry is an in-memory registry on loopback that counts the
+// bytes it serves for blob Range requests (block fetches).
+func countingRegistry(t *testing.T) (host string, blobBytes *atomic.Int64) {
+	t.Helper()
+	blobBytes = new(atomic.Int64)
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.Contains(r.URL.Path, "/blobs/") && r.Header.Get("Range") != "" {
+			rec := httptest.NewRecorder()
+			inner.ServeHTTP(rec, r)
+			blobBytes.Add(int64(rec.Body.Len()))
+			for k, v := range rec.Header() {
+				w.Header()[k] = v
+			}
+			w.WriteHeader(rec.Code)
+			_, _ = w.Write(rec.Body.Bytes())
+			return
+		}
+		inner.ServeHTTP(w, r)
+	}))
+	t.Cleanup(srv.Close)
+	return strings.TrimPrefix(srv.URL, "http://"), blobBytes
+}
+
+// pushAndConvertFile pushes an image of one file and its flat form, and
+// returns the source reference.
+func pushAndConvertFile(t *testing.T, host, path string, body []byte) string {
+	t.Helper()
+	var buf bytes.Buffer
+	tw := tar.NewWriter(&buf)
+	_ = tw.WriteHeader(&tar.Header{Name: path, Mode: 0o644, Size: int64(len(body)), Typeflag: tar.TypeReg})
+	_, _ = tw.Write(body)
+	_ = tw.Close()
+	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(buf.Bytes())), nil })
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, _ := mutate.AppendLayers(empty.Image, l)
+	ref := host + "/big:v1"
+	r, _ := name.ParseReference(ref, name.Insecure)
+	if err := remote.Write(r, img); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := converter.Convert(t.Context(), ref, "", converter.WithPlainHTTP(true), converter.WithLogger(slog.New(slog.DiscardHandler))); err != nil {
+		t.Fatal(err)
+	}
+	return ref
+}
+
+// TestOriginCoalescingDaemons: three daemons mount the same image and read
+// the same file at the same time. Nobody holds a block when the reads
+// start, so every block is fetched from the registry by its designated
+// node alone and reaches the other two over the swarm: the registry serves
+// about one copy of the blocks read, and every node reads the right bytes.
+func TestOriginCoalescingDaemons(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for FUSE")
+	}
+	host, blobBytes := countingRegistry(t)
+	// Incompressible, so that blocks are far apart in their blob and no
+	// registry request reads past the blocks it wants.
+	body := make([]byte, 6<<20)
+	_, _ = rand.NewChaCha8([32]byte{7}).Read(body)
+	ref := pushAndConvertFile(t, host, "data/big", body)
+	flatRef, err := fetch.FlatRef(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := fetch.OpenImage(t.Context(), flatRef, fetch.WithPlainHTTP(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var compressed int64
+	for _, b := range im.Index().Blocks {
+		compressed += int64(b.CLen)
+	}
+
+	_, ca := startDaemon(t, Config{StateDir: t.TempDir()})
+	sa, err := ca.Status(t.Context())
+	if err != nil || len(sa.Addrs) == 0 {
+		t.Fatalf("status of A: %+v %v", sa, err)
+	}
+	clients := []*Client{ca}
+	for range 2 {
+		_, c := startDaemon(t, Config{StateDir: t.TempDir(), P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
+		clients = append(clients, c)
+	}
+	dirs := make([]string, len(clients))
+	mount := func(i int) {
+		t.Helper()
+		dir := filepath.Join(t.TempDir(), fmt.Sprintf("m%d", i))
+		if _, err := clients[i].Mount(t.Context(), MountRequest{Ref: ref, Dir: dir}); err != nil {
+			t.Fatal(err)
+		}
+		dirs[i] = dir
+	}
+	for i := range clients {
+		mount(i)
+	}
+	// Every node must see the other two before the reads, or they would
+	// not agree on the designated nodes. A node that has not found all its
+	// peers yet looks again when it mounts the image again.
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		var lonely []int
+		for i, c := range clients {
+			if st, err := c.Status(t.Context()); err != nil || st.Swarm == nil || st.Swarm.ImagePeers < 2 {
+				lonely = append(lonely, i)
+			}
+		}
+		if len(lonely) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nodes %v do not see both others", lonely)
+		}
+		time.Sleep(500 * time.Millisecond)
+		for _, i := range lonely {
+			mount(i)
+		}
+	}
+
+	before := blobBytes.Load()
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	took := make([]time.Duration, len(clients))
+	for i := range clients {
+		wg.Go(func() {
+			<-start
+			t0 := time.Now()
+			got, err := os.ReadFile(filepath.Join(dirs[i], "data/big"))
+			took[i] = time.Since(t0)
+			if err != nil || !bytes.Equal(got, body) {
+				t.Errorf("node %d: read %d bytes (want %d), equal %v, err %v", i, len(got), len(body), bytes.Equal(got, body), err)
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	served := blobBytes.Load() - before
+	ratio := float64(served) / float64(compressed)
+	t.Logf("%d blocks, %d compressed bytes; the registry served %d bytes of blocks: %.3f copies; read times %v",
+		len(im.Index().Blocks), compressed, served, ratio, took)
+	for i, c := range clients {
+		st, err := c.Status(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		var peers, reg int64
+		for _, m := range st.Mounts {
+			peers += m.Fetch.BytesFromPeers
+			reg += m.Fetch.BytesFromRegistry
+		}
+		t.Logf("node %d: %d bytes from peers, %d from the registry; origin fetches %d, blocks served from them %d, ORIGIN requests %d, blocks got from them %d",
+			i, peers, reg, st.Swarm.OriginFetches, st.Swarm.OriginServed, st.Swarm.OriginRequests, st.Swarm.OriginBlocks)
+		if peers == 0 || reg == 0 {
+			t.Errorf("node %d: want blocks from both peers and the registry (it is designated for some)", i)
+		}
+	}
+	if ratio > 1.3 {
+		t.Errorf("the registry served %.2f copies of the blocks read, want about one", ratio)
 	}
 }

@@ -80,13 +80,29 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 	var cache fetch.Cache = n.store
 	sources := []fetch.Source{im.Registry()}
 	if p := n.cfg.peers; p != nil {
+		cache = announcingCache{Cache: n.store, peers: p}
+		var registry fetch.Source = im.Registry()
+		if srv, ok := p.(OriginServer); ok {
+			// The registry, behind the cache, in one chain that both this
+			// image's reads (after the peers) and the swarm's origin
+			// fetches (for peers that ask this node as a block's
+			// designated fetcher) go through, so that a block is fetched
+			// once however many want it. No observer: the outer chain
+			// reports what mounts read.
+			// The swarm keeps the first such chain per image, shared by
+			// every later mount of it.
+			origin, err := fetch.NewChain(cache, []fetch.Source{im.Registry()}, fetch.WithLogger(n.cfg.log))
+			if err != nil {
+				return nil, err
+			}
+			registry = registrySource{srv.ServeOrigin(im.Digest(), origin)}
+		}
 		// One DHT lookup per image: the peers serving it then tell each
 		// other what they hold. A failed join only means no peers yet.
 		if err := p.JoinImage(ctx, im.Digest(), im.Index()); err != nil {
 			n.log.Warn("could not join the image's swarm; using the registry", "image", im.Ref(), "err", err)
 		}
-		sources = append([]fetch.Source{p.PeerSource(im.Digest())}, sources...)
-		cache = announcingCache{Cache: n.store, peers: p}
+		sources = []fetch.Source{p.PeerSource(im.Digest()), registry}
 	}
 	chain, err := fetch.NewChain(cache, sources, n.chainOpts()...)
 	if err != nil {

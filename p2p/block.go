@@ -2,6 +2,7 @@ package p2p
 
 import (
 	"bufio"
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -45,6 +46,16 @@ func newUploader(streams int, bytesPerSec int64) *uploader {
 		u.lim = rate.NewLimiter(rate.Limit(bytesPerSec), max(paceChunk, int(bytesPerSec/8)))
 	}
 	return u
+}
+
+// acquireWait takes an upload slot, waiting for one until ctx ends.
+func (u *uploader) acquireWait(ctx context.Context) (release func(), err error) {
+	select {
+	case u.slots <- struct{}{}:
+		return func() { <-u.slots }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
 }
 
 // acquire takes an upload slot without waiting.
@@ -92,23 +103,55 @@ func (n *Node) handleBlock(st network.Stream) {
 		_, err := w.Write(b)
 		return err
 	}
-	release, ok := n.up.acquire()
-	if !ok {
+	busy := func() {
 		n.st.busySent.Add(1)
 		if write(appendBlockHeader(nil, statusBusy, nil, 0)) == nil && w.Flush() == nil {
 			_ = st.Close()
 		} else {
 			st.Reset()
 		}
-		return
+	}
+	ctx, cancel := context.WithCancel(n.life)
+	defer cancel()
+	get := func(c []byte) []byte { return n.lookup(ctx, c) }
+	var release func()
+	if q.flags&flagOrigin != 0 {
+		// Wait for the blocks first, without an upload slot: waiting for
+		// a fetch costs nothing, and many peers wait for the same one.
+		var cancelOrigin context.CancelFunc
+		ctx, cancelOrigin = context.WithTimeout(ctx, n.cfg.OriginFetchTimeout)
+		defer cancelOrigin()
+		fetched, ok := n.originFor(ctx, q)
+		if !ok {
+			n.st.originBusy.Add(1)
+			busy()
+			return
+		}
+		get = func(c []byte) []byte {
+			if d, ok := fetched[string(c)]; ok {
+				n.st.originServed.Add(1)
+				return d
+			}
+			return n.lookup(ctx, c)
+		}
+		// The bytes are here and the asker is waiting for them: queue
+		// for a slot rather than turn it away now.
+		if release, err = n.up.acquireWait(ctx); err != nil {
+			st.Reset()
+			return
+		}
+	} else {
+		var ok bool
+		if release, ok = n.up.acquire(); !ok {
+			busy()
+			return
+		}
 	}
 	defer release()
 	n.st.activeUploads.Add(1)
 	defer n.st.activeUploads.Add(-1)
 
-	ctx, cancel := context.WithCancel(n.life)
-	defer cancel()
-	if err := n.serve(ctx, q, write); err != nil {
+	if err := n.serve(ctx, q.cids, get, write); err != nil {
 		n.log.Debug("serving blocks", "peer", p.String(), "image", q.image, "err", err)
 		st.Reset()
 		return
@@ -121,10 +164,11 @@ func (n *Node) handleBlock(st network.Stream) {
 	_ = st.Close()
 }
 
-// serve writes one frame per requested CID.
-func (n *Node) serve(ctx context.Context, q request, write func([]byte) error) error {
-	for _, c := range q.cids {
-		data := n.lookup(ctx, c)
+// serve writes one frame per requested CID, with the bytes get returns (nil:
+// NOT_FOUND).
+func (n *Node) serve(ctx context.Context, cids [][]byte, get func([]byte) []byte, write func([]byte) error) error {
+	for _, c := range cids {
+		data := get(c)
 		if data == nil {
 			n.st.notFound.Add(1)
 			if err := write(appendBlockHeader(nil, statusNotFound, c, 0)); err != nil {
@@ -183,13 +227,29 @@ type outcome struct {
 	err       error // why the request ended early; nil if every block was answered
 }
 
+// reqOpts are the optional parts of a request.
+type reqOpts struct {
+	flags uint64
+	// firstByte bounds the wait for the first answer; 0 means
+	// Config.FirstByteTimeout.
+	firstByte time.Duration
+	// onAnswer, if set, is called once, when the first answer header has
+	// arrived intact: the peer is alive and serving.
+	onAnswer func()
+	// deliver, if set, is called with each verified block as it arrives.
+	deliver func(flat.BlockID, []byte)
+}
+
 // request asks p for blocks (at most MaxRequestBlocks) and reads the
 // answers, verifying each block against its ID. It returns when every block
 // is answered, the peer ends the stream, a deadline passes, a block fails
 // verification, or ctx ends.
-func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []flat.Block) (out outcome) {
+func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []flat.Block, o reqOpts) (out outcome) {
+	n.peers.begin(p)
+	defer n.peers.end(p)
+	firstByte := cmp.Or(o.firstByte, n.cfg.FirstByteTimeout)
 	out.got = make(map[flat.BlockID][]byte, len(blocks))
-	q := request{image: image, cids: make([][]byte, len(blocks))}
+	q := request{image: image, cids: make([][]byte, len(blocks)), flags: o.flags}
 	idx := make(map[string]int, len(blocks))
 	for i, b := range blocks {
 		q.cids[i] = b.ID.CID().Bytes()
@@ -197,7 +257,9 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 	}
 	answered := make([]bool, len(blocks))
 
-	octx, cancel := context.WithTimeout(ctx, n.cfg.FirstByteTimeout)
+	// Opening the stream (a dial, if need be) is bounded by the dead-peer
+	// budget even when the answer may take longer.
+	octx, cancel := context.WithTimeout(ctx, min(firstByte, n.cfg.FirstByteTimeout))
 	st, err := n.host.NewStream(octx, p, ProtocolBlock)
 	cancel()
 	if err != nil {
@@ -223,7 +285,7 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 		return out
 	}
 	_ = st.CloseWrite()
-	_ = st.SetReadDeadline(start.Add(n.cfg.FirstByteTimeout))
+	_ = st.SetReadDeadline(start.Add(firstByte))
 	r := bufio.NewReaderSize(st, 64<<10)
 	scratch := make([]byte, maxCIDLen)
 	left := len(blocks)
@@ -234,6 +296,10 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 		}
 		switch {
 		case err == nil:
+			if o.onAnswer != nil {
+				o.onAnswer()
+				o.onAnswer = nil
+			}
 		case errors.Is(err, io.EOF):
 			out.err = fmt.Errorf("peer ended the answer with %d of %d blocks unanswered", left, len(blocks))
 			return out
@@ -283,6 +349,9 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 			return out
 		}
 		out.got[b.ID] = data
+		if o.deliver != nil {
+			o.deliver(b.ID, data)
+		}
 		n.st.bytesDown.Add(int64(len(data)))
 		n.st.blocksFetched.Add(1)
 		_ = st.SetReadDeadline(time.Now().Add(n.cfg.FrameTimeout))

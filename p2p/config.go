@@ -39,6 +39,10 @@ type hasser interface {
 // is empty: every IPv4 interface, TCP port 4701.
 const DefaultListenAddr = "/ip4/0.0.0.0/tcp/4701"
 
+// maxOriginWait caps Config.OriginWait well under lazyfs's one-minute fetch
+// timeout: the registry must still have time to serve the block.
+const maxOriginWait = 15 * time.Second
+
 // IdentityFile is the name of the private key file in Config.IdentityDir.
 const IdentityFile = "identity.key"
 
@@ -106,6 +110,43 @@ type Config struct {
 	// Default 1 s.
 	BusyBackoff time.Duration
 
+	// HedgeDelay bounds how long a request may go without its first byte
+	// before its blocks are asked of the next holder too (hedging): the
+	// delay is twice the peer's latency EWMA, at least 50 ms and at most
+	// HedgeDelay, and HedgeDelay for a peer never measured (see
+	// HedgeDelay the function). Default 300 ms; negative turns hedging off.
+	// FirstByteTimeout stays the bound for a dead peer.
+	HedgeDelay time.Duration
+	// OriginWait bounds how long a node waits for a block nobody holds
+	// from the block's designated fetcher (origin coalescing) before it
+	// fetches the block from the registry itself. It must stay well under
+	// the mount's fetch timeout (lazyfs: one minute). Default 3 s; negative
+	// turns asking designated fetchers off (every such block goes straight
+	// to the registry).
+	OriginWait time.Duration
+	// Origin fetches blocks from their origin (the registry) for peers
+	// that ask this node as the blocks' designated fetcher, and for the
+	// blocks this node is designated for itself; see OriginFetcher for its
+	// contract. Default nil: per image, what ServeOrigin set (the daemon
+	// hands it each image's cache-backed registry chain, so blocks are
+	// fetched once, cached and announced); for an image without one, the
+	// node answers ORIGIN requests with the blocks it holds, NOT_FOUND for
+	// the rest, and the askers go to the registry at once.
+	Origin OriginFetcher
+	// MaxOriginFetches bounds the origin fetches this node starts for
+	// peers and runs at once; a request that would start one more is
+	// answered BUSY (a request for blocks already being fetched joins the
+	// fetch instead). Default 8.
+	MaxOriginFetches int
+	// OriginFetchTimeout bounds each origin fetch run for peers. It may
+	// outlast the askers' OriginWait: the block is then cached and
+	// announced for later readers. Default 10 s.
+	OriginFetchTimeout time.Duration
+
+	// Clock is the time the hedge delay is waited for. Default: the real
+	// clock. (Network deadlines always use the real clock.)
+	Clock Clock
+
 	// Logger receives the node's logs, with component=p2p. Default:
 	// slog.Default().
 	Logger *slog.Logger
@@ -137,6 +178,15 @@ func (c Config) withDefaults() (Config, error) {
 	if c.BadBlockStrikes == 0 {
 		c.BadBlockStrikes = 3
 	}
+	setDur(&c.HedgeDelay, 300*time.Millisecond)
+	setDur(&c.OriginWait, 3*time.Second)
+	setDur(&c.OriginFetchTimeout, 10*time.Second)
+	if c.MaxOriginFetches == 0 {
+		c.MaxOriginFetches = 8
+	}
+	if c.Clock == nil {
+		c.Clock = realClock{}
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -151,13 +201,17 @@ func (c Config) withDefaults() (Config, error) {
 		"first byte timeout": c.FirstByteTimeout, "frame timeout": c.FrameTimeout,
 		"announce interval": c.AnnounceInterval, "refresh interval": c.RefreshInterval,
 		"penalty cool-down": c.PenaltyCoolDown, "busy backoff": c.BusyBackoff,
+		"origin fetch timeout": c.OriginFetchTimeout,
 	} {
 		if d < 0 {
 			errs = append(errs, fmt.Errorf("%s %v: must not be negative", name, d))
 		}
 	}
-	if c.MaxImagePeers < 0 || c.BadBlockStrikes < 0 {
-		errs = append(errs, errors.New("max image peers and bad block strikes must not be negative"))
+	if c.MaxImagePeers < 0 || c.BadBlockStrikes < 0 || c.MaxOriginFetches < 0 {
+		errs = append(errs, errors.New("max image peers, bad block strikes and max origin fetches must not be negative"))
+	}
+	if c.OriginWait > maxOriginWait {
+		errs = append(errs, fmt.Errorf("origin wait %v: at most %v (a read must not wait on a peer anywhere near the mount's fetch timeout)", c.OriginWait, maxOriginWait))
 	}
 	if len(c.Zone) > maxLabelLen || len(c.Rack) > maxLabelLen {
 		errs = append(errs, fmt.Errorf("zone and rack labels: at most %d bytes", maxLabelLen))

@@ -9,8 +9,11 @@
 //	store, _ := blockstore.Open(ctx, dir, blockstore.WithOnEvict(func(id flat.BlockID) { node.Withdraw(id) }))
 //	node, _ := p2p.New(ctx, p2p.Config{IdentityDir: stateDir, BootstrapPeers: peers, Blocks: store, Zone: zone})
 //	go node.Run(ctx)
+//	reg, _ := fetch.NewChain(store, []fetch.Source{im.Registry()}) // the registry behind the cache
+//	origin := node.ServeOrigin(im.Digest(), reg)                   // the node keeps the first per image
 //	_ = node.JoinImage(ctx, im.Digest(), im.Index())
-//	chain, _ := fetch.NewChain(store, []fetch.Source{node.Source(im.Digest()), im.Registry()})
+//	// asRegistry: origin as a fetch.Source named fetch.RegistryName
+//	chain, _ := fetch.NewChain(store, []fetch.Source{node.Source(im.Digest()), asRegistry{origin}})
 //	// after a block is fetched and stored: node.Announce(id)
 //
 // # Lifecycle
@@ -87,9 +90,14 @@
 //
 // One request per stream; the client writes it and closes its side:
 //
-//	request = frame( str(image digest) uvarint(count) count × str(binary CID) )
+//	request = frame( str(image digest) uvarint(count) count × str(binary CID) [uvarint(flags)] )
+//	flags   = bit 0 ORIGIN; other bits are ignored
 //
-// with at most MaxRequestBlocks (256) CIDs and a 16 KiB frame. The server
+// with at most MaxRequestBlocks (256) CIDs and a 16 KiB frame. The flags
+// field is optional and, when present, not zero: a request without flags
+// is byte for byte what it was before flags existed, and every request has
+// one encoding. (A server older than flags resets a request that has them;
+// the asker then falls through to the registry at once.) The server
 // answers with one frame per CID, in order, streamed:
 //
 //	answer = status(1 byte) str(binary CID) uvarint(len) len bytes
@@ -109,20 +117,51 @@
 // Upload limits: a request is served only if one of MaxUploadStreams slots
 // is free, otherwise it gets BUSY at once — the asker moves on rather than
 // queueing behind a loaded peer. Bytes are paced by one token bucket for the
-// whole node (UploadBytesPerSec), in 32 KiB steps.
+// whole node (UploadBytesPerSec), in 32 KiB steps. An ORIGIN request is the
+// exception: it waits for its blocks without a slot, then queues for one
+// (within its deadline) — the bytes are in memory and the asker is waiting.
 //
-// # Fetching, verification and penalties
+// # Policies
 //
-// PeerSource.FetchMany assigns each block to one holder: not avoided, not
-// resting after BUSY, same zone and rack first, then same zone, then the
-// lowest latency (an EWMA of time to first byte; peers within a factor of
-// two are equals), at random among equals, with one random order per call
-// so that blocks with the same holders batch onto the same peer. Requests
-// to different peers run in parallel (up to 8), each peer's blocks in
-// batches of at most 256 blocks and 32 MiB. Every received block is hashed
-// against its ID before it is accepted. A wrong block, or an answer for a
-// block not asked for, ends the request, is counted as a strike against the
-// peer, and after BadBlockStrikes (3) strikes the peer is avoided for
+// Peer choice, hedge delays and designated fetchers are pure functions in
+// policy.go, with no network, clock or global state, so that the
+// simulator drives the same code as the daemon:
+//
+//   - ChoosePeers(candidates, self labels, rng) orders peers: same zone and
+//     rack first, then same zone, then the lowest latency EWMA (peers within
+//     a factor of two are equals), then the fewest requests in flight from
+//     this node (least loaded), at random among equals. Assign then gives
+//     each block its first and second choice among its holders, by that one
+//     order per round, so blocks with the same holders batch onto the same
+//     peer.
+//   - HedgeDelay(latency EWMA, limit) is twice the EWMA, at least 50 ms, at
+//     most Config.HedgeDelay (300 ms), and the limit for a peer never
+//     measured.
+//   - Designated(block, providers, self) is rendezvous (highest random
+//     weight) hashing: the highest sha256(block ID ‖ peer ID) among the
+//     image's peers and self wins. Nodes that see the same peers agree; a
+//     peer leaving moves only its own blocks; over 10,000 blocks and 20
+//     peers no peer gets more than 1.2× its share (TestDesignated).
+//     PlanOrigin splits a call's unheld blocks by it.
+//   - Clock (Config.Clock) is what the hedge delay is waited on.
+//
+// # Fetching, hedging, verification and penalties
+//
+// PeerSource.FetchMany plans each round with ChoosePeers and Assign over
+// the holders that may be asked: not avoided, not resting after BUSY, not
+// failed in this call, not known to lack the block. Requests to different
+// peers run in parallel (up to 8), each peer's blocks in batches of at most
+// 256 blocks and 32 MiB. If a peer has not answered a batch within its
+// HedgeDelay, the batch's blocks are asked of their second-choice holders
+// too; each block is taken from whichever request delivers it first
+// (verified), and the requests still running are cancelled once the batch
+// is complete. A first choice that lost the race without a byte has its
+// latency EWMA raised by the wait (not a failure: it may be loaded, not
+// gone) and is not asked again in this call. FirstByteTimeout (2 s) stays
+// the budget for a dead peer. Every received block is hashed against its
+// ID before it is accepted. A wrong block, or an answer for a block not
+// asked for, ends the request, is counted as a strike against the peer,
+// and after BadBlockStrikes (3) strikes the peer is avoided for
 // PenaltyCoolDown (10 min). A peer that is busy, slow to first byte, or
 // gone is not asked again in the same call; three failures in a row rest it
 // for 10 s. The blocks it did not deliver are planned again over the
@@ -130,10 +169,47 @@
 // with an error, for the registry. The fetch chain verifies again whatever
 // a source returns.
 //
-// Hedging (a second request to the next holder after a latency budget) and
-// origin coalescing (one designated fetcher per block, chosen by rendezvous
-// hashing over ImagePeers, while the others wait a bounded time) belong in
-// PeerSource.plan and are not built yet.
+// # Origin coalescing
+//
+// A block no peer holds would otherwise be fetched from the registry by
+// every node that reads it at once. Instead, in the same call and in
+// parallel with the requests to holders, each such block goes to its
+// designated fetcher among this node and the image's peers
+// (PlanOrigin over ImagePeers):
+//
+//   - Designated to this node: its fetch starts at once through the image's
+//     origin (Config.Origin, or what ServeOrigin set) and PeerSource leaves
+//     it out; the chain's registry source, which is the same cache-backed
+//     registry chain, joins that fetch. A node alone is designated for
+//     everything, so a lone starter goes straight to the registry.
+//   - Designated to peer P: P is asked with the ORIGIN flag and at most
+//     OriginWait (3 s) is spent waiting. P serves what it holds and fetches
+//     the rest through its origin — bounded by OriginFetchTimeout (10 s),
+//     with one fetch per block however many ORIGIN requests (and local
+//     reads) want it, and at most MaxOriginFetches (8) fetches at once:
+//     a request that would start one more gets BUSY (one that can join a
+//     running fetch is served what that fetch brings, NOT_FOUND for the
+//     rest). P's origin stores what it fetches in its cache and announces
+//     it, so later readers find a holder. An asker whose P is gone, BUSY, or
+//     answers NOT_FOUND falls through to the registry at once; one whose P
+//     hangs, after OriginWait. A read never hangs on the swarm.
+//
+// The origin's contract (OriginFetcher): it shares its fetches and cache
+// with the registry source of the node's chains, and is not itself a chain
+// with this node's PeerSource (that chain is waiting on PeerSource when
+// the origin is called). The daemon meets it with one fetch.Chain per
+// image over the block cache and the registry alone, which is both the
+// swarm's origin and the registry source of every chain of the image.
+// Measured (TestOriginCoalescingDaemons): three daemons reading a 6 MiB
+// file of 24 blocks at the same time make the registry serve 1.00 copies
+// of its compressed bytes; TestOriginCoalescing: four nodes, each block
+// fetched from the registry exactly once, by its designated node.
+//
+// Views differ for a moment while peers join or leave; nodes that
+// disagree on a block's designated fetcher each fetch it (no worse than
+// without coalescing). Designated fetchers are per block, so a node's
+// registry requests for its share of a run of small compressed blocks may
+// read the gaps between them (up to the registry's merge gap).
 //
 // # Private networks
 //
@@ -144,6 +220,8 @@
 // or the key alone as 64 hex digits.
 //
 // Stats exposes counters (bytes up and down, blocks served and fetched,
-// BUSY sent and received, bad blocks, failed requests, peers) for the
-// daemon's metrics.
+// BUSY sent and received, bad blocks, failed requests, peers, hedged
+// requests and their wins, ORIGIN requests sent and blocks they brought,
+// origin fetches run and blocks served from them) for the daemon's
+// metrics.
 package p2p

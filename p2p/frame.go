@@ -156,12 +156,24 @@ func appendBytes(dst, v []byte) []byte {
 	return append(dst, v...)
 }
 
+// Request flags: an optional uvarint after the CIDs. A request without
+// flags is encoded exactly as before they existed; a flags field of zero is
+// not a valid encoding (every message has one encoding). Unknown bits are
+// kept and ignored.
+const (
+	// flagOrigin asks the server, as the blocks' designated fetcher, to
+	// fetch the blocks it does not hold from their origin (through its
+	// OriginFetcher) and then serve them.
+	flagOrigin uint64 = 1 << 0
+)
+
 // request is a /shoal/block/1 request: the image the blocks are wanted for
-// (informational: the server serves any block it holds) and their CIDs in
-// binary form.
+// (the server serves any block it holds; an ORIGIN request needs the image
+// to find the blocks in its index), their CIDs in binary form, and flags.
 type request struct {
 	image string
 	cids  [][]byte
+	flags uint64
 }
 
 func (q *request) encode() []byte {
@@ -169,6 +181,9 @@ func (q *request) encode() []byte {
 	p = binary.AppendUvarint(p, uint64(len(q.cids)))
 	for _, c := range q.cids {
 		p = appendBytes(p, c)
+	}
+	if q.flags != 0 {
+		p = binary.AppendUvarint(p, q.flags)
 	}
 	return p
 }
@@ -183,6 +198,11 @@ func decodeRequest(p []byte) (request, error) {
 	}
 	for i := uint64(0); i < n && d.err == nil; i++ {
 		q.cids = append(q.cids, d.bytes(maxCIDLen))
+	}
+	if d.err == nil && len(d.b) != 0 {
+		if q.flags = d.uvarint(); q.flags == 0 {
+			d.fail() // an explicit zero is a second encoding of "no flags"
+		}
 	}
 	if d.err == nil && len(d.b) != 0 {
 		d.fail()

@@ -8,6 +8,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
 	"strings"
 	"testing"
 
@@ -38,6 +39,41 @@ func TestRequestRoundTrip(t *testing.T) {
 	q.cids = append(q.cids, q.cids[0])
 	if _, err := decodeRequest(q.encode()); !errors.Is(err, ErrMalformed) {
 		t.Fatalf("257 blocks: %v, want ErrMalformed", err)
+	}
+}
+
+// Flags ride after the CIDs; a request without flags is encoded as before
+// they existed, and an explicit zero is refused (one encoding per message).
+func TestRequestFlags(t *testing.T) {
+	t.Parallel()
+	plain := request{image: "sha256:" + strings.Repeat("cd", 32), cids: [][]byte{flat.Sum([]byte("x")).CID().Bytes()}}
+	old := appendBytes(nil, []byte(plain.image))
+	old = binary.AppendUvarint(old, 1)
+	old = appendBytes(old, plain.cids[0])
+	if !bytes.Equal(plain.encode(), old) {
+		t.Fatal("a request without flags is not encoded as before")
+	}
+	for _, flags := range []uint64{flagOrigin, flagOrigin | 1<<40} {
+		q := plain
+		q.flags = flags
+		p := q.encode()
+		if len(p) <= len(old) {
+			t.Fatalf("flags %#x not encoded", flags)
+		}
+		got, err := decodeRequest(p)
+		if err != nil || !reflect.DeepEqual(got, q) {
+			t.Fatalf("flags %#x: %+v, %v", flags, got, err)
+		}
+	}
+	for name, p := range map[string][]byte{
+		"explicit zero":     append(slices.Clone(old), 0),
+		"bytes after flags": append(slices.Clone(old), 1, 0),
+		"overlong flags":    append(slices.Clone(old), 0x81, 0x00),
+		"truncated flags":   append(slices.Clone(old), 0x81),
+	} {
+		if _, err := decodeRequest(p); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: %v, want ErrMalformed", name, err)
+		}
 	}
 }
 
@@ -132,6 +168,9 @@ func TestOversizedFramesDoNotAllocate(t *testing.T) {
 func FuzzReadFrame(f *testing.F) {
 	q := request{image: "sha256:" + strings.Repeat("0", 64), cids: [][]byte{flat.Sum([]byte("a")).CID().Bytes()}}
 	f.Add(appendFrame(nil, q.encode()))
+	qo := q
+	qo.flags = flagOrigin
+	f.Add(appendFrame(nil, qo.encode()))
 	h := hello{image: "sha256:1", zone: "z", nblocks: 10, bits: newBitmap(10)}
 	h.bits.set(9, true)
 	f.Add(appendFrame(nil, h.encode()))

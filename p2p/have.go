@@ -196,13 +196,14 @@ func (n *Node) addSwarm(digest string, key cid.Cid, index *flat.Index) (*swarm, 
 }
 
 // LeaveImage ends the node's membership of an image: its have sessions
-// close and its record is no longer re-provided (DHT records cannot be
+// close, its origin (ServeOrigin) is forgotten, and its record is no longer re-provided (DHT records cannot be
 // withdrawn; the record expires, and a peer that still finds it is turned
 // away at the hello).
 func (n *Node) LeaveImage(digest string) {
 	n.mu.Lock()
 	s := n.swarms[digest]
 	delete(n.swarms, digest)
+	delete(n.origins, digest)
 	n.mu.Unlock()
 	if s == nil {
 		return

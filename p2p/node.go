@@ -62,9 +62,10 @@ type Node struct {
 	dht  *dht.IpfsDHT
 	boot []peer.AddrInfo
 
-	peers *peerTable
-	up    *uploader
-	st    counters
+	peers  *peerTable
+	up     *uploader
+	origin *originGroup
+	st     counters
 
 	// life is the node's lifetime: sessions and background provides run
 	// under it, and Close ends it.
@@ -75,8 +76,9 @@ type Node struct {
 	mu       sync.Mutex
 	closed   bool
 	swarms   map[string]*swarm
-	swarmSeq atomic.Int64   // makes each swarm's connection-manager tag unique
-	wg       sync.WaitGroup // goroutines the node started; Add only under mu, while !closed
+	origins  map[string]ImageFetcher // by image, from ServeOrigin
+	swarmSeq atomic.Int64            // makes each swarm's connection-manager tag unique
+	wg       sync.WaitGroup          // goroutines the node started; Add only under mu, while !closed
 
 	closeOnce sync.Once
 	closeErr  error
@@ -146,14 +148,16 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 	}
 
 	n := &Node{
-		cfg:    cfg,
-		log:    log,
-		host:   h,
-		dht:    d,
-		boot:   boot,
-		peers:  newPeerTable(),
-		up:     newUploader(cfg.MaxUploadStreams, cfg.UploadBytesPerSec),
-		swarms: map[string]*swarm{},
+		cfg:     cfg,
+		log:     log,
+		host:    h,
+		dht:     d,
+		boot:    boot,
+		peers:   newPeerTable(),
+		up:      newUploader(cfg.MaxUploadStreams, cfg.UploadBytesPerSec),
+		origin:  newOriginGroup(cfg.MaxOriginFetches),
+		swarms:  map[string]*swarm{},
+		origins: map[string]ImageFetcher{},
 	}
 	n.life, n.cancel = context.WithCancel(context.Background())
 	h.SetStreamHandler(ProtocolBlock, n.handleBlock)
@@ -415,12 +419,29 @@ type Stats struct {
 	FailedRequests  int64 `json:"failed_requests"`
 	ActiveUploads   int64 `json:"active_uploads"`
 	HaveUpdatesSent int64 `json:"have_updates_sent"`
+
+	// Hedging: requests sent to a second holder because the first was
+	// slow to answer, and those that delivered at least one block first.
+	HedgedRequests int64 `json:"hedged_requests"`
+	HedgeWins      int64 `json:"hedge_wins"`
+	// Origin coalescing, asking: ORIGIN requests sent to designated
+	// fetchers, and the blocks they delivered.
+	OriginRequests int64 `json:"origin_requests"`
+	OriginBlocks   int64 `json:"origin_blocks"`
+	// Origin coalescing, serving: origin fetches run for peers, blocks
+	// served from them, and ORIGIN requests turned away BUSY.
+	OriginFetches int64 `json:"origin_fetches"`
+	OriginServed  int64 `json:"origin_served"`
+	OriginBusy    int64 `json:"origin_busy"`
+	OriginWaiting int64 `json:"origin_waiting"` // ORIGIN requests waiting for their fetches now
 }
 
 type counters struct {
 	bytesUp, bytesDown, blocksServed, blocksFetched, notFound atomic.Int64
 	busySent, busyRecv, badBlocks, failedReqs, activeUploads  atomic.Int64
 	updatesSent                                               atomic.Int64
+	hedged, hedgeWins, originAsked, originGot                 atomic.Int64
+	originFetches, originServed, originBusy, originWaiting    atomic.Int64
 }
 
 // Stats returns the node's counters.
@@ -439,6 +460,14 @@ func (n *Node) Stats() Stats {
 		FailedRequests:  n.st.failedReqs.Load(),
 		ActiveUploads:   n.st.activeUploads.Load(),
 		HaveUpdatesSent: n.st.updatesSent.Load(),
+		HedgedRequests:  n.st.hedged.Load(),
+		HedgeWins:       n.st.hedgeWins.Load(),
+		OriginRequests:  n.st.originAsked.Load(),
+		OriginBlocks:    n.st.originGot.Load(),
+		OriginFetches:   n.st.originFetches.Load(),
+		OriginServed:    n.st.originServed.Load(),
+		OriginBusy:      n.st.originBusy.Load(),
+		OriginWaiting:   n.st.originWaiting.Load(),
 	}
 	for _, s := range n.swarmList() {
 		st.Images++

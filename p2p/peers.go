@@ -1,7 +1,6 @@
 package p2p
 
 import (
-	"math/bits"
 	"sync"
 	"time"
 
@@ -25,6 +24,9 @@ type PeerInfo struct {
 	BadBlocks  int64 // wrong blocks received from it, ever
 	Failures   int   // consecutive failed requests (timeouts, resets)
 	BlocksRecv int64
+	// InFlight is the number of block requests this node has outstanding
+	// to the peer; peer choice prefers the least loaded among equals.
+	InFlight int
 }
 
 // peerTable keeps per-peer labels and scores. Peers are never removed: the
@@ -117,47 +119,61 @@ func (t *peerTable) strike(p peer.ID, limit int, coolDown time.Duration, now tim
 	return false
 }
 
-// rank is a peer's place in the order of preference for one request.
-// Lower is better; peers of equal rank are chosen at random.
-type rank struct {
-	locality int // 0 same zone and rack, 1 same zone, 2 elsewhere or unknown
-	latency  int // log2 of the latency EWMA in µs: peers within 2x are equals
-}
-
-func (r rank) less(o rank) bool {
-	if r.locality != o.locality {
-		return r.locality < o.locality
-	}
-	return r.latency < o.latency
-}
-
-// unmeasuredLatency ranks a peer never asked: about a LAN round trip, so
-// that a new peer is tried before a known slow one but after a known fast
-// one.
-const unmeasuredLatency = 2 * time.Millisecond
-
-// usable reports whether p may be asked now, and its rank. t.mu must be held.
-func (t *peerTable) usable(p peer.ID, zone, rack string, now time.Time) (rank, bool) {
+// usableLocked reports whether p may be asked now: it is not avoided after
+// wrong blocks and not resting after BUSY or failures. t.mu must be held.
+func (t *peerTable) usableLocked(p peer.ID, now time.Time) bool {
 	pi := t.m[p]
-	if pi == nil {
-		pi = &PeerInfo{}
+	return pi == nil || (!now.Before(pi.AvoidedUntil) && !now.Before(pi.BusyUntil))
+}
+
+// usable is usableLocked for callers that do not hold t.mu.
+func (t *peerTable) usable(p peer.ID, now time.Time) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.usableLocked(p, now)
+}
+
+// view returns what peer choice needs to know about p, and whether p may be
+// asked now.
+func (t *peerTable) view(p peer.ID, now time.Time) (PeerView, bool) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	v := PeerView{ID: p}
+	if pi := t.m[p]; pi != nil {
+		v.Labels = Labels{Zone: pi.Zone, Rack: pi.Rack}
+		v.Latency = pi.Latency
+		v.InFlight = pi.InFlight
 	}
-	if now.Before(pi.AvoidedUntil) || now.Before(pi.BusyUntil) {
-		return rank{}, false
+	return v, t.usableLocked(p, now)
+}
+
+// begin and end bracket a request to p, for its in-flight count.
+func (t *peerTable) begin(p peer.ID) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.get(p).InFlight++
+}
+
+func (t *peerTable) end(p peer.ID) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.get(p).InFlight--
+}
+
+// slow records a request that lost a hedge race without a first byte after
+// waited: the wait is a lower bound of its latency, taken as a sample, so
+// the peer sinks in the order. It is not a failure: the peer may be loaded,
+// not gone.
+func (t *peerTable) slow(p peer.ID, waited time.Duration) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	pi := t.get(p)
+	switch {
+	case pi.Latency == 0:
+		pi.Latency = waited
+	case waited > pi.Latency:
+		pi.Latency = time.Duration(ewmaAlpha*float64(waited) + (1-ewmaAlpha)*float64(pi.Latency))
 	}
-	r := rank{locality: 2}
-	if zone != "" && pi.Zone == zone {
-		r.locality = 1
-		if rack != "" && pi.Rack == rack {
-			r.locality = 0
-		}
-	}
-	lat := pi.Latency
-	if lat <= 0 {
-		lat = unmeasuredLatency
-	}
-	r.latency = bits.Len64(uint64(lat / time.Microsecond))
-	return r, true
 }
 
 func (t *peerTable) avoided(now time.Time) int {

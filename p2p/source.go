@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
 	"sync"
 	"time"
 
@@ -26,10 +27,12 @@ const (
 )
 
 // PeerSource fetches an image's blocks from the peers whose have bitmaps
-// say they hold them. It satisfies fetch.Source and goes in the chain after
-// the cache and before the registry: what it cannot get quickly falls
-// through. (*PeerSource) satisfies fetch.Source; the tests assert it, so
-// that this package does not import the chain.
+// say they hold them, and the blocks nobody holds from their designated
+// fetchers (origin coalescing). It goes in the chain after the cache and
+// before the registry source, which should be the image's origin (see
+// OriginFetcher): what it cannot get quickly falls through.
+// (*PeerSource) satisfies fetch.Source; the tests assert it, so that this
+// package does not import the chain.
 type PeerSource struct {
 	n     *Node
 	image string
@@ -44,167 +47,398 @@ func (n *Node) Source(image string) *PeerSource { return &PeerSource{n: n, image
 // Name implements fetch.Source.
 func (ps *PeerSource) Name() string { return SourceName }
 
-// FetchMany implements fetch.Source. For each block it picks a holder —
-// same zone (and rack) first, then the lowest latency, at random among
-// equals — asks each peer for its blocks in batched requests, and verifies
-// every block it receives. A peer that sends a wrong block is penalised and
-// not asked again in this call; one that is busy, slow (FirstByteTimeout)
-// or gone is skipped the same way, and its blocks are asked of the next
-// holder. What no holder delivered is left out, with an error saying why,
-// for the next source.
+// FetchMany implements fetch.Source. Blocks some peer holds are assigned
+// to holders by ChoosePeers and Assign (same zone and rack first, then
+// lowest latency, then least loaded, at random among equals), asked in
+// batched requests, hedged to each block's second-choice holder when the
+// first is slow to answer, and verified. A peer that sends a wrong block is
+// penalised and not asked again in this call; one that is busy, slow
+// (FirstByteTimeout) or gone is skipped the same way, and its blocks are
+// asked of the next holder. Blocks nobody holds are asked, at the same
+// time, of their designated fetchers (origin coalescing; see origin), for
+// at most OriginWait. What is not delivered is left out, with an error
+// saying why, for the next source.
 func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[flat.BlockID][]byte, error) {
-	n := ps.n
-	out := make(map[flat.BlockID][]byte, len(blocks))
-	want := make([]flat.Block, 0, len(blocks))
+	f := &fetchState{
+		out:      make(map[flat.BlockID][]byte, len(blocks)),
+		tried:    map[flat.BlockID]map[peer.ID]bool{},
+		excluded: map[peer.ID]bool{},
+	}
+	all := make([]flat.Block, 0, len(blocks))
 	seen := make(map[flat.BlockID]bool, len(blocks))
 	for _, b := range blocks {
 		if !seen[b.ID] {
 			seen[b.ID] = true
-			want = append(want, b)
+			all = append(all, b)
 		}
 	}
-	total := len(want)
-	excluded := map[peer.ID]bool{}               // peers that failed this call
-	tried := map[flat.BlockID]map[peer.ID]bool{} // NOT_FOUND answers
-	var errBusy, errBad, errFail error
+	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
+	var origin sync.WaitGroup
+	want := all
 	for round := 0; round < maxRounds && len(want) > 0 && ctx.Err() == nil; round++ {
-		plan, _ := ps.plan(want, tried, excluded)
-		if len(plan) == 0 {
+		a := ps.plan(want, f, rng)
+		if round == 0 && len(a.none) > 0 {
+			origin.Go(func() { ps.origin(ctx, a.none, f) })
+		}
+		if len(a.byPeer) == 0 {
 			break
 		}
-		var mu sync.Mutex
 		var wg sync.WaitGroup
 		slots := make(chan struct{}, parallelPeers)
-		for p, bs := range plan {
+		for p, bs := range a.byPeer {
 			wg.Go(func() {
 				slots <- struct{}{}
 				defer func() { <-slots }()
 				for _, batch := range batches(bs) {
-					o := n.request(ctx, p, ps.image, batch)
-					mu.Lock()
-					for id, data := range o.got {
-						out[id] = data
-					}
-					for _, b := range o.notFound {
-						if tried[b.ID] == nil {
-							tried[b.ID] = map[peer.ID]bool{}
-						}
-						tried[b.ID][p] = true
-					}
-					stop := o.err != nil
-					if stop {
-						excluded[p] = true
-					}
-					mu.Unlock()
-					for _, b := range o.notFound {
-						n.forget(p, b.ID)
-					}
-					now := time.Now()
-					switch {
-					case o.bad:
-						n.st.badBlocks.Add(1)
-						avoided := n.peers.strike(p, n.cfg.BadBlockStrikes, n.cfg.PenaltyCoolDown, now)
-						n.log.Warn("peer sent a wrong block; asking elsewhere", "peer", p.String(), "image", ps.image, "avoided", avoided, "err", o.err)
-						mu.Lock()
-						errBad = cmp.Or(errBad, fmt.Errorf("peer %s: %w", p, o.err))
-						mu.Unlock()
-					case o.busy:
-						n.st.busyRecv.Add(1)
-						n.peers.busy(p, now.Add(n.cfg.BusyBackoff))
-						mu.Lock()
-						errBusy = cmp.Or(errBusy, fmt.Errorf("peer %s: %w", p, ErrBusy))
-						mu.Unlock()
-					case o.err != nil:
-						n.st.failedReqs.Add(1)
-						if ctx.Err() == nil {
-							n.peers.failure(p, n.cfg.FirstByteTimeout, now)
-						}
-						n.log.Debug("peer request failed; asking elsewhere", "peer", p.String(), "image", ps.image, "err", o.err)
-						mu.Lock()
-						errFail = cmp.Or(errFail, fmt.Errorf("peer %s: %w", p, o.err))
-						mu.Unlock()
-					default:
-						n.peers.success(p, o.firstByte, len(o.got))
-					}
-					if stop {
+					if !ps.runBatch(ctx, p, batch, a.backup, f) {
 						return
 					}
 				}
 			})
 		}
 		wg.Wait()
-		still := want[:0]
+		// Blocks with no usable holder drop out: exclusions only grow, so
+		// a later round would find none either.
+		var still []flat.Block
+		f.mu.Lock()
 		for _, b := range want {
-			if _, ok := out[b.ID]; !ok {
+			if _, got := f.out[b.ID]; !got && a.planned[b.ID] {
 				still = append(still, b)
 			}
 		}
+		f.mu.Unlock()
 		want = still
 	}
-	if len(want) == 0 {
-		return out, nil
+	origin.Wait()
+
+	missing := 0
+	for _, b := range all {
+		if _, ok := f.out[b.ID]; !ok {
+			missing++
+		}
+	}
+	if missing == 0 {
+		return f.out, nil
 	}
 	if err := ctx.Err(); err != nil {
-		return out, err
+		return f.out, err
 	}
-	reason := errors.Join(errBad, errBusy, errFail)
+	reason := errors.Join(f.errBad, f.errBusy, f.errFail, f.errOrigin)
 	if reason == nil {
 		reason = ErrNoHolder
 	}
-	return out, fmt.Errorf("%d of %d blocks not fetched from peers: %w", len(want), total, reason)
+	return f.out, fmt.Errorf("%d of %d blocks not fetched from peers: %w", missing, len(all), reason)
 }
 
-// plan assigns each wanted block to the best holder that may be asked: not
-// excluded, not known to lack it, not avoided or resting. Blocks with no
-// such holder are returned apart. This is where hedging (a second request
-// to the next holder after a latency budget) and origin coalescing (waiting
-// a bounded time for the block's designated fetcher) will plug in.
-func (ps *PeerSource) plan(want []flat.Block, tried map[flat.BlockID]map[peer.ID]bool, excluded map[peer.ID]bool) (map[peer.ID][]flat.Block, []flat.Block) {
+// fetchState is one FetchMany call's state, shared by its requests.
+type fetchState struct {
+	mu                                  sync.Mutex
+	out                                 map[flat.BlockID][]byte
+	tried                               map[flat.BlockID]map[peer.ID]bool // NOT_FOUND answers
+	excluded                            map[peer.ID]bool                  // failed, or lost a hedge race without a byte, in this call
+	errBusy, errBad, errFail, errOrigin error
+}
+
+// deliver keeps the first copy of a block to arrive.
+func (f *fetchState) deliver(id flat.BlockID, data []byte) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if _, ok := f.out[id]; !ok {
+		f.out[id] = data
+	}
+}
+
+// assignment is one round's plan.
+type assignment struct {
+	byPeer  map[peer.ID][]flat.Block // by first choice
+	backup  map[flat.BlockID]peer.ID // second choice, for hedging
+	planned map[flat.BlockID]bool
+	none    []flat.Block // no usable holder
+}
+
+// plan assigns each wanted block to its best holders that may be asked:
+// not excluded in this call, not known to lack it, not avoided or resting.
+func (ps *PeerSource) plan(want []flat.Block, f *fetchState, rng Rand) assignment {
 	n := ps.n
-	now := time.Now()
-	type score struct {
-		r   rank
-		tie uint32
-		ok  bool
-	}
-	scores := map[peer.ID]*score{}
-	scoreOf := func(p peer.ID) *score {
-		if s := scores[p]; s != nil {
-			return s
-		}
-		s := &score{tie: rand.Uint32()}
-		if !excluded[p] {
-			n.peers.mu.Lock()
-			s.r, s.ok = n.peers.usable(p, n.cfg.Zone, n.cfg.Rack, now)
-			n.peers.mu.Unlock()
-		}
-		scores[p] = s
-		return s
-	}
-	plan := map[peer.ID][]flat.Block{}
-	var none []flat.Block
-	for _, b := range want {
-		var best peer.ID
-		var bs *score
+	now := n.cfg.Clock.Now()
+	holders := make([][]peer.ID, len(want))
+	var views []PeerView
+	seen := map[peer.ID]bool{}
+	f.mu.Lock()
+	for i, b := range want {
 		for _, p := range n.holders(b.ID) {
-			if tried[b.ID][p] {
+			if f.tried[b.ID][p] {
 				continue
 			}
-			s := scoreOf(p)
-			if !s.ok {
+			holders[i] = append(holders[i], p)
+			if seen[p] {
 				continue
 			}
-			if bs == nil || s.r.less(bs.r) || (s.r == bs.r && s.tie < bs.tie) {
-				best, bs = p, s
+			seen[p] = true
+			if f.excluded[p] {
+				continue
+			}
+			if v, ok := n.peers.view(p, now); ok {
+				views = append(views, v)
 			}
 		}
-		if bs == nil {
-			none = append(none, b)
+	}
+	f.mu.Unlock()
+	first, second := Assign(ChoosePeers(views, Labels{Zone: n.cfg.Zone, Rack: n.cfg.Rack}, rng), holders)
+	a := assignment{byPeer: map[peer.ID][]flat.Block{}, backup: map[flat.BlockID]peer.ID{}, planned: map[flat.BlockID]bool{}}
+	for i, b := range want {
+		if first[i] == "" {
+			a.none = append(a.none, b)
 			continue
 		}
-		plan[best] = append(plan[best], b)
+		a.byPeer[first[i]] = append(a.byPeer[first[i]], b)
+		a.planned[b.ID] = true
+		if second[i] != "" {
+			a.backup[b.ID] = second[i]
+		}
 	}
-	return plan, none
+	return a
+}
+
+// result is what one request of a batch produced.
+type result struct {
+	p     peer.ID
+	o     outcome
+	hedge bool          // a hedged request to a second choice
+	took  time.Duration // until it returned
+}
+
+// runBatch asks p for a batch of blocks. If p has not answered within its
+// hedge delay (HedgeDelay of its latency EWMA), the blocks still missing
+// are asked of their second-choice holders too; each block is taken from
+// whichever request delivers it first, and the other requests are
+// cancelled once the batch is complete. It reports whether p may be asked
+// for more in this round.
+func (ps *PeerSource) runBatch(ctx context.Context, p peer.ID, batch []flat.Block, backup map[flat.BlockID]peer.ID, f *fetchState) bool {
+	n := ps.n
+	bctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	var mu sync.Mutex
+	missing := make(map[flat.BlockID]bool, len(batch))
+	for _, b := range batch {
+		missing[b.ID] = true
+	}
+	deliver := func(id flat.BlockID, data []byte) {
+		mu.Lock()
+		defer mu.Unlock()
+		if !missing[id] {
+			return
+		}
+		delete(missing, id)
+		f.deliver(id, data)
+		if len(missing) == 0 {
+			cancel() // complete: end the requests that lost
+		}
+	}
+	results := make(chan result, 1+len(batch))
+	launch := func(q peer.ID, bs []flat.Block, hedge bool, onAnswer func()) {
+		go func() {
+			start := time.Now()
+			o := n.request(bctx, q, ps.image, bs, reqOpts{onAnswer: onAnswer, deliver: deliver})
+			results <- result{p: q, o: o, hedge: hedge, took: time.Since(start)}
+		}()
+	}
+	answered := make(chan struct{})
+	launch(p, batch, false, func() { close(answered) })
+
+	var hedgeC <-chan time.Time
+	if d := HedgeDelay(n.latency(p), n.cfg.HedgeDelay); d > 0 && slices.ContainsFunc(batch, func(b flat.Block) bool { return backup[b.ID] != "" }) {
+		hedgeC = n.cfg.Clock.After(d)
+	}
+	var outs []result
+	for pending := 1; pending > 0; {
+		select {
+		case <-answered:
+			answered, hedgeC = nil, nil // p is serving: no hedge
+		case <-hedgeC:
+			hedgeC = nil
+			groups := map[peer.ID][]flat.Block{}
+			mu.Lock()
+			for _, b := range batch {
+				if q := backup[b.ID]; missing[b.ID] && q != "" {
+					groups[q] = append(groups[q], b)
+				}
+			}
+			mu.Unlock()
+			for q, bs := range groups {
+				pending++
+				n.st.hedged.Add(1)
+				launch(q, bs, true, nil)
+			}
+		case r := <-results:
+			pending--
+			if !r.hedge {
+				hedgeC = nil // p is done; what it missed goes to the next round
+			}
+			outs = append(outs, r)
+		}
+	}
+	mu.Lock()
+	complete := len(missing) == 0
+	mu.Unlock()
+	more := true
+	for _, r := range outs {
+		if !ps.record(ctx, r, complete, f) && !r.hedge {
+			more = false
+		}
+	}
+	return more
+}
+
+// record books a request's outcome: NOT_FOUND answers, penalties, latency.
+// It reports false if the peer should not be asked again in this call.
+func (ps *PeerSource) record(ctx context.Context, r result, complete bool, f *fetchState) bool {
+	n, p, o := ps.n, r.p, r.o
+	f.mu.Lock()
+	for _, b := range o.notFound {
+		if f.tried[b.ID] == nil {
+			f.tried[b.ID] = map[peer.ID]bool{}
+		}
+		f.tried[b.ID][p] = true
+	}
+	f.mu.Unlock()
+	for _, b := range o.notFound {
+		n.forget(p, b.ID)
+	}
+	if r.hedge && len(o.got) > 0 {
+		n.st.hedgeWins.Add(1)
+	}
+	now := n.cfg.Clock.Now()
+	// Ended by our cancel once another request completed the batch.
+	lost := complete && ctx.Err() == nil && o.err != nil && !o.bad && !o.busy
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	switch {
+	case o.bad:
+		f.excluded[p] = true
+		n.st.badBlocks.Add(1)
+		avoided := n.peers.strike(p, n.cfg.BadBlockStrikes, n.cfg.PenaltyCoolDown, now)
+		n.log.Warn("peer sent a wrong block; asking elsewhere", "peer", p.String(), "image", ps.image, "avoided", avoided, "err", o.err)
+		f.errBad = cmp.Or(f.errBad, fmt.Errorf("peer %s: %w", p, o.err))
+		return false
+	case o.busy:
+		f.excluded[p] = true
+		n.st.busyRecv.Add(1)
+		n.peers.busy(p, now.Add(n.cfg.BusyBackoff))
+		f.errBusy = cmp.Or(f.errBusy, fmt.Errorf("peer %s: %w", p, ErrBusy))
+		return false
+	case lost && o.firstByte > 0:
+		n.peers.success(p, o.firstByte, len(o.got))
+		return true
+	case lost:
+		n.peers.slow(p, r.took)
+		if !r.hedge {
+			f.excluded[p] = true // slower than its hedge: ask others first for the rest
+			return false
+		}
+		return true
+	case o.err != nil:
+		f.excluded[p] = true
+		n.st.failedReqs.Add(1)
+		if ctx.Err() == nil {
+			n.peers.failure(p, n.cfg.FirstByteTimeout, now)
+		}
+		n.log.Debug("peer request failed; asking elsewhere", "peer", p.String(), "image", ps.image, "err", o.err)
+		f.errFail = cmp.Or(f.errFail, fmt.Errorf("peer %s: %w", p, o.err))
+		return false
+	default:
+		n.peers.success(p, o.firstByte, len(o.got))
+		return true
+	}
+}
+
+// origin deals with blocks nobody holds (origin coalescing). Each block's
+// designated fetcher is chosen by rendezvous hashing over the image's peers
+// and this node (PlanOrigin). The blocks this node is designated for are
+// left for the registry at once; their fetch is started here, through the
+// image's origin if the node has one (originFetch), so that it runs while the others are waited for and
+// peers asking for them join it, and the chain's registry source (which
+// shares it) picks it up. Blocks whose designated fetcher is avoided or
+// resting are left for the registry too. The others are asked of their
+// designated fetcher with the ORIGIN flag: it fetches what it does not hold
+// from its origin (once, however many ask) and serves it. The wait is
+// bounded by OriginWait; a fetcher that is gone, BUSY or answers NOT_FOUND
+// ends it at once, and the blocks fall through to the registry.
+func (ps *PeerSource) origin(ctx context.Context, blocks []flat.Block, f *fetchState) {
+	n := ps.n
+	ask, own := PlanOrigin(blocks, n.ImagePeers(ps.image), n.ID())
+	if n.cfg.OriginWait <= 0 {
+		own, ask = blocks, nil
+	}
+	if fetch := n.originFetch(ps.image); len(own) > 0 && fetch != nil {
+		n.startOrigin(ps.image, fetch, own, false) // not waited for: the registry source joins it
+	}
+	if len(ask) == 0 {
+		return
+	}
+	wctx, cancel := context.WithTimeout(ctx, n.cfg.OriginWait)
+	defer cancel()
+	now := n.cfg.Clock.Now()
+	var wg sync.WaitGroup
+	for p, bs := range ask {
+		if !n.peers.usable(p, now) {
+			continue
+		}
+		wg.Go(func() {
+			for _, batch := range batches(bs) {
+				n.st.originAsked.Add(1)
+				o := n.request(wctx, p, ps.image, batch, reqOpts{flags: flagOrigin, firstByte: n.cfg.OriginWait})
+				for id, d := range o.got {
+					f.deliver(id, d)
+				}
+				n.st.originGot.Add(int64(len(o.got)))
+				if !ps.recordOrigin(ctx, p, len(batch), o, f) {
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// recordOrigin books an ORIGIN request's outcome. Its latency is not a
+// sample of the peer's (it includes a registry fetch). It reports false if
+// the peer should not be asked again in this call.
+func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, asked int, o outcome, f *fetchState) bool {
+	n := ps.n
+	now := n.cfg.Clock.Now()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	switch {
+	case o.bad:
+		n.st.badBlocks.Add(1)
+		avoided := n.peers.strike(p, n.cfg.BadBlockStrikes, n.cfg.PenaltyCoolDown, now)
+		n.log.Warn("designated fetcher sent a wrong block", "peer", p.String(), "image", ps.image, "avoided", avoided, "err", o.err)
+		f.errBad = cmp.Or(f.errBad, fmt.Errorf("designated fetcher %s: %w", p, o.err))
+		return false
+	case o.busy:
+		n.st.busyRecv.Add(1)
+		n.peers.busy(p, now.Add(n.cfg.BusyBackoff))
+		f.errBusy = cmp.Or(f.errBusy, fmt.Errorf("designated fetcher %s: %w", p, ErrBusy))
+		return false
+	case o.err != nil:
+		if o.firstByte == 0 && ctx.Err() == nil {
+			// No answer at all within the wait: gone, or hung.
+			n.st.failedReqs.Add(1)
+			n.peers.failure(p, n.cfg.FirstByteTimeout, now)
+		}
+		f.errOrigin = cmp.Or(f.errOrigin, fmt.Errorf("designated fetcher %s: %w", p, o.err))
+		return false
+	case len(o.notFound) > 0:
+		f.errOrigin = cmp.Or(f.errOrigin, fmt.Errorf("designated fetcher %s could not fetch %d of %d blocks", p, len(o.notFound), asked))
+	}
+	return true
+}
+
+// latency is p's latency EWMA (0 if never measured).
+func (n *Node) latency(p peer.ID) time.Duration {
+	pi, _ := n.peers.info(p)
+	return pi.Latency
 }
 
 // batches splits one peer's blocks into requests of at most

@@ -1,0 +1,246 @@
+package p2p
+
+import (
+	"context"
+	"sync"
+
+	"github.com/shoal-project/shoal/flat"
+)
+
+// OriginFetcher fetches blocks of an image from their origin, the
+// registry: for peers that asked this node with the ORIGIN flag, as the
+// blocks' designated fetcher, and for the blocks this node is designated
+// for itself. FetchOrigin returns the verified, uncompressed bytes of as
+// many of blocks as it can (slices the node may keep and share), and an
+// error for the rest.
+//
+// It must share its fetches and its cache with the source that follows
+// PeerSource in the node's fetch chains: the node starts the fetch of the
+// blocks it is designated for through it, and leaves them to that source,
+// which must join the fetch rather than start another. The daemon hands it,
+// per image, a fetch.Chain over the block cache (announcing what it
+// stores) and the registry alone — the same chain every fetch chain of the
+// image has as its registry source. It must not go through a chain that
+// has this node's PeerSource: that chain is waiting on PeerSource when
+// FetchOrigin is called, and the call would wait on itself.
+type OriginFetcher interface {
+	FetchOrigin(ctx context.Context, image string, blocks []flat.Block) (map[flat.BlockID][]byte, error)
+}
+
+// ImageFetcher fetches blocks of one image; *fetch.Chain satisfies it. It
+// is an alias of an unnamed interface so that packages that must not
+// import p2p can name the same type.
+type ImageFetcher = interface {
+	FetchMany(ctx context.Context, blocks []flat.Block) (map[flat.BlockID][]byte, error)
+}
+
+// ServeOrigin makes f the origin of image's blocks for this node, unless
+// it has one already, and returns the one it has: f, or the earlier one.
+// The caller should read through the returned one in f's place, so that
+// every chain of the image shares one origin and its in-flight fetches.
+// The origin is what the node fetches blocks through for peers that ask it
+// as their designated fetcher, and for the blocks it is designated for
+// itself, when Config.Origin is nil. The contract of OriginFetcher
+// applies: it must share its fetches with the registry source of the
+// node's chains for the image, and must not be a chain that has this
+// node's PeerSource. A nil f removes the image's origin; so does
+// LeaveImage.
+func (n *Node) ServeOrigin(image string, f ImageFetcher) ImageFetcher {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if f == nil {
+		delete(n.origins, image)
+		return nil
+	}
+	if cur := n.origins[image]; cur != nil {
+		return cur
+	}
+	n.origins[image] = f
+	return f
+}
+
+// originFetch returns what fetches image's blocks from their origin:
+// Config.Origin, else what ServeOrigin set for image; nil if neither.
+func (n *Node) originFetch(image string) func(context.Context, []flat.Block) (map[flat.BlockID][]byte, error) {
+	if o := n.cfg.Origin; o != nil {
+		return func(ctx context.Context, blocks []flat.Block) (map[flat.BlockID][]byte, error) {
+			return o.FetchOrigin(ctx, image, blocks)
+		}
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if f := n.origins[image]; f != nil {
+		return f.FetchMany
+	}
+	return nil
+}
+
+// originGroup runs the origin fetches the node does, for peers and for
+// itself: one per block at a time however many requests want it, and at
+// most cap(slots) at once for peers.
+type originGroup struct {
+	mu    sync.Mutex
+	calls map[flat.BlockID]*originCall
+	slots chan struct{}
+}
+
+// originCall is one block being fetched from its origin; done closes once data
+// is set (nil if the fetch did not deliver it).
+type originCall struct {
+	done chan struct{}
+	data []byte
+}
+
+func newOriginGroup(limit int) *originGroup {
+	return &originGroup{calls: map[flat.BlockID]*originCall{}, slots: make(chan struct{}, limit)}
+}
+
+// originFor gets the blocks of an ORIGIN request that the node does not
+// hold: each is fetched through the image's origin (originFetch) unless a fetch of it is
+// already running, which the request joins. It returns the fetched bytes
+// by binary CID, once every fetch it waits for has ended or ctx has. It
+// reports false (BUSY) when the request would need a new fetch and
+// MaxOriginFetches are running, unless it can join one for some of its
+// blocks, in which case the others are left out (NOT_FOUND).
+func (n *Node) originFor(ctx context.Context, q request) (map[string][]byte, bool) {
+	s := n.swarm(q.image)
+	fetch := n.originFetch(q.image)
+	if fetch == nil || s == nil {
+		return nil, true // not joined, or no origin: what it holds, NOT_FOUND for the rest
+	}
+	h, _ := n.cfg.Blocks.(hasser)
+	var need []flat.Block
+	cidOf := map[flat.BlockID]string{}
+	for _, c := range q.cids {
+		cc, err := castCID(c)
+		if err != nil {
+			continue
+		}
+		id, err := flat.IDFromCID(cc)
+		if err != nil {
+			continue
+		}
+		i, ok := s.pos[id]
+		if !ok {
+			continue // not a block of the image: NOT_FOUND
+		}
+		if _, dup := cidOf[id]; dup {
+			continue
+		}
+		if h != nil {
+			if has, err := h.Has(ctx, id); err == nil && has {
+				continue // served from the store
+			}
+		} else if n.cfg.Blocks != nil && n.lookup(ctx, c) != nil {
+			continue
+		}
+		cidOf[id] = string(c)
+		need = append(need, s.blocks[i])
+	}
+	if len(need) == 0 {
+		return nil, true
+	}
+
+	waits, ok := n.startOrigin(s.digest, fetch, need, true)
+	if !ok {
+		return nil, false
+	}
+
+	n.st.originWaiting.Add(1)
+	defer n.st.originWaiting.Add(-1)
+	out := make(map[string][]byte, len(waits))
+	for id, c := range waits {
+		select {
+		case <-c.done:
+			if c.data != nil {
+				out[cidOf[id]] = c.data
+			}
+		case <-ctx.Done():
+			return out, true
+		}
+	}
+	return out, true
+}
+
+// startOrigin starts fetching blocks through fetch, except those
+// already being fetched, and returns the fetches that will deliver each of
+// blocks. For peers (forPeers), a new fetch needs one of MaxOriginFetches
+// slots: with none free it starts nothing and, if some of blocks are being
+// fetched already, returns those alone, else reports false (BUSY). The
+// node's fetches of the blocks it is designated for take no slot: they
+// are the fetches its chains would make anyway, only earlier.
+func (n *Node) startOrigin(image string, fetch func(context.Context, []flat.Block) (map[flat.BlockID][]byte, error), blocks []flat.Block, forPeers bool) (map[flat.BlockID]*originCall, bool) {
+	g := n.origin
+	g.mu.Lock()
+	var fresh []flat.Block
+	waits := make(map[flat.BlockID]*originCall, len(blocks))
+	for _, b := range blocks {
+		if c := g.calls[b.ID]; c != nil {
+			waits[b.ID] = c
+		} else if _, dup := waits[b.ID]; !dup {
+			waits[b.ID] = nil // placeholder until a slot is had
+			fresh = append(fresh, b)
+		}
+	}
+	slot := false
+	if len(fresh) > 0 && forPeers {
+		select {
+		case g.slots <- struct{}{}:
+			slot = true
+		default:
+			for _, b := range fresh {
+				delete(waits, b.ID)
+			}
+			if len(waits) == 0 {
+				g.mu.Unlock()
+				return nil, false
+			}
+			fresh = nil // serve what others are fetching; NOT_FOUND for the rest
+		}
+	}
+	for _, b := range fresh {
+		c := &originCall{done: make(chan struct{})}
+		g.calls[b.ID] = c
+		waits[b.ID] = c
+	}
+	g.mu.Unlock()
+	if len(fresh) > 0 {
+		n.st.originFetches.Add(1)
+		if !n.spawn(func() { n.fetchOrigin(image, fetch, fresh, slot) }) {
+			n.publishOrigin(fresh, nil, slot)
+		}
+	}
+	return waits, true
+}
+
+// fetchOrigin runs one origin fetch, bounded by OriginFetchTimeout and the
+// node's life, not by any one asker: a block others wait for is fetched
+// even if the first asker gives up.
+func (n *Node) fetchOrigin(image string, fetch func(context.Context, []flat.Block) (map[flat.BlockID][]byte, error), blocks []flat.Block, slot bool) {
+	ctx, cancel := context.WithTimeout(n.life, n.cfg.OriginFetchTimeout)
+	defer cancel()
+	got, err := fetch(ctx, blocks)
+	if err != nil {
+		n.log.Debug("origin fetch incomplete", "image", image, "blocks", len(blocks), "fetched", len(got), "err", err)
+	}
+	n.publishOrigin(blocks, got, slot)
+}
+
+// publishOrigin hands the outcome of an origin fetch to the requests
+// waiting for it and frees its slot, if it had one.
+func (n *Node) publishOrigin(blocks []flat.Block, got map[flat.BlockID][]byte, slot bool) {
+	g := n.origin
+	g.mu.Lock()
+	for _, b := range blocks {
+		c := g.calls[b.ID]
+		delete(g.calls, b.ID)
+		if d, ok := got[b.ID]; ok && len(d) == int(b.ULen) && len(d) <= MaxBlockFrame {
+			c.data = d
+		}
+		close(c.done)
+	}
+	g.mu.Unlock()
+	if slot {
+		<-g.slots
+	}
+}

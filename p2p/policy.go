@@ -1,0 +1,231 @@
+package p2p
+
+import (
+	"bytes"
+	"cmp"
+	"crypto/sha256"
+	"math/bits"
+	"slices"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/shoal-project/shoal/flat"
+)
+
+// This file holds the swarm's policies as pure functions: which peer to ask
+// for a block, when to hedge, and which node fetches a block nobody holds.
+// They take everything they depend on as arguments (peer views, labels, a
+// source of randomness, durations) and touch no network, clock or global
+// state, so that the simulator drives the same code as the daemon, with
+// simulated time and transport.
+
+// Labels say where a node runs; peers with the same labels are preferred.
+type Labels struct {
+	Zone, Rack string
+}
+
+// PeerView is what peer choice knows about one candidate peer.
+type PeerView struct {
+	ID peer.ID
+	Labels
+	// Latency is the EWMA of the peer's time to first byte; 0 if it was
+	// never measured.
+	Latency time.Duration
+	// InFlight is the number of block requests this node has outstanding
+	// to the peer: its load as this node sees it.
+	InFlight int
+}
+
+// Rand is the randomness peer choice draws on; *rand.Rand of math/rand/v2
+// satisfies it. A seeded one makes the choice deterministic.
+type Rand interface {
+	Uint64() uint64
+}
+
+// Clock is the time the swarm's waits are measured against: the hedge
+// delay is waited for with After. The daemon uses the real clock; a
+// simulator supplies its own.
+type Clock interface {
+	Now() time.Time
+	After(d time.Duration) <-chan time.Time
+}
+
+// realClock is the wall clock.
+type realClock struct{}
+
+func (realClock) Now() time.Time                         { return time.Now() }
+func (realClock) After(d time.Duration) <-chan time.Time { return time.After(d) }
+
+// unmeasuredLatency ranks a peer never asked: about a LAN round trip, so
+// that a new peer is tried before a known slow one but after a known fast
+// one.
+const unmeasuredLatency = 2 * time.Millisecond
+
+// Locality of a peer relative to this node; lower is nearer.
+const (
+	sameRack  = 0 // same zone and same rack
+	sameZone  = 1 // same zone, another (or no) rack
+	elsewhere = 2 // another zone, or no labels to compare
+)
+
+// locality says how near a peer with labels p is to a node with labels
+// self. Racks are compared only within a zone (both zones equal, possibly
+// both unset); zones only when set.
+func locality(self, p Labels) int {
+	switch {
+	case self.Rack != "" && p.Rack == self.Rack && p.Zone == self.Zone:
+		return sameRack
+	case self.Zone != "" && p.Zone == self.Zone:
+		return sameZone
+	default:
+		return elsewhere
+	}
+}
+
+// latencyClass buckets a latency EWMA by powers of two (of microseconds):
+// peers within about a factor of two are equals, so that noise in the
+// estimate does not override load and randomness.
+func latencyClass(d time.Duration) int {
+	if d <= 0 {
+		d = unmeasuredLatency
+	}
+	return bits.Len64(uint64(d / time.Microsecond))
+}
+
+// ChoosePeers orders candidate peers by preference: same zone and rack
+// first, then same zone, then the lowest latency (EWMA, peers within a
+// factor of two being equals), then the fewest requests in flight (least
+// loaded), and at random among equals. Each candidate should appear once;
+// filtering out peers that may not be asked (avoided, resting after BUSY,
+// failed in this call) is the caller's business. The same candidates,
+// labels and random sequence give the same order.
+func ChoosePeers(candidates []PeerView, self Labels, rng Rand) []peer.ID {
+	type keyed struct {
+		id             peer.ID
+		loc, lat, load int
+		tie            uint64
+	}
+	ks := make([]keyed, len(candidates))
+	for i, c := range candidates {
+		ks[i] = keyed{id: c.ID, loc: locality(self, c.Labels), lat: latencyClass(c.Latency), load: max(c.InFlight, 0), tie: rng.Uint64()}
+	}
+	slices.SortStableFunc(ks, func(a, b keyed) int {
+		return cmp.Or(cmp.Compare(a.loc, b.loc), cmp.Compare(a.lat, b.lat), cmp.Compare(a.load, b.load), cmp.Compare(a.tie, b.tie))
+	})
+	out := make([]peer.ID, len(ks))
+	for i, k := range ks {
+		out[i] = k.id
+	}
+	return out
+}
+
+// Assign gives each block its first and second choice of peer: of the
+// block's holders (holders[i] for block i), the two that come first in
+// order (from ChoosePeers). Holders not in order are not eligible; a block
+// with no eligible holder gets "" as its first choice, and one with a
+// single eligible holder gets "" as its second. Ranking the whole call's
+// peers once, rather than per block, sends blocks with the same holders to
+// the same peer, so they share requests.
+func Assign(order []peer.ID, holders [][]peer.ID) (first, second []peer.ID) {
+	rank := make(map[peer.ID]int, len(order))
+	for i, p := range order {
+		if _, dup := rank[p]; !dup {
+			rank[p] = i
+		}
+	}
+	first = make([]peer.ID, len(holders))
+	second = make([]peer.ID, len(holders))
+	for i, hs := range holders {
+		r1, r2 := len(order), len(order)
+		for _, p := range hs {
+			r, ok := rank[p]
+			switch {
+			case !ok || r == r1 || r == r2:
+			case r < r1:
+				r1, r2 = r, r1
+			case r < r2:
+				r2 = r
+			}
+		}
+		if r1 < len(order) {
+			first[i] = order[r1]
+		}
+		if r2 < len(order) {
+			second[i] = order[r2]
+		}
+	}
+	return first, second
+}
+
+// minHedgeDelay is the least time a request is given before it is hedged,
+// however fast the peer has been: below it, scheduling noise alone would
+// double the traffic.
+const minHedgeDelay = 50 * time.Millisecond
+
+// HedgeDelay is how long to wait for the first byte from a peer whose
+// latency EWMA is latency before asking the next holder too: twice the
+// EWMA, at least minHedgeDelay, at most limit; limit itself for a peer never
+// measured. A limit of zero or less turns hedging off (the result is 0).
+func HedgeDelay(latency, limit time.Duration) time.Duration {
+	if limit <= 0 {
+		return 0
+	}
+	if latency <= 0 {
+		return limit
+	}
+	return min(max(2*latency, min(minHedgeDelay, limit)), limit)
+}
+
+// hrwScore is a peer's rendezvous score for a block: sha256(block ID ‖ peer
+// ID), the peer ID in its binary (multihash) form.
+func hrwScore(block flat.BlockID, p peer.ID) [sha256.Size]byte {
+	h := sha256.New()
+	h.Write(block[:])
+	h.Write([]byte(p))
+	var s [sha256.Size]byte
+	h.Sum(s[:0])
+	return s
+}
+
+// Designated is the node that fetches a block nobody holds from the
+// registry, for everybody: of providers and self, the one with the highest
+// rendezvous score sha256(block ID ‖ peer ID), compared as a big-endian
+// number (ties, which need a hash collision, go to the larger ID). Every
+// node that sees the same providers picks the same node; a provider joining
+// or leaving moves only the blocks it wins or held. providers may contain
+// self and duplicates. With self "" and no providers it returns "".
+func Designated(block flat.BlockID, providers []peer.ID, self peer.ID) peer.ID {
+	best := self
+	var bestScore [sha256.Size]byte
+	if self != "" {
+		bestScore = hrwScore(block, self)
+	}
+	for _, p := range providers {
+		if p == "" || p == best {
+			continue
+		}
+		s := hrwScore(block, p)
+		if c := bytes.Compare(s[:], bestScore[:]); best == "" || c > 0 || (c == 0 && p > best) {
+			best, bestScore = p, s
+		}
+	}
+	return best
+}
+
+// PlanOrigin splits blocks nobody holds by their designated fetcher among
+// providers and self: the ones self is designated for (own: fetch them from
+// the registry at once) and, per other peer, the ones to ask that peer for
+// with the ORIGIN flag. Order within each list follows blocks.
+func PlanOrigin(blocks []flat.Block, providers []peer.ID, self peer.ID) (ask map[peer.ID][]flat.Block, own []flat.Block) {
+	ask = map[peer.ID][]flat.Block{}
+	for _, b := range blocks {
+		d := Designated(b.ID, providers, self)
+		if d == self || d == "" {
+			own = append(own, b)
+			continue
+		}
+		ask[d] = append(ask[d], b)
+	}
+	return ask, own
+}

@@ -1,0 +1,326 @@
+package p2p
+
+import (
+	"encoding/binary"
+	"math/rand/v2"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/crypto"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/shoal-project/shoal/flat"
+)
+
+// testPeerIDs returns n real peer IDs (ed25519 keys) determined by seed.
+func testPeerIDs(t testing.TB, seed uint64, n int) []peer.ID {
+	t.Helper()
+	var key [32]byte
+	binary.LittleEndian.PutUint64(key[:], seed)
+	r := rand.NewChaCha8(key)
+	out := make([]peer.ID, n)
+	for i := range out {
+		_, pub, err := crypto.GenerateEd25519Key(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if out[i], err = peer.IDFromPublicKey(pub); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out
+}
+
+func seeded(seed uint64) *rand.Rand { return rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)) }
+
+func TestChoosePeers(t *testing.T) {
+	t.Parallel()
+	ids := testPeerIDs(t, 1, 4)
+	a, b, c, d := ids[0], ids[1], ids[2], ids[3]
+	ms := time.Millisecond
+	here := Labels{Zone: "z1", Rack: "r1"}
+	tests := []struct {
+		name  string
+		self  Labels
+		cands []PeerView
+		want  []peer.ID
+	}{
+		{
+			name: "same rack, then same zone, then elsewhere, whatever the latency",
+			self: here,
+			cands: []PeerView{
+				{ID: a, Labels: Labels{"z2", "r1"}, Latency: ms},
+				{ID: b, Labels: Labels{"z1", "r2"}, Latency: 80 * ms},
+				{ID: c, Labels: Labels{"z1", "r1"}, Latency: 300 * ms},
+				{ID: d, Latency: ms / 2},
+			},
+			want: []peer.ID{c, b, d, a}, // a and d are both elsewhere: d is faster
+		},
+		{
+			name: "a rack of the same name in another zone is not near",
+			self: here,
+			cands: []PeerView{
+				{ID: a, Labels: Labels{"z9", "r1"}},
+				{ID: b, Labels: Labels{"z1", "r7"}},
+			},
+			want: []peer.ID{b, a},
+		},
+		{
+			name: "then the lowest latency",
+			self: here,
+			cands: []PeerView{
+				{ID: a, Labels: Labels{"z1", ""}, Latency: 40 * ms},
+				{ID: b, Labels: Labels{"z1", ""}, Latency: 3 * ms},
+				{ID: c, Labels: Labels{"z1", ""}, Latency: 900 * ms},
+			},
+			want: []peer.ID{b, a, c},
+		},
+		{
+			name: "never measured ranks as a LAN round trip",
+			cands: []PeerView{
+				{ID: a, Latency: 20 * ms},
+				{ID: b},
+				{ID: c, Latency: 100 * time.Microsecond},
+			},
+			want: []peer.ID{c, b, a},
+		},
+		{
+			name: "within a factor of two the least loaded goes first",
+			cands: []PeerView{
+				{ID: a, Latency: 5 * ms, InFlight: 3},
+				{ID: b, Latency: 6 * ms, InFlight: 0},
+				{ID: c, Latency: 5 * ms, InFlight: 1},
+			},
+			want: []peer.ID{b, c, a},
+		},
+		{
+			name: "load does not beat latency",
+			cands: []PeerView{
+				{ID: a, Latency: 1 * ms, InFlight: 9},
+				{ID: b, Latency: 30 * ms},
+			},
+			want: []peer.ID{a, b},
+		},
+		{
+			name: "no labels on this node: zones do not count",
+			cands: []PeerView{
+				{ID: a, Labels: Labels{"z1", "r1"}, Latency: 50 * ms},
+				{ID: b, Latency: ms},
+			},
+			want: []peer.ID{b, a},
+		},
+		{name: "no candidates", self: here, want: []peer.ID{}},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			for seed := range uint64(20) {
+				got := ChoosePeers(tc.cands, tc.self, seeded(seed))
+				if !slices.Equal(got, tc.want) {
+					t.Fatalf("seed %d: order %v, want %v", seed, short(got), short(tc.want))
+				}
+			}
+		})
+	}
+}
+
+func short(ids []peer.ID) []string {
+	out := make([]string, len(ids))
+	for i, p := range ids {
+		s := p.String()
+		out[i] = s[len(s)-6:]
+	}
+	return out
+}
+
+// Equals are ordered at random, evenly, and the same seed gives the same
+// order.
+func TestChoosePeersRandomAmongEquals(t *testing.T) {
+	t.Parallel()
+	ids := testPeerIDs(t, 2, 4)
+	var cands []PeerView
+	for _, p := range ids {
+		cands = append(cands, PeerView{ID: p, Labels: Labels{Zone: "z"}, Latency: 4 * time.Millisecond})
+	}
+	first := map[peer.ID]int{}
+	const runs = 4000
+	for seed := range uint64(runs) {
+		got := ChoosePeers(cands, Labels{Zone: "z"}, seeded(seed))
+		if again := ChoosePeers(cands, Labels{Zone: "z"}, seeded(seed)); !slices.Equal(got, again) {
+			t.Fatalf("seed %d: %v then %v", seed, short(got), short(again))
+		}
+		if len(got) != len(ids) {
+			t.Fatalf("got %d peers", len(got))
+		}
+		first[got[0]]++
+	}
+	for _, p := range ids {
+		if share := float64(first[p]) / runs; share < 0.2 || share > 0.3 {
+			t.Errorf("peer %s first in %.1f%% of runs, want about 25%%", p, 100*share)
+		}
+	}
+}
+
+func TestAssign(t *testing.T) {
+	t.Parallel()
+	ids := testPeerIDs(t, 3, 4)
+	a, b, c, d := ids[0], ids[1], ids[2], ids[3]
+	order := []peer.ID{c, a, b} // d is not usable
+	tests := []struct {
+		name          string
+		holders       []peer.ID
+		first, second peer.ID
+	}{
+		{"best two by order", []peer.ID{b, a, c}, c, a},
+		{"one holder", []peer.ID{b}, b, ""},
+		{"only an unusable holder", []peer.ID{d}, "", ""},
+		{"unusable holders skipped", []peer.ID{d, b, d, a}, a, b},
+		{"duplicates count once", []peer.ID{b, b}, b, ""},
+		{"nobody", nil, "", ""},
+	}
+	var holders [][]peer.ID
+	for _, tc := range tests {
+		holders = append(holders, tc.holders)
+	}
+	first, second := Assign(order, holders)
+	for i, tc := range tests {
+		if first[i] != tc.first || second[i] != tc.second {
+			t.Errorf("%s: first %q second %q, want %q %q", tc.name, first[i], second[i], tc.first, tc.second)
+		}
+	}
+}
+
+func TestHedgeDelay(t *testing.T) {
+	t.Parallel()
+	ms := time.Millisecond
+	tests := []struct {
+		latency, limit, want time.Duration
+	}{
+		{0, 300 * ms, 300 * ms},           // never measured: the limit
+		{ms, 300 * ms, 50 * ms},           // fast peer: the floor
+		{40 * ms, 300 * ms, 80 * ms},      // twice the EWMA
+		{time.Second, 300 * ms, 300 * ms}, // capped
+		{ms, 20 * ms, 20 * ms},            // a limit under the floor wins
+		{40 * ms, 0, 0},                   // off
+		{40 * ms, -1, 0},                  // off
+	}
+	for _, tc := range tests {
+		if got := HedgeDelay(tc.latency, tc.limit); got != tc.want {
+			t.Errorf("HedgeDelay(%v, %v) = %v, want %v", tc.latency, tc.limit, got, tc.want)
+		}
+	}
+}
+
+func randomIDs(seed uint64, n int) []flat.BlockID {
+	r := seeded(seed)
+	out := make([]flat.BlockID, n)
+	for i := range out {
+		for j := 0; j < len(out[i]); j += 8 {
+			binary.LittleEndian.PutUint64(out[i][j:], r.Uint64())
+		}
+	}
+	return out
+}
+
+// Rendezvous hashing is stable (same inputs, same outputs, whatever the
+// order of the providers and whether self is among them), balanced, and
+// moves only the blocks of a provider that leaves.
+func TestDesignated(t *testing.T) {
+	t.Parallel()
+	peers := testPeerIDs(t, 4, 20)
+	blocks := randomIDs(5, 10000)
+	self := peers[0]
+	others := peers[1:]
+	shuffled := slices.Clone(peers)
+	seeded(6).Shuffle(len(shuffled), func(i, j int) { shuffled[i], shuffled[j] = shuffled[j], shuffled[i] })
+
+	count := map[peer.ID]int{}
+	winner := make([]peer.ID, len(blocks))
+	for i, id := range blocks {
+		w := Designated(id, others, self)
+		if w2 := Designated(id, shuffled, self); w2 != w {
+			t.Fatalf("block %d: %s, or %s with providers reordered and self among them", i, w, w2)
+		}
+		if w3 := Designated(id, others, self); w3 != w {
+			t.Fatalf("block %d: not deterministic", i)
+		}
+		// Every node, with its own view, agrees.
+		if w4 := Designated(id, append(slices.Clone(peers[:5]), peers[6:]...), peers[5]); w4 != w {
+			t.Fatalf("block %d: node 0 says %s, node 5 says %s", i, w, w4)
+		}
+		winner[i] = w
+		count[w]++
+	}
+	mean := float64(len(blocks)) / float64(len(peers))
+	most, least := 0, len(blocks)
+	for _, p := range peers {
+		most, least = max(most, count[p]), min(least, count[p])
+	}
+	t.Logf("blocks per node over %d nodes: mean %.0f, min %d, max %d", len(peers), mean, least, most)
+	if float64(most) > 2*mean || least == 0 {
+		t.Errorf("unbalanced: max %d, min %d, mean %.0f", most, least, mean)
+	}
+
+	// Provider 7 leaves: only its blocks move, spread over the others.
+	gone := peers[7]
+	rest := slices.DeleteFunc(slices.Clone(others), func(p peer.ID) bool { return p == gone })
+	moved := map[peer.ID]int{}
+	for i, id := range blocks {
+		w := Designated(id, rest, self)
+		switch {
+		case winner[i] == gone && w == gone:
+			t.Fatalf("block %d still designated to a provider that left", i)
+		case winner[i] == gone:
+			moved[w]++
+		case w != winner[i]:
+			t.Fatalf("block %d moved from %s to %s though its node stayed", i, winner[i], w)
+		}
+	}
+	if len(moved) < len(rest)/2 {
+		t.Errorf("the leaver's %d blocks went to only %d nodes", count[gone], len(moved))
+	}
+
+	if got := Designated(blocks[0], nil, self); got != self {
+		t.Errorf("alone: %s, want self", got)
+	}
+	if got := Designated(blocks[0], nil, ""); got != "" {
+		t.Errorf("nobody: %q", got)
+	}
+	if got := Designated(blocks[0], others, ""); got == "" || !slices.Contains(others, got) {
+		t.Errorf("no self: %q", got)
+	}
+}
+
+func TestPlanOrigin(t *testing.T) {
+	t.Parallel()
+	peers := testPeerIDs(t, 7, 3)
+	self, others := peers[0], peers[1:]
+	var blocks []flat.Block
+	for _, id := range randomIDs(8, 60) {
+		blocks = append(blocks, flat.Block{ID: id, ULen: 1})
+	}
+	ask, own := PlanOrigin(blocks, others, self)
+	total := len(own)
+	for p, bs := range ask {
+		if p == self || !slices.Contains(others, p) {
+			t.Fatalf("asks %s", p)
+		}
+		total += len(bs)
+		for _, b := range bs {
+			if Designated(b.ID, others, self) != p {
+				t.Fatalf("block %s asked of %s, not its designated fetcher", b.ID, p)
+			}
+		}
+	}
+	for _, b := range own {
+		if Designated(b.ID, others, self) != self {
+			t.Fatalf("block %s kept though not designated to self", b.ID)
+		}
+	}
+	if total != len(blocks) || len(own) == 0 || len(ask) != 2 {
+		t.Errorf("%d own, %d peers asked, %d blocks in all of %d", len(own), len(ask), total, len(blocks))
+	}
+	if ask, own := PlanOrigin(blocks, nil, self); len(ask) != 0 || len(own) != len(blocks) {
+		t.Errorf("alone: %d asked, %d own", len(ask), len(own))
+	}
+}
