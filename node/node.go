@@ -96,7 +96,9 @@ func WithFetchObserver(o fetch.Observer) Option {
 
 // WithOnEvict is called for every block the cache drops (the swarm
 // withdraws it).
-func WithOnEvict(f func(flat.BlockID)) Option { return func(c *config) error { c.onEvict = f; return nil } }
+func WithOnEvict(f func(flat.BlockID)) Option {
+	return func(c *config) error { c.onEvict = f; return nil }
+}
 
 // WithoutFallback makes a missing flat form an error instead of a local
 // conversion (default: convert locally).
