@@ -37,6 +37,18 @@ func (c *blockCache) get(block uint32) ([]byte, bool) {
 	return el.Value.(*cached).data, true
 }
 
+// peek returns a cached block without touching its recency: for
+// background work that must not push out what readers use.
+func (c *blockCache) peek(block uint32) ([]byte, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	el, ok := c.items[block]
+	if !ok {
+		return nil, false
+	}
+	return el.Value.(*cached).data, true
+}
+
 // contains reports whether block is cached without touching its recency.
 func (c *blockCache) contains(block uint32) bool {
 	c.mu.Lock()

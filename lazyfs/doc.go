@@ -10,7 +10,9 @@
 // exists. Block bytes come from a [Fetcher], an interface this package
 // declares and the daemon implements with its resolution chain (local block
 // cache, then peers, then the registry); lazyfs knows nothing of where bytes
-// come from. A Fetcher that is also a [Prefetcher] gets readahead hints.
+// come from. A Fetcher that is also a [Prefetcher] gets readahead hints,
+// and one that is also a [LocalChecker] lets lazyfs hand files whose blocks
+// are all local to the kernel to read directly (WithBackingDir, below).
 //
 // # What is answered where
 //
@@ -60,6 +62,77 @@
 //     Replies are slices of the cached blocks, written to the kernel with
 //     writev, with no copy in between.
 //  4. Everything below (the local block store, peers) is the Fetcher's.
+//
+// Large files whose blocks are all local skip levels 3 and 4 altogether:
+// see the next section.
+//
+// # Passthrough: local files read by the kernel
+//
+// Even with every block in the node's cache, a read through the daemon
+// costs a FUSE round trip, a block store read and, in the block store, a
+// SHA-256 per block; cold, that is well under half the speed of the same
+// file on the local disk. With WithBackingDir, a regular file of at least
+// WithPassthroughMinSize bytes (256 KiB by default) whose blocks are all
+// local is materialized: written out, decompressed, as a plain file in the
+// backing directory. Later opens hand that file to the kernel (FUSE
+// passthrough, Linux 6.9 and later, through go-fuse's
+// FilePassthroughFder), which then reads, maps and executes it as it would
+// a local file: its reads never reach lazyfs. Small files stay on the block
+// path, where the blocks they share with their neighbours are read once;
+// a backing file each would cost an inode and an open per file for little.
+//
+// A backing file is named by a content key, a SHA-256 over the file's size
+// and its extents' block IDs, offsets and lengths. Block IDs are hashes of
+// the bytes, so the key pins down the contents: a backing file is written
+// once and never changed, nothing needs invalidating when an image goes
+// away, and identical files of different images (the same base layers
+// under many images) share one.
+//
+// Files are materialized in the background, one at a time per mount, when
+// they are opened or released with every block local (the Fetcher must be
+// a LocalChecker; without one nothing is written, but backing files that
+// exist are still used). Usually that is the release of a file that was
+// just read to the end, so the next open is already passed through.
+// Materializing reads local blocks only and never fetches: it would turn a
+// read of a few bytes into the download of the whole file. A file is
+// written to <key>.tmp, synced, and renamed, so a name without the suffix
+// always holds the whole file, also after a crash; a process that starts
+// using the directory removes the .tmp files, and a backing file of the
+// wrong size is removed instead of used. Passthrough reads are not checked
+// against block IDs (lazyfs never sees them): the bytes are checked once,
+// on their way into the backing file, and from then on the directory is
+// trusted like the rest of the node's state on that disk. Unmount cancels
+// a materialization in flight and drops the queue; the next mount
+// materializes those files when they are next opened.
+//
+// The directory has a byte budget, shared by the mounts of the process
+// that use it, and counted from what is on disk when the first of them
+// starts. To make room for a new file, the least recently opened files are
+// removed (files from before the process started count as used when they
+// were written); a file larger than the whole budget is never written.
+// Removing a file that is open does no harm: the kernel and lazyfs keep
+// reading it until it is closed.
+//
+// The kernel refuses a passthrough open of a file that is open through
+// the page cache, and the reverse, failing the second open with EIO. So
+// the handles of a file are all of one kind at a time: a file opened the
+// block way before it was materialized keeps being opened that way until
+// its last such handle is released, and while one passthrough handle is
+// open, every open of the file is one. go-fuse clears FOPEN_KEEP_CACHE on
+// a passthrough open; its reads do not use the FUSE file's page cache, and
+// whatever earlier opens left there are the same bytes.
+//
+// Without kernel support (an older kernel, a server without
+// CAP_SYS_ADMIN, or a backing directory the kernel will not stack on, such
+// as one on overlayfs), the first registration of a backing file fails and
+// go-fuse silently stops trying for the mount. The same handles are then
+// served by lazyfs, by pread from the backing file: a FUSE round trip per
+// read still, but no block lookup or hash. Stats tell the two apart:
+// PassthroughOpens counts backed opens, BackingReads the reads of them
+// that reached lazyfs. Passthrough is negotiated only when a backing
+// directory is set, since it makes the kernel count the mount as one level
+// of file system stacking: an overlayfs on top (a container's root) is
+// then at the kernel's limit of two and cannot itself be stacked on.
 //
 // # Reads
 //
@@ -118,8 +191,8 @@
 // with default_permissions: the kernel checks modes and owners from the
 // index, so a mode-0600 file is private to its owner as in the image.
 // WithAllowOther lets other users in at all. Unmount cancels every fetch
-// in flight (waiting reads fail with EIO at once), unmounts, and waits for
-// the server and every goroutine lazyfs started. A mount still busy with
+// and materialization in flight (waiting reads fail with EIO at once),
+// unmounts, and waits for the server and every goroutine lazyfs started. A mount still busy with
 // open files after a few retries is detached instead (umount -l): it
 // leaves the tree at once, and the open files are served from memory until
 // closed, when Wait returns. The mount's /dev/fuse descriptor is marked

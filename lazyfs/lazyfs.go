@@ -62,6 +62,13 @@ type config struct {
 	verify          bool
 	kernelReadahead int
 	debug           bool
+	backingDir      string
+	backingMax      int64
+	passthroughMin  int64
+
+	// noKernelPassthrough keeps passthrough out of the FUSE handshake, as
+	// on a kernel without it: for tests of the fallback.
+	noKernelPassthrough bool
 }
 
 func defaults() config {
@@ -73,6 +80,7 @@ func defaults() config {
 		fsName:          "shoal",
 		verify:          true,
 		kernelReadahead: 1 << 20,
+		passthroughMin:  256 << 10,
 	}
 }
 
@@ -174,6 +182,45 @@ func WithFUSEDebug(on bool) Option {
 	return func(c *config) error { c.debug = on; return nil }
 }
 
+// WithBackingDir serves files whose blocks are all local from plain files
+// in dir, through FUSE passthrough where the kernel supports it (default:
+// off). lazyfs materializes a file there, in the background and only from
+// blocks the Fetcher has locally (it must be a LocalChecker, or nothing is
+// written), once it is opened or closed with all its blocks local; later
+// opens hand the kernel the materialized file, and reads no longer reach
+// lazyfs at all. maxBytes bounds the directory's size (0 turns the feature
+// off); past it, the least recently opened files are removed to make room.
+// The directory is created if needed. Mounts of one process may share it;
+// processes may not (a process that starts using it removes what looks
+// half written). See the package documentation.
+func WithBackingDir(dir string, maxBytes int64) Option {
+	return func(c *config) error {
+		if maxBytes < 0 {
+			return fmt.Errorf("backing directory budget %d: want 0 or more", maxBytes)
+		}
+		if dir == "" && maxBytes > 0 {
+			return errors.New("backing directory: empty path")
+		}
+		c.backingDir, c.backingMax = dir, maxBytes
+		return nil
+	}
+}
+
+// WithPassthroughMinSize sets the smallest file that is materialized into
+// the backing directory (default 256 KiB). Smaller files are read through
+// lazyfs, where the blocks they share with their neighbours are fetched
+// once and kept in memory; a backing file of their own would cost an inode
+// and an open per file for little gain.
+func WithPassthroughMinSize(bytes int64) Option {
+	return func(c *config) error {
+		if bytes < 0 {
+			return fmt.Errorf("passthrough minimum size %d: want 0 or more", bytes)
+		}
+		c.passthroughMin = bytes
+		return nil
+	}
+}
+
 // cacheTimeout is the entry, attribute and negative-lookup timeout handed to
 // the kernel. The tree never changes while mounted, so the kernel may keep
 // all three as long as it likes; an hour makes revalidation rare.
@@ -189,7 +236,8 @@ type FS struct {
 	x      *flat.Index
 	t      *tree
 	f      Fetcher
-	pf     Prefetcher // f, if it is one
+	pf     Prefetcher   // f, if it is one
+	lc     LocalChecker // f, if it is one
 	cfg    config
 	log    *slog.Logger
 	server *fuse.Server
@@ -211,6 +259,12 @@ type FS struct {
 	unmountOnce sync.Once
 	unmountErr  error
 
+	// With a backing directory: materializing, and the open handles of
+	// large files by kind (see openState).
+	mat   *materializer
+	omu   sync.Mutex
+	opens map[int32]*openState
+
 	stats stats
 }
 
@@ -220,6 +274,9 @@ type stats struct {
 	readahead                          atomic.Int64
 	readBytes, readErrors              atomic.Int64
 	waiting                            atomic.Int64
+	passthroughOpens, backingReads     atomic.Int64
+	materialized, materializedBytes    atomic.Int64
+	materializeErrors                  atomic.Int64
 }
 
 // Stats are a mount's counters since it was mounted.
@@ -234,6 +291,16 @@ type Stats struct {
 	ReadErrors   int64 `json:"read_errors"`   // reads answered with EIO
 	Waiting      int64 `json:"waiting"`       // reads waiting for a block right now
 	CachedBytes  int64 `json:"cached_bytes"`  // decompressed bytes held in memory
+
+	// With a backing directory (WithBackingDir):
+	PassthroughOpens  int64 `json:"passthrough_opens"`  // opens answered with a materialized file
+	BackingReads      int64 `json:"backing_reads"`      // reads of those that came to lazyfs (the kernel did not pass them through)
+	Materialized      int64 `json:"materialized"`       // files this mount materialized
+	MaterializedBytes int64 `json:"materialized_bytes"` // and their bytes
+	MaterializeErrors int64 `json:"materialize_errors"` // materializations abandoned (disk, cache, unmount)
+	BackingFiles      int64 `json:"backing_files"`      // files in the backing directory now, as far as this process knows
+	BackingBytes      int64 `json:"backing_bytes"`      // and their bytes
+	BackingEvicted    int64 `json:"backing_evicted"`    // files removed from it to stay in budget, by this process
 }
 
 // Mount mounts x read-only at mountpoint and serves it until Unmount.
@@ -274,6 +341,16 @@ func Mount(ctx context.Context, mountpoint string, x *flat.Index, f Fetcher, opt
 	}
 	m.pf, _ = f.(Prefetcher)
 	m.ctx, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
+	if c.backingDir != "" && c.backingMax > 0 {
+		d, err := acquireBackingDir(c.backingDir, c.backingMax)
+		if err != nil {
+			m.cancel()
+			return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+		}
+		m.mat = newMaterializer(d)
+		m.opens = map[int32]*openState{}
+		m.lc, _ = f.(LocalChecker)
+	}
 
 	timeout := cacheTimeout
 	fuseLog := slog.NewLogLogger(m.log.Handler(), slog.LevelWarn)
@@ -313,10 +390,19 @@ func Mount(ctx context.Context, mountpoint string, x *flat.Index, f Fetcher, opt
 		RootStableAttr:  &fs.StableAttr{Ino: t.ino(0)},
 		Logger:          fuseLog,
 	}
+	if m.mat == nil || c.noKernelPassthrough {
+		// Negotiated, passthrough makes the kernel count this mount as a
+		// level of file system stacking (see the package documentation):
+		// not worth it with nothing to pass through.
+		fsOpts.MountOptions.DisabledCapabilities = fuse.CAP_PASSTHROUGH
+	}
 	root := &dir{node{m: m, i: 0}}
 	server, err := fs.Mount(mountpoint, root, fsOpts)
 	if err != nil {
 		m.cancel()
+		if m.mat != nil {
+			m.mat.d.release()
+		}
 		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
 	}
 	m.server = server
@@ -324,16 +410,23 @@ func Mount(ctx context.Context, mountpoint string, x *flat.Index, f Fetcher, opt
 	if c.kernelReadahead > 0 {
 		m.setKernelReadahead(c.kernelReadahead)
 	}
+	if m.mat != nil && m.lc != nil && m.track() {
+		go m.materializeLoop()
+	}
 	go func() {
 		// However the file system goes away (Unmount, umount(8), the kernel
 		// aborting the connection), stop fetching and drain.
 		server.Wait()
 		m.stop()
 		m.bg.Wait()
+		if m.mat != nil {
+			m.closeBackingFiles()
+			m.mat.d.release()
+		}
 		close(m.done)
 	}()
 	m.log.Info("mounted", "entries", len(x.Entries), "blocks", len(x.Blocks), "image_bytes", x.ImageBytes(),
-		"prefetcher", m.pf != nil)
+		"prefetcher", m.pf != nil, "backing_dir", c.backingDir, "backing_budget", c.backingMax, "local_checker", m.lc != nil)
 	return m, nil
 }
 
@@ -343,12 +436,19 @@ func (m *FS) Dir() string { return m.dir }
 // Stats returns the mount's counters.
 func (m *FS) Stats() Stats {
 	s := &m.stats
-	return Stats{
+	st := Stats{
 		Fetches: s.fetches.Load(), FetchErrors: s.fetchErrors.Load(), FetchedBytes: s.fetchedBytes.Load(),
 		CacheHits: s.hits.Load(), CacheMisses: s.misses.Load(), Readahead: s.readahead.Load(),
 		ReadBytes: s.readBytes.Load(), ReadErrors: s.readErrors.Load(), Waiting: s.waiting.Load(),
-		CachedBytes: m.cache.bytes(),
+		CachedBytes:      m.cache.bytes(),
+		PassthroughOpens: s.passthroughOpens.Load(), BackingReads: s.backingReads.Load(),
+		Materialized: s.materialized.Load(), MaterializedBytes: s.materializedBytes.Load(),
+		MaterializeErrors: s.materializeErrors.Load(),
 	}
+	if m.mat != nil {
+		st.BackingFiles, st.BackingBytes, st.BackingEvicted = m.mat.d.usage()
+	}
+	return st
 }
 
 // Wait blocks until the file system is unmounted (by Unmount or from

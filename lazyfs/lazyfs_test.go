@@ -790,6 +790,9 @@ func TestOptions(t *testing.T) {
 		{"empty fs name", WithFSName("")},
 		{"nil logger", WithLogger(nil)},
 		{"huge kernel readahead", WithKernelReadahead(1 << 30)},
+		{"negative backing budget", WithBackingDir(t.TempDir(), -1)},
+		{"backing budget, no directory", WithBackingDir("", 1<<20)},
+		{"negative passthrough size", WithPassthroughMinSize(-1)},
 	}
 	for _, tc := range bad {
 		t.Run(tc.name, func(t *testing.T) {

@@ -38,8 +38,9 @@ var (
 	_ fs.FileReaddirenter   = (*dirHandle)(nil)
 	_ fs.FileSeekdirer      = (*dirHandle)(nil)
 
-	_ fs.NodeOpener = (*file)(nil)
-	_ fs.NodeReader = (*file)(nil)
+	_ fs.NodeOpener   = (*file)(nil)
+	_ fs.NodeReader   = (*file)(nil)
+	_ fs.NodeReleaser = (*file)(nil)
 
 	_ fs.NodeReadlinker = (*symlink)(nil)
 
@@ -161,14 +162,21 @@ func (h *dirHandle) Seekdir(ctx context.Context, off uint64) syscall.Errno {
 	return 0
 }
 
-// Open hands out a handle that tracks sequential reading, and tells the
-// kernel to keep cached pages across opens (FOPEN_KEEP_CACHE) and not to
-// send FLUSH on close (nothing to flush on a read-only file).
+// Open hands out a handle that tracks sequential reading, or, for a large
+// file materialized in the backing directory, one that hands the kernel the
+// backing file (passthrough). It tells the kernel to keep cached pages
+// across opens (FOPEN_KEEP_CACHE; go-fuse drops it for a passthrough open,
+// whose reads do not use this file's page cache) and not to send FLUSH on
+// close (nothing to flush on a read-only file).
 func (f *file) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, syscall.Errno) {
 	if flags&syscall.O_ACCMODE != syscall.O_RDONLY {
 		return nil, 0, syscall.EROFS
 	}
-	return newHandle(), fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH, 0
+	const keep = fuse.FOPEN_KEEP_CACHE | fuse.FOPEN_NOFLUSH
+	if f.m.passthroughCandidate(f.i) {
+		return f.m.openLarge(f.i), keep, 0
+	}
+	return newHandle(), keep, 0
 }
 
 // Read serves file contents. It ignores ctx's cancellation on purpose: the
@@ -176,8 +184,20 @@ func (f *file) Open(ctx context.Context, flags uint32) (fs.FileHandle, uint32, s
 // programs get SIGURG all the time), and an EINTR answered to a page fault
 // becomes SIGBUS. Reads are bounded by the fetch timeout instead.
 func (f *file) Read(ctx context.Context, fh fs.FileHandle, dest []byte, off int64) (fuse.ReadResult, syscall.Errno) {
+	if b, ok := fh.(*backedHandle); ok {
+		return f.m.readBacked(b, dest, off)
+	}
 	h, _ := fh.(*handle)
 	return f.m.read(f.i, h, dest, off)
+}
+
+// Release forgets an open file; closing a large file whose blocks are all
+// local is what usually gets it materialized.
+func (f *file) Release(ctx context.Context, fh fs.FileHandle) syscall.Errno {
+	if f.m.mat != nil {
+		f.m.release(f.i, fh)
+	}
+	return 0
 }
 
 func (s *symlink) Readlink(ctx context.Context) ([]byte, syscall.Errno) {

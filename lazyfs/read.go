@@ -21,6 +21,7 @@ type handle struct {
 	lastEnd int64 // end of the previous read; -1 before the first
 	maxEnd  int64 // furthest end read so far
 	hinted  int   // extents before this index have been hinted for readahead
+	counted bool  // counted in FS.opens (a large file, with a backing dir)
 }
 
 func newHandle() *handle { return &handle{lastEnd: -1} }

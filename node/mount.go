@@ -10,8 +10,33 @@ import (
 
 	"golang.org/x/sys/unix"
 
+	"github.com/shoal-project/shoal/blockstore"
+	"github.com/shoal-project/shoal/fetch"
+	"github.com/shoal-project/shoal/flat"
 	"github.com/shoal-project/shoal/lazyfs"
 )
+
+// DefaultBackingBytes bounds files/ in the state directory: the files of
+// mounted images materialized from the block cache, which lazy mounts hand
+// to the kernel to read directly (lazyfs.WithBackingDir). Pass that option
+// to Mount to change it; a budget of 0 turns materializing off.
+const DefaultBackingBytes = 4 << 30
+
+// localChain is the fetch chain plus what lazyfs asks before materializing
+// a file: whether a block is in the block cache, so that materializing
+// never reaches the network. Embedding keeps the chain's Prefetch.
+type localChain struct {
+	*fetch.Chain
+	store *blockstore.Store
+}
+
+var _ lazyfs.LocalChecker = localChain{}
+
+// HasLocal asks the block cache's in-memory index; no disk read.
+func (c localChain) HasLocal(ctx context.Context, b flat.Block) bool {
+	ok, err := c.store.Has(ctx, b.ID)
+	return err == nil && ok
+}
 
 // Mount is a lazy mount of an image, owned by this process.
 type Mount struct {
@@ -61,9 +86,14 @@ func (n *Node) Mount(ctx context.Context, img *Image, dir string, opts ...lazyfs
 	clearDeadMount(dir)
 	// The chain hands out only verified bytes (the cache re-hashes on every
 	// get, sources are checked before use), so lazyfs's own second SHA-256
-	// per block would only halve cached read throughput.
-	opts = append([]lazyfs.Option{lazyfs.WithLogger(n.cfg.log), lazyfs.WithVerify(false)}, opts...)
-	fs, err := lazyfs.Mount(ctx, dir, img.Index, img.Chain, opts...)
+	// per block would only halve cached read throughput. Files whose blocks
+	// are all in the block cache are materialized under files/ and then
+	// read by the kernel directly (FUSE passthrough); see lazyfs.
+	opts = append([]lazyfs.Option{
+		lazyfs.WithLogger(n.cfg.log), lazyfs.WithVerify(false),
+		lazyfs.WithBackingDir(filepath.Join(n.dir, "files"), DefaultBackingBytes),
+	}, opts...)
+	fs, err := lazyfs.Mount(ctx, dir, img.Index, localChain{img.Chain, n.store}, opts...)
 	if err != nil {
 		lock.Close()
 		return nil, fmt.Errorf("mount %s at %s: %w", img.Source, dir, err)
