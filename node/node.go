@@ -8,6 +8,8 @@
 //
 //	blocks/          the block cache (badger)
 //	indexes/<hex>    indexes of images converted locally, by source digest
+//	files/<key>      files materialized from cached blocks for FUSE passthrough
+//	identity/        the daemon's libp2p key
 //	runs/<id>/       one per mount: lower/ (the FUSE mount), upper/, work/,
 //	                 and lock, flocked by the owning process while it lives
 //
