@@ -19,6 +19,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/shoal-project/shoal/internal/testenv"
 )
 
 const (
@@ -117,7 +119,7 @@ func WithLogf(logf func(format string, args ...any)) Option {
 func New(tb testing.TB, opts ...Option) *Lab {
 	tb.Helper()
 	if err := Available(); err != nil {
-		skipOrFatal(tb, "netlab: %v", err)
+		testenv.SkipOrFatal(tb, "netlab: %v", err)
 	}
 	cfg := config{logf: tb.Logf}
 	for _, o := range opts {
@@ -423,23 +425,4 @@ func (l *Lab) fail(format string, args ...any) {
 		l.tb.Fatalf(format, args...)
 	}
 	panic(fmt.Sprintf(format, args...))
-}
-
-// InCI reports whether the CI environment variable is set (to anything but
-// "", "0" or "false"), where a lab that cannot be created is a failure rather
-// than a skip.
-func InCI() bool {
-	switch strings.ToLower(os.Getenv("CI")) {
-	case "", "0", "false":
-		return false
-	}
-	return true
-}
-
-func skipOrFatal(tb testing.TB, format string, args ...any) {
-	tb.Helper()
-	if InCI() {
-		tb.Fatalf(format+" (CI is set, so this is a failure: the CI setup must provide it)", args...)
-	}
-	tb.Skipf(format, args...)
 }

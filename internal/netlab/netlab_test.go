@@ -21,6 +21,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/shoal-project/shoal/internal/testenv"
 )
 
 const (
@@ -43,7 +45,7 @@ func needLab(t *testing.T) {
 		t.Skip("netlab: network namespaces are not for -short")
 	}
 	if err := Available(); err != nil {
-		skipOrFatal(t, "netlab: %v", err)
+		testenv.SkipOrFatal(t, "netlab: %v", err)
 	}
 }
 

@@ -15,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shoal-project/shoal/internal/testenv"
 )
 
 const (
@@ -48,12 +50,12 @@ func (h *Host) StartRegistry(tb testing.TB) string {
 	tb.Helper()
 	bin := registryBinary()
 	if _, err := exec.LookPath(bin); err != nil {
-		skipOrFatal(tb, "netlab: real registry not available: %v (apt-get install docker-registry)", err)
+		testenv.SkipOrFatal(tb, "netlab: real registry not available: %v (apt-get install docker-registry)", err)
 	}
 	dir := tb.TempDir()
 	addr := h.HostPort(RegistryPort)
 	cfg := filepath.Join(dir, "config.yml")
-	if err := os.WriteFile(cfg, []byte(registryConfig(addr, filepath.Join(dir, "data"))), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(testenv.RegistryConfig(addr, filepath.Join(dir, "data"))), 0o644); err != nil {
 		tb.Fatalf("netlab: registry config: %v", err)
 	}
 	accessLog, err := os.Create(filepath.Join(dir, "access.log"))
@@ -183,34 +185,4 @@ func waitReady(ctx context.Context, client *http.Client, url string, exited <-ch
 		case <-tick.C:
 		}
 	}
-}
-
-// registryConfig is internal/testenv's registry config (and
-// scripts/registry.sh's), listening on addr: filesystem storage, deletes
-// allowed, the access log on stdout, the rest at warn on stderr.
-func registryConfig(addr, dataDir string) string {
-	return fmt.Sprintf(`version: 0.1
-log:
-  level: warn
-  formatter: text
-  accesslog:
-    disabled: false
-storage:
-  filesystem:
-    rootdirectory: %s
-  delete:
-    enabled: true
-  maintenance:
-    uploadpurging:
-      enabled: false
-http:
-  addr: %s
-  # Fixed, so that an upload survives a restart; this is a lab test registry.
-  secret: shoal-netlab-not-secret
-  headers:
-    X-Content-Type-Options: [nosniff]
-health:
-  storagedriver:
-    enabled: false
-`, dataDir, addr)
 }

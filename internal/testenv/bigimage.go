@@ -70,7 +70,7 @@ var ErrNoToolchain = errors.New("host toolchain missing")
 func BigImage(tb testing.TB) v1.Image {
 	tb.Helper()
 	if err := checkToolchains(); err != nil {
-		skipOrFatal(tb, "testenv: cannot build the big image: %v", err)
+		SkipOrFatal(tb, "testenv: cannot build the big image: %v", err)
 	}
 	base := DebianImage(tb)
 	start := time.Now()

@@ -17,8 +17,8 @@ func InCI() bool {
 	return true
 }
 
-// skipOrFatal skips the test on a developer's machine and fails it in CI.
-func skipOrFatal(tb testing.TB, format string, args ...any) {
+// SkipOrFatal skips the test on a developer's machine and fails it in CI.
+func SkipOrFatal(tb testing.TB, format string, args ...any) {
 	tb.Helper()
 	if InCI() {
 		tb.Fatalf(format+" (CI is set, so this is a failure: the CI setup must provide it)", args...)

@@ -68,7 +68,7 @@ type registryProcess struct {
 func StartRegistry(tb testing.TB) *Registry {
 	tb.Helper()
 	if _, err := exec.LookPath(registryBinary()); err != nil {
-		skipOrFatal(tb, "testenv: real registry not available: %v (apt-get install docker-registry)", err)
+		SkipOrFatal(tb, "testenv: real registry not available: %v (apt-get install docker-registry)", err)
 	}
 	r := &Registry{Dir: tb.TempDir(), tb: tb}
 	tb.Cleanup(func() {
@@ -209,7 +209,7 @@ func (r *Registry) start() error {
 		return errors.New("already running")
 	}
 	cfg := filepath.Join(r.Dir, "config.yml")
-	if err := os.WriteFile(cfg, []byte(registryConfig(r.Host, filepath.Join(r.Dir, "data"))), 0o644); err != nil {
+	if err := os.WriteFile(cfg, []byte(RegistryConfig(r.Host, filepath.Join(r.Dir, "data"))), 0o644); err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}
 	// The access log goes to stdout and everything else to stderr; both are
@@ -332,10 +332,11 @@ func freePort() (int, error) {
 	return l.Addr().(*net.TCPAddr).Port, nil
 }
 
-// registryConfig is the distribution config shared in spirit with
-// scripts/registry.sh: filesystem storage, deletes allowed (tests of garbage
-// and re-pushes need them), the access log kept, the rest at warn.
-func registryConfig(addr, dataDir string) string {
+// RegistryConfig is the distribution config of every test registry (and of
+// scripts/registry.sh): filesystem storage under dataDir, deletes allowed
+// (tests of garbage and re-pushes need them), the access log kept, the rest
+// at warn, listening on addr.
+func RegistryConfig(addr, dataDir string) string {
 	return fmt.Sprintf(`version: 0.1
 log:
   level: warn
@@ -352,8 +353,8 @@ storage:
       enabled: false
 http:
   addr: %s
-  # Fixed, so that an upload survives a restart; this is a loopback test registry.
-  secret: shoal-testenv-not-secret
+  # Fixed, so that an upload survives a restart; this is a test registry.
+  secret: shoal-test-registry-not-secret
   headers:
     X-Content-Type-Options: [nosniff]
 health:

@@ -52,10 +52,10 @@ func DebianTarball(tb testing.TB) string {
 	}
 	script, err := findScript("debian-rootfs.sh")
 	if err != nil {
-		skipOrFatal(tb, "testenv: no cached %s and cannot build it: %v", debian, err)
+		SkipOrFatal(tb, "testenv: no cached %s and cannot build it: %v", debian, err)
 	}
 	if os.Geteuid() != 0 {
-		skipOrFatal(tb, "testenv: no cached %s, and building it needs root: run sudo %s", debian, script)
+		SkipOrFatal(tb, "testenv: no cached %s, and building it needs root: run sudo %s", debian, script)
 	}
 	tb.Logf("testenv: building %s with %s (debootstrap: a minute or more)", debian, script)
 	start := time.Now()
@@ -70,7 +70,7 @@ func DebianTarball(tb testing.TB) string {
 	cmd.Cancel = func() error { return syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM) }
 	cmd.WaitDelay = time.Minute
 	if err := cmd.Run(); err != nil {
-		skipOrFatal(tb, "testenv: %s: %v\n%s", script, err, stderr.String())
+		SkipOrFatal(tb, "testenv: %s: %v\n%s", script, err, stderr.String())
 	}
 	path := strings.TrimSpace(stdout.String())
 	if i := strings.LastIndexByte(path, '\n'); i >= 0 {
