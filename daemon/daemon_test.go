@@ -106,7 +106,7 @@ func TestDaemonMountStatusMetricsShutdown(t *testing.T) {
 	}
 	body, _ := io.ReadAll(resp.Body)
 	resp.Body.Close()
-	for _, want := range []string{`shoal_block_bytes_total{source="registry"}`, "shoal_mounts 1", "shoal_fetch_seconds_bucket", "shoal_cache_bytes"} {
+	for _, want := range []string{`shoal_block_bytes_total{source="registry"}`, "shoal_mounts 1", "shoal_fetch_seconds_bucket", "shoal_cache_bytes", "shoal_cache_hit_ratio"} {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q", want)
 		}

@@ -2,6 +2,7 @@ package daemon
 
 import (
 	"net/http"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,6 +21,8 @@ type metrics struct {
 	latency     *prometheus.HistogramVec
 	fetchErrors *prometheus.CounterVec
 	mounts      prometheus.Gauge
+
+	hitBytes, allBytes atomic.Int64 // for the hit ratio
 }
 
 var _ fetch.Observer = (*metrics)(nil)
@@ -44,6 +47,14 @@ func newMetrics() *metrics {
 	}
 	m.reg.MustRegister(m.bytes, m.blocks, m.latency, m.fetchErrors, m.mounts,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{
+		Name: "shoal_cache_hit_ratio", Help: "Share of block bytes served to mounts from the local cache, since start.",
+	}, func() float64 {
+		if all := m.allBytes.Load(); all > 0 {
+			return float64(m.hitBytes.Load()) / float64(all)
+		}
+		return 0
+	}))
 	for _, s := range []string{"cache", "peers", "registry"} {
 		m.bytes.WithLabelValues(s)
 		m.blocks.WithLabelValues(s)
@@ -57,6 +68,10 @@ func (m *metrics) Fetched(source string, blocks int, bytes int64, d time.Duratio
 		source = "peers"
 	}
 	m.bytes.WithLabelValues(source).Add(float64(bytes))
+	m.allBytes.Add(bytes)
+	if source == "cache" {
+		m.hitBytes.Add(bytes)
+	}
 	m.blocks.WithLabelValues(source).Add(float64(blocks))
 	m.latency.WithLabelValues(source).Observe(d.Seconds())
 	if err != nil {

@@ -83,6 +83,7 @@ func (m *metrics) watchSwarm(n *p2p.Node) {
 	gauge("shoal_provider_records", "Image provider records this node publishes (one per joined image).", func(s p2p.Stats) float64 { return float64(s.Images) })
 	counter("shoal_uploaded_bytes_total", "Block bytes sent to peers.", func(s p2p.Stats) float64 { return float64(s.BytesUploaded) })
 	counter("shoal_peer_downloaded_bytes_total", "Verified block bytes received from peers.", func(s p2p.Stats) float64 { return float64(s.BytesDownloaded) })
+	counter("shoal_dht_lookups_total", "DHT provider lookups (one per image joined, plus refreshes).", func(s p2p.Stats) float64 { return float64(s.DHTLookups) })
 	counter("shoal_busy_answers_total", "Block requests answered BUSY (upload limit).", func(s p2p.Stats) float64 { return float64(s.BusyAnswers) })
 	counter("shoal_bad_peer_blocks_total", "Blocks from peers that failed verification.", func(s p2p.Stats) float64 { return float64(s.BadBlocks) })
 	counter("shoal_hedged_requests_total", "Block requests sent to a second holder because the first was slow to answer.", func(s p2p.Stats) float64 { return float64(s.HedgedRequests) })

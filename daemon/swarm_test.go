@@ -28,6 +28,7 @@ import (
 
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/fetch"
+	"github.com/shoal-project/shoal/internal/testenv"
 )
 
 // startDaemon runs a daemon with p2p on loopback until the test ends.
@@ -67,29 +68,20 @@ func TestPeersServeBlocks(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root for FUSE")
 	}
-	var down atomic.Bool
-	var blobBytes atomic.Int64
-	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	srv := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if down.Load() {
-			http.Error(w, "down", http.StatusServiceUnavailable)
-			return
-		}
-		if strings.Contains(r.URL.Path, "/blobs/") && r.Header.Get("Range") != "" {
-			rec := httptest.NewRecorder()
-			inner.ServeHTTP(rec, r)
-			blobBytes.Add(int64(rec.Body.Len()))
-			for k, v := range rec.Header() {
-				w.Header()[k] = v
+	// The real registry (Debian's docker-registry), behind a proxy that
+	// counts what it serves.
+	reg := testenv.StartRegistry(t)
+	proxy := reg.Proxy(t)
+	blobBytes := func() int64 {
+		var n int64
+		for _, r := range proxy.Requests() {
+			if strings.Contains(r.Path, "/blobs/") && r.Range != "" {
+				n += r.Bytes
 			}
-			w.WriteHeader(rec.Code)
-			_, _ = w.Write(rec.Body.Bytes())
-			return
 		}
-		inner.ServeHTTP(w, r)
-	}))
-	t.Cleanup(srv.Close)
-	ref := pushAndConvert(t, strings.TrimPrefix(srv.URL, "http://"))
+		return n
+	}
+	ref := pushAndConvert(t, proxy.Host)
 
 	_, ca := startDaemon(t, Config{StateDir: t.TempDir()})
 	sa, err := ca.Status(t.Context())
@@ -120,11 +112,11 @@ func TestPeersServeBlocks(t *testing.T) {
 	}
 	// Give A's announcements time to reach B's view (batched every 250 ms).
 	time.Sleep(time.Second)
-	before := blobBytes.Load()
+	before := blobBytes()
 	b := read(cb, "b")
-	if b.Fetch.BytesFromPeers == 0 || b.Fetch.BytesFromRegistry != 0 || blobBytes.Load() != before {
+	if b.Fetch.BytesFromPeers == 0 || b.Fetch.BytesFromRegistry != 0 || blobBytes() != before {
 		t.Errorf("B: peers %d bytes, registry %d bytes (blob bytes served %d), want everything from A",
-			b.Fetch.BytesFromPeers, b.Fetch.BytesFromRegistry, blobBytes.Load()-before)
+			b.Fetch.BytesFromPeers, b.Fetch.BytesFromRegistry, blobBytes()-before)
 	}
 
 	// With the registry down, a third node that had mounted the image before
@@ -136,7 +128,7 @@ func TestPeersServeBlocks(t *testing.T) {
 		t.Fatal(err)
 	}
 	time.Sleep(500 * time.Millisecond)
-	down.Store(true)
+	reg.Stop()
 	if got, err := os.ReadFile(filepath.Join(mnt, "data/file")); err != nil || len(got) != 600000 {
 		t.Fatalf("with the registry down: %d bytes, %v", len(got), err)
 	}

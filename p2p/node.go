@@ -374,6 +374,7 @@ func ImageKey(digest string) (cid.Cid, error) {
 // stored locally at once, so peers that ask this node find it even if
 // publishing to the closest peers fails; that failure is still returned.
 func (n *Node) Provide(ctx context.Context, c cid.Cid) error {
+	n.st.provides.Add(1)
 	if err := n.dht.Provide(ctx, c, true); err != nil {
 		return fmt.Errorf("provide %s: %w", c, err)
 	}
@@ -385,6 +386,7 @@ func (n *Node) FindProviders(ctx context.Context, c cid.Cid, limit int) ([]peer.
 	if limit <= 0 {
 		limit = n.cfg.MaxImagePeers
 	}
+	n.st.lookups.Add(1)
 	var out []peer.AddrInfo
 	// Ask for one more than limit: this node may be among the answers.
 	for ai := range n.dht.FindProvidersAsync(ctx, c, limit+1) {
@@ -419,6 +421,8 @@ type Stats struct {
 	FailedRequests  int64 `json:"failed_requests"`
 	ActiveUploads   int64 `json:"active_uploads"`
 	HaveUpdatesSent int64 `json:"have_updates_sent"`
+	DHTLookups      int64 `json:"dht_lookups"`  // FindProviders calls: one per image joined, plus refreshes
+	DHTProvides     int64 `json:"dht_provides"` // provider records published (image level only)
 
 	// Hedging: requests sent to a second holder because the first was
 	// slow to answer, and those that delivered at least one block first.
@@ -439,7 +443,7 @@ type Stats struct {
 type counters struct {
 	bytesUp, bytesDown, blocksServed, blocksFetched, notFound atomic.Int64
 	busySent, busyRecv, badBlocks, failedReqs, activeUploads  atomic.Int64
-	updatesSent                                               atomic.Int64
+	updatesSent, lookups, provides                            atomic.Int64
 	hedged, hedgeWins, originAsked, originGot                 atomic.Int64
 	originFetches, originServed, originBusy, originWaiting    atomic.Int64
 }
@@ -460,6 +464,8 @@ func (n *Node) Stats() Stats {
 		FailedRequests:  n.st.failedReqs.Load(),
 		ActiveUploads:   n.st.activeUploads.Load(),
 		HaveUpdatesSent: n.st.updatesSent.Load(),
+		DHTLookups:      n.st.lookups.Load(),
+		DHTProvides:     n.st.provides.Load(),
 		HedgedRequests:  n.st.hedged.Load(),
 		HedgeWins:       n.st.hedgeWins.Load(),
 		OriginRequests:  n.st.originAsked.Load(),
