@@ -12,6 +12,7 @@ import (
 	"github.com/shoal-project/shoal/blockstore"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/lazyfs"
+	"github.com/shoal-project/shoal/node"
 	"github.com/shoal-project/shoal/p2p"
 )
 
@@ -62,6 +63,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/mounts", d.handleMount)
 	mux.HandleFunc("POST /v1/unmount", d.handleUnmount)
 	mux.HandleFunc("GET /v1/status", d.handleStatus)
+	mux.HandleFunc("POST /v1/prefetch", d.handlePrefetch)
 	return mux
 }
 
@@ -207,4 +209,58 @@ func httpError(w http.ResponseWriter, code int, err error) {
 func writeJSON(w http.ResponseWriter, v any) {
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(v)
+}
+
+// PrefetchRequest asks the daemon to fill its cache with a whole image.
+type PrefetchRequest struct {
+	Ref string `json:"ref"`
+}
+
+// PrefetchEvent is one line of the streamed answer to a prefetch: progress,
+// then a last line with Final set (and Error if it failed).
+type PrefetchEvent struct {
+	node.Progress
+	Final bool   `json:"final,omitempty"`
+	Error string `json:"error,omitempty"`
+}
+
+func (d *Daemon) handlePrefetch(w http.ResponseWriter, r *http.Request) {
+	var req PrefetchRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 1<<16)).Decode(&req); err != nil || req.Ref == "" {
+		httpError(w, http.StatusBadRequest, fmt.Errorf("want {\"ref\": ...}"))
+		return
+	}
+	d.mu.Lock()
+	n := d.node
+	d.mu.Unlock()
+	if n == nil {
+		httpError(w, http.StatusServiceUnavailable, errors.New("daemon is not running"))
+		return
+	}
+	img, err := n.Resolve(r.Context(), req.Ref)
+	if err != nil {
+		httpError(w, http.StatusBadGateway, err)
+		return
+	}
+	w.Header().Set("Content-Type", "application/x-ndjson")
+	enc := json.NewEncoder(w)
+	flush := func() {
+		if f, ok := w.(http.Flusher); ok {
+			f.Flush()
+		}
+	}
+	last := time.Time{}
+	p, err := n.Prefetch(r.Context(), img, func(p node.Progress) {
+		if time.Since(last) >= 200*time.Millisecond {
+			last = time.Now()
+			_ = enc.Encode(PrefetchEvent{Progress: p})
+			flush()
+		}
+	})
+	ev := PrefetchEvent{Progress: p, Final: true}
+	if err != nil {
+		ev.Error = err.Error()
+	}
+	_ = enc.Encode(ev)
+	flush()
 }

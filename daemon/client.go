@@ -10,6 +10,8 @@ import (
 	"net/http"
 	"os"
 	"time"
+
+	"github.com/shoal-project/shoal/node"
 )
 
 // Client talks to a daemon over its unix socket.
@@ -84,4 +86,45 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 		return fmt.Errorf("daemon: HTTP %d", resp.StatusCode)
 	}
 	return json.NewDecoder(resp.Body).Decode(out)
+}
+
+// Prefetch asks the daemon to fill its cache with the image ref, calling
+// report with each progress line; it returns the final progress.
+func (c *Client) Prefetch(ctx context.Context, ref string, report func(node.Progress)) (node.Progress, error) {
+	body, err := json.Marshal(PrefetchRequest{Ref: ref})
+	if err != nil {
+		return node.Progress{}, err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://shoal/v1/prefetch", bytes.NewReader(body))
+	if err != nil {
+		return node.Progress{}, err
+	}
+	resp, err := c.hc.Do(req)
+	if err != nil {
+		return node.Progress{}, fmt.Errorf("daemon: %w", err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		var ae apiError
+		if json.NewDecoder(resp.Body).Decode(&ae) == nil && ae.Error != "" {
+			return node.Progress{}, errors.New(ae.Error)
+		}
+		return node.Progress{}, fmt.Errorf("daemon: HTTP %d", resp.StatusCode)
+	}
+	dec := json.NewDecoder(resp.Body)
+	for {
+		var ev PrefetchEvent
+		if err := dec.Decode(&ev); err != nil {
+			return node.Progress{}, fmt.Errorf("daemon: prefetch stream: %w", err)
+		}
+		if ev.Final {
+			if ev.Error != "" {
+				return ev.Progress, errors.New(ev.Error)
+			}
+			return ev.Progress, nil
+		}
+		if report != nil {
+			report(ev.Progress)
+		}
+	}
 }

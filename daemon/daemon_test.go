@@ -24,6 +24,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
 	"github.com/shoal-project/shoal/converter"
+	"github.com/shoal-project/shoal/node"
 )
 
 func pushAndConvert(t *testing.T, host string) string {
@@ -110,6 +111,17 @@ func TestDaemonMountStatusMetricsShutdown(t *testing.T) {
 		if !strings.Contains(string(body), want) {
 			t.Errorf("metrics lack %q", want)
 		}
+	}
+	var events int
+	p, err := c.Prefetch(t.Context(), ref, func(node.Progress) { events++ })
+	if err != nil || p.Done != p.Blocks || p.DoneBytes != p.Bytes {
+		t.Errorf("prefetch: %+v, %v", p, err)
+	}
+	if st, _ := c.Status(t.Context()); st.Cache.Blocks < p.Blocks {
+		t.Errorf("after prefetch the cache holds %d of %d blocks", st.Cache.Blocks, p.Blocks)
+	}
+	if _, err := c.Prefetch(t.Context(), ref+"-nope", nil); err == nil {
+		t.Error("prefetch of a missing image succeeded")
 	}
 	if _, err := c.Mount(t.Context(), MountRequest{Ref: ref + "-nope"}); err == nil {
 		t.Error("mounting a missing image succeeded")

@@ -129,6 +129,24 @@ func TestResolve(t *testing.T) {
 		t.Errorf("after restart: %v, local=%v, notice %q", err, img != nil && img.Local, notices.String())
 	}
 
+	// Prefetch fills the cache with the flat image's blocks.
+	flatImg, err := n.Resolve(t.Context(), reg+"/app:flat")
+	if err != nil {
+		t.Fatal(err)
+	}
+	p, err := n.Prefetch(t.Context(), flatImg, nil)
+	if err != nil || p.Done != p.Blocks || p.Downloaded != p.Bytes {
+		t.Errorf("prefetch: %+v, %v", p, err)
+	}
+	for _, b := range flatImg.Index.Blocks {
+		if ok, _ := n.Store().Has(t.Context(), b.ID); !ok {
+			t.Errorf("block %s not cached after prefetch", b.ID)
+		}
+	}
+	if p, err := n.Prefetch(t.Context(), flatImg, nil); err != nil || p.Downloaded != 0 {
+		t.Errorf("second prefetch downloaded %d bytes, %v", p.Downloaded, err)
+	}
+
 	if _, err := n.Resolve(t.Context(), reg+"/app:missing"); err == nil || !strings.Contains(err.Error(), "not found") {
 		t.Errorf("missing tag: %v", err)
 	}
