@@ -14,6 +14,7 @@ command -v debootstrap >/dev/null || need+=(debootstrap)
 command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
+command -v python3 >/dev/null || need+=(python3) # the demo formats its numbers with it
 if ((${#need[@]})); then
 	if [[ $(id -u) -ne 0 ]]; then
 		echo "deps: missing ${need[*]}; run as root or: sudo apt-get install -y ${need[*]}" >&2
