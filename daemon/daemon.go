@@ -20,6 +20,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
@@ -64,7 +65,8 @@ func LoadConfig(path string) (Config, error) {
 	dec := yaml.NewDecoder(f)
 	dec.KnownFields(true)
 	if err := dec.Decode(&c); err != nil {
-		return c, fmt.Errorf("config %s: %w", path, err)
+		// yaml lists every bad field on a line of its own; keep it one line.
+		return c, fmt.Errorf("config %s: %s", path, strings.Join(strings.Fields(err.Error()), " "))
 	}
 	return c, nil
 }

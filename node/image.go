@@ -62,7 +62,7 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 	if flatRef, ferr := fetch.FlatRef(ref); ferr == nil && !strings.HasSuffix(refTag(ref), flat.TagSuffix) {
 		im, err = fetch.OpenImage(ctx, flatRef, n.fetchOpts()...)
 		if err != nil && !errors.Is(err, fetch.ErrNotFound) && !errors.Is(err, fetch.ErrNotFlat) {
-			return nil, err
+			return nil, converter.RegistryError("open", flatRef, err)
 		}
 	}
 	if im == nil {
@@ -74,7 +74,7 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 			}
 			return n.convertLocally(ctx, ref)
 		case err != nil:
-			return nil, err
+			return nil, converter.RegistryError("open", ref, err)
 		}
 	}
 	var cache fetch.Cache = n.store
