@@ -187,53 +187,9 @@ func cachedToolchainLayer(ctx context.Context) (dir string, meta toolchainMeta, 
 	if err != nil {
 		return "", meta, false, err
 	}
-	root := filepath.Join(CacheDir(), "image-layers")
-	dir = filepath.Join(root, "toolchain-"+key)
-	if meta, err := readToolchainMeta(dir); err == nil {
-		return dir, meta, false, nil
-	}
-	if err := os.MkdirAll(root, 0o755); err != nil {
-		return "", meta, false, err
-	}
-	lock, err := os.OpenFile(filepath.Join(root, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return "", meta, false, err
-	}
-	defer lock.Close() // releases the flock
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", meta, false, fmt.Errorf("lock %s: %w", lock.Name(), err)
-	}
-	if meta, err := readToolchainMeta(dir); err == nil { // built while we waited
-		return dir, meta, false, nil
-	}
-	if old, err := filepath.Glob(filepath.Join(root, ".build-*")); err == nil {
-		for _, o := range old {
-			os.RemoveAll(o)
-		}
-	}
-	tmp, err := os.MkdirTemp(root, ".build-")
-	if err != nil {
-		return "", meta, false, err
-	}
-	defer os.RemoveAll(tmp) // a no-op once renamed
-	meta, err = writeToolchainLayer(ctx, filepath.Join(tmp, toolchainLayerName))
-	if err != nil {
-		return "", meta, false, err
-	}
-	data, err := json.MarshalIndent(meta, "", "  ")
-	if err != nil {
-		return "", meta, false, err
-	}
-	if err := os.WriteFile(filepath.Join(tmp, layersMetaName), data, 0o644); err != nil {
-		return "", meta, false, err
-	}
-	if err := os.Chmod(tmp, 0o755); err != nil {
-		return "", meta, false, err
-	}
-	if err := os.Rename(tmp, dir); err != nil {
-		return "", meta, false, err
-	}
-	return dir, meta, true, nil
+	return cachedBuild(ctx, "toolchain-"+key, readToolchainMeta, func(ctx context.Context, tmp string) (toolchainMeta, error) {
+		return writeToolchainLayer(ctx, filepath.Join(tmp, toolchainLayerName))
+	})
 }
 
 func readToolchainMeta(dir string) (toolchainMeta, error) {

@@ -18,7 +18,6 @@ import (
 	"path/filepath"
 	"runtime"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -177,55 +176,10 @@ func cachedLayers(ctx context.Context, rootfsTar string) (dir string, meta []lay
 		return "", nil, false, err
 	}
 	key := sha256.Sum256(fmt.Appendf(nil, "v%s\x00%s\x00%d\x00%d", imageLayersVersion, abs, fi.Size(), fi.ModTime().UnixNano()))
-	root := filepath.Join(CacheDir(), "image-layers")
-	dir = filepath.Join(root, fmt.Sprintf("%s-%x", strings.TrimSuffix(filepath.Base(abs), ".tar"), key[:8]))
-	if meta, err := readLayersMeta(dir); err == nil {
-		return dir, meta, false, nil
-	}
-	if err := os.MkdirAll(root, 0o755); err != nil {
-		return "", nil, false, err
-	}
-	lock, err := os.OpenFile(filepath.Join(root, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
-	if err != nil {
-		return "", nil, false, err
-	}
-	defer lock.Close() // releases the flock
-	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
-		return "", nil, false, fmt.Errorf("lock %s: %w", lock.Name(), err)
-	}
-	if meta, err := readLayersMeta(dir); err == nil { // built while we waited
-		return dir, meta, false, nil
-	}
-	// Builders killed outright left their directories; we hold the lock, so
-	// nobody else is using them.
-	if old, err := filepath.Glob(filepath.Join(root, ".build-*")); err == nil {
-		for _, o := range old {
-			os.RemoveAll(o)
-		}
-	}
-	tmp, err := os.MkdirTemp(root, ".build-")
-	if err != nil {
-		return "", nil, false, err
-	}
-	defer os.RemoveAll(tmp) // a no-op once renamed
-	meta, err = writeLayerFiles(ctx, abs, tmp)
-	if err != nil {
-		return "", nil, false, err
-	}
-	data, err := json.MarshalIndent(meta, "", "  ")
-	if err != nil {
-		return "", nil, false, err
-	}
-	if err := os.WriteFile(filepath.Join(tmp, layersMetaName), data, 0o644); err != nil {
-		return "", nil, false, err
-	}
-	if err := os.Chmod(tmp, 0o755); err != nil {
-		return "", nil, false, err
-	}
-	if err := os.Rename(tmp, dir); err != nil {
-		return "", nil, false, err
-	}
-	return dir, meta, true, nil
+	name := fmt.Sprintf("%s-%x", strings.TrimSuffix(filepath.Base(abs), ".tar"), key[:8])
+	return cachedBuild(ctx, name, readLayersMeta, func(ctx context.Context, tmp string) ([]layerMeta, error) {
+		return writeLayerFiles(ctx, abs, tmp)
+	})
 }
 
 func readLayersMeta(dir string) ([]layerMeta, error) {
