@@ -5,9 +5,6 @@ package netlab
 import (
 	"bytes"
 	"context"
-	"errors"
-	"fmt"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -120,7 +117,7 @@ func (h *Host) StartRegistry(tb testing.TB) string {
 	url := "http://" + addr + "/v2/"
 	client := from.HTTPClient()
 	defer client.CloseIdleConnections()
-	if err := waitReady(ctx, client, url, p.done); err != nil {
+	if err := testenv.WaitRegistryReady(ctx, client, url, p.done); err != nil {
 		tb.Fatalf("netlab: registry on %s not ready for %s: %v; its log: %s", addr, from.name, err, logTail())
 	}
 	h.lab.logf("netlab: registry on host %s at %s (storage %s; checked from %s)", h.name, addr, dir, from.name)
@@ -154,35 +151,4 @@ func startLocked(cmd *exec.Cmd) (*process, error) {
 		return nil, err
 	}
 	return p, nil
-}
-
-// waitReady polls url until it answers 200 or 401, the process exits, or ctx
-// ends.
-func waitReady(ctx context.Context, client *http.Client, url string, exited <-chan struct{}) error {
-	client.Timeout = time.Second
-	tick := time.NewTicker(20 * time.Millisecond)
-	defer tick.Stop()
-	var last error
-	for {
-		req, err := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
-		if err != nil {
-			return err
-		}
-		resp, err := client.Do(req)
-		if err == nil {
-			resp.Body.Close()
-			if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusUnauthorized {
-				return nil
-			}
-			err = fmt.Errorf("GET %s: %s", url, resp.Status)
-		}
-		last = err
-		select {
-		case <-exited:
-			return errors.New("the registry exited")
-		case <-ctx.Done():
-			return fmt.Errorf("%w (last error: %v)", ctx.Err(), last)
-		case <-tick.C:
-		}
-	}
 }

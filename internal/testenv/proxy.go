@@ -10,6 +10,7 @@ import (
 	"sync"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // CountingProxy is a reverse proxy on a loopback port that counts the
@@ -21,8 +22,9 @@ type CountingProxy struct {
 	// Host is "127.0.0.1:PORT"; use it where the upstream's host would go.
 	Host string
 
-	srv   *httptest.Server
-	bytes atomic.Int64
+	srv    *httptest.Server
+	bytes  atomic.Int64
+	active atomic.Int64 // requests being served
 
 	mu   sync.Mutex
 	reqs []ProxiedRequest
@@ -64,6 +66,8 @@ func NewCountingProxy(tb testing.TB, upstream string) *CountingProxy {
 	}
 	p := &CountingProxy{}
 	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
+		p.active.Add(1)
+		defer p.active.Add(-1) // after the request is counted below
 		cw := &countingWriter{ResponseWriter: w, status: http.StatusOK}
 		rp.ServeHTTP(cw, req)
 		p.mu.Lock()
@@ -90,11 +94,24 @@ func (p *CountingProxy) URL() string { return p.srv.URL }
 
 // BytesServed returns the response-body bytes served since the start or the
 // last Reset. A request still in flight is counted when it completes.
-func (p *CountingProxy) BytesServed() int64 { return p.bytes.Load() }
+func (p *CountingProxy) BytesServed() int64 {
+	p.settle()
+	return p.bytes.Load()
+}
+
+// settle waits (at most a second) for requests in flight to be counted: a
+// client can have read a whole response before the handler that sent it has
+// returned and recorded it.
+func (p *CountingProxy) settle() {
+	for deadline := time.Now().Add(time.Second); p.active.Load() > 0 && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
+}
 
 // Requests returns the requests completed since the start or the last Reset,
 // in completion order.
 func (p *CountingProxy) Requests() []ProxiedRequest {
+	p.settle()
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	return append([]ProxiedRequest(nil), p.reqs...)

@@ -242,7 +242,7 @@ func (r *Registry) start() error {
 
 	ctx, cancel := context.WithTimeout(context.Background(), registryReadyTimeout)
 	defer cancel()
-	if err := waitReady(ctx, "http://"+r.Host+"/v2/", p.done); err != nil {
+	if err := WaitRegistryReady(ctx, nil, "http://"+r.Host+"/v2/", p.done); err != nil {
 		_ = cmd.Process.Kill()
 		<-p.done
 		tail, _ := os.ReadFile(r.LogPath())
@@ -279,10 +279,14 @@ func startLocked(cmd *exec.Cmd) (*registryProcess, error) {
 	return p, nil
 }
 
-// waitReady polls url until it answers 200 or 401 (a registry with auth
-// still proves it is serving), the process exits, or ctx ends.
-func waitReady(ctx context.Context, url string, exited <-chan struct{}) error {
-	client := &http.Client{Timeout: time.Second}
+// WaitRegistryReady polls url with client until it answers 200 or 401 (a
+// registry with auth still proves it is serving), the process exits, or ctx
+// ends. client nil means a plain client; its Timeout is set to a second.
+func WaitRegistryReady(ctx context.Context, client *http.Client, url string, exited <-chan struct{}) error {
+	if client == nil {
+		client = &http.Client{}
+	}
+	client.Timeout = time.Second
 	tick := time.NewTicker(20 * time.Millisecond)
 	defer tick.Stop()
 	var last error
