@@ -1,8 +1,6 @@
 package daemon
 
 import (
-	"archive/tar"
-	"bytes"
 	"context"
 	"io"
 	"log"
@@ -16,39 +14,16 @@ import (
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 
-	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/node"
 )
 
+// pushAndConvert pushes a one-file image (600,000 bytes at data/file) and
+// its flat form to host, and returns the source reference.
 func pushAndConvert(t *testing.T, host string) string {
 	t.Helper()
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	body := strings.Repeat("shoal ", 100000)
-	_ = tw.WriteHeader(&tar.Header{Name: "data/file", Mode: 0o644, Size: int64(len(body)), Typeflag: tar.TypeReg})
-	_, _ = tw.Write([]byte(body))
-	_ = tw.Close()
-	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(buf.Bytes())), nil })
-	if err != nil {
-		t.Fatal(err)
-	}
-	img, _ := mutate.AppendLayers(empty.Image, l)
-	ref := host + "/app:v1"
-	r, _ := name.ParseReference(ref, name.Insecure)
-	if err := remote.Write(r, img); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := converter.Convert(t.Context(), ref, "", converter.WithPlainHTTP(true), converter.WithLogger(slog.New(slog.DiscardHandler))); err != nil {
-		t.Fatal(err)
-	}
-	return ref
+	return pushAndConvertFile(t, host+"/app:v1", "data/file", []byte(strings.Repeat("shoal ", 100000)))
 }
 
 func TestDaemonMountStatusMetricsShutdown(t *testing.T) {

@@ -166,9 +166,9 @@ func countingRegistry(t *testing.T) (host string, blobBytes *atomic.Int64) {
 	return strings.TrimPrefix(srv.URL, "http://"), blobBytes
 }
 
-// pushAndConvertFile pushes an image of one file and its flat form, and
-// returns the source reference.
-func pushAndConvertFile(t *testing.T, host, path string, body []byte) string {
+// pushAndConvertFile pushes an image of one file to ref and its flat form
+// beside it, and returns ref.
+func pushAndConvertFile(t *testing.T, ref, path string, body []byte) string {
 	t.Helper()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
@@ -180,7 +180,6 @@ func pushAndConvertFile(t *testing.T, host, path string, body []byte) string {
 		t.Fatal(err)
 	}
 	img, _ := mutate.AppendLayers(empty.Image, l)
-	ref := host + "/big:v1"
 	r, _ := name.ParseReference(ref, name.Insecure)
 	if err := remote.Write(r, img); err != nil {
 		t.Fatal(err)
@@ -205,7 +204,7 @@ func TestOriginCoalescingDaemons(t *testing.T) {
 	// registry request reads past the blocks it wants.
 	body := make([]byte, 6<<20)
 	_, _ = rand.NewChaCha8([32]byte{7}).Read(body)
-	ref := pushAndConvertFile(t, host, "data/big", body)
+	ref := pushAndConvertFile(t, host+"/big:v1", "data/big", body)
 	flatRef, err := fetch.FlatRef(ref)
 	if err != nil {
 		t.Fatal(err)

@@ -8,7 +8,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
 	"syscall"
 	"testing"
 	"time"
@@ -71,7 +70,7 @@ func (h *Host) StartRegistry(tb testing.TB) string {
 	cmd.Dir = dir
 	cmd.Stdout = accessLog
 	cmd.Stderr = logFile
-	p, err := startLocked(cmd)
+	p, err := testenv.StartLocked(cmd)
 	if err != nil {
 		tb.Fatalf("netlab: start registry on %s: %v", h.name, err)
 	}
@@ -90,18 +89,18 @@ func (h *Host) StartRegistry(tb testing.TB) string {
 			}
 		}
 		select {
-		case <-p.done:
-			tb.Logf("netlab: registry %s had already exited: %v", addr, p.err)
+		case <-p.Done:
+			tb.Logf("netlab: registry %s had already exited: %v", addr, p.Err)
 			return
 		default:
 		}
 		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGTERM)
 		select {
-		case <-p.done:
+		case <-p.Done:
 		case <-time.After(registryStopTimeout):
 			tb.Logf("netlab: registry %s ignored SIGTERM for %v; killing it", addr, registryStopTimeout)
 			_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
-			<-p.done
+			<-p.Done
 		}
 	})
 
@@ -117,38 +116,9 @@ func (h *Host) StartRegistry(tb testing.TB) string {
 	url := "http://" + addr + "/v2/"
 	client := from.HTTPClient()
 	defer client.CloseIdleConnections()
-	if err := testenv.WaitRegistryReady(ctx, client, url, p.done); err != nil {
+	if err := testenv.WaitRegistryReady(ctx, client, url, p.Done); err != nil {
 		tb.Fatalf("netlab: registry on %s not ready for %s: %v; its log: %s", addr, from.name, err, logTail())
 	}
 	h.lab.logf("netlab: registry on host %s at %s (storage %s; checked from %s)", h.name, addr, dir, from.name)
 	return addr
-}
-
-type process struct {
-	done chan struct{} // closed when the process has exited and been reaped
-	err  error         // cmd.Wait's result, valid after done
-}
-
-// startLocked starts cmd from a goroutine locked to its OS thread and keeps
-// that thread until the child has exited, so that Pdeathsig fires only when
-// the test process itself dies. Go may otherwise retire the forking thread
-// (when some goroutine exits while locked to it), killing a healthy child.
-func startLocked(cmd *exec.Cmd) (*process, error) {
-	p := &process{done: make(chan struct{})}
-	started := make(chan error, 1)
-	go func() {
-		runtime.LockOSThread()
-		defer runtime.UnlockOSThread()
-		if err := cmd.Start(); err != nil {
-			started <- err
-			return
-		}
-		started <- nil
-		p.err = cmd.Wait()
-		close(p.done)
-	}()
-	if err := <-started; err != nil {
-		return nil, err
-	}
-	return p, nil
 }

@@ -53,13 +53,14 @@ type Registry struct {
 	tb testing.TB
 
 	mu   sync.Mutex
-	proc *registryProcess // nil while stopped
+	proc *Process // nil while stopped
 }
 
-type registryProcess struct {
-	cmd  *exec.Cmd
-	done chan struct{} // closed when the process has exited and been reaped
-	err  error         // cmd.Wait's result, valid after done
+// Process is a child started by StartLocked.
+type Process struct {
+	Cmd  *exec.Cmd
+	Done chan struct{} // closed when the process has exited and been reaped
+	Err  error         // Cmd.Wait's result, valid after Done
 }
 
 // StartRegistry starts the real docker-registry on a free 127.0.0.1 port and
@@ -118,7 +119,7 @@ func (r *Registry) Running() bool {
 		return false
 	}
 	select {
-	case <-r.proc.done:
+	case <-r.proc.Done:
 		return false
 	default:
 		return true
@@ -137,20 +138,20 @@ func (r *Registry) Stop() {
 	p := r.proc
 	r.proc = nil
 	select {
-	case <-p.done:
+	case <-p.Done:
 		// It died on its own before anyone asked: worth knowing when a test
 		// then fails for "connection refused".
-		r.tb.Logf("testenv: registry %s had already exited: %v", r.Host, p.err)
+		r.tb.Logf("testenv: registry %s had already exited: %v", r.Host, p.Err)
 		return
 	default:
 	}
-	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	_ = p.Cmd.Process.Signal(syscall.SIGTERM)
 	select {
-	case <-p.done:
+	case <-p.Done:
 	case <-time.After(registryStopTimeout):
 		r.tb.Logf("testenv: registry %s ignored SIGTERM for %v; killing it", r.Host, registryStopTimeout)
-		_ = p.cmd.Process.Kill()
-		<-p.done
+		_ = p.Cmd.Process.Kill()
+		<-p.Done
 	}
 }
 
@@ -233,18 +234,18 @@ func (r *Registry) start() error {
 	// If the test binary dies (panic, timeout), the kernel kills the registry
 	// too. Pdeathsig fires when the *thread* that forked exits, so the fork
 	// happens on a locked thread that lives as long as the child (see
-	// startLocked).
+	// StartLocked).
 	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGKILL}
-	p, err := startLocked(cmd)
+	p, err := StartLocked(cmd)
 	if err != nil {
 		return fmt.Errorf("exec %s: %w", cmd.Path, err)
 	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), registryReadyTimeout)
 	defer cancel()
-	if err := WaitRegistryReady(ctx, nil, "http://"+r.Host+"/v2/", p.done); err != nil {
+	if err := WaitRegistryReady(ctx, nil, "http://"+r.Host+"/v2/", p.Done); err != nil {
 		_ = cmd.Process.Kill()
-		<-p.done
+		<-p.Done
 		tail, _ := os.ReadFile(r.LogPath())
 		if int64(len(tail)) >= logStart {
 			tail = tail[logStart:]
@@ -255,12 +256,12 @@ func (r *Registry) start() error {
 	return nil
 }
 
-// startLocked starts cmd from a goroutine locked to its OS thread and keeps
+// StartLocked starts cmd from a goroutine locked to its OS thread and keeps
 // that thread until the child has exited, so that Pdeathsig fires only when
 // the test process itself dies. Go may otherwise retire the forking thread
 // (when some goroutine exits while locked to it), killing a healthy child.
-func startLocked(cmd *exec.Cmd) (*registryProcess, error) {
-	p := &registryProcess{cmd: cmd, done: make(chan struct{})}
+func StartLocked(cmd *exec.Cmd) (*Process, error) {
+	p := &Process{Cmd: cmd, Done: make(chan struct{})}
 	started := make(chan error, 1)
 	go func() {
 		runtime.LockOSThread()
@@ -270,8 +271,8 @@ func startLocked(cmd *exec.Cmd) (*registryProcess, error) {
 			return
 		}
 		started <- nil
-		p.err = cmd.Wait()
-		close(p.done)
+		p.Err = cmd.Wait()
+		close(p.Done)
 	}()
 	if err := <-started; err != nil {
 		return nil, err
