@@ -229,15 +229,8 @@ func writeToolchainLayer(ctx context.Context, dst string) (toolchainMeta, error)
 	defer out.Close()
 	digest, diffID := sha256.New(), sha256.New()
 	cw := &countWriter{w: io.MultiWriter(out, digest)}
-	cmd := exec.CommandContext(ctx, gzipBin, "-n", "-6", "-c")
-	cmd.Stdout = cw
-	cmd.Stderr = os.Stderr
-	in, err := cmd.StdinPipe()
+	in, cmd, err := startGzip(ctx, gzipBin, cw)
 	if err != nil {
-		return meta, err
-	}
-	if err := cmd.Start(); err != nil {
-		in.Close()
 		return meta, err
 	}
 	tw := tar.NewWriter(io.MultiWriter(in, diffID))

@@ -251,15 +251,8 @@ func writeLayerFiles(ctx context.Context, rootfsTar, dir string) ([]layerMeta, e
 			return nil, err
 		}
 		defer out.Close()
-		cmd := exec.CommandContext(ctx, gzipBin, "-n", "-6", "-c")
-		cmd.Stdout = out
-		cmd.Stderr = os.Stderr
-		in, err := cmd.StdinPipe()
+		in, cmd, err := startGzip(ctx, gzipBin, out)
 		if err != nil {
-			return nil, err
-		}
-		if err := cmd.Start(); err != nil {
-			in.Close()
 			return nil, err
 		}
 		cmds = append(cmds, cmd)
@@ -522,4 +515,23 @@ func BuildImage(ctx context.Context, rootfsTar string) (v1.Image, error) {
 		return nil, fmt.Errorf("layers from %s: %w", rootfsTar, err)
 	}
 	return imageFromLayers(dir, meta, filepath.Base(rootfsTar))
+}
+
+// startGzip runs Debian's `gzip -n -6` writing to out and returns its stdin.
+// gzip -n leaves out the name and time stamp, so the same input always gives
+// the same bytes (and layer digest) with the same gzip version; it is also
+// much faster than Go's gzip under the race detector.
+func startGzip(ctx context.Context, gzipBin string, out io.Writer) (io.WriteCloser, *exec.Cmd, error) {
+	cmd := exec.CommandContext(ctx, gzipBin, "-n", "-6", "-c")
+	cmd.Stdout = out
+	cmd.Stderr = os.Stderr
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		return nil, nil, err
+	}
+	if err := cmd.Start(); err != nil {
+		in.Close()
+		return nil, nil, err
+	}
+	return in, cmd, nil
 }
