@@ -115,7 +115,7 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 	} else {
 		im.ref = repo.Digest(im.digest).Name()
 	}
-	reg := &Registry{cfg: &cfg, c: newBlobClient(&cfg, repo, rt), ref: im.ref}
+	reg := &Registry{cfg: &cfg, c: newBlobClient(&cfg, repo, rt), ref: im.ref, sched: newScheduler(2 * cfg.parallel)}
 
 	layer := m.Layers[0]
 	timeout := cfg.timeout + time.Duration(layer.Size/minIndexRate)*time.Second

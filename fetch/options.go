@@ -192,7 +192,8 @@ func WithRetries(attempts int, backoff time.Duration) Option {
 }
 
 // WithParallelRequests caps the range requests one FetchMany call has in
-// flight at once (default 4). Registry.
+// flight at once (default 4); the image's requests together are capped at
+// twice that, handed out by priority (WithPriority). Registry.
 func WithParallelRequests(n int) Option {
 	return func(c *config) error {
 		if n < 1 {

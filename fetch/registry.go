@@ -24,6 +24,7 @@ type Registry struct {
 	c     *blobClient
 	blobs []flat.Blob
 	ref   string
+	sched *scheduler // shared by all calls: demand before prefetch before fill
 
 	blocks  atomic.Int64 // verified blocks returned
 	retries atomic.Int64 // range requests repeated after a failure
@@ -158,6 +159,13 @@ type spanResult struct {
 func (r *Registry) fetchSpan(ctx context.Context, s span) spanResult {
 	blob := r.blobs[s.blob]
 	n := int64(s.end - s.start)
+	if r.sched != nil {
+		release, err := r.sched.acquire(ctx, PriorityOf(ctx))
+		if err != nil {
+			return spanResult{failed: s.blocks, err: err}
+		}
+		defer release()
+	}
 	body, err := r.c.get(ctx, blob.Digest, int64(s.start), n, int64(blob.Size), false, r.cfg.timeout)
 	if err != nil {
 		return spanResult{failed: s.blocks, err: fmt.Errorf("GET %s bytes %d-%d (%d blocks): %w", blob.Digest, s.start, s.end-1, len(s.blocks), err)}

@@ -65,6 +65,7 @@ type config struct {
 	backingDir      string
 	backingMax      int64
 	passthroughMin  int64
+	observer        AccessObserver
 
 	// noKernelPassthrough keeps passthrough out of the FUSE handshake, as
 	// on a kernel without it: for tests of the fallback.
@@ -219,6 +220,24 @@ func WithPassthroughMinSize(bytes int64) Option {
 		c.passthroughMin = bytes
 		return nil
 	}
+}
+
+// AccessObserver learns which blocks the application reads: Touch is
+// called for every block a read of a regular file needs, with the time the
+// read arrived and how long it waited for the block (0 when it was in
+// memory). Readahead, prefetch and reads the kernel serves from its page
+// cache or from passthrough files do not appear. Touch must be quick and
+// safe for concurrent use. trace.Recorder is one.
+type AccessObserver interface {
+	Touch(block uint32, at time.Time, wait time.Duration)
+}
+
+// WithAccessObserver reports the blocks reads touch to o (see
+// AccessObserver); nil turns it off. A recording of the first touches is
+// only complete if no file was materialized for passthrough before it
+// started: record on a mount without WithBackingDir to be sure.
+func WithAccessObserver(o AccessObserver) Option {
+	return func(c *config) error { c.observer = o; return nil }
 }
 
 // cacheTimeout is the entry, attribute and negative-lookup timeout handed to

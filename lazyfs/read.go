@@ -72,6 +72,10 @@ func (m *FS) read(i int32, h *handle, dest []byte, off int64) (fuse.ReadResult, 
 		return fuse.ReadResultData(nil), 0
 	}
 	end := min(off+int64(len(dest)), size)
+	var arrived time.Time
+	if m.cfg.observer != nil {
+		arrived = time.Now()
+	}
 	starts := m.t.extentStarts(i)
 	first := extentAt(starts, uint64(off))
 	last := extentAt(starts, uint64(end-1))
@@ -123,6 +127,9 @@ func (m *FS) read(i int32, h *handle, dest []byte, off int64) (fuse.ReadResult, 
 		}
 		m.stats.waiting.Add(-1)
 	}
+	if o := m.cfg.observer; o != nil {
+		m.observe(o, exts, pending, arrived)
+	}
 	for k := 1; k < len(exts); k++ {
 		if datas[k] == nil {
 			datas[k] = datas[k-1]
@@ -150,6 +157,24 @@ func (m *FS) read(i int32, h *handle, dest []byte, off int64) (fuse.ReadResult, 
 		return fuse.ReadResultData(dest[:n]), 0
 	}
 	return fuse.ReadResultVector(vecs), 0
+}
+
+// observe reports the blocks of one read to o: those in pending waited from
+// arrived until now, the others not at all.
+func (m *FS) observe(o AccessObserver, exts []flat.Extent, pending []int, arrived time.Time) {
+	wait := time.Since(arrived)
+	p := 0
+	for k, ex := range exts {
+		if k > 0 && ex.Block == exts[k-1].Block {
+			continue
+		}
+		w := time.Duration(0)
+		if p < len(pending) && pending[p] == k {
+			w = wait
+			p++
+		}
+		o.Touch(ex.Block, arrived, w)
+	}
 }
 
 // aheadBlocks returns the blocks a sequential reader of file i that has
