@@ -252,9 +252,19 @@ func (m *FS) readahead(blocks []uint32) {
 		go func() {
 			defer m.bg.Done()
 			defer func() { <-m.sem }()
-			m.sf.Do(flightKey(b), func() (any, error) { return m.fetch(b) })
+			m.sf.Do(flightKey(b), func() (any, error) { return m.fetch(b, true) })
 		}()
 	}
+}
+
+type readaheadKey struct{}
+
+// IsReadahead reports whether a Fetch is lazyfs loading a block ahead of a
+// sequential reader rather than for a read that is waiting: the Fetcher may
+// give it a lower priority and should not count it as a demand miss.
+func IsReadahead(ctx context.Context) bool {
+	v, _ := ctx.Value(readaheadKey{}).(bool)
+	return v
 }
 
 func flightKey(b uint32) string { return strconv.FormatUint(uint64(b), 10) }
@@ -269,7 +279,7 @@ func (m *FS) fetchAsync(b uint32) <-chan blockResult {
 	}
 	go func() {
 		defer m.bg.Done()
-		v, err, _ := m.sf.Do(flightKey(b), func() (any, error) { return m.fetch(b) })
+		v, err, _ := m.sf.Do(flightKey(b), func() (any, error) { return m.fetch(b, false) })
 		d, _ := v.([]byte)
 		ch <- blockResult{data: d, err: err}
 	}()
@@ -280,13 +290,16 @@ func (m *FS) fetchAsync(b uint32) <-chan blockResult {
 // once per flight, whoever is waiting: the fetch is bound to the mount and
 // the fetch timeout, never to the read that happened to start it, so an
 // interrupted reader does not fail the others.
-func (m *FS) fetch(b uint32) ([]byte, error) {
+func (m *FS) fetch(b uint32, ahead bool) ([]byte, error) {
 	if d, ok := m.cache.get(b); ok {
 		return d, nil // a flight that ended just before this one began
 	}
 	blk := m.x.Blocks[b]
 	ctx, cancel := context.WithTimeout(m.ctx, m.cfg.fetchTimeout)
 	defer cancel()
+	if ahead {
+		ctx = context.WithValue(ctx, readaheadKey{}, true)
+	}
 	start := time.Now()
 	m.stats.fetches.Add(1)
 	data, err := m.f.Fetch(ctx, blk)

@@ -19,6 +19,7 @@ import (
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/trace"
 )
 
 // Image is an image ready to mount: its index and the chain that reads its
@@ -31,6 +32,8 @@ type Image struct {
 	Chain    *fetch.Chain    //
 	Registry *fetch.Registry // nil for a local conversion
 	Config   *v1.ConfigFile  // the source image's config (Env, WorkingDir, ...), if it could be read
+	Digest   string          // the flat image's manifest digest; "" for a local conversion
+	Trace    *trace.Trace    // the newest start-up trace published for it, if any
 }
 
 func (n *Node) fetchOpts() []fetch.Option {
@@ -108,8 +111,9 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	img := &Image{Source: ref, Ref: im.Ref(), Index: im.Index(), Chain: chain, Registry: im.Registry()}
+	img := &Image{Source: ref, Ref: im.Ref(), Index: im.Index(), Chain: chain, Registry: im.Registry(), Digest: im.Digest()}
 	img.Config = n.sourceConfig(ctx, im.Ref(), im.Index().Source)
+	img.Trace = n.findTrace(ctx, im.Ref(), im.Digest())
 	return img, nil
 }
 

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync/atomic"
 	"time"
 
 	"golang.org/x/sys/unix"
@@ -14,6 +15,7 @@ import (
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/flat"
 	"github.com/shoal-project/shoal/lazyfs"
+	"github.com/shoal-project/shoal/seeder"
 )
 
 // DefaultBackingBytes bounds files/ in the state directory: the files of
@@ -27,7 +29,34 @@ const DefaultBackingBytes = 4 << 30
 // never reaches the network. Embedding keeps the chain's Prefetch.
 type localChain struct {
 	*fetch.Chain
-	store *blockstore.Store
+	store  *blockstore.Store
+	demand *DemandStats
+}
+
+// DemandStats counts the blocks reads of a mount waited on (lazyfs demand
+// fetches, not readahead) by whether they were already in the block cache
+// when asked: how well prefetch ran ahead of the application.
+type DemandStats struct {
+	Local  atomic.Int64 // in the cache when the read asked
+	Remote atomic.Int64 // fetched (or joined a fetch in flight) for the read
+}
+
+// Fetch counts demand fetches, and gives readahead loads prefetch priority.
+func (c localChain) Fetch(ctx context.Context, b flat.Block) ([]byte, error) {
+	if lazyfs.IsReadahead(ctx) {
+		return c.Chain.Fetch(fetch.WithPriority(ctx, fetch.Prefetch), b)
+	}
+	if ok, err := c.store.Has(ctx, b.ID); err == nil && ok {
+		c.demand.Local.Add(1)
+	} else {
+		c.demand.Remote.Add(1)
+	}
+	return c.Chain.Fetch(ctx, b)
+}
+
+// Prefetch passes readahead hints on at prefetch priority.
+func (c localChain) Prefetch(ctx context.Context, blocks []flat.Block) {
+	c.Chain.Prefetch(fetch.WithPriority(ctx, fetch.Prefetch), blocks)
 }
 
 var _ lazyfs.LocalChecker = localChain{}
@@ -45,7 +74,12 @@ type Mount struct {
 	Dir     string // where the image is mounted
 	RunDir  string // runs/<id>: lock, and for `run` the overlay's upper and work
 	Elapsed time.Duration
-	lock    *os.File
+	// Seeder prefetches the start-up trace and fills the image in the
+	// background, when the node's Seeding asks for it; nil otherwise.
+	Seeder *seeder.Seeder
+	// Demand counts the blocks reads waited on, by where they were.
+	Demand *DemandStats
+	lock   *os.File
 }
 
 // Mount mounts img read-only at dir, or at a fresh runs/<id>/lower when dir
@@ -93,18 +127,22 @@ func (n *Node) Mount(ctx context.Context, img *Image, dir string, opts ...lazyfs
 		lazyfs.WithLogger(n.cfg.log), lazyfs.WithVerify(false),
 		lazyfs.WithBackingDir(filepath.Join(n.dir, "files"), DefaultBackingBytes),
 	}, opts...)
-	fs, err := lazyfs.Mount(ctx, dir, img.Index, localChain{img.Chain, n.store}, opts...)
+	demand := &DemandStats{}
+	fs, err := lazyfs.Mount(ctx, dir, img.Index, localChain{img.Chain, n.store, demand}, opts...)
 	if err != nil {
 		lock.Close()
 		return nil, fmt.Errorf("mount %s at %s: %w", img.Source, dir, err)
 	}
-	return &Mount{FS: fs, Image: img, Dir: dir, RunDir: rd, Elapsed: time.Since(start), lock: lock}, nil
+	return &Mount{FS: fs, Image: img, Dir: dir, RunDir: rd, Elapsed: time.Since(start), Seeder: n.startSeeder(ctx, img), Demand: demand, lock: lock}, nil
 }
 
 // Close unmounts and removes the run directory. It is safe to call twice.
 func (m *Mount) Close() error {
 	if m.lock == nil {
 		return nil
+	}
+	if m.Seeder != nil {
+		m.Seeder.Stop()
 	}
 	err := m.FS.Unmount()
 	if err != nil {

@@ -67,6 +67,8 @@ type config struct {
 	plainHTTP  bool
 	notice     io.Writer
 	noFallback bool
+	seeding    *Seeding
+	noTraces   bool
 }
 
 // WithLogger sets the logger (default: slog.Default()).

@@ -135,7 +135,7 @@ func TestResolve(t *testing.T) {
 		t.Fatal(err)
 	}
 	p, err := n.Prefetch(t.Context(), flatImg, nil)
-	if err != nil || p.Done != p.Blocks || p.Downloaded != p.Bytes {
+	if err != nil || p.Done != p.Blocks || p.Fetched != p.Bytes {
 		t.Errorf("prefetch: %+v, %v", p, err)
 	}
 	for _, b := range flatImg.Index.Blocks {
@@ -143,8 +143,8 @@ func TestResolve(t *testing.T) {
 			t.Errorf("block %s not cached after prefetch", b.ID)
 		}
 	}
-	if p, err := n.Prefetch(t.Context(), flatImg, nil); err != nil || p.Downloaded != 0 {
-		t.Errorf("second prefetch downloaded %d bytes, %v", p.Downloaded, err)
+	if p, err := n.Prefetch(t.Context(), flatImg, nil); err != nil || p.Fetched != 0 {
+		t.Errorf("second prefetch fetched %d bytes, %v", p.Fetched, err)
 	}
 
 	if _, err := n.Resolve(t.Context(), reg+"/app:missing"); err == nil || !strings.Contains(err.Error(), "not found") {

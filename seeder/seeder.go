@@ -51,8 +51,9 @@ type Config struct {
 	// toward the registry, or one batched request per peer.
 	BatchBytes int64
 	// Parallel is how many trace batches are in flight at once (default
-	// 2); the fill runs one batch at a time.
-	Parallel int
+	// 2); FillParallel the same for the fill (default 1).
+	Parallel     int
+	FillParallel int
 	// Attempts is how many passes are made over blocks that failed
 	// (default 3), with a growing pause between passes.
 	Attempts int
@@ -128,6 +129,9 @@ func Start(ctx context.Context, x *flat.Index, f Fetcher, local Local, cfg Confi
 	}
 	if cfg.Parallel <= 0 {
 		cfg.Parallel = 2
+	}
+	if cfg.FillParallel <= 0 {
+		cfg.FillParallel = 1
 	}
 	if cfg.Attempts <= 0 {
 		cfg.Attempts = 3
@@ -212,7 +216,7 @@ func (s *Seeder) run(ctx context.Context) {
 			if s.cfg.FillRate > 0 {
 				lim = rate.NewLimiter(rate.Limit(s.cfg.FillRate), int(max(s.cfg.FillRate, s.cfg.BatchBytes)))
 			}
-			err = s.phase(fetch.WithPriority(ctx, s.cfg.FillPriority), PhaseFill, order[split:], 1, lim, false)
+			err = s.phase(fetch.WithPriority(ctx, s.cfg.FillPriority), PhaseFill, order[split:], s.cfg.FillParallel, lim, false)
 		}
 	}
 	switch {
