@@ -14,6 +14,8 @@ import (
 	"github.com/shoal-project/shoal/lazyfs"
 	"github.com/shoal-project/shoal/node"
 	"github.com/shoal-project/shoal/p2p"
+	"github.com/shoal-project/shoal/seeder"
+	"github.com/shoal-project/shoal/trace"
 )
 
 // MountRequest asks the daemon to mount Ref at Dir ("" for a fresh
@@ -21,6 +23,9 @@ import (
 type MountRequest struct {
 	Ref string `json:"ref"`
 	Dir string `json:"dir,omitempty"`
+	// RecordTrace records the blocks read for the mount's whole life (not
+	// only its first seconds); Unmount returns the trace.
+	RecordTrace bool `json:"record_trace,omitempty"`
 }
 
 // MountInfo describes a mount the daemon holds.
@@ -40,6 +45,12 @@ type MountInfo struct {
 	UpSeconds  float64              `json:"up_seconds"`
 	Env        []string             `json:"env,omitempty"`         // the source image's environment
 	WorkingDir string               `json:"working_dir,omitempty"` // and working directory
+	Seeding    *seeder.Progress     `json:"seeding,omitempty"`     // trace prefetch and fill, if any
+	// Blocks reads waited on that were already in the cache when asked
+	// (prefetched, or read before), and that had to be fetched.
+	DemandLocal  int64        `json:"demand_local_blocks"`
+	DemandRemote int64        `json:"demand_remote_blocks"`
+	Trace        *trace.Trace `json:"trace,omitempty"` // on Unmount of a recording mount
 }
 
 // Status is the daemon's state.
@@ -50,6 +61,7 @@ type Status struct {
 	Swarm    *p2p.Stats       `json:"swarm,omitempty"`
 	Cache    blockstore.Stats `json:"cache"`
 	Mounts   []MountInfo      `json:"mounts"`
+	Jobs     []Job            `json:"jobs,omitempty"` // background prefetches (keep-warm, prefetch without --wait)
 }
 
 // UnmountRequest names a mount by id or directory.
@@ -64,6 +76,7 @@ func (d *Daemon) routes() http.Handler {
 	mux.HandleFunc("POST /v1/unmount", d.handleUnmount)
 	mux.HandleFunc("GET /v1/status", d.handleStatus)
 	mux.HandleFunc("POST /v1/prefetch", d.handlePrefetch)
+	mux.HandleFunc("GET /v1/trace", d.handleTrace)
 	return mux
 }
 
@@ -98,7 +111,15 @@ func (d *Daemon) Mount(ctx context.Context, req MountRequest) (MountInfo, error)
 	if dir != "" && !filepath.IsAbs(dir) {
 		return MountInfo{}, fmt.Errorf("mount directory %q must be absolute", dir)
 	}
-	m, err := n.Mount(context.WithoutCancel(ctx), img, dir)
+	if req.RecordTrace && img.Digest == "" {
+		return MountInfo{}, fmt.Errorf("record trace: %s has no flat form in its registry (convert it with `shoal convert` first)", req.Ref)
+	}
+	rec := d.recorder(img, req.RecordTrace)
+	var opts []lazyfs.Option
+	if rec != nil {
+		opts = append(opts, lazyfs.WithAccessObserver(rec))
+	}
+	m, err := n.Mount(context.WithoutCancel(ctx), img, dir, opts...)
 	if err != nil {
 		return MountInfo{}, err
 	}
@@ -106,10 +127,14 @@ func (d *Daemon) Mount(ctx context.Context, req MountRequest) (MountInfo, error)
 	defer d.mu.Unlock()
 	d.seq++
 	id := fmt.Sprintf("m%d", d.seq)
-	e := &mountEntry{id: id, m: m, started: time.Now()}
+	e := &mountEntry{id: id, m: m, started: time.Now(), rec: rec}
 	d.mounts[id] = e
 	d.metrics.mounts.Set(float64(len(d.mounts)))
-	d.log.Info("mounted", "id", id, "ref", img.Ref, "dir", m.Dir)
+	d.log.Info("mounted", "id", id, "ref", img.Ref, "dir", m.Dir, "trace_prefetch", img.Trace != nil, "recording", rec != nil)
+	if rec != nil && !req.RecordTrace {
+		// Keep the recording of the first seconds once they are over.
+		time.AfterFunc(d.cfg.Seeding.recordWindow(), func() { d.saveTrace(rec, "") })
+	}
 	return e.info(), nil
 }
 
@@ -126,6 +151,13 @@ func (e *mountEntry) info() MountInfo {
 	}
 	if img.Config != nil {
 		mi.Env, mi.WorkingDir = img.Config.Config.Env, img.Config.Config.WorkingDir
+	}
+	if e.m.Seeder != nil {
+		p := e.m.Seeder.Progress()
+		mi.Seeding = &p
+	}
+	if e.m.Demand != nil {
+		mi.DemandLocal, mi.DemandRemote = e.m.Demand.Local.Load(), e.m.Demand.Remote.Load()
 	}
 	return mi
 }
@@ -167,6 +199,7 @@ func (d *Daemon) Unmount(req UnmountRequest) (MountInfo, error) {
 	d.metrics.mounts.Set(float64(len(d.mounts)))
 	d.mu.Unlock()
 	info := e.info()
+	info.Trace = d.saveTrace(e.rec, "")
 	if err := e.m.Close(); err != nil {
 		return info, err
 	}
@@ -193,6 +226,7 @@ func (d *Daemon) Status() Status {
 	for _, e := range d.mounts {
 		st.Mounts = append(st.Mounts, e.info())
 	}
+	st.Jobs = d.Jobs()
 	return st
 }
 
@@ -214,6 +248,10 @@ func writeJSON(w http.ResponseWriter, v any) {
 // PrefetchRequest asks the daemon to fill its cache with a whole image.
 type PrefetchRequest struct {
 	Ref string `json:"ref"`
+	// Background starts the prefetch as a daemon job (see Status.Jobs) and
+	// answers at once with a single Final event, instead of streaming the
+	// progress until the image is complete.
+	Background bool `json:"background,omitempty"`
 }
 
 // PrefetchEvent is one line of the streamed answer to a prefetch: progress,
@@ -222,6 +260,8 @@ type PrefetchEvent struct {
 	node.Progress
 	Final bool   `json:"final,omitempty"`
 	Error string `json:"error,omitempty"`
+	// Started is set on the answer to a Background request.
+	Started bool `json:"started,omitempty"`
 }
 
 func (d *Daemon) handlePrefetch(w http.ResponseWriter, r *http.Request) {
@@ -235,6 +275,12 @@ func (d *Daemon) handlePrefetch(w http.ResponseWriter, r *http.Request) {
 	d.mu.Unlock()
 	if n == nil {
 		httpError(w, http.StatusServiceUnavailable, errors.New("daemon is not running"))
+		return
+	}
+	if req.Background {
+		job := d.startJob(req.Ref, false)
+		w.Header().Set("Content-Type", "application/x-ndjson")
+		_ = json.NewEncoder(w).Encode(PrefetchEvent{Progress: job.Progress, Final: true, Started: true})
 		return
 	}
 	img, err := n.Resolve(r.Context(), req.Ref)

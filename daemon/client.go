@@ -88,10 +88,12 @@ func (c *Client) do(ctx context.Context, method, path string, in, out any) error
 	return json.NewDecoder(resp.Body).Decode(out)
 }
 
-// Prefetch asks the daemon to fill its cache with the image ref, calling
-// report with each progress line; it returns the final progress.
-func (c *Client) Prefetch(ctx context.Context, ref string, report func(node.Progress)) (node.Progress, error) {
-	body, err := json.Marshal(PrefetchRequest{Ref: ref})
+// Prefetch asks the daemon to fill its cache with the image ref. With wait,
+// it calls report with each progress line and returns the final progress;
+// without, the daemon runs the prefetch as a background job and Prefetch
+// returns at once.
+func (c *Client) Prefetch(ctx context.Context, ref string, wait bool, report func(node.Progress)) (node.Progress, error) {
+	body, err := json.Marshal(PrefetchRequest{Ref: ref, Background: !wait})
 	if err != nil {
 		return node.Progress{}, err
 	}

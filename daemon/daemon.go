@@ -30,6 +30,7 @@ import (
 	"github.com/shoal-project/shoal/flat"
 	"github.com/shoal-project/shoal/node"
 	"github.com/shoal-project/shoal/p2p"
+	"github.com/shoal-project/shoal/trace"
 )
 
 // Config is the daemon's configuration; a YAML file with the same keys can
@@ -42,6 +43,7 @@ type Config struct {
 	CacheQuota  int64             `yaml:"cache_quota"`
 	Labels      map[string]string `yaml:"labels"` // zone, rack: used to prefer near peers
 	P2P         P2PConfig         `yaml:"p2p"`
+	Seeding     SeedingConfig     `yaml:"seeding"` // trace prefetch, fill, recording, keep-warm (seeding.go)
 }
 
 // P2PConfig configures the swarm.
@@ -81,17 +83,20 @@ type Daemon struct {
 	log     *slog.Logger
 	metrics *metrics
 
-	mu     sync.Mutex
-	node   *node.Node
-	swarm  *p2p.Node              // nil with p2p disabled
-	mounts map[string]*mountEntry // by id
-	seq    int
+	mu       sync.Mutex
+	node     *node.Node
+	swarm    *p2p.Node              // nil with p2p disabled
+	mounts   map[string]*mountEntry // by id
+	jobs     *jobs                  // background prefetches (seeding.go)
+	jobsOnce sync.Once
+	seq      int
 }
 
 type mountEntry struct {
 	id      string
 	m       *node.Mount
 	started time.Time
+	rec     *trace.Recorder // nil when not recording
 }
 
 // New checks the configuration and wires the daemon; it starts nothing.
@@ -112,7 +117,8 @@ func New(cfg Config, log *slog.Logger) (*Daemon, error) {
 // done, then unmounts everything and closes the cache.
 func (d *Daemon) Run(ctx context.Context) (err error) {
 	opts := []node.Option{node.WithLogger(d.base), node.WithPlainHTTP(d.cfg.PlainHTTP),
-		node.WithCacheQuota(d.cfg.CacheQuota), node.WithFetchObserver(d.metrics)}
+		node.WithCacheQuota(d.cfg.CacheQuota), node.WithFetchObserver(d.metrics),
+		node.WithSeeding(d.cfg.Seeding.nodeSeeding())}
 	var sw *p2p.Node
 	blocks := &lateStore{}
 	if !d.cfg.P2P.Disabled {
@@ -140,6 +146,7 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 		return err
 	}
 	g, ctx := errgroup.WithContext(ctx)
+	g.Go(func() error { return d.keepWarm(ctx) })
 	if sw != nil {
 		d.metrics.watchSwarm(sw)
 		g.Go(func() error { return sw.Run(ctx) })
@@ -205,6 +212,7 @@ func listenUnix(path string) (net.Listener, error) {
 
 // shutdown unmounts everything and closes the node.
 func (d *Daemon) shutdown() error {
+	d.stopJobs()
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var errs []error

@@ -88,14 +88,14 @@ func TestDaemonMountStatusMetricsShutdown(t *testing.T) {
 		}
 	}
 	var events int
-	p, err := c.Prefetch(t.Context(), ref, func(node.Progress) { events++ })
+	p, err := c.Prefetch(t.Context(), ref, true, func(node.Progress) { events++ })
 	if err != nil || p.Done != p.Blocks || p.DoneBytes != p.Bytes {
 		t.Errorf("prefetch: %+v, %v", p, err)
 	}
 	if st, _ := c.Status(t.Context()); st.Cache.Blocks < p.Blocks {
 		t.Errorf("after prefetch the cache holds %d of %d blocks", st.Cache.Blocks, p.Blocks)
 	}
-	if _, err := c.Prefetch(t.Context(), ref+"-nope", nil); err == nil {
+	if _, err := c.Prefetch(t.Context(), ref+"-nope", true, nil); err == nil {
 		t.Error("prefetch of a missing image succeeded")
 	}
 	if _, err := c.Mount(t.Context(), MountRequest{Ref: ref + "-nope"}); err == nil {

@@ -29,7 +29,8 @@ var commands = []command{
 	{"run", "run [flags] REF -- CMD [ARGS...]", "run a command in an image mounted lazily", runRun},
 	{"mount", "mount [flags] REF DIR", "mount an image lazily and serve it until interrupted", runMount},
 	{"unmount", "unmount [--lazy] DIR", "unmount a Shoal mount", runUnmount},
-	{"prefetch", "prefetch [flags] REF", "fill the block cache with a whole image", runPrefetch},
+	{"prefetch", "prefetch [--wait] [flags] REF", "fill the block cache with a whole image", runPrefetch},
+	{"trace", "trace push|get [flags] REF [FILE]", "publish or show an image's start-up trace", runTrace},
 	{"daemon", "daemon [flags]", "run the node daemon (cache, mounts, API socket, metrics)", runDaemon},
 	{"status", "status [flags]", "show the daemon's cache and mounts as JSON", runStatus},
 }

@@ -9,10 +9,12 @@ import (
 	"log/slog"
 	"os"
 	"path/filepath"
+	"strings"
 	"sync"
 	"time"
 
 	"github.com/shoal-project/shoal/daemon"
+	"github.com/shoal-project/shoal/trace"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/lazyfs"
 	"github.com/shoal-project/shoal/sandbox"
@@ -44,6 +46,7 @@ func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	fs, level := newFlags("run", stderr)
 	nf := addNodeFlags(fs)
 	statsFile := fs.String("stats", "", "write JSON stats (bytes by source, mount and run times) to this file")
+	traceFile := fs.String("record-trace", "", "record the order in which the command first reads the image's blocks to this file (publish it with `shoal trace push`)")
 	fs.Usage = func() {
 		fmt.Fprintln(stderr, "usage: shoal run [flags] REF -- CMD [ARGS...]\n\nRuns CMD in the image REF, mounted lazily with a writable overlay on top, in\nits own mount and PID namespaces. Exits with CMD's status. Every mount it\nmakes is gone when it returns.\n\nflags:")
 		fs.PrintDefaults()
@@ -65,10 +68,11 @@ func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 	}
 	start := time.Now()
 	var mt *heldMount
+	record := *traceFile != ""
 	if c := dialDaemon(ctx, *nf.stateDir); c != nil {
-		mt, err = mountWithDaemon(ctx, c, ref)
+		mt, err = mountWithDaemon(ctx, c, ref, record)
 	} else {
-		mt, err = mountInProcess(ctx, nf, log, stderr, ref)
+		mt, err = mountInProcess(ctx, nf, log, stderr, ref, record)
 	}
 	if err != nil {
 		return err
@@ -95,6 +99,18 @@ func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error 
 		return runErr
 	}
 	st, closeErr := mt.finish()
+	if record {
+		if mt.trace == nil || len(mt.trace.Events) == 0 {
+			return errors.New("record trace: the command read no block of the image")
+		}
+		mt.trace.Command = strings.Join(cmdArgs, " ")
+		if err := trace.WriteFile(*traceFile, mt.trace); err != nil {
+			return err
+		}
+		size, stored := mt.trace.Bytes()
+		fmt.Fprintf(stderr, "trace: %d blocks (%s, %s stored) in %s written to %s\n", len(mt.trace.Events), human(size), human(stored),
+			time.Duration(mt.trace.Window).Round(time.Millisecond), *traceFile)
+	}
 	if *statsFile != "" {
 		st.MountMS, st.RunMS, st.ExitCode = mounted.Sub(start).Milliseconds(), ran.Sub(mounted).Milliseconds(), code
 		b, _ := json.MarshalIndent(st, "", "  ")
@@ -117,9 +133,10 @@ type heldMount struct {
 	env         []string
 	workDir     string
 	finish      func() (RunStats, error) // unmounts and returns the counters; idempotent
+	trace       *trace.Trace             // after finish, when recording
 }
 
-func mountInProcess(ctx context.Context, nf nodeFlags, log *slog.Logger, stderr io.Writer, ref string) (*heldMount, error) {
+func mountInProcess(ctx context.Context, nf nodeFlags, log *slog.Logger, stderr io.Writer, ref string, record bool) (*heldMount, error) {
 	n, err := nf.open(ctx, log, stderr)
 	if err != nil {
 		return nil, err
@@ -129,7 +146,18 @@ func mountInProcess(ctx context.Context, nf nodeFlags, log *slog.Logger, stderr 
 		n.Close()
 		return nil, err
 	}
-	m, err := n.Mount(ctx, img, "")
+	var opts []lazyfs.Option
+	var rec *trace.Recorder
+	if record {
+		if img.Digest == "" {
+			n.Close()
+			return nil, fmt.Errorf("record trace: %s has no flat form in its registry (convert it with `shoal convert` first)", ref)
+		}
+		// Without materialized files every first read reaches lazyfs.
+		rec = trace.NewRecorder(img.Digest, img.Index, 0)
+		opts = append(opts, lazyfs.WithAccessObserver(rec), lazyfs.WithBackingDir("", 0))
+	}
+	m, err := n.Mount(ctx, img, "", opts...)
 	if err != nil {
 		n.Close()
 		return nil, err
@@ -144,6 +172,10 @@ func mountInProcess(ctx context.Context, nf nodeFlags, log *slog.Logger, stderr 
 	rm.finish = func() (RunStats, error) {
 		once.Do(func() {
 			fsStats := m.FS.Stats()
+			if rec != nil {
+				rec.Stop()
+				rm.trace = rec.Trace()
+			}
 			ferr = errors.Join(m.Close(), n.Close())
 			var rs *fetch.RegistryStats
 			if img.Registry != nil {
@@ -157,8 +189,8 @@ func mountInProcess(ctx context.Context, nf nodeFlags, log *slog.Logger, stderr 
 	return rm, nil
 }
 
-func mountWithDaemon(ctx context.Context, c *daemon.Client, ref string) (*heldMount, error) {
-	mi, err := c.Mount(ctx, daemon.MountRequest{Ref: ref})
+func mountWithDaemon(ctx context.Context, c *daemon.Client, ref string, record bool) (*heldMount, error) {
+	mi, err := c.Mount(ctx, daemon.MountRequest{Ref: ref, RecordTrace: record})
 	if err != nil {
 		return nil, err
 	}
@@ -173,6 +205,7 @@ func mountWithDaemon(ctx context.Context, c *daemon.Client, ref string) (*heldMo
 			defer cancel()
 			fin, err := c.Unmount(uctx, daemon.UnmountRequest{ID: mi.ID})
 			ferr = err
+			rm.trace = fin.Trace
 			st = runStats(fin.Ref, fin.Local, fin.ImageBytes, fin.Fetch, fin.Registry, fin.FS)
 		})
 		return st, ferr
