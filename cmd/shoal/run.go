@@ -14,10 +14,10 @@ import (
 	"time"
 
 	"github.com/shoal-project/shoal/daemon"
-	"github.com/shoal-project/shoal/trace"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/lazyfs"
 	"github.com/shoal-project/shoal/sandbox"
+	"github.com/shoal-project/shoal/trace"
 )
 
 // exitStatus carries a command's exit status out of `shoal run`.
