@@ -4,23 +4,18 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"os"
 	"path/filepath"
 	"slices"
 	"strconv"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
-	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/internal/netlab"
-	"github.com/shoal-project/shoal/internal/testenv"
 	"github.com/shoal-project/shoal/sandbox"
 )
 
@@ -39,29 +34,10 @@ func envInt(name string, def int) int {
 func TestBenchRollout(t *testing.T) {
 	needBench(t)
 	needRoot(t)
-	if err := netlab.Available(); err != nil {
-		t.Skipf("no network namespaces: %v", err)
-	}
 	nodes := envInt("SHOAL_BENCH_NODES", 12)
 	mbit := envInt("SHOAL_BENCH_REGISTRY_MBIT", 100)
 	bin := buildShoal(t)
-	lab := netlab.New(t)
-	regHost := lab.AddHost("registry")
-	regAddr := regHost.StartRegistry(t)
-	tr := &http.Transport{DialContext: regHost.DialContext}
-	src := regAddr + "/bench/debian:v1"
-	img := testenv.DebianImage(t)
-	r, _ := name.ParseReference(src, name.Insecure)
-	if err := remote.Write(r, img, remote.WithTransport(tr)); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := converter.Convert(t.Context(), src, "", converter.WithPlainHTTP(true), converter.WithTransport(tr),
-		converter.WithLogger(slog.New(slog.DiscardHandler))); err != nil {
-		t.Fatal(err)
-	}
-	if err := regHost.SetRate(mbit); err != nil {
-		t.Fatal(err)
-	}
+	lab, regHost, src, img := rolloutLab(t, mbit)
 	hosts := make([]*netlab.Host, nodes)
 	for i := range hosts {
 		hosts[i] = lab.AddHost(fmt.Sprintf("n%d", i))
@@ -159,84 +135,15 @@ func lazyRollout(t *testing.T, bin string, hosts []*netlab.Host, src string, pee
 	t.Helper()
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
-	states := make([]string, len(hosts))
-	var daemons []*os.Process
-	defer func() {
-		for _, p := range daemons {
-			_ = p.Signal(syscall.SIGTERM)
-		}
-		for _, p := range daemons {
-			_, _ = p.Wait()
-		}
-		for _, s := range states {
-			os.RemoveAll(s)
-		}
-	}()
-	var bootstrap string
+	c := startCluster(t, ctx, bin, hosts, peers)
+	defer c.stop()
+	ready, stats := c.runPython(t, ctx, src, all(len(hosts)))
 	for i, h := range hosts {
-		dir, err := os.MkdirTemp("", "bench-rollout-")
-		if err != nil {
-			t.Fatal(err)
-		}
-		states[i] = dir
-		args := []string{"daemon", "--state-dir", dir, "--plain-http", "--log-level", "warn"}
+		fromPeer += float64(stats[i].BytesFromPeers)
+		fromReg += float64(stats[i].BytesFromRegistry)
+		wire = append(wire, float64(stats[i].RegistryWireBytes))
 		if peers {
-			args = append(args, "--listen", "/ip4/"+h.IP()+"/tcp/4701", "--label", "zone=z"+strconv.Itoa(i%2))
-			if bootstrap != "" {
-				args = append(args, "--bootstrap", bootstrap)
-			}
-		} else {
-			args = append(args, "--no-p2p")
-		}
-		cmd := h.Command(ctx, bin, args...)
-		cmd.Stderr = os.Stderr
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		daemons = append(daemons, cmd.Process)
-		st := waitStatus(t, h, bin, dir)
-		if peers && i == 0 {
-			for _, a := range st.Addrs {
-				bootstrap = a
-				break
-			}
-		}
-	}
-	type result struct {
-		ready float64
-		stats shoalRunStats
-	}
-	res := make([]result, len(hosts))
-	var wg sync.WaitGroup
-	start := time.Now()
-	for i, h := range hosts {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			statsFile := filepath.Join(states[i], "run-stats.json")
-			out := &okWriter{start: start}
-			var errb syncBuffer
-			cmd := h.Command(ctx, bin, append([]string{"run", "--state-dir", states[i], "--stats", statsFile, src, "--"}, pythonCmd...)...)
-			cmd.Stdout, cmd.Stderr = out, &errb
-			if err := cmd.Run(); err != nil {
-				t.Errorf("node %d: shoal run: %v\n%s", i, err, errb.String())
-				return
-			}
-			res[i].ready = out.okAfter().Seconds()
-			b, err := os.ReadFile(statsFile)
-			if err == nil {
-				_ = json.Unmarshal(b, &res[i].stats)
-			}
-		}()
-	}
-	wg.Wait()
-	for i, h := range hosts {
-		ready = append(ready, res[i].ready)
-		fromPeer += float64(res[i].stats.BytesFromPeers)
-		fromReg += float64(res[i].stats.BytesFromRegistry)
-		wire = append(wire, float64(res[i].stats.RegistryWireBytes))
-		if peers {
-			st := waitStatus(t, h, bin, states[i])
+			st := waitStatus(t, h, bin, c.states[i])
 			uploads = append(uploads, float64(st.Swarm.BytesUploaded))
 			if st.Swarm.DHTLookups > 0 {
 				lookups = append(lookups, float64(st.Swarm.DHTLookups))

@@ -146,7 +146,13 @@ func Start(ctx context.Context, x *flat.Index, f Fetcher, local Local, cfg Confi
 	for _, b := range x.Blocks {
 		s.prog.Bytes += int64(b.CLen)
 	}
-	go s.run(ctx)
+	order, split := Order(cfg.Trace, len(x.Blocks))
+	s.prog.TraceBlocks = split
+	s.prog.Phase = PhaseTrace
+	if split == 0 {
+		s.prog.Phase = PhaseFill
+	}
+	go s.run(ctx, order, split)
 	return s
 }
 
@@ -193,12 +199,8 @@ func (s *Seeder) report() {
 	}
 }
 
-func (s *Seeder) run(ctx context.Context) {
+func (s *Seeder) run(ctx context.Context, order []uint32, split int) {
 	defer close(s.done)
-	order, split := Order(s.cfg.Trace, len(s.x.Blocks))
-	s.mu.Lock()
-	s.prog.TraceBlocks = split
-	s.mu.Unlock()
 
 	// Start-up phase: the trace, in order, several batches in flight.
 	err := s.phase(fetch.WithPriority(ctx, s.cfg.TracePriority), PhaseTrace, order[:split], s.cfg.Parallel, nil, true)

@@ -22,6 +22,7 @@ type nodeFlags struct {
 	stateDir *string
 	plain    *bool
 	quota    *int64
+	prefetch *bool
 }
 
 func addNodeFlags(fs *flag.FlagSet) nodeFlags {
@@ -29,12 +30,16 @@ func addNodeFlags(fs *flag.FlagSet) nodeFlags {
 		stateDir: fs.String("state-dir", node.DefaultStateDir(), "state directory (block cache, mounts); env "+node.EnvStateDir),
 		plain:    fs.Bool("plain-http", false, "talk plain HTTP to the registry (local test registries)"),
 		quota:    fs.Int64("cache-quota", 0, "block cache size limit in bytes (0: unlimited)"),
+		prefetch: fs.Bool("trace-prefetch", true, "at mount, prefetch the blocks of the image's published start-up trace (without a daemon; a daemon follows its config)"),
 	}
 }
 
 func (f nodeFlags) open(ctx context.Context, log *slog.Logger, stderr io.Writer) (*node.Node, error) {
-	return node.Open(ctx, *f.stateDir, node.WithLogger(log), node.WithPlainHTTP(*f.plain),
-		node.WithCacheQuota(*f.quota), node.WithNotices(stderr))
+	opts := []node.Option{node.WithLogger(log), node.WithPlainHTTP(*f.plain), node.WithCacheQuota(*f.quota), node.WithNotices(stderr)}
+	if !*f.prefetch {
+		opts = append(opts, node.WithSeeding(node.Seeding{}), node.WithoutTraceLookup())
+	}
+	return node.Open(ctx, *f.stateDir, opts...)
 }
 
 func runMount(ctx context.Context, args []string, stdout, stderr io.Writer) error {
