@@ -227,3 +227,30 @@ func TestPublishReferrersAPI(t *testing.T) {
 	t.Cleanup(s.Close)
 	testPublish(t, strings.TrimPrefix(s.URL, "http://"))
 }
+
+// FuzzUnmarshal: traces come from registries and are untrusted; whatever
+// the bytes, Unmarshal returns a valid trace or ErrMalformed, never panics,
+// and what it accepts re-encodes to a trace that decodes the same.
+func FuzzUnmarshal(f *testing.F) {
+	good, _ := Marshal(sample())
+	f.Add(good)
+	f.Add([]byte(`{"version":1,"image":"sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","blocks":1,"image_bytes":1,"stored_bytes":1,"recorded":"2026-01-01T00:00:00Z","window":0,"events":[{"b":0,"t":0,"w":0,"s":1,"c":1}]}`))
+	f.Add([]byte(`{}`))
+	f.Fuzz(func(t *testing.T, data []byte) {
+		tr, err := Unmarshal(data)
+		if err != nil {
+			if !errors.Is(err, ErrMalformed) {
+				t.Fatalf("error not ErrMalformed: %v", err)
+			}
+			return
+		}
+		again, err := Marshal(tr)
+		if err != nil {
+			t.Fatalf("accepted trace does not re-encode: %v", err)
+		}
+		tr2, err := Unmarshal(again)
+		if err != nil || fmt.Sprint(tr2) != fmt.Sprint(tr) {
+			t.Fatalf("round trip changed the trace: %v", err)
+		}
+	})
+}

@@ -40,6 +40,10 @@ type RunStats struct {
 	MountMS           int64  `json:"mount_ms"`
 	RunMS             int64  `json:"run_ms"`
 	ExitCode          int    `json:"exit_code"`
+	// Blocks the command's reads waited on: already cached when asked
+	// (prefetched from the start-up trace, or read before) or fetched.
+	DemandLocalBlocks  int64 `json:"demand_local_blocks"`
+	DemandRemoteBlocks int64 `json:"demand_remote_blocks"`
 }
 
 func runRun(ctx context.Context, args []string, stdout, stderr io.Writer) error {
@@ -183,6 +187,7 @@ func mountInProcess(ctx context.Context, nf nodeFlags, log *slog.Logger, stderr 
 				rs = &r
 			}
 			st = runStats(img.Ref, img.Local, int64(img.Index.ImageBytes()), img.Chain.Stats(), rs, fsStats)
+			st.DemandLocalBlocks, st.DemandRemoteBlocks = m.Demand.Local.Load(), m.Demand.Remote.Load()
 		})
 		return st, ferr
 	}
@@ -207,6 +212,7 @@ func mountWithDaemon(ctx context.Context, c *daemon.Client, ref string, record b
 			ferr = err
 			rm.trace = fin.Trace
 			st = runStats(fin.Ref, fin.Local, fin.ImageBytes, fin.Fetch, fin.Registry, fin.FS)
+			st.DemandLocalBlocks, st.DemandRemoteBlocks = fin.DemandLocal, fin.DemandRemote
 		})
 		return st, ferr
 	}

@@ -15,6 +15,7 @@ import (
 
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/internal/testenv"
+	"github.com/shoal-project/shoal/trace"
 )
 
 // TestRunFromLazyMount: `shoal run` starts python3 from a flat image in the
@@ -36,9 +37,10 @@ func TestRunFromLazyMount(t *testing.T) {
 	}
 	state := t.TempDir()
 	statsFile := filepath.Join(t.TempDir(), "stats.json")
+	traceFile := filepath.Join(t.TempDir(), "trace.json")
 
 	var stdout, stderr bytes.Buffer
-	code := run([]string{"run", "--plain-http", "--state-dir", state, "--stats", statsFile, src, "--",
+	code := run([]string{"run", "--plain-http", "--state-dir", state, "--stats", statsFile, "--record-trace", traceFile, src, "--",
 		"python3", "-c", `import json, http.server; print("ok")`}, &stdout, &stderr)
 	if code != 0 || strings.TrimSpace(stdout.String()) != "ok" {
 		t.Fatalf("exit %d, stdout %q, stderr %q", code, stdout.String(), stderr.String())
@@ -57,6 +59,39 @@ func TestRunFromLazyMount(t *testing.T) {
 	}
 	if ratio := float64(st.BytesFromRegistry) / float64(st.ImageBytes); ratio >= 0.10 {
 		t.Errorf("registry served %.1f%% of the image's bytes, want well under 10%%", 100*ratio)
+	}
+
+	// The recorded trace: published beside the flat image, found by the
+	// next cold node, whose start-up reads then find their blocks cached.
+	tr, err := trace.ReadFile(traceFile)
+	if err != nil || len(tr.Events) < 20 || !strings.Contains(tr.Command, "python3") {
+		t.Fatalf("recorded trace: %v, %v", tr, err)
+	}
+	stdout.Reset()
+	stderr.Reset()
+	if code := run([]string{"trace", "push", "--plain-http", src, traceFile}, &stdout, &stderr); code != 0 {
+		t.Fatalf("trace push: exit %d, %s", code, stderr.String())
+	}
+	stdout.Reset()
+	if code := run([]string{"trace", "get", "--plain-http", src}, &stdout, &stderr); code != 0 {
+		t.Fatalf("trace get: exit %d, %s", code, stderr.String())
+	}
+	if got, err := trace.Unmarshal(stdout.Bytes()); err != nil || len(got.Events) != len(tr.Events) {
+		t.Fatalf("trace get: %v, %v", got, err)
+	}
+	stdout.Reset()
+	if code := run([]string{"run", "--plain-http", "--state-dir", t.TempDir(), "--stats", statsFile, src, "--",
+		"python3", "-c", `import json, http.server; print("ok")`}, &stdout, &stderr); code != 0 || strings.TrimSpace(stdout.String()) != "ok" {
+		t.Fatalf("run with the trace: exit %d, stdout %q, stderr %q", code, stdout.String(), stderr.String())
+	}
+	var withTrace RunStats
+	b, _ = os.ReadFile(statsFile)
+	_ = json.Unmarshal(b, &withTrace)
+	t.Logf("cold run with the trace: %d demand blocks cached when read, %d fetched; without: %d, %d",
+		withTrace.DemandLocalBlocks, withTrace.DemandRemoteBlocks, st.DemandLocalBlocks, st.DemandRemoteBlocks)
+	if withTrace.DemandLocalBlocks <= withTrace.DemandRemoteBlocks {
+		t.Errorf("with a trace, most start-up reads should find their blocks prefetched: %d local, %d fetched",
+			withTrace.DemandLocalBlocks, withTrace.DemandRemoteBlocks)
 	}
 
 	// The second run finds the blocks in the cache.
