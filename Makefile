@@ -21,7 +21,7 @@ deps:
 HEAVY := ./converter ./node ./cmd/shoal
 test: deps
 	$(GO) test -race -count=1 -timeout 30m $(PKGS)
-	$(GO) test -count=1 -timeout 30m -run 'TestConvertDebianImage|TestMountMatchesSource|TestRunFromLazyMount' $(HEAVY)
+	$(GO) test -count=1 -timeout 30m -run 'TestConvertDebianImage|TestMountMatchesSource|TestRunFromLazyMount|TestContainerdRemoteSnapshots' $(HEAVY) ./snapshotter
 
 test-short:
 	$(GO) test -short -count=1 $(PKGS)
@@ -42,6 +42,23 @@ lint:
 # Benchmarks write JSON under bench/results/ (see ../shared/BENCHMARKS.md).
 bench: deps build
 	SHOAL_BENCH=1 $(GO) test -count=1 -timeout 90m -run 'Bench' -v ./bench/ 2>&1 | tee bench/results/last-run.log
+
+# The rollout simulator (docs/simulation.md): every strategy at 10 to 10,000
+# nodes, JSON and SVG plots under simulation/results/. The second sweep is a
+# what-if (DHT lookups return random providers), not the daemon.
+SIM_TRACE := simulation/testdata/python-debian.trace.json
+SIM_FLAGS := --trace $(SIM_TRACE) --nodes 10,100,1000,10000 --zones 4 --racks 4 --registry-mbps 10000 --seeds 4 --seed 1 --log-level info
+.PHONY: simulate calibrate
+simulate:
+	$(GO) run ./cmd/shoal simulate $(SIM_FLAGS) --out simulation/results --name rollout
+	$(GO) run ./cmd/shoal simulate $(SIM_FLAGS) --dht-random-providers --out simulation/results --name rollout-random-dht
+
+# The simulator against the real network-namespace rollout: first against
+# the committed bench/results/rollout.json (fast), then a fresh real run of
+# 12 nodes (root) written with the prediction to bench/results/calibration.json.
+calibrate: deps build
+	$(GO) test -count=1 -run '^TestCalibration$$' -v ./simulation/
+	SHOAL_BENCH=1 SHOAL_BENCH_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 30m -run '^TestBenchCalibrate$$' -v ./bench/
 
 demo: deps build
 	scripts/demo.sh

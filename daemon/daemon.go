@@ -43,7 +43,9 @@ type Config struct {
 	CacheQuota  int64             `yaml:"cache_quota"`
 	Labels      map[string]string `yaml:"labels"` // zone, rack: used to prefer near peers
 	P2P         P2PConfig         `yaml:"p2p"`
-	Seeding     SeedingConfig     `yaml:"seeding"` // trace prefetch, fill, recording, keep-warm (seeding.go)
+	Seeding     SeedingConfig     `yaml:"seeding"`     // trace prefetch, fill, recording, keep-warm (seeding.go)
+	Snapshotter SnapshotterConfig `yaml:"snapshotter"` // containerd remote snapshotter (snapshotter.go)
+	Mirror      MirrorConfig      `yaml:"mirror"`      // registry mirror (mirror.go, docs/mirror.md)
 }
 
 // P2PConfig configures the swarm.
@@ -83,13 +85,14 @@ type Daemon struct {
 	log     *slog.Logger
 	metrics *metrics
 
-	mu       sync.Mutex
-	node     *node.Node
-	swarm    *p2p.Node              // nil with p2p disabled
-	mounts   map[string]*mountEntry // by id
-	jobs     *jobs                  // background prefetches (seeding.go)
-	jobsOnce sync.Once
-	seq      int
+	mu         sync.Mutex
+	node       *node.Node
+	swarm      *p2p.Node              // nil with p2p disabled
+	mirrorAddr string                 // registry mirror's address, "" when off
+	mounts     map[string]*mountEntry // by id
+	jobs       *jobs                  // background prefetches (seeding.go)
+	jobsOnce   sync.Once
+	seq        int
 }
 
 type mountEntry struct {
@@ -145,8 +148,16 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	runMirror, err := d.startMirror(n, sw)
+	if err != nil {
+		ln.Close()
+		return err
+	}
 	g, ctx := errgroup.WithContext(ctx)
 	g.Go(func() error { return d.keepWarm(ctx) })
+	if runMirror != nil {
+		g.Go(func() error { return runMirror(ctx) })
+	}
 	if sw != nil {
 		d.metrics.watchSwarm(sw)
 		g.Go(func() error { return sw.Run(ctx) })
@@ -154,15 +165,18 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	}
 	api := &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second}
 	g.Go(func() error { return serve(ctx, api, ln) })
+	if err := d.startSnapshotter(ctx, g); err != nil {
+		ln.Close()
+		return err
+	}
 	if d.cfg.MetricsAddr != "" {
 		mln, err := net.Listen("tcp", d.cfg.MetricsAddr)
 		if err != nil {
 			ln.Close()
 			return fmt.Errorf("metrics listener: %w", err)
 		}
-		ms := &http.Server{Handler: d.metrics.handler(), ReadHeaderTimeout: 10 * time.Second}
-		g.Go(func() error { return serve(ctx, ms, mln) })
-		d.log.Info("serving metrics", "addr", mln.Addr().String())
+		g.Go(func() error { return d.serveWeb(ctx, mln) })
+		d.log.Info("serving metrics and the status page", "addr", mln.Addr().String())
 	}
 	d.log.Info("daemon ready", "socket", d.cfg.Socket, "state_dir", d.cfg.StateDir)
 	return g.Wait()

@@ -23,6 +23,7 @@ type metrics struct {
 	mounts      prometheus.Gauge
 
 	hitBytes, allBytes atomic.Int64 // for the hit ratio
+	registryBytes      atomic.Int64 // with the two above, bytes by source for the status page
 }
 
 var _ fetch.Observer = (*metrics)(nil)
@@ -69,8 +70,11 @@ func (m *metrics) Fetched(source string, blocks int, bytes int64, d time.Duratio
 	}
 	m.bytes.WithLabelValues(source).Add(float64(bytes))
 	m.allBytes.Add(bytes)
-	if source == "cache" {
+	switch source {
+	case "cache":
 		m.hitBytes.Add(bytes)
+	case fetch.RegistryName:
+		m.registryBytes.Add(bytes)
 	}
 	m.blocks.WithLabelValues(source).Add(float64(blocks))
 	m.latency.WithLabelValues(source).Observe(d.Seconds())

@@ -98,9 +98,12 @@ func (n *Node) handleBlock(st network.Stream) {
 		return
 	}
 	w := bufio.NewWriterSize(st, paceChunk+64)
+	var sent int64 // to p, frames included: the status page's uploads by peer
+	defer func() { n.peers.sent(p, sent) }()
 	write := func(b []byte) error {
 		_ = st.SetWriteDeadline(time.Now().Add(writeTimeout))
-		_, err := w.Write(b)
+		k, err := w.Write(b)
+		sent += int64(k)
 		return err
 	}
 	busy := func() {

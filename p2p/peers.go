@@ -27,6 +27,9 @@ type PeerInfo struct {
 	// InFlight is the number of block requests this node has outstanding
 	// to the peer; peer choice prefers the least loaded among equals.
 	InFlight int
+	// BytesSent counts the block stream bytes this node wrote to the peer
+	// (blocks and their frames).
+	BytesSent int64
 }
 
 // peerTable keeps per-peer labels and scores. Peers are never removed: the
@@ -64,6 +67,16 @@ func (t *peerTable) setLabels(p peer.ID, zone, rack string) {
 	defer t.mu.Unlock()
 	pi := t.get(p)
 	pi.Zone, pi.Rack = zone, rack
+}
+
+// sent records n bytes uploaded to p.
+func (t *peerTable) sent(p peer.ID, n int64) {
+	if n == 0 {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.get(p).BytesSent += n
 }
 
 const ewmaAlpha = 0.3

@@ -15,6 +15,10 @@ command -v fusermount3 >/dev/null || need+=(fuse3)
 command -v ip >/dev/null || need+=(iproute2)
 command -v curl >/dev/null || need+=(curl)
 command -v python3 >/dev/null || need+=(python3) # the demo formats its numbers with it
+command -v containerd >/dev/null || need+=(containerd) # the snapshotter's tests run the real containerd
+command -v runc >/dev/null || need+=(runc)
+command -v chromium >/dev/null || need+=(chromium) # the daemon's status page test loads the page headless
+command -v systemd-analyze >/dev/null || need+=(systemd) # deploy's test verifies the systemd unit
 if ((${#need[@]})); then
 	if [[ $(id -u) -ne 0 ]]; then
 		echo "deps: missing ${need[*]}; run as root or: sudo apt-get install -y ${need[*]}" >&2

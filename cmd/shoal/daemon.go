@@ -30,11 +30,13 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	config := fs.String("config", "", "YAML config file (keys: state_dir, socket, metrics_addr, plain_http, cache_quota, labels); flags override it")
 	stateDir := fs.String("state-dir", "", "state directory (default "+node.DefaultStateDir()+")")
 	socket := fs.String("socket", "", "API socket (default <state-dir>/shoal.sock)")
-	metrics := fs.String("metrics-addr", "", "serve Prometheus metrics on this address, e.g. 127.0.0.1:9464")
+	metrics := fs.String("metrics-addr", "", "serve Prometheus metrics (/metrics) and the status page (/) on this address, e.g. 127.0.0.1:9464")
 	plain := fs.Bool("plain-http", false, "talk plain HTTP to registries")
 	quota := fs.Int64("cache-quota", -1, "block cache size limit in bytes (0: unlimited)")
 	lbl := labels{}
 	fs.Var(lbl, "label", "a node label key=value (zone, rack), repeatable")
+	kubeNode := fs.String("kube-node", "", "in a Kubernetes pod: take the zone (and rack) labels from this Node object, read with the pod's service account; --label overrides")
+	kubeRack := fs.String("kube-rack-label", "", "with --kube-node: the Node label that holds the rack (none by default)")
 	var listen, bootstrap multi
 	fs.Var(&listen, "listen", "p2p listen multiaddr, repeatable (default /ip4/0.0.0.0/tcp/4701)")
 	fs.Var(&bootstrap, "bootstrap", "p2p bootstrap peer multiaddr ending in /p2p/<id>, repeatable")
@@ -92,6 +94,19 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	}
 	if set["upload-bytes-per-sec"] {
 		cfg.P2P.UploadBytesPerSec = *uploadRate
+	}
+	if *kubeNode != "" {
+		kl, err := kubeNodeLabels(ctx, *kubeNode, *kubeRack)
+		if err != nil {
+			return err
+		}
+		log.Info("labels from the Kubernetes node", "node", *kubeNode, "labels", kl)
+		for k, v := range kl {
+			if cfg.Labels == nil {
+				cfg.Labels = map[string]string{}
+			}
+			cfg.Labels[k] = v
+		}
 	}
 	for k, v := range lbl {
 		if cfg.Labels == nil {

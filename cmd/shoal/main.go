@@ -31,6 +31,7 @@ var commands = []command{
 	{"unmount", "unmount [--lazy] DIR", "unmount a Shoal mount", runUnmount},
 	{"prefetch", "prefetch [--wait] [flags] REF", "fill the block cache with a whole image", runPrefetch},
 	{"trace", "trace push|get [flags] REF [FILE]", "publish or show an image's start-up trace", runTrace},
+	{"pull", "pull [flags] REF", "pull an image into containerd as lazy Shoal snapshots", runPull},
 	{"daemon", "daemon [flags]", "run the node daemon (cache, mounts, API socket, metrics)", runDaemon},
 	{"status", "status [flags]", "show the daemon's cache and mounts as JSON", runStatus},
 }

@@ -1,0 +1,103 @@
+package daemon
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"net/http"
+	"path/filepath"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoal-project/shoal/mirror"
+	"github.com/shoal-project/shoal/node"
+	"github.com/shoal-project/shoal/p2p"
+)
+
+// MirrorConfig configures the registry mirror: the OCI distribution read
+// API on a local port, for containerd's hosts.toml (docs/mirror.md).
+type MirrorConfig struct {
+	Listen    string           `yaml:"listen"` // "" disables; e.g. 127.0.0.1:5001
+	Upstreams []MirrorUpstream `yaml:"upstreams"`
+}
+
+// MirrorUpstream is a registry the mirror may fetch from; requests for any
+// other are refused.
+type MirrorUpstream struct {
+	Host      string `yaml:"host"`       // as clients name it (containerd's ?ns=), e.g. docker.io
+	Endpoint  string `yaml:"endpoint"`   // host[:port] to contact; default host
+	PlainHTTP bool   `yaml:"plain_http"` // HTTP instead of HTTPS
+	Default   bool   `yaml:"default"`    // for requests without ?ns=
+}
+
+// startMirror makes the mirror and its listener when one is configured,
+// and returns what serves it until ctx ends (nil when none is).
+func (d *Daemon) startMirror(n *node.Node, sw *p2p.Node) (func(ctx context.Context) error, error) {
+	c := d.cfg.Mirror
+	if c.Listen == "" {
+		return nil, nil
+	}
+	cfg := mirror.Config{Dir: filepath.Join(d.cfg.StateDir, "mirror"), Blocks: n.Store(), Logger: d.base}
+	for _, u := range c.Upstreams {
+		cfg.Upstreams = append(cfg.Upstreams, mirror.Upstream{Host: u.Host, Endpoint: u.Endpoint, PlainHTTP: u.PlainHTTP, Default: u.Default})
+	}
+	if sw != nil {
+		cfg.Peers = mirror.SwarmPeers(sw)
+	}
+	m, err := mirror.New(cfg)
+	if err != nil {
+		return nil, err
+	}
+	ln, err := net.Listen("tcp", c.Listen)
+	if err != nil {
+		m.Close()
+		return nil, fmt.Errorf("mirror listener: %w", err)
+	}
+	if sw != nil {
+		sw.ServeRecipes(m)
+	}
+	d.metrics.watchMirror(m)
+	d.mu.Lock()
+	d.mirrorAddr = ln.Addr().String()
+	d.mu.Unlock()
+	d.log.Info("serving registry mirror", "addr", ln.Addr().String(), "upstreams", len(cfg.Upstreams))
+	return func(ctx context.Context) error {
+		done := make(chan error, 1)
+		go func() { done <- m.Run(ctx) }()
+		srv := &http.Server{Handler: m, ReadHeaderTimeout: 10 * time.Second}
+		err := serve(ctx, srv, ln)
+		<-done
+		return err
+	}, nil
+}
+
+// MirrorAddr is the registry mirror's listen address ("" when it is off).
+func (d *Daemon) MirrorAddr() string {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.mirrorAddr
+}
+
+// watchMirror exports the mirror's counters, read at scrape time.
+func (m *metrics) watchMirror(mi *mirror.Mirror) {
+	counter := func(name, help string, labels prometheus.Labels, f func(mirror.Stats) int64) {
+		m.reg.MustRegister(prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: labels},
+			func() float64 { return float64(f(mi.Stats())) }))
+	}
+	const served = "Blob and manifest bytes the registry mirror sent to clients, by source (local, peers, upstream)."
+	counter("shoal_mirror_served_bytes_total", served, prometheus.Labels{"source": mirror.SourceLocal}, func(s mirror.Stats) int64 { return s.ServedLocal })
+	counter("shoal_mirror_served_bytes_total", served, prometheus.Labels{"source": mirror.SourcePeers}, func(s mirror.Stats) int64 { return s.ServedPeers })
+	counter("shoal_mirror_served_bytes_total", served, prometheus.Labels{"source": mirror.SourceUpstream}, func(s mirror.Stats) int64 { return s.ServedUpstream })
+	const fetched = "Bytes the registry mirror fetched to keep, by source (peers, upstream)."
+	counter("shoal_mirror_fetched_bytes_total", fetched, prometheus.Labels{"source": mirror.SourcePeers}, func(s mirror.Stats) int64 { return s.FetchedPeers })
+	counter("shoal_mirror_fetched_bytes_total", fetched, prometheus.Labels{"source": mirror.SourceUpstream}, func(s mirror.Stats) int64 { return s.FetchedUpstream })
+	counter("shoal_mirror_requests_total", "Requests to the registry mirror.", nil, func(s mirror.Stats) int64 { return s.Requests })
+	counter("shoal_mirror_errors_total", "Registry mirror requests answered with an error or cut short.", nil, func(s mirror.Stats) int64 { return s.Errors })
+	counter("shoal_mirror_fetches_total", "Blob fetches the mirror ran (concurrent requests for a blob share one).", nil, func(s mirror.Stats) int64 { return s.Fetches })
+	counter("shoal_mirror_bad_peer_blobs_total", "Blob recipes or assembled blobs from peers that failed verification.", nil, func(s mirror.Stats) int64 { return s.BadPeerBlobs })
+	counter("shoal_mirror_announced_total", "Blob provider records the mirror announced to the swarm (at keep, and re-provides).", nil, func(s mirror.Stats) int64 { return s.Provided })
+	counter("shoal_mirror_upstream_mismatches_total", "Upstream content that did not match its digest.", nil, func(s mirror.Stats) int64 { return s.UpstreamMismatches })
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_kept_blobs", Help: "Blobs and manifests the mirror keeps (recipes on disk)."},
+		func() float64 { return float64(mi.Stats().Kept) }))
+}

@@ -1,0 +1,697 @@
+package deploy
+
+import (
+	"bytes"
+	"fmt"
+	"go/ast"
+	"go/parser"
+	"go/token"
+	"maps"
+	"net"
+	"net/url"
+	"os"
+	"os/exec"
+	"path"
+	"path/filepath"
+	"reflect"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"testing"
+
+	"github.com/multiformats/go-multiaddr"
+	"github.com/pelletier/go-toml/v2"
+	"gopkg.in/yaml.v3"
+	appsv1 "k8s.io/api/apps/v1"
+	corev1 "k8s.io/api/core/v1"
+	rbacv1 "k8s.io/api/rbac/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	k8syaml "sigs.k8s.io/yaml"
+
+	"github.com/shoal-project/shoal/daemon"
+	"github.com/shoal-project/shoal/internal/testenv"
+)
+
+// kinds are the Kubernetes objects the manifests may hold, by
+// apiVersion/kind; any other fails the test.
+var kinds = map[string]func() any{
+	"v1/Namespace":      func() any { return new(corev1.Namespace) },
+	"v1/ServiceAccount": func() any { return new(corev1.ServiceAccount) },
+	"v1/ConfigMap":      func() any { return new(corev1.ConfigMap) },
+	"apps/v1/DaemonSet": func() any { return new(appsv1.DaemonSet) },
+	"rbac.authorization.k8s.io/v1/ClusterRole":        func() any { return new(rbacv1.ClusterRole) },
+	"rbac.authorization.k8s.io/v1/ClusterRoleBinding": func() any { return new(rbacv1.ClusterRoleBinding) },
+}
+
+// manifests holds every object of deploy/kubernetes, decoded.
+type manifests struct {
+	namespaces []*corev1.Namespace
+	accounts   []*corev1.ServiceAccount
+	configMaps []*corev1.ConfigMap
+	daemonSets []*appsv1.DaemonSet
+	roles      []*rbacv1.ClusterRole
+	bindings   []*rbacv1.ClusterRoleBinding
+}
+
+var docSep = regexp.MustCompile(`(?m)^---[ \t]*$`)
+
+// loadManifests decodes every YAML document of every file in dir strictly:
+// an unknown field, a duplicate key or an unknown kind is an error.
+func loadManifests(t *testing.T, dir string) manifests {
+	t.Helper()
+	files, err := filepath.Glob(filepath.Join(dir, "*.yaml"))
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no manifests in %s: %v", dir, err)
+	}
+	var m manifests
+	for _, f := range files {
+		b, err := os.ReadFile(f)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i, doc := range docSep.Split(string(b), -1) {
+			where := fmt.Sprintf("%s, document %d", filepath.Base(f), i+1)
+			obj, err := decodeManifest([]byte(doc))
+			if err != nil {
+				t.Errorf("%s: %v", where, err)
+				continue
+			}
+			switch o := obj.(type) {
+			case nil: // only comments
+			case *corev1.Namespace:
+				m.namespaces = append(m.namespaces, o)
+			case *corev1.ServiceAccount:
+				m.accounts = append(m.accounts, o)
+			case *corev1.ConfigMap:
+				m.configMaps = append(m.configMaps, o)
+			case *appsv1.DaemonSet:
+				m.daemonSets = append(m.daemonSets, o)
+			case *rbacv1.ClusterRole:
+				m.roles = append(m.roles, o)
+			case *rbacv1.ClusterRoleBinding:
+				m.bindings = append(m.bindings, o)
+			}
+		}
+	}
+	return m
+}
+
+func decodeManifest(doc []byte) (any, error) {
+	j, err := k8syaml.YAMLToJSON(doc)
+	if err != nil {
+		return nil, err
+	}
+	if string(bytes.TrimSpace(j)) == "null" {
+		return nil, nil
+	}
+	var tm metav1.TypeMeta
+	if err := k8syaml.Unmarshal(doc, &tm); err != nil {
+		return nil, err
+	}
+	newObj, ok := kinds[tm.APIVersion+"/"+tm.Kind]
+	if !ok {
+		return nil, fmt.Errorf("unknown kind %q of apiVersion %q", tm.Kind, tm.APIVersion)
+	}
+	obj := newObj()
+	if err := k8syaml.UnmarshalStrict(doc, obj); err != nil {
+		return nil, fmt.Errorf("%s: %w", tm.Kind, err)
+	}
+	return obj, nil
+}
+
+func TestDecodeIsStrict(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct{ name, doc, want string }{
+		{"typo in a field", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\ndatta:\n  a: b\n", "datta"},
+		{"typo deep down", "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: x\nspec:\n  template:\n    spec:\n      hostNetwrok: true\n", "hostNetwrok"},
+		{"unknown kind", "apiVersion: v1\nkind: Pod\nmetadata:\n  name: x\n", "unknown kind"},
+		{"wrong type", "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: x\nspec:\n  template:\n    spec:\n      hostNetwork: yes please\n", "hostNetwork"},
+		{"duplicate key", "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  name: y\n", "name"},
+	} {
+		if _, err := decodeManifest([]byte(c.doc)); err == nil || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want an error naming %q", c.name, err, c.want)
+		}
+	}
+}
+
+// loadConfig reads a daemon config with the daemon's own strict loader.
+func loadConfig(t *testing.T, name string, data []byte) daemon.Config {
+	t.Helper()
+	p := filepath.Join(t.TempDir(), "config.yaml")
+	if err := os.WriteFile(p, data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	c, err := daemon.LoadConfig(p)
+	if err != nil {
+		t.Fatalf("%s: %v", name, err)
+	}
+	return c
+}
+
+func TestKubernetes(t *testing.T) {
+	t.Parallel()
+	m := loadManifests(t, "kubernetes")
+	if len(m.namespaces) != 1 || len(m.daemonSets) != 1 || len(m.configMaps) != 1 || len(m.accounts) != 1 {
+		t.Fatalf("want one namespace, daemon set, config map and service account; have %d, %d, %d, %d",
+			len(m.namespaces), len(m.daemonSets), len(m.configMaps), len(m.accounts))
+	}
+	ns, ds, cm, sa := m.namespaces[0].Name, m.daemonSets[0], m.configMaps[0], m.accounts[0]
+	for _, o := range []metav1.Object{ds, cm, sa} {
+		if o.GetNamespace() != ns {
+			t.Errorf("%s is in namespace %q, want %q", o.GetName(), o.GetNamespace(), ns)
+		}
+	}
+	ps := ds.Spec.Template.Spec
+	if ds.Spec.Selector == nil || len(ds.Spec.Selector.MatchLabels) == 0 {
+		t.Fatal("the daemon set has no selector")
+	}
+	for k, v := range ds.Spec.Selector.MatchLabels {
+		if ds.Spec.Template.Labels[k] != v {
+			t.Errorf("selector %s=%s does not match the pod template's labels", k, v)
+		}
+	}
+	if !ps.HostNetwork {
+		t.Error("the daemon set is not in the host network (p2p port, mirror on 127.0.0.1 for containerd)")
+	}
+	if ps.ServiceAccountName != sa.Name {
+		t.Errorf("pods run as service account %q, the manifests define %q", ps.ServiceAccountName, sa.Name)
+	}
+	// The service account may read nodes, for --kube-node.
+	var canGetNodes bool
+	for _, b := range m.bindings {
+		for _, s := range b.Subjects {
+			if s.Kind != "ServiceAccount" || s.Name != sa.Name || s.Namespace != ns {
+				continue
+			}
+			for _, r := range m.roles {
+				if b.RoleRef.Kind != "ClusterRole" || b.RoleRef.Name != r.Name {
+					continue
+				}
+				for _, rule := range r.Rules {
+					canGetNodes = canGetNodes || slices.Contains(rule.APIGroups, "") &&
+						slices.Contains(rule.Resources, "nodes") && slices.Contains(rule.Verbs, "get")
+				}
+			}
+		}
+	}
+	if !canGetNodes {
+		t.Errorf("service account %s cannot get nodes: --kube-node would fail", sa.Name)
+	}
+
+	if len(ps.Containers) != 1 {
+		t.Fatalf("want one container, have %d", len(ps.Containers))
+	}
+	c := ps.Containers[0]
+	if c.SecurityContext == nil || c.SecurityContext.Privileged == nil || !*c.SecurityContext.Privileged {
+		t.Error("the daemon container is not privileged (FUSE mounts, Bidirectional propagation)")
+	}
+	if len(c.Args) == 0 || c.Args[0] != "daemon" {
+		t.Fatalf("container args %q do not run `shoal daemon`", c.Args)
+	}
+	args := flagArgs(t, c.Args[1:])
+	checkFlags(t, "daemon set", args)
+
+	// --kube-node gets the node's name from the downward API.
+	if args["kube-node"] != "$(NODE_NAME)" {
+		t.Errorf("--kube-node=%q, want $(NODE_NAME)", args["kube-node"])
+	}
+	var nodeName bool
+	for _, e := range c.Env {
+		nodeName = nodeName || e.Name == "NODE_NAME" && e.ValueFrom != nil && e.ValueFrom.FieldRef != nil && e.ValueFrom.FieldRef.FieldPath == "spec.nodeName"
+	}
+	if !nodeName {
+		t.Error("no NODE_NAME from spec.nodeName in the container's environment")
+	}
+
+	// Volumes: by name, and where the container mounts them.
+	vols := map[string]corev1.Volume{}
+	for _, v := range ps.Volumes {
+		vols[v.Name] = v
+	}
+	mountOf := func(hostPath string) (corev1.VolumeMount, *corev1.HostPathVolumeSource) {
+		for _, vm := range c.VolumeMounts {
+			if hp := vols[vm.Name].HostPath; hp != nil && hp.Path == hostPath {
+				return vm, hp
+			}
+		}
+		t.Errorf("the container does not mount host path %s", hostPath)
+		return corev1.VolumeMount{}, nil
+	}
+	if vm, hp := mountOf("/dev/fuse"); hp != nil && (vm.MountPath != "/dev/fuse" || hp.Type == nil || *hp.Type != corev1.HostPathCharDev) {
+		t.Errorf("/dev/fuse: mounted at %s, type %q; want /dev/fuse, CharDevice", vm.MountPath, deref(hp.Type))
+	}
+	mountOf("/run/containerd")
+
+	// The config: from the config map, strictly valid, agreeing with the
+	// manifest.
+	cfgPath := args["config"]
+	var cfgData string
+	for _, vm := range c.VolumeMounts {
+		if v := vols[vm.Name]; v.ConfigMap != nil && path.Dir(cfgPath) == vm.MountPath {
+			if v.ConfigMap.Name != cm.Name {
+				t.Errorf("volume %s is config map %q, the manifests define %q", v.Name, v.ConfigMap.Name, cm.Name)
+			}
+			cfgData = cm.Data[path.Base(cfgPath)]
+		}
+	}
+	if cfgData == "" {
+		t.Fatalf("--config=%s is not a key of config map %s mounted in the container", cfgPath, cm.Name)
+	}
+	cfg := loadConfig(t, "config map "+cm.Name, []byte(cfgData))
+	if vm, hp := mountOf(cfg.StateDir); hp != nil && (vm.MountPath != cfg.StateDir ||
+		vm.MountPropagation == nil || *vm.MountPropagation != corev1.MountPropagationBidirectional) {
+		t.Errorf("state dir %s: mounted at %s with propagation %v, want the same path, Bidirectional (mounts must reach containerd)",
+			cfg.StateDir, vm.MountPath, deref(vm.MountPropagation))
+	}
+	// Ports: the container's agree with the config's, and the probes use
+	// them.
+	ports := map[string]int32{}
+	for _, p := range c.Ports {
+		ports[p.Name] = p.ContainerPort
+	}
+	if _, port, err := net.SplitHostPort(cfg.MetricsAddr); err != nil || strconv.Itoa(int(ports["metrics"])) != port {
+		t.Errorf("metrics_addr %q, container port metrics %d", cfg.MetricsAddr, ports["metrics"])
+	}
+	if len(cfg.P2P.Listen) == 0 || multiaddrPort(t, cfg.P2P.Listen[0]) != ports["p2p"] {
+		t.Errorf("p2p listen %q, container port p2p %d", cfg.P2P.Listen, ports["p2p"])
+	}
+	for _, p := range []*corev1.Probe{c.ReadinessProbe, c.LivenessProbe} {
+		if p == nil || p.HTTPGet == nil || ports[p.HTTPGet.Port.String()] == 0 {
+			t.Errorf("probe %+v does not probe a named container port", p)
+		}
+	}
+	checkDeployConfig(t, "config map", cfg)
+}
+
+func deref[T any](p *T) (v T) {
+	if p != nil {
+		v = *p
+	}
+	return v
+}
+
+func multiaddrPort(t *testing.T, s string) int32 {
+	t.Helper()
+	ma, err := multiaddr.NewMultiaddr(s)
+	if err != nil {
+		t.Errorf("p2p listen %q: %v", s, err)
+		return 0
+	}
+	p, err := ma.ValueForProtocol(multiaddr.P_TCP)
+	if err != nil {
+		t.Errorf("p2p listen %q: %v", s, err)
+	}
+	n, _ := strconv.Atoi(p)
+	return int32(n)
+}
+
+// checkDeployConfig checks a daemon config against the containerd files:
+// the snapshotter's socket is the proxy plugin's address, the mirror is
+// the hosts.toml files' host, and each hosts.toml registry is an upstream.
+func checkDeployConfig(t *testing.T, name string, cfg daemon.Config) {
+	t.Helper()
+	cc := loadContainerdConfig(t)
+	sock := cfg.Snapshotter.Socket
+	if sock == "" {
+		sock = daemon.SnapshotterSocketPath(cfg.StateDir)
+	}
+	if cfg.Snapshotter.Disabled || cc.ProxyPlugins["shoal"].Address != sock {
+		t.Errorf("%s: snapshotter socket %s (disabled %v), containerd's proxy plugin dials %s",
+			name, sock, cfg.Snapshotter.Disabled, cc.ProxyPlugins["shoal"].Address)
+	}
+	upstreams := map[string]bool{}
+	for _, u := range cfg.Mirror.Upstreams {
+		upstreams[u.Host] = true
+	}
+	for registry, h := range loadHosts(t) {
+		if !upstreams[registry] {
+			t.Errorf("%s: containerd sends %s pulls to the mirror, which does not list it in mirror.upstreams", name, registry)
+		}
+		for host := range h.Host {
+			if u, err := url.Parse(host); err != nil || u.Host != cfg.Mirror.Listen {
+				t.Errorf("%s: hosts.toml of %s names mirror %s, the daemon's listens on %q", name, registry, host, cfg.Mirror.Listen)
+			}
+		}
+	}
+}
+
+func TestSystemdConfig(t *testing.T) {
+	t.Parallel()
+	b, err := os.ReadFile("systemd/config.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := loadConfig(t, "systemd/config.yaml", b)
+	checkDeployConfig(t, "systemd/config.yaml", cfg)
+	// The reference config names every key the daemon knows: a key added
+	// to daemon.Config must be documented here.
+	var doc yaml.Node
+	if err := yaml.Unmarshal(b, &doc); err != nil {
+		t.Fatal(err)
+	}
+	have := map[string]bool{}
+	yamlKeys(doc.Content[0], "", have)
+	for _, k := range configKeys(reflect.TypeFor[daemon.Config](), "") {
+		if !have[k] {
+			t.Errorf("systemd/config.yaml does not show daemon config key %s: add it, set and commented", k)
+		}
+	}
+}
+
+// configKeys lists the YAML keys of a config struct as dotted paths ("[]"
+// for the elements of a list).
+func configKeys(typ reflect.Type, prefix string) []string {
+	var out []string
+	for f := range typ.Fields() {
+		name, _, _ := strings.Cut(f.Tag.Get("yaml"), ",")
+		if name == "-" || !f.IsExported() {
+			continue
+		}
+		if name == "" {
+			name = strings.ToLower(f.Name)
+		}
+		key := prefix + name
+		out = append(out, key)
+		switch ft := f.Type; {
+		case ft.Kind() == reflect.Struct:
+			out = append(out, configKeys(ft, key+".")...)
+		case ft.Kind() == reflect.Slice && ft.Elem().Kind() == reflect.Struct:
+			out = append(out, configKeys(ft.Elem(), key+"[].")...)
+		}
+	}
+	return out
+}
+
+// yamlKeys collects the key paths of a YAML mapping, as configKeys names
+// them.
+func yamlKeys(n *yaml.Node, prefix string, into map[string]bool) {
+	switch n.Kind {
+	case yaml.MappingNode:
+		for i := 0; i+1 < len(n.Content); i += 2 {
+			key := prefix + n.Content[i].Value
+			into[key] = true
+			yamlKeys(n.Content[i+1], key+".", into)
+		}
+	case yaml.SequenceNode:
+		for _, e := range n.Content {
+			yamlKeys(e, strings.TrimSuffix(prefix, ".")+"[].", into)
+		}
+	}
+}
+
+func TestConfigKeysSeeTypos(t *testing.T) {
+	t.Parallel()
+	var doc yaml.Node
+	_ = yaml.Unmarshal([]byte("state_dir: x\nmirror:\n  upstreams:\n    - host: a\n      endpiont: b\n"), &doc)
+	have := map[string]bool{}
+	yamlKeys(doc.Content[0], "", have)
+	want := map[string]bool{"state_dir": true, "mirror": true, "mirror.upstreams": true, "mirror.upstreams[].host": true, "mirror.upstreams[].endpiont": true}
+	if !reflect.DeepEqual(have, want) {
+		t.Errorf("yamlKeys = %v", have)
+	}
+	keys := configKeys(reflect.TypeFor[daemon.Config](), "")
+	for _, k := range []string{"state_dir", "p2p.listen", "mirror.upstreams[].endpoint", "snapshotter.socket"} {
+		if !slices.Contains(keys, k) {
+			t.Errorf("configKeys lacks %s: %v", k, keys)
+		}
+	}
+}
+
+// containerdConfig is the part of containerd's config.toml (version 2) the
+// deploy snippet uses; decoding into it strictly catches a misspelt key.
+type containerdConfig struct {
+	Version      int `toml:"version"`
+	ProxyPlugins map[string]struct {
+		Type    string `toml:"type"`
+		Address string `toml:"address"`
+	} `toml:"proxy_plugins"`
+	Plugins struct {
+		CRI struct {
+			Containerd struct {
+				Snapshotter                string `toml:"snapshotter"`
+				DisableSnapshotAnnotations *bool  `toml:"disable_snapshot_annotations"`
+			} `toml:"containerd"`
+			Registry struct {
+				ConfigPath string `toml:"config_path"`
+			} `toml:"registry"`
+		} `toml:"io.containerd.grpc.v1.cri"`
+	} `toml:"plugins"`
+}
+
+// hostsFile is containerd's hosts.toml, the fields the snippets use.
+type hostsFile struct {
+	Server string `toml:"server"`
+	Host   map[string]struct {
+		Capabilities []string `toml:"capabilities"`
+	} `toml:"host"`
+}
+
+func decodeTOMLStrict(t *testing.T, file string, v any) {
+	t.Helper()
+	b, err := os.ReadFile(file)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dec := toml.NewDecoder(bytes.NewReader(b))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		t.Fatalf("%s: %v", file, err)
+	}
+}
+
+func loadContainerdConfig(t *testing.T) containerdConfig {
+	t.Helper()
+	var c containerdConfig
+	decodeTOMLStrict(t, "containerd/config.toml", &c)
+	return c
+}
+
+// loadHosts reads containerd/certs.d/<registry>/hosts.toml, by registry.
+func loadHosts(t *testing.T) map[string]hostsFile {
+	t.Helper()
+	files, err := filepath.Glob("containerd/certs.d/*/hosts.toml")
+	if err != nil || len(files) == 0 {
+		t.Fatalf("no hosts.toml files: %v", err)
+	}
+	out := map[string]hostsFile{}
+	for _, f := range files {
+		var h hostsFile
+		decodeTOMLStrict(t, f, &h)
+		out[filepath.Base(filepath.Dir(f))] = h
+	}
+	return out
+}
+
+func TestContainerd(t *testing.T) {
+	t.Parallel()
+	c := loadContainerdConfig(t)
+	p, ok := c.ProxyPlugins["shoal"]
+	if c.Version != 2 || !ok || p.Type != "snapshot" {
+		t.Errorf("config.toml: version %d, proxy plugin shoal %+v: want version 2, a snapshot plugin", c.Version, p)
+	}
+	cri := c.Plugins.CRI
+	if cri.Containerd.Snapshotter != "shoal" || cri.Containerd.DisableSnapshotAnnotations == nil || *cri.Containerd.DisableSnapshotAnnotations {
+		t.Errorf("config.toml: CRI must use snapshotter shoal with snapshot annotations on: %+v", cri.Containerd)
+	}
+	if cri.Registry.ConfigPath != "/etc/containerd/certs.d" {
+		t.Errorf("config.toml: registry config_path %q", cri.Registry.ConfigPath)
+	}
+	for registry, h := range loadHosts(t) {
+		if u, err := url.Parse(h.Server); err != nil || u.Scheme != "https" || u.Host == "" {
+			t.Errorf("hosts.toml of %s: server %q is not an https URL", registry, h.Server)
+		}
+		if len(h.Host) != 1 {
+			t.Errorf("hosts.toml of %s: want the mirror as the one host, have %d", registry, len(h.Host))
+		}
+		for host, hc := range h.Host {
+			// The mirror serves pulls, not pushes.
+			if caps := slices.Sorted(slices.Values(hc.Capabilities)); !slices.Equal(caps, []string{"pull", "resolve"}) {
+				t.Errorf("hosts.toml of %s: %s has capabilities %v, want pull and resolve", registry, host, hc.Capabilities)
+			}
+		}
+	}
+	var bad struct {
+		Host map[string]struct {
+			Capabilities []string `toml:"capabilities"`
+		} `toml:"host"`
+	}
+	dec := toml.NewDecoder(strings.NewReader("[host.\"http://x\"]\n  capabilties = [\"pull\"]\n"))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(&bad); err == nil {
+		t.Error("a misspelt hosts.toml key decoded without error")
+	}
+
+	// containerd itself reads the snippet: `containerd config dump`
+	// merges it into its defaults, so the values must come out there.
+	bin, err := exec.LookPath("containerd")
+	if err != nil {
+		testenv.SkipOrFatal(t, "containerd not installed (apt-get install containerd): %v", err)
+	}
+	out, err := exec.CommandContext(t.Context(), bin, "--config", "containerd/config.toml", "config", "dump").CombinedOutput()
+	if err != nil {
+		t.Fatalf("containerd config dump: %v\n%s", err, out)
+	}
+	var dump containerdConfig
+	if err := toml.Unmarshal(out, &dump); err != nil {
+		t.Fatalf("containerd config dump: %v", err)
+	}
+	if !reflect.DeepEqual(dump.ProxyPlugins, c.ProxyPlugins) || dump.Plugins.CRI.Containerd.Snapshotter != "shoal" ||
+		dump.Plugins.CRI.Registry.ConfigPath != cri.Registry.ConfigPath {
+		t.Errorf("containerd read the snippet as %+v", dump)
+	}
+}
+
+// mountNamespaceOptions give a systemd unit a mount namespace of its own,
+// which keeps the daemon's mounts from the host (systemd.exec(5)).
+var mountNamespaceOptions = []string{
+	"ProtectSystem", "ProtectHome", "PrivateTmp", "PrivateDevices", "PrivateMounts", "ReadOnlyPaths",
+	"ReadWritePaths", "InaccessiblePaths", "TemporaryFileSystem", "BindPaths", "BindReadOnlyPaths",
+	"ProtectKernelTunables", "ProtectKernelModules", "ProtectKernelLogs", "ProtectControlGroups",
+	"ProtectProc", "ProcSubset", "MountFlags", "RootDirectory", "RootImage",
+}
+
+func TestSystemdUnit(t *testing.T) {
+	t.Parallel()
+	b, err := os.ReadFile("systemd/shoal.service")
+	if err != nil {
+		t.Fatal(err)
+	}
+	unit := map[string][]string{}
+	for _, line := range strings.Split(string(b), "\n") {
+		line = strings.TrimSpace(line)
+		if k, v, ok := strings.Cut(line, "="); ok && !strings.HasPrefix(line, "#") {
+			unit[k] = append(unit[k], v)
+		}
+	}
+	for _, k := range mountNamespaceOptions {
+		if _, ok := unit[k]; ok {
+			t.Errorf("%s= gives the unit a mount namespace: the daemon's mounts would not reach the host", k)
+		}
+	}
+	if got := unit["DeviceAllow"]; unit["DevicePolicy"] != nil && !slices.ContainsFunc(got, func(s string) bool { return strings.HasPrefix(s, "/dev/fuse") }) {
+		t.Errorf("DevicePolicy without DeviceAllow=/dev/fuse: %v", got)
+	}
+	exec0 := strings.Fields(strings.Join(unit["ExecStart"], ""))
+	if len(exec0) < 2 || exec0[0] != "/usr/local/bin/shoal" || exec0[1] != "daemon" {
+		t.Fatalf("ExecStart %q does not run /usr/local/bin/shoal daemon", exec0)
+	}
+	args := flagArgs(t, exec0[2:])
+	checkFlags(t, "systemd unit", args)
+	cfgData, err := os.ReadFile("systemd/config.yaml")
+	if err != nil {
+		t.Fatal(err)
+	}
+	cfg := loadConfig(t, "systemd/config.yaml", cfgData)
+	if want := "/etc/" + strings.Join(unit["ConfigurationDirectory"], "") + "/config.yaml"; args["config"] != want {
+		t.Errorf("--config %s, want %s (ConfigurationDirectory)", args["config"], want)
+	}
+	if want := "/var/lib/" + strings.Join(unit["StateDirectory"], ""); cfg.StateDir != want {
+		t.Errorf("state_dir %s, the unit's StateDirectory is %s", cfg.StateDir, want)
+	}
+
+	// systemd's own check: unknown keys, bad values. It wants ExecStart's
+	// binary to exist, so it checks a copy that runs /bin/true.
+	sa, err := exec.LookPath("systemd-analyze")
+	if err != nil {
+		testenv.SkipOrFatal(t, "systemd-analyze not installed (apt-get install systemd): %v", err)
+	}
+	dir := t.TempDir()
+	copyPath := filepath.Join(dir, "shoal.service")
+	if err := os.WriteFile(copyPath, bytes.ReplaceAll(b, []byte("/usr/local/bin/shoal "), []byte("/bin/true ")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.CommandContext(t.Context(), sa, "verify", copyPath)
+	cmd.Dir = dir
+	out, err := cmd.CombinedOutput()
+	if err != nil || len(bytes.TrimSpace(out)) != 0 {
+		t.Errorf("systemd-analyze verify: %v\n%s", err, out)
+	}
+}
+
+// flagArgs parses "--name=value" and "--name value" arguments.
+func flagArgs(t *testing.T, args []string) map[string]string {
+	t.Helper()
+	out := map[string]string{}
+	for i := 0; i < len(args); i++ {
+		a := args[i]
+		if !strings.HasPrefix(a, "-") {
+			t.Errorf("argument %q is not a flag", a)
+			continue
+		}
+		name, val, ok := strings.Cut(strings.TrimLeft(a, "-"), "=")
+		if !ok && i+1 < len(args) && !strings.HasPrefix(args[i+1], "-") {
+			val = args[i+1]
+			i++
+		}
+		out[name] = val
+	}
+	return out
+}
+
+// checkFlags checks that every flag is one `shoal daemon` defines, as read
+// from its source (cmd/shoal): a misspelt flag would stop the daemon.
+func checkFlags(t *testing.T, where string, args map[string]string) {
+	t.Helper()
+	known := daemonFlags(t)
+	for name := range args {
+		if !known[name] {
+			t.Errorf("%s: shoal daemon has no flag --%s (it has %s)", where, name, strings.Join(slices.Sorted(maps.Keys(known)), ", "))
+		}
+	}
+}
+
+// daemonFlags reads the flag names runDaemon and newFlags define in
+// cmd/shoal: the first string argument of fs.String, fs.Bool, fs.Var, ...
+func daemonFlags(t *testing.T) map[string]bool {
+	t.Helper()
+	fset := token.NewFileSet()
+	files, err := filepath.Glob("../cmd/shoal/*.go")
+	if err != nil {
+		t.Fatal(err)
+	}
+	known := map[string]bool{}
+	for _, f := range files {
+		if strings.HasSuffix(f, "_test.go") {
+			continue
+		}
+		af, err := parser.ParseFile(fset, f, nil, 0)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, d := range af.Decls {
+			fd, ok := d.(*ast.FuncDecl)
+			if !ok || (fd.Name.Name != "runDaemon" && fd.Name.Name != "newFlags") {
+				continue
+			}
+			ast.Inspect(fd, func(n ast.Node) bool {
+				call, ok := n.(*ast.CallExpr)
+				if !ok {
+					return true
+				}
+				sel, ok := call.Fun.(*ast.SelectorExpr)
+				if !ok || !isFlagSet(sel.X) {
+					return true
+				}
+				for _, a := range call.Args {
+					if lit, ok := a.(*ast.BasicLit); ok && lit.Kind == token.STRING {
+						if s, err := strconv.Unquote(lit.Value); err == nil {
+							known[s] = true
+						}
+						break
+					}
+				}
+				return true
+			})
+		}
+	}
+	if !known["config"] || !known["log-level"] {
+		t.Fatalf("found no daemon flags in cmd/shoal (have %v): has the code moved?", known)
+	}
+	return known
+}
+
+func isFlagSet(e ast.Expr) bool {
+	id, ok := e.(*ast.Ident)
+	return ok && id.Name == "fs"
+}

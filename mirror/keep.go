@@ -1,0 +1,211 @@
+package mirror
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+
+	"github.com/shoal-project/shoal/flat"
+)
+
+// Blocks is the node's block cache, where kept blobs live as blocks.
+// *blockstore.Store satisfies it: Put verifies bytes against the ID, Get
+// verifies them again on the way out.
+type Blocks interface {
+	Get(ctx context.Context, id flat.BlockID) ([]byte, error)
+	Has(ctx context.Context, id flat.BlockID) (bool, error)
+	Put(ctx context.Context, id flat.BlockID, data []byte) error
+}
+
+// keeper is the mirror's state on disk, beside the block cache:
+//
+//	<dir>/recipes/<hex>  the recipe of each kept blob (and manifest), by digest
+//	<dir>/tags/<hex>     the digest a tag last resolved to, by sha256(host/repo:tag)
+//	<dir>/tmp/           spool files of fetches in progress (unlinked at once)
+//
+// A blob counts as kept while its recipe is on disk and every one of its
+// blocks is in the cache; the cache may evict blocks at any time.
+type keeper struct {
+	dir    string
+	blocks Blocks
+
+	mu   sync.Mutex
+	kept map[string]struct{} // digests with a recipe on disk
+}
+
+func openKeeper(dir string, blocks Blocks) (*keeper, error) {
+	for _, sub := range []string{"recipes", "tags", "tmp"} {
+		if err := os.MkdirAll(filepath.Join(dir, sub), 0o700); err != nil {
+			return nil, fmt.Errorf("mirror state: %w", err)
+		}
+	}
+	// Spool files are unlinked when created; anything here is from an
+	// older crash-prone version or a kill between create and unlink.
+	if ents, err := os.ReadDir(filepath.Join(dir, "tmp")); err == nil {
+		for _, e := range ents {
+			_ = os.RemoveAll(filepath.Join(dir, "tmp", e.Name()))
+		}
+	}
+	k := &keeper{dir: dir, blocks: blocks, kept: map[string]struct{}{}}
+	ents, err := os.ReadDir(filepath.Join(dir, "recipes"))
+	if err != nil {
+		return nil, fmt.Errorf("mirror state: %w", err)
+	}
+	for _, e := range ents {
+		if d := "sha256:" + e.Name(); !strings.Contains(e.Name(), ".") {
+			if _, ok := parseDigest(d); ok {
+				k.kept[d] = struct{}{}
+			}
+		}
+	}
+	return k, nil
+}
+
+func (k *keeper) recipePath(digest string) string {
+	return filepath.Join(k.dir, "recipes", strings.TrimPrefix(digest, "sha256:"))
+}
+
+func (k *keeper) tagPath(host, repo, tag string) string {
+	sum := sha256.Sum256([]byte(host + "/" + repo + ":" + tag))
+	return filepath.Join(k.dir, "tags", hex.EncodeToString(sum[:]))
+}
+
+// spool creates an anonymous temporary file for a fetch: it is unlinked at
+// once, so it disappears with its last descriptor, crash or not.
+func (k *keeper) spool() (*os.File, error) {
+	f, err := os.CreateTemp(filepath.Join(k.dir, "tmp"), "blob-*")
+	if err != nil {
+		return nil, fmt.Errorf("spool file: %w", err)
+	}
+	_ = os.Remove(f.Name())
+	return f, nil
+}
+
+// recipe returns the kept recipe of digest if every block is still in the
+// cache; ok is false otherwise.
+func (k *keeper) recipe(ctx context.Context, digest string, maxSize int64) (*recipe, []byte, bool) {
+	raw, err := os.ReadFile(k.recipePath(digest))
+	if err != nil {
+		return nil, nil, false
+	}
+	r, err := decodeRecipe(raw, digest, maxRecipeBlob)
+	if err != nil {
+		// Rotted on disk: forget it; the blob is fetched again.
+		k.forget(digest)
+		return nil, nil, false
+	}
+	if r.size > maxSize {
+		return nil, nil, false // kept, but not what this request may get
+	}
+	for _, id := range r.ids {
+		if has, err := k.blocks.Has(ctx, id); err != nil || !has {
+			return nil, nil, false
+		}
+	}
+	return r, raw, true
+}
+
+func (k *keeper) forget(digest string) {
+	_ = os.Remove(k.recipePath(digest))
+	k.mu.Lock()
+	delete(k.kept, digest)
+	k.mu.Unlock()
+}
+
+// keep stores a verified blob, read from src, as blocks cut by r, then
+// writes r. The blob must already have been checked against r's digest.
+func (k *keeper) keep(ctx context.Context, r *recipe, src io.ReaderAt) error {
+	buf := make([]byte, r.chunk)
+	for i := range r.ids {
+		id, off, n := r.block(i)
+		b := buf[:n]
+		if _, err := src.ReadAt(b, off); err != nil && !(errors.Is(err, io.EOF) && int64(len(b)) == n) {
+			return fmt.Errorf("keep %s: read block %d: %w", r.digestString(), i, err)
+		}
+		if err := k.blocks.Put(ctx, id, b); err != nil {
+			return fmt.Errorf("keep %s: %w", r.digestString(), err)
+		}
+	}
+	if err := writeAtomic(k.recipePath(r.digestString()), r.encode()); err != nil {
+		return fmt.Errorf("keep %s: %w", r.digestString(), err)
+	}
+	k.mu.Lock()
+	k.kept[r.digestString()] = struct{}{}
+	k.mu.Unlock()
+	return nil
+}
+
+// keepBytes keeps a small verified blob held in memory (a manifest).
+func (k *keeper) keepBytes(ctx context.Context, digest string, data []byte) (*recipe, error) {
+	r, err := cut(digest, data)
+	if err != nil {
+		return nil, err
+	}
+	return r, k.keep(ctx, r, bytes.NewReader(data))
+}
+
+// cut makes the recipe of data, whose digest is digest.
+func cut(digest string, data []byte) (*recipe, error) {
+	d, ok := parseDigest(digest)
+	if !ok {
+		return nil, fmt.Errorf("%w: digest %q", ErrBadRecipe, digest)
+	}
+	r := &recipe{digest: d, size: int64(len(data)), chunk: ChunkSize}
+	for off := 0; off < len(data); off += ChunkSize {
+		r.ids = append(r.ids, flat.Sum(data[off:min(off+ChunkSize, len(data))]))
+	}
+	return r, nil
+}
+
+// keptDigests lists the kept blobs (recipes on disk).
+func (k *keeper) keptDigests() []string {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	out := make([]string, 0, len(k.kept))
+	for d := range k.kept {
+		out = append(out, d)
+	}
+	return out
+}
+
+// tag returns the digest host/repo:tag last resolved to.
+func (k *keeper) tag(host, repo, tag string) (string, bool) {
+	b, err := os.ReadFile(k.tagPath(host, repo, tag))
+	if err != nil {
+		return "", false
+	}
+	d := strings.TrimSpace(string(b))
+	_, ok := parseDigest(d)
+	return d, ok
+}
+
+func (k *keeper) setTag(host, repo, tag, digest string) error {
+	return writeAtomic(k.tagPath(host, repo, tag), []byte(digest+"\n"))
+}
+
+// writeAtomic writes data to p through a temporary file and a rename.
+func writeAtomic(p string, data []byte) error {
+	f, err := os.CreateTemp(filepath.Dir(p), ".tmp-*")
+	if err != nil {
+		return err
+	}
+	_, werr := f.Write(data)
+	cerr := f.Close()
+	if err := errors.Join(werr, cerr); err != nil {
+		_ = os.Remove(f.Name())
+		return err
+	}
+	if err := os.Rename(f.Name(), p); err != nil {
+		_ = os.Remove(f.Name())
+		return err
+	}
+	return nil
+}

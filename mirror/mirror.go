@@ -1,0 +1,461 @@
+package mirror
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"log/slog"
+	"maps"
+	"net/http"
+	"regexp"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/name"
+)
+
+// Errors a request can end with; each maps to an OCI error code.
+var (
+	// ErrNotFound: neither the swarm nor upstream has the content.
+	ErrNotFound = errors.New("mirror: not found")
+	// ErrUpstreamRefused: the request names an upstream not configured.
+	ErrUpstreamRefused = errors.New("mirror: upstream not allowed")
+	// ErrDigestMismatch: the content a source sent does not match its digest.
+	ErrDigestMismatch = errors.New("mirror: content does not match its digest")
+	// ErrTooLarge: the content exceeds the mirror's size limit.
+	ErrTooLarge = errors.New("mirror: content too large")
+	// ErrBadPeer: a peer sent data that failed verification.
+	ErrBadPeer = errors.New("mirror: peer sent bad data")
+	// ErrNoPeers: no peer holds the blob (or there is no swarm).
+	ErrNoPeers = errors.New("mirror: no peer holds the blob")
+)
+
+// Upstream is a registry the mirror may fetch from.
+type Upstream struct {
+	// Host is the registry's name as clients use it: containerd sends it
+	// as ?ns=<host> on mirror requests ("docker.io", "registry.example:5000").
+	Host string
+	// Endpoint is the host[:port] to contact; default Host (ggcr maps
+	// docker.io to index.docker.io).
+	Endpoint string
+	// PlainHTTP talks HTTP instead of HTTPS to the endpoint.
+	PlainHTTP bool
+	// Default makes this the upstream of requests without ?ns= (clients
+	// that use the mirror as their registry). At most one.
+	Default bool
+}
+
+// Config configures a Mirror. Zero values mean the documented defaults.
+type Config struct {
+	// Dir holds the mirror's state (recipes, tags, spool files). Required.
+	Dir string
+	// Blocks is the node's block cache. Required.
+	Blocks Blocks
+	// Peers finds and fetches blobs in the swarm. Default nil: local and
+	// upstream only.
+	Peers Peers
+	// Upstreams are the registries the mirror serves; requests for any
+	// other are refused, so the mirror is never an open proxy.
+	Upstreams []Upstream
+	// Keychain supplies upstream credentials. Default authn.DefaultKeychain
+	// (the Docker config of the user running the daemon).
+	Keychain authn.Keychain
+	// Transport is the base HTTP transport to upstreams. Default: a clone
+	// of http.DefaultTransport.
+	Transport http.RoundTripper
+	// TagTimeout bounds resolving a tag upstream; past it (or with upstream
+	// unreachable) the kept copy answers. Default 10 s.
+	TagTimeout time.Duration
+	// FetchTimeout bounds one whole blob fetch. Default 30 min.
+	FetchTimeout time.Duration
+	// StallTimeout fails an upstream transfer that sends no byte for this
+	// long. Default 60 s.
+	StallTimeout time.Duration
+	// PeerTimeout bounds finding a blob's providers and its recipe.
+	// Default 5 s.
+	PeerTimeout time.Duration
+	// MaxBlobSize bounds a blob. Default 64 GiB.
+	MaxBlobSize int64
+	// Logger gets the mirror's logs, with component=mirror. Default
+	// slog.Default().
+	Logger *slog.Logger
+}
+
+// maxManifestSize bounds a manifest, as distribution does (4 MiB).
+const maxManifestSize = 4 << 20
+
+// reprovideInterval re-publishes blob records well inside the DHT's 48 h
+// record lifetime.
+const reprovideInterval = 12 * time.Hour
+
+// provideRetry is how soon a provide that failed to reach the DHT is tried
+// again.
+const provideRetry = time.Minute
+
+// Mirror is an http.Handler serving the OCI distribution read API. Run
+// keeps its provider records fresh; Close stops fetches in progress.
+type Mirror struct {
+	cfg     Config
+	log     *slog.Logger
+	keep    *keeper
+	clients *clients
+	ups     map[string]*Upstream
+	def     *Upstream
+
+	life   context.Context
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+
+	mu      sync.Mutex
+	closed  bool
+	flights map[string]*flight
+	failed  map[string]struct{} // provides to retry
+
+	st counters
+}
+
+// New checks cfg and opens the mirror's state directory. It starts nothing.
+func New(cfg Config) (*Mirror, error) {
+	if cfg.Dir == "" || cfg.Blocks == nil {
+		return nil, errors.New("mirror: Dir and Blocks are required")
+	}
+	if len(cfg.Upstreams) == 0 {
+		return nil, errors.New("mirror: no upstream configured")
+	}
+	if cfg.Keychain == nil {
+		cfg.Keychain = authn.DefaultKeychain
+	}
+	if cfg.Transport == nil {
+		cfg.Transport = http.DefaultTransport.(*http.Transport).Clone()
+	}
+	if cfg.TagTimeout <= 0 {
+		cfg.TagTimeout = 10 * time.Second
+	}
+	if cfg.FetchTimeout <= 0 {
+		cfg.FetchTimeout = 30 * time.Minute
+	}
+	if cfg.StallTimeout <= 0 {
+		cfg.StallTimeout = time.Minute
+	}
+	if cfg.PeerTimeout <= 0 {
+		cfg.PeerTimeout = 5 * time.Second
+	}
+	if cfg.MaxBlobSize <= 0 {
+		cfg.MaxBlobSize = 64 << 30
+	}
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	m := &Mirror{cfg: cfg, log: cfg.Logger.With("component", "mirror"), ups: map[string]*Upstream{}, flights: map[string]*flight{}, failed: map[string]struct{}{}}
+	for i := range cfg.Upstreams {
+		u := cfg.Upstreams[i]
+		if u.Host == "" {
+			return nil, fmt.Errorf("mirror: upstream %d has no host", i)
+		}
+		if u.Endpoint == "" {
+			u.Endpoint = u.Host
+		}
+		if _, err := name.NewRegistry(u.Endpoint); err != nil {
+			return nil, fmt.Errorf("mirror: upstream %q: %w", u.Host, err)
+		}
+		if m.ups[u.Host] != nil {
+			return nil, fmt.Errorf("mirror: upstream %q listed twice", u.Host)
+		}
+		m.ups[u.Host] = &u
+		if u.Default {
+			if m.def != nil {
+				return nil, fmt.Errorf("mirror: two default upstreams (%q, %q)", m.def.Host, u.Host)
+			}
+			m.def = &u
+		}
+	}
+	k, err := openKeeper(cfg.Dir, cfg.Blocks)
+	if err != nil {
+		return nil, err
+	}
+	m.keep = k
+	m.clients = &clients{keychain: cfg.Keychain, base: cfg.Transport, m: map[string]*http.Client{}}
+	m.life, m.cancel = context.WithCancel(context.Background())
+	return m, nil
+}
+
+// Run re-provides the kept blobs to the swarm at start and every 12 hours,
+// retries failed provides every minute, until ctx ends; then it closes the
+// mirror.
+func (m *Mirror) Run(ctx context.Context) error {
+	defer m.Close()
+	if m.cfg.Peers == nil {
+		<-ctx.Done()
+		return nil
+	}
+	all := m.keep.keptDigests()
+	full := time.NewTicker(reprovideInterval)
+	defer full.Stop()
+	retry := time.NewTicker(provideRetry)
+	defer retry.Stop()
+	for {
+		for _, d := range all {
+			if ctx.Err() != nil {
+				return nil
+			}
+			if _, _, ok := m.keep.recipe(ctx, d, m.cfg.MaxBlobSize); ok {
+				m.provide(ctx, d)
+			}
+		}
+		select {
+		case <-ctx.Done():
+			return nil
+		case <-full.C:
+			all = m.keep.keptDigests()
+		case <-retry.C:
+			m.mu.Lock()
+			all = slices.Collect(maps.Keys(m.failed))
+			m.mu.Unlock()
+		}
+	}
+}
+
+// Close cancels fetches in progress and waits for the mirror's goroutines.
+// Requests still being served fail. It is idempotent.
+func (m *Mirror) Close() error {
+	m.mu.Lock()
+	m.closed = true
+	m.mu.Unlock()
+	m.cancel()
+	m.wg.Wait()
+	return nil
+}
+
+// spawn runs fn on a goroutine Close waits for; false once closed.
+func (m *Mirror) spawn(fn func()) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	if m.closed {
+		return false
+	}
+	m.wg.Go(fn)
+	return true
+}
+
+// provide publishes the node's record for a kept blob. The record is
+// held locally at once (peers that ask this node find it); publishing it
+// to the DHT's closest peers may fail, and is then retried.
+func (m *Mirror) provide(ctx context.Context, digest string) {
+	ctx, cancel := context.WithTimeout(ctx, time.Minute)
+	defer cancel()
+	err := m.cfg.Peers.Provide(ctx, digest)
+	m.st.provided.Add(1)
+	m.mu.Lock()
+	if err != nil {
+		m.failed[digest] = struct{}{}
+	} else {
+		delete(m.failed, digest)
+	}
+	m.mu.Unlock()
+	if err != nil {
+		m.log.Debug("provide blob record; will retry", "blob", digest, "err", err)
+	}
+}
+
+// announce publishes a newly kept blob's record in the background.
+func (m *Mirror) announce(digest string) {
+	if m.cfg.Peers != nil {
+		m.spawn(func() { m.provide(m.life, digest) })
+	}
+}
+
+// Recipe returns the recipe of a blob kept whole, for peers
+// (p2p.RecipeGetter).
+func (m *Mirror) Recipe(ctx context.Context, digest string) ([]byte, error) {
+	if _, ok := parseDigest(digest); !ok {
+		return nil, ErrNotFound
+	}
+	_, raw, ok := m.keep.recipe(ctx, digest, m.cfg.MaxBlobSize)
+	if !ok {
+		return nil, ErrNotFound
+	}
+	return raw, nil
+}
+
+// Stats is a snapshot of the mirror's counters.
+type Stats struct {
+	// Body bytes sent to clients (blobs and manifests), by where they came
+	// from: the node's kept copy, peers, or upstream.
+	ServedLocal, ServedPeers, ServedUpstream int64
+	// Bytes fetched to keep: verified blob bytes from peers, and response
+	// bytes from upstream.
+	FetchedPeers, FetchedUpstream int64
+	Requests, Errors              int64
+	Fetches                       int64 // blob fetches started (concurrent requests share one)
+	BadPeerBlobs                  int64 // peer recipes or blobs that failed verification
+	UpstreamMismatches            int64 // upstream content that failed its digest
+	Provided                      int64 // provider records announced (held locally; published to the DHT or retried)
+	Kept                          int   // blobs with a recipe on disk
+}
+
+type counters struct {
+	servedLocal, servedPeers, servedUpstream atomic.Int64
+	fetchedPeers, fetchedUpstream            atomic.Int64
+	requests, errors, fetches                atomic.Int64
+	badPeer, mismatch, provided              atomic.Int64
+}
+
+// Stats returns the mirror's counters.
+func (m *Mirror) Stats() Stats {
+	return Stats{
+		ServedLocal:        m.st.servedLocal.Load(),
+		ServedPeers:        m.st.servedPeers.Load(),
+		ServedUpstream:     m.st.servedUpstream.Load(),
+		FetchedPeers:       m.st.fetchedPeers.Load(),
+		FetchedUpstream:    m.st.fetchedUpstream.Load(),
+		Requests:           m.st.requests.Load(),
+		Errors:             m.st.errors.Load(),
+		Fetches:            m.st.fetches.Load(),
+		BadPeerBlobs:       m.st.badPeer.Load(),
+		UpstreamMismatches: m.st.mismatch.Load(),
+		Provided:           m.st.provided.Load(),
+		Kept:               len(m.keep.keptDigests()),
+	}
+}
+
+func (m *Mirror) served(source string, n int64) {
+	switch source {
+	case SourceLocal:
+		m.st.servedLocal.Add(n)
+	case SourcePeers:
+		m.st.servedPeers.Add(n)
+	case SourceUpstream:
+		m.st.servedUpstream.Add(n)
+	}
+}
+
+// The grammar of distribution's names, tags and the one digest algorithm
+// the mirror serves.
+var (
+	nameRE = regexp.MustCompile(`^[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*$`)
+	tagRE  = regexp.MustCompile(`^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$`)
+)
+
+// ServeHTTP implements the read side of the OCI distribution API:
+// GET/HEAD /v2/, /v2/<name>/manifests/<reference>, /v2/<name>/blobs/<digest>.
+func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	m.st.requests.Add(1)
+	w.Header().Set("Docker-Distribution-API-Version", "registry/2.0")
+	if r.Method != http.MethodGet && r.Method != http.MethodHead {
+		m.fail(w, r, http.StatusMethodNotAllowed, "UNSUPPORTED", "the mirror is read-only: "+r.Method+" is not supported")
+		return
+	}
+	if r.URL.Path == "/v2/" || r.URL.Path == "/v2" {
+		w.Header().Set("Content-Type", "application/json")
+		w.Header().Set("Content-Length", "2")
+		if r.Method == http.MethodGet {
+			_, _ = w.Write([]byte("{}"))
+		}
+		return
+	}
+	rest, ok := strings.CutPrefix(r.URL.Path, "/v2/")
+	var repoName, kind, ref string
+	if ok {
+		if i := strings.LastIndex(rest, "/manifests/"); i > 0 {
+			repoName, kind, ref = rest[:i], "manifests", rest[i+len("/manifests/"):]
+		} else if i := strings.LastIndex(rest, "/blobs/"); i > 0 {
+			repoName, kind, ref = rest[:i], "blobs", rest[i+len("/blobs/"):]
+		}
+	}
+	if kind == "" {
+		m.fail(w, r, http.StatusNotFound, "UNSUPPORTED", "not an OCI distribution read endpoint: "+r.URL.Path)
+		return
+	}
+	if !nameRE.MatchString(repoName) || len(repoName) > 255 {
+		m.fail(w, r, http.StatusBadRequest, "NAME_INVALID", fmt.Sprintf("invalid repository name %q", repoName))
+		return
+	}
+	up, err := m.upstream(r.URL.Query().Get("ns"))
+	if err != nil {
+		m.fail(w, r, http.StatusForbidden, "DENIED", err.Error())
+		return
+	}
+	var opts []name.Option
+	if up.PlainHTTP {
+		opts = append(opts, name.Insecure)
+	}
+	repo, err := name.NewRepository(up.Endpoint+"/"+repoName, opts...)
+	if err != nil {
+		m.fail(w, r, http.StatusBadRequest, "NAME_INVALID", err.Error())
+		return
+	}
+	isDigest := strings.Contains(ref, ":")
+	if isDigest {
+		if _, ok := parseDigest(ref); !ok {
+			m.fail(w, r, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("unsupported digest %q: the mirror serves sha256:<64 lowercase hex> only", ref))
+			return
+		}
+	}
+	switch {
+	case kind == "blobs" && !isDigest:
+		m.fail(w, r, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("blob reference %q is not a digest", ref))
+	case kind == "blobs":
+		m.serveBlob(w, r, repo, ref)
+	case isDigest:
+		m.serveManifestDigest(w, r, repo, ref)
+	case !tagRE.MatchString(ref):
+		m.fail(w, r, http.StatusBadRequest, "TAG_INVALID", fmt.Sprintf("invalid tag %q", ref))
+	default:
+		m.serveTag(w, r, up, repo, ref)
+	}
+}
+
+// upstream maps containerd's ns parameter to a configured upstream.
+func (m *Mirror) upstream(ns string) (*Upstream, error) {
+	if ns == "" {
+		if m.def == nil {
+			return nil, fmt.Errorf("%w: the request names no upstream (?ns=<registry host>) and no default upstream is configured", ErrUpstreamRefused)
+		}
+		return m.def, nil
+	}
+	if u := m.ups[ns]; u != nil {
+		return u, nil
+	}
+	return nil, fmt.Errorf("%w: %q is not one of the mirror's upstreams", ErrUpstreamRefused, ns)
+}
+
+// fail writes an OCI error body.
+func (m *Mirror) fail(w http.ResponseWriter, r *http.Request, status int, code, msg string) {
+	m.st.errors.Add(1)
+	m.log.Debug("request failed", "method", r.Method, "path", r.URL.Path, "status", status, "code", code, "msg", msg)
+	body, _ := json.Marshal(map[string]any{"errors": []map[string]string{{"code": code, "message": msg}}})
+	h := w.Header()
+	h.Set("Content-Type", "application/json")
+	h.Set("Content-Length", strconv.Itoa(len(body)))
+	w.WriteHeader(status)
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(body)
+	}
+}
+
+// failErr maps an error from a source to its OCI error.
+func (m *Mirror) failErr(w http.ResponseWriter, r *http.Request, unknownCode string, err error) {
+	var ue *upstreamError
+	switch {
+	case errors.Is(err, ErrNotFound):
+		m.fail(w, r, http.StatusNotFound, unknownCode, err.Error())
+	case errors.Is(err, ErrDigestMismatch), errors.Is(err, ErrTooLarge):
+		m.fail(w, r, http.StatusBadGateway, "UNKNOWN", err.Error())
+	case errors.As(err, &ue) && ue.status == http.StatusUnauthorized:
+		m.fail(w, r, http.StatusUnauthorized, "UNAUTHORIZED", err.Error())
+	case errors.As(err, &ue) && ue.status == http.StatusForbidden:
+		m.fail(w, r, http.StatusForbidden, "DENIED", err.Error())
+	case errors.As(err, &ue) && ue.status == http.StatusTooManyRequests:
+		m.fail(w, r, http.StatusTooManyRequests, "TOOMANYREQUESTS", err.Error())
+	case unreachable(err), errors.Is(err, context.Canceled):
+		m.fail(w, r, http.StatusServiceUnavailable, "UNAVAILABLE", err.Error())
+	default:
+		m.fail(w, r, http.StatusBadGateway, "UNKNOWN", err.Error())
+	}
+}

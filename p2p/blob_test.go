@@ -1,0 +1,82 @@
+package p2p
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/shoal-project/shoal/flat"
+)
+
+// recipeMap serves fixed recipes.
+type recipeMap map[string][]byte
+
+func (m recipeMap) Recipe(_ context.Context, d string) ([]byte, error) {
+	if r, ok := m[d]; ok {
+		return r, nil
+	}
+	return nil, errors.New("no such blob")
+}
+
+// TestBlobExchange: a blob's provider is found by its digest, serves its
+// recipe (NOT_FOUND for others) and its blocks; a wrong block is a strike.
+func TestBlobExchange(t *testing.T) {
+	t.Parallel()
+	im := newTestImage("blob", 4, 64<<10)
+	digest := "sha256:" + strings.Repeat("ab", 32)
+	other := "sha256:" + strings.Repeat("cd", 32)
+	recipe := []byte("opaque recipe bytes")
+
+	a := startNode(t, Config{Blocks: openStore(t, im, nil)})
+	a.ServeRecipes(recipeMap{digest: recipe})
+	b := startNode(t, Config{BootstrapPeers: a.Addrs()})
+	eventually(t, 10*time.Second, "B to connect to A", func() bool { return len(b.host.Network().Peers()) > 0 })
+
+	if err := a.ProvideBlob(t.Context(), digest); err != nil {
+		t.Logf("provide (held locally): %v", err)
+	}
+	if err := a.ProvideBlob(t.Context(), "sha256:short"); !errors.Is(err, ErrBadDigest) {
+		t.Errorf("bad digest provided: %v", err)
+	}
+	provs, err := b.BlobProviders(t.Context(), digest, 4)
+	if err != nil || len(provs) != 1 || provs[0] != a.ID() {
+		t.Fatalf("providers of the blob: %v, %v", provs, err)
+	}
+	got, err := b.FetchRecipe(t.Context(), a.ID(), digest)
+	if err != nil || !bytes.Equal(got, recipe) {
+		t.Fatalf("recipe: %q, %v", got, err)
+	}
+	if _, err := b.FetchRecipe(t.Context(), a.ID(), other); !errors.Is(err, ErrNoRecipe) {
+		t.Errorf("recipe of a blob A does not hold: %v", err)
+	}
+	if _, err := a.FetchRecipe(t.Context(), b.ID(), digest); err == nil {
+		t.Error("a node that serves no recipes answered")
+	}
+
+	blocks := im.index.Blocks
+	data, err := b.FetchBlobBlocks(t.Context(), a.ID(), digest, blocks)
+	if err != nil || len(data) != len(blocks) {
+		t.Fatalf("blocks: %d of %d, %v", len(data), len(blocks), err)
+	}
+	checkBlocks(t, im, data)
+
+	// A node whose store returns wrong bytes: the block is refused and
+	// the node struck.
+	c := startNode(t, Config{Blocks: corruptGetter{openStore(t, im, nil)}})
+	if err := b.Connect(t.Context(), c.Addrs()[0]); err != nil {
+		t.Fatal(err)
+	}
+	_, err = b.FetchBlobBlocks(t.Context(), c.ID(), digest, blocks[:1])
+	if !errors.Is(err, ErrBadBlock) {
+		t.Errorf("corrupt block: %v", err)
+	}
+	if info, ok := b.PeerInfo(c.ID()); !ok || info.BadBlocks != 1 {
+		t.Errorf("corrupt peer not struck: %+v", info)
+	}
+	if _, err := b.FetchBlobBlocks(t.Context(), a.ID(), digest, make([]flat.Block, MaxRequestBlocks+1)); err == nil {
+		t.Error("oversized request accepted")
+	}
+}
