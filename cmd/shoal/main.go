@@ -34,6 +34,7 @@ var commands = []command{
 	{"pull", "pull [flags] REF", "pull an image into containerd as lazy Shoal snapshots", runPull},
 	{"daemon", "daemon [flags]", "run the node daemon (cache, mounts, API socket, metrics)", runDaemon},
 	{"status", "status [flags]", "show the daemon's cache and mounts as JSON", runStatus},
+	{"simulate", "simulate [flags] --trace FILE", "simulate a rollout to many nodes and compare strategies", runSimulate},
 }
 
 // errUsage marks errors for which the usage text helps more than the message.

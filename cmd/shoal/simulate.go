@@ -1,0 +1,115 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/shoal-project/shoal/simulation"
+)
+
+func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) error {
+	fs, level := newFlags("simulate", stderr)
+	var (
+		nodes      = fs.String("nodes", "1000", "node counts to simulate, comma-separated (e.g. 1000,10000)")
+		zones      = fs.Int("zones", 1, "zones; nodes are labelled round-robin")
+		racks      = fs.Int("racks", 1, "racks per zone")
+		regMbps    = fs.Float64("registry-mbps", 100, "registry egress cap, Mbit/s")
+		nodeMbps   = fs.Float64("node-mbps", 1000, "each node's network interface, Mbit/s each way")
+		tracePath  = fs.String("trace", "", "block-access trace the nodes replay (shoal trace JSON)")
+		factsPath  = fs.String("image-facts", "", "image facts beside the trace (manifest, index and source layer bytes); default: <trace without .trace.json>.image.json if it exists")
+		strategies = fs.String("strategies", "full-pull,lazy-no-peers,lazy-swarm,lazy-swarm-seeded", "strategies to compare, comma-separated")
+		seeds      = fs.Int("seeds", 4, "seeded nodes for lazy-swarm-seeded")
+		seed       = fs.Uint64("seed", 1, "random seed; the same seed gives the same results")
+		waves      = fs.Int("waves", 1, "start the nodes in this many waves")
+		waveIv     = fs.Duration("wave-interval", 10*time.Second, "time between waves")
+		hostCores  = fs.Int("host-cores", 0, "put every node on one machine with this many cores (0: each node has its own)")
+		prefetch   = fs.Int("prefetch", 0, "blocks of the fill order each node prefetches after mounting (-1: the whole image)")
+		randomDHT  = fs.Bool("dht-random-providers", false, "what-if: a DHT lookup returns random providers instead of the earliest")
+		out        = fs.String("out", "", "directory for <name>.json and the SVG plots (default: JSON on stdout only)")
+		name       = fs.String("name", "rollout", "file name prefix of the results in --out")
+	)
+	fs.Usage = func() {
+		fmt.Fprintln(stderr, "usage: shoal simulate [flags] --trace FILE\n\nSimulates a rollout of one image to many nodes (discrete events, simulated\ntime), driving the swarm's own peer-choice, origin and upload policies, and\ncompares strategies: full pull, lazy without peers, lazy with the swarm, and\nwith seeded nodes. Writes JSON (and SVG plots with --out).\n\nflags:")
+		fs.PrintDefaults()
+	}
+	if err := fs.Parse(args); err != nil {
+		return err
+	}
+	if fs.NArg() != 0 {
+		return fmt.Errorf("%w: unexpected argument %q", errUsage, fs.Arg(0))
+	}
+	if *tracePath == "" {
+		return fmt.Errorf("%w: --trace is required", errUsage)
+	}
+	log, err := logger(*level, stderr)
+	if err != nil {
+		return err
+	}
+	var counts []int
+	for _, s := range strings.Split(*nodes, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 1 {
+			return fmt.Errorf("%w: --nodes %q: want positive integers", errUsage, *nodes)
+		}
+		counts = append(counts, n)
+	}
+	var strats []simulation.Strategy
+	for _, s := range strings.Split(*strategies, ",") {
+		st, err := simulation.ParseStrategy(strings.TrimSpace(s))
+		if err != nil {
+			return fmt.Errorf("%w: --strategies: %v", errUsage, err)
+		}
+		strats = append(strats, st)
+	}
+	facts := *factsPath
+	if facts == "" {
+		guess := strings.TrimSuffix(*tracePath, ".trace.json") + ".image.json"
+		if _, err := os.Stat(guess); err == nil && guess != *tracePath {
+			facts = guess
+		}
+	}
+	wl, err := simulation.LoadWorkload(*tracePath, facts)
+	if err != nil {
+		return err
+	}
+	sw := simulation.Sweep{
+		Base: simulation.Config{
+			Workload: wl, Zones: *zones, RacksPerZone: *racks, Seeds: *seeds, Seed: *seed,
+			RegistryBytesPerSec: *regMbps * 1e6 / 8, NodeUpBytesPerSec: *nodeMbps * 1e6 / 8, NodeDownBytesPerSec: *nodeMbps * 1e6 / 8,
+			Waves: *waves, WaveInterval: *waveIv, HostCores: *hostCores, Prefetch: *prefetch, DHTRandomProviders: *randomDHT,
+			Limit: 72 * time.Hour,
+		},
+		Nodes: counts, Strategies: strats,
+		Progress: func(r *simulation.Result, wall time.Duration) {
+			log.Info("simulated", "strategy", r.Strategy, "nodes", r.Nodes, "wall", wall.Round(time.Millisecond),
+				"p50_s", r.P50ReadyS, "p99_s", r.P99ReadyS, "egress_per_unique", r.EgressPerUnique, "busiest_per_mean", r.BusiestPerMean)
+		},
+	}
+	start := time.Now()
+	rep, err := sw.Run(ctx)
+	if err != nil {
+		return err
+	}
+	rep.Trace = filepath.Base(*tracePath) + ": " + rep.Trace
+	fmt.Fprintf(stderr, "simulated %d runs in %v\n", len(rep.Results), time.Since(start).Round(time.Millisecond))
+	if *out != "" {
+		paths, err := rep.Write(*out, *name)
+		if err != nil {
+			return err
+		}
+		for _, p := range paths {
+			fmt.Fprintln(stderr, "wrote", p)
+		}
+		return nil
+	}
+	enc := json.NewEncoder(stdout)
+	enc.SetIndent("", "  ")
+	return enc.Encode(rep)
+}

@@ -1,0 +1,332 @@
+package simulation
+
+import (
+	"bytes"
+	"encoding/json"
+	"math"
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+
+	"github.com/shoal-project/shoal/trace"
+)
+
+const (
+	testTrace = "testdata/python-debian.trace.json"
+	testFacts = "testdata/python-debian.image.json"
+)
+
+func workload(t *testing.T) *Workload {
+	t.Helper()
+	w, err := LoadWorkload(testTrace, testFacts)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+func run(t *testing.T, cfg Config) *world {
+	t.Helper()
+	w, err := simulate(cfg)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+// TestDeterminism: the same configuration gives byte-identical results,
+// for every strategy; another seed gives another swarm run.
+func TestDeterminism(t *testing.T) {
+	t.Parallel()
+	wl := workload(t)
+	enc := func(cfg Config) []byte {
+		r, err := Run(cfg)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b, err := json.Marshal(r)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	for _, s := range Strategies {
+		cfg := Config{Strategy: s, Workload: wl, Nodes: 100, Zones: 3, RacksPerZone: 2, Seed: 7, RegistryBytesPerSec: 1e9 / 8,
+			DHTRandomProviders: true}
+		if s == SwarmSeeded {
+			cfg.Seeds = 3
+		}
+		a, b := enc(cfg), enc(cfg)
+		if !bytes.Equal(a, b) {
+			t.Errorf("%s: two runs with seed 7 differ:\n%s\n%s", s, a, b)
+		}
+		if s == Swarm {
+			cfg.Seed = 8
+			if c := enc(cfg); bytes.Equal(a, c) {
+				t.Errorf("%s: seeds 7 and 8 give the same result; the seed is not used", s)
+			}
+		}
+	}
+}
+
+// TestConservation: every byte a peer sends is received (or was on a
+// transfer given up at the deadline), every block a node got came from
+// exactly one fetch, and every node ends with every block its application
+// read.
+func TestConservation(t *testing.T) {
+	t.Parallel()
+	wl := workload(t)
+	for _, cfg := range []Config{
+		{Strategy: Swarm, Nodes: 80, Zones: 2, DHTRandomProviders: true, RegistryBytesPerSec: 1e9 / 8},
+		// A slow registry and the earliest-providers lookup: origin
+		// requests time out and transfers are cancelled.
+		{Strategy: Swarm, Nodes: 120, Zones: 2, RegistryBytesPerSec: 20e6 / 8},
+		{Strategy: SwarmSeeded, Seeds: 2, Nodes: 100, Zones: 4, RacksPerZone: 2},
+		{Strategy: LazyNoPeers, Nodes: 30, Prefetch: -1},
+	} {
+		cfg.Workload = wl
+		w := run(t, cfg)
+		var up, fromPeers, fromReg, wire float64
+		for _, n := range w.nodes {
+			up += n.uploaded
+			fromPeers += n.fromPeers
+			fromReg += n.fromRegistry
+			wire += n.registryWire
+			if n.seed {
+				continue
+			}
+			if !n.readyOK {
+				t.Errorf("%s: node %d never ready", cfg.Strategy, n.i)
+			}
+			for _, e := range wl.Trace.Events {
+				if !n.have[e.Block] {
+					t.Errorf("%s: node %d lacks block %d it read", cfg.Strategy, n.i, e.Block)
+				}
+			}
+		}
+		st := w.st
+		near := func(a, b float64) bool { return math.Abs(a-b) <= 1e-6*max(1, math.Abs(a), math.Abs(b)) }
+		if !near(up, st.peerDelivered+st.peerCancelled) {
+			t.Errorf("%s: peers uploaded %.0f B, delivered %.0f + cancelled %.0f", cfg.Strategy, up, st.peerDelivered, st.peerCancelled)
+		}
+		if !near(st.peerDelivered, fromPeers+st.dupPeer+st.peerDiscarded) {
+			t.Errorf("%s: %.0f B delivered by peers, %.0f B taken + %.0f duplicate + %.0f discarded", cfg.Strategy,
+				st.peerDelivered, fromPeers, st.dupPeer, st.peerDiscarded)
+		}
+		if !near(st.registryRaw, fromReg+st.dupRegistry) {
+			t.Errorf("%s: %.0f B fetched from the registry, %.0f B taken + %.0f duplicate", cfg.Strategy, st.registryRaw, fromReg, st.dupRegistry)
+		}
+		if !near(wire, st.registryBlockBytes+st.registryLayerBytes) {
+			t.Errorf("%s: nodes received %.0f B from the registry, it sent %.0f", cfg.Strategy, wire, st.registryBlockBytes+st.registryLayerBytes)
+		}
+		if cfg.Strategy != Swarm && cfg.Strategy != SwarmSeeded && up != 0 {
+			t.Errorf("%s: %.0f B uploaded without a swarm", cfg.Strategy, up)
+		}
+	}
+}
+
+// TestSanity: the egress every strategy must have by construction.
+func TestSanity(t *testing.T) {
+	t.Parallel()
+	wl := workload(t)
+	unique := func(r *Result) int64 { return r.UniqueBytes }
+	cases := []struct {
+		name  string
+		cfg   Config
+		check func(t *testing.T, r *Result)
+	}{
+		{"one node alone reads the unique bytes", Config{Strategy: LazyNoPeers, Nodes: 1}, func(t *testing.T, r *Result) {
+			if r.RegistryEgressBytes != unique(r) {
+				t.Errorf("egress %d, unique %d", r.RegistryEgressBytes, unique(r))
+			}
+		}},
+		{"lazy without peers: N copies", Config{Strategy: LazyNoPeers, Nodes: 40}, func(t *testing.T, r *Result) {
+			if r.RegistryEgressBytes != 40*unique(r) || r.BytesFromPeers != 0 {
+				t.Errorf("egress %d, want 40 × %d; from peers %d", r.RegistryEgressBytes, unique(r), r.BytesFromPeers)
+			}
+		}},
+		{"full pull: N × the source layers", Config{Strategy: FullPull, Nodes: 20}, func(t *testing.T, r *Result) {
+			if r.RegistryEgressBytes != 20*wl.SourceLayerBytes {
+				t.Errorf("egress %d, want 20 × %d", r.RegistryEgressBytes, wl.SourceLayerBytes)
+			}
+		}},
+		// 12 nodes: every node sees all the others (MaxImagePeers 32), so
+		// all agree on each block's designated fetcher, and 11 askers never
+		// exhaust a holder's 16 upload slots: one copy, by construction.
+		{"a small swarm fetches the blocks once", Config{Strategy: Swarm, Nodes: 12, Zones: 2}, func(t *testing.T, r *Result) {
+			if r.BlockEgressPerUnique < 1 || r.BlockEgressPerUnique > 1.001 {
+				t.Errorf("registry block bytes ÷ unique blocks %.3f, want 1", r.BlockEgressPerUnique)
+			}
+			if r.PeerShare < 11.0/12-0.001 || r.BusyAnswers != 0 || r.OriginTimeouts != 0 {
+				t.Errorf("peer share %.3f, want 11/12; %d BUSY, %d origin timeouts, want none", r.PeerShare, r.BusyAnswers, r.OriginTimeouts)
+			}
+		}},
+		{"seeds hold everything: no block from the registry", Config{Strategy: SwarmSeeded, Seeds: 2, Nodes: 20}, func(t *testing.T, r *Result) {
+			if r.RegistryBlockBytes != 0 {
+				t.Errorf("registry block bytes %d with seeds holding every block", r.RegistryBlockBytes)
+			}
+		}},
+		{"two waves share the registry with half the nodes each", Config{Strategy: LazyNoPeers, Nodes: 12, Waves: 2, WaveInterval: time.Minute}, func(t *testing.T, r *Result) {
+			one, err := Run(Config{Strategy: LazyNoPeers, Nodes: 12, Workload: wl})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.P99ReadyS >= one.P99ReadyS || r.RegistryEgressBytes != one.RegistryEgressBytes {
+				t.Errorf("2 waves: p99 %.3fs, egress %d; 1 wave: p99 %.3fs, egress %d", r.P99ReadyS, r.RegistryEgressBytes, one.P99ReadyS, one.RegistryEgressBytes)
+			}
+		}},
+		{"a faster registry link is never slower", Config{Strategy: LazyNoPeers, Nodes: 10, RegistryBytesPerSec: 1e9 / 8}, func(t *testing.T, r *Result) {
+			slow, err := Run(Config{Strategy: LazyNoPeers, Nodes: 10, Workload: wl})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.P99ReadyS >= slow.P99ReadyS {
+				t.Errorf("p99 %.3fs at 1 Gbit/s, %.3fs at 100 Mbit/s", r.P99ReadyS, slow.P99ReadyS)
+			}
+		}},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			t.Parallel()
+			c.cfg.Workload = wl
+			r, err := Run(c.cfg)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.NotReady != 0 {
+				t.Fatalf("%d nodes never ready", r.NotReady)
+			}
+			c.check(t, r)
+		})
+	}
+}
+
+// TestProcessorSharing: jobs share the capacity equally, capped per job.
+func TestProcessorSharing(t *testing.T) {
+	t.Parallel()
+	e := &engine{}
+	s := newPSServer(e, 100, 80) // 100 units/s, at most 80 per job
+	var done []time.Duration
+	s.add(40, func() { done = append(done, e.now) }) // alone at 80/s, then 50/s
+	e.after(250*time.Millisecond, func() {
+		s.add(100, func() { done = append(done, e.now) })
+	})
+	e.run(0)
+	// Job 1: 20 units by 0.25 s, the other 20 at 50/s: done at 0.65 s.
+	// Job 2: 20 units by 0.65 s, the other 80 alone at 80/s: 1.65 s.
+	want := []time.Duration{650 * time.Millisecond, 1650 * time.Millisecond}
+	if len(done) != 2 || (done[0]-want[0]).Abs() > time.Microsecond || (done[1]-want[1]).Abs() > time.Microsecond {
+		t.Errorf("finished at %v, want %v", done, want)
+	}
+}
+
+// TestPeerLinks: a transfer runs at the smaller share of its two links.
+func TestPeerLinks(t *testing.T) {
+	t.Parallel()
+	e := &engine{}
+	n := &peerNet{e: e}
+	up := &link{capacity: 100}
+	d1, d2 := &link{capacity: 1000}, &link{capacity: 30}
+	var t1, t2 time.Duration
+	n.start(up, d1, 100, func() { t1 = e.now }) // up shared by two: 50/s
+	n.start(up, d2, 30, func() { t2 = e.now })  // its down link: 30/s
+	e.run(0)
+	// Flow 2 at min(50, 30) = 30/s: done at 1 s. Flow 1 at 50/s for 1 s,
+	// then 50 more bytes alone at 100/s: 1.5 s.
+	if (t2-time.Second).Abs() > time.Microsecond || (t1-1500*time.Millisecond).Abs() > time.Microsecond {
+		t.Errorf("finished at %v and %v, want 1.5s and 1s", t1, t2)
+	}
+}
+
+// TestGroupReads: events at one instant are one read; the application's own
+// time excludes the waits.
+func TestGroupReads(t *testing.T) {
+	t.Parallel()
+	ms := func(n int) trace.Duration { return trace.Duration(time.Duration(n) * time.Millisecond) }
+	tr := &trace.Trace{Events: []trace.Event{
+		{Block: 4, At: ms(10), Wait: ms(5)},
+		{Block: 5, At: ms(10), Wait: ms(5)},
+		{Block: 9, At: ms(20), Wait: 0},
+		{Block: 1, At: ms(21), Wait: ms(3)},
+	}}
+	rs := groupReads(tr)
+	if len(rs) != 3 {
+		t.Fatalf("%d reads, want 3", len(rs))
+	}
+	want := []time.Duration{10 * time.Millisecond, 5 * time.Millisecond, time.Millisecond}
+	for i, r := range rs {
+		if r.think != want[i] {
+			t.Errorf("read %d: own time %v, want %v", i, r.think, want[i])
+		}
+	}
+	if len(rs[0].blocks) != 2 {
+		t.Errorf("first read has %d blocks, want 2", len(rs[0].blocks))
+	}
+}
+
+// TestReport: a sweep writes its JSON and one SVG per plot.
+func TestReport(t *testing.T) {
+	t.Parallel()
+	sw := Sweep{Base: Config{Workload: workload(t), Zones: 2, Seeds: 1}, Nodes: []int{5, 20}, Strategies: Strategies}
+	rep, err := sw.Run(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	paths, err := rep.Write(dir, "r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{"r-egress.svg", "r-ready-20.svg", "r-ready-5.svg", "r-upload.svg", "r.json"}
+	if len(paths) != len(want) {
+		t.Fatalf("wrote %v, want %v", paths, want)
+	}
+	for i, p := range paths {
+		if filepath.Base(p) != want[i] {
+			t.Errorf("wrote %s, want %s", p, want[i])
+		}
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if filepath.Ext(p) == ".svg" && (!bytes.HasPrefix(b, []byte("<svg")) || !bytes.Contains(b, []byte("<polyline"))) {
+			t.Errorf("%s: not an SVG with a line:\n%.300s", p, b)
+		}
+	}
+	var back Report
+	b, _ := os.ReadFile(filepath.Join(dir, "r.json"))
+	if err := json.Unmarshal(b, &back); err != nil || len(back.Results) != 8 {
+		t.Errorf("r.json: %v, %d results, want 8", err, len(back.Results))
+	}
+}
+
+// TestCalibration: the simulator, given the topology, caps and trace of the
+// last real network-namespace rollout (bench/results/rollout.json),
+// predicts its p50 and p99 time to ready and its registry egress within
+// ±25%, for Shoal, lazy without peers and the full pull.
+func TestCalibration(t *testing.T) {
+	t.Parallel()
+	b, err := os.ReadFile("../bench/results/rollout.json")
+	if err != nil {
+		t.Fatal(err)
+	}
+	real, err := ParseRollout(b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := Calibrate(workload(t), real)
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("\n%s", c)
+	if len(c.Rows) != 9 {
+		t.Errorf("%d comparisons, want 9", len(c.Rows))
+	}
+	for _, r := range c.Rows {
+		if !r.Within {
+			t.Errorf("%s %s: simulated %.3f, real %.3f (%+.1f%%, tolerance ±%.0f%%)", r.Strategy, r.Metric, r.Sim, r.Real,
+				100*r.Error, 100*Tolerance)
+		}
+	}
+}
