@@ -26,13 +26,16 @@ test: deps
 test-short:
 	$(GO) test -short -count=1 $(PKGS)
 
-# Bounded fuzzing of the index decoder and the tar-entry handling. The
+# Bounded fuzzing of everything that decodes untrusted bytes: the index, tar
+# entries, p2p frames, traces from registries, blob recipes from peers. The
 # minimize budget is small: the default (60 s per new input) starves a short run.
 fuzz:
 	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./flat/
 	$(GO) test -run '^$$' -fuzz '^FuzzDecodeBlob$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./flat/
 	$(GO) test -run '^$$' -fuzz '^FuzzLayerTar$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./converter/
 	$(GO) test -run '^$$' -fuzz '^FuzzReadFrame$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./p2p/
+	$(GO) test -run '^$$' -fuzz '^FuzzUnmarshal$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./trace/
+	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRecipe$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./mirror/
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
