@@ -100,6 +100,13 @@ type Config struct {
 	// MaxImagePeers is the number of providers JoinImage connects to per
 	// image; twice as many may connect to it. Default 32.
 	MaxImagePeers int
+	// DiscoveryPool is how many providers one lookup collects before
+	// MaxImagePeers of them are picked at random (SampleProviders).
+	// Default 64 × MaxImagePeers (2,048): one GET_PROVIDERS answer holds
+	// all of a DHT server's records, so a large pool costs no extra round
+	// trips, and with 64 sessions accepted per node it spreads sessions
+	// over the first 2,048 nodes of an image.
+	DiscoveryPool int
 	// BadBlockStrikes is the number of wrong blocks after which a peer is
 	// avoided for PenaltyCoolDown. Default 3.
 	BadBlockStrikes int
@@ -175,6 +182,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.MaxImagePeers == 0 {
 		c.MaxImagePeers = 32
 	}
+	if c.DiscoveryPool == 0 {
+		c.DiscoveryPool = 64 * c.MaxImagePeers
+	}
 	if c.BadBlockStrikes == 0 {
 		c.BadBlockStrikes = 3
 	}
@@ -207,7 +217,7 @@ func (c Config) withDefaults() (Config, error) {
 			errs = append(errs, fmt.Errorf("%s %v: must not be negative", name, d))
 		}
 	}
-	if c.MaxImagePeers < 0 || c.BadBlockStrikes < 0 || c.MaxOriginFetches < 0 {
+	if c.MaxImagePeers < 0 || c.DiscoveryPool < 0 || c.BadBlockStrikes < 0 || c.MaxOriginFetches < 0 {
 		errs = append(errs, errors.New("max image peers, bad block strikes and max origin fetches must not be negative"))
 	}
 	if c.OriginWait > maxOriginWait {

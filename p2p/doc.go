@@ -35,7 +35,12 @@
 // digest as a CIDv1 (raw codec, sha2-256) — the CID of the manifest bytes.
 // There are no per-block records. JoinImage costs one provide (in the
 // background) and one FindProviders; the node then connects to up to
-// MaxImagePeers providers and the peers tell each other, over
+// MaxImagePeers providers, picked at random from the first DiscoveryPool
+// the lookup returns (kad-dht answers in record-arrival order, so taking
+// the first MaxImagePeers would send every node of a big swarm to the same
+// few peers, which turn most away at their session limit: the simulator
+// measured 4 sessions per node at 1,000 nodes that way, 60 with sampling),
+// and the peers tell each other, over
 // /shoal/have/1, which blocks of the image they hold: a bitmap over the
 // image's block table, by position. A start therefore costs O(images) DHT
 // operations, not O(blocks).

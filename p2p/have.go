@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"math/rand/v2"
 	"slices"
 	"sync"
 	"time"
@@ -251,11 +252,12 @@ func (n *Node) provideImage(ctx context.Context, s *swarm) {
 // has none with, and waits (up to FirstByteTimeout) for their bitmaps.
 func (n *Node) discover(ctx context.Context, s *swarm) {
 	fctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	provs, err := n.FindProviders(fctx, s.key, n.cfg.MaxImagePeers)
+	provs, err := n.FindProviders(fctx, s.key, max(n.cfg.DiscoveryPool, n.cfg.MaxImagePeers))
 	cancel()
 	if err != nil {
 		n.log.Debug("find image providers", "image", s.digest, "err", err)
 	}
+	provs = SampleProviders(provs, n.cfg.MaxImagePeers, rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64())))
 	var (
 		mu     sync.Mutex
 		opened []peer.ID

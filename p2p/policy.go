@@ -229,3 +229,23 @@ func PlanOrigin(blocks []flat.Block, providers []peer.ID, self peer.ID) (ask map
 	}
 	return ask, own
 }
+
+// SampleProviders picks k of the providers one DHT lookup returned,
+// uniformly at random, in random order (all of them, shuffled, if there are
+// k or fewer). kad-dht hands out a key's providers in the order their
+// records arrived, and every lookup of a big swarm finds the same earliest
+// ones; were they taken as they come, every joining node would ask the same
+// few peers for a have session, those would turn most away at their session
+// limit, and most nodes would end up with no peers at all (found by the
+// simulator at 1,000 nodes). A lookup therefore collects a larger pool
+// (Config.DiscoveryPool) and keeps a random sample of it, which spreads
+// the sessions over the pool.
+func SampleProviders[T any](found []T, k int, rng Rand) []T {
+	out := slices.Clone(found)
+	k = min(max(k, 0), len(out))
+	for i := range k { // partial Fisher–Yates
+		j := i + int(rng.Uint64()%uint64(len(out)-i))
+		out[i], out[j] = out[j], out[i]
+	}
+	return out[:k]
+}

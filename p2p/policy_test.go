@@ -324,3 +324,42 @@ func TestPlanOrigin(t *testing.T) {
 		t.Errorf("alone: %d asked, %d own", len(ask), len(own))
 	}
 }
+
+func TestSampleProviders(t *testing.T) {
+	rng := rand.New(rand.NewPCG(1, 2))
+	pool := make([]int, 256)
+	for i := range pool {
+		pool[i] = i
+	}
+	counts := make([]int, len(pool))
+	for range 2000 {
+		got := SampleProviders(pool, 32, rng)
+		if len(got) != 32 {
+			t.Fatalf("%d picked, want 32", len(got))
+		}
+		seen := map[int]bool{}
+		for _, p := range got {
+			if seen[p] {
+				t.Fatalf("%d picked twice", p)
+			}
+			seen[p] = true
+			counts[p]++
+		}
+	}
+	// Every provider of the pool is picked about 2000×32/256 = 250 times,
+	// not only the earliest ones.
+	for p, c := range counts {
+		if c < 150 || c > 350 {
+			t.Fatalf("provider %d picked %d times of 2000, want about 250", p, c)
+		}
+	}
+	if pool[0] != 0 || pool[255] != 255 {
+		t.Fatal("SampleProviders modified its input")
+	}
+	if got := SampleProviders(pool[:5], 32, rng); len(got) != 5 {
+		t.Fatalf("small pool: %d, want all 5", len(got))
+	}
+	if got := SampleProviders([]int(nil), 3, rng); len(got) != 0 {
+		t.Fatalf("empty pool: %v", got)
+	}
+}

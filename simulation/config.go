@@ -229,6 +229,7 @@ func (c Config) Defaults() Config {
 	setD(&s.FirstByteTimeout, d.FirstByteTimeout)
 	setD(&s.AnnounceInterval, d.AnnounceInterval)
 	setI(&s.MaxImagePeers, d.MaxImagePeers)
+	setI(&s.DiscoveryPool, d.DiscoveryPool)
 	setD(&s.BusyBackoff, d.BusyBackoff)
 	setD(&s.HedgeDelay, d.HedgeDelay)
 	setD(&s.OriginWait, d.OriginWait)

@@ -469,14 +469,17 @@ func (w *world) join(n *simNode, cb func()) {
 	})
 }
 
-// sampleProviders is what one FindProviders returns: kad-dht hands out a
-// key's providers in the order their records arrived (the provider set
-// appends), and FindProvidersAsync stops at limit+1, so a lookup finds the
-// earliest providers, not a random sample. n itself is left out.
+// sampleProviders is what discovery returns: kad-dht hands out a key's
+// providers in the order their records arrived (the provider set appends),
+// and FindProvidersAsync stops at the limit, so one lookup collects the
+// earliest DiscoveryPool providers; the daemon then keeps a random sample
+// of k of them (p2p.SampleProviders). n itself is left out. The what-if
+// DHTRandomProviders samples from all providers instead.
 func (w *world) sampleProviders(n *simNode, k int) []int32 {
-	var out []int32
+	pool := make([]int32, 0, w.cfg.Swarm.DiscoveryPool)
 	if w.cfg.DHTRandomProviders && len(w.providers) > k+1 {
 		picked := map[int32]bool{n.i: true}
+		var out []int32
 		for len(out) < k {
 			p := w.providers[n.rng.IntN(len(w.providers))]
 			if !picked[p] {
@@ -487,14 +490,14 @@ func (w *world) sampleProviders(n *simNode, k int) []int32 {
 		return out
 	}
 	for _, p := range w.providers {
-		if len(out) == k {
+		if len(pool) == max(w.cfg.Swarm.DiscoveryPool, k) {
 			break
 		}
 		if p != n.i {
-			out = append(out, p)
+			pool = append(pool, p)
 		}
 	}
-	return out
+	return p2p.SampleProviders(pool, k, n.rng)
 }
 
 // session opens a have session from n to q: q takes it if it has room,
