@@ -2,10 +2,13 @@ package daemon
 
 import (
 	"context"
+	"encoding/hex"
 	"errors"
+	"fmt"
 	"path/filepath"
 	"sync/atomic"
 
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/shoal-project/shoal/blockstore"
@@ -28,6 +31,16 @@ var (
 )
 
 func (s swarm) PeerSource(image string) fetch.Source { return s.Source(image) }
+
+// FetchIndex implements fetch.IndexSource: the index blob from the image's
+// peers, which keep it in their block caches (node.Resolve puts it there).
+func (s swarm) FetchIndex(ctx context.Context, digest string, index v1.Descriptor) ([]byte, error) {
+	raw, err := hex.DecodeString(index.Digest.Hex)
+	if index.Digest.Algorithm != "sha256" || err != nil || len(raw) != len(flat.BlockID{}) {
+		return nil, fmt.Errorf("index digest %s: not sha256", index.Digest)
+	}
+	return s.ImageIndex(ctx, digest, flat.BlockID(raw), index.Size)
+}
 
 // lateStore serves peers from the block cache, which exists only once the
 // node is open — after the p2p host that the node needs is made.

@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"log"
@@ -113,10 +114,32 @@ func TestPeersServeBlocks(t *testing.T) {
 	// Give A's announcements time to reach B's view (batched every 250 ms).
 	time.Sleep(time.Second)
 	before := blobBytes()
+	fr, _ := name.ParseReference(ref+"-shoal", name.Insecure)
+	fm, err := remote.Get(fr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var flatManifest struct{ Layers []struct{ Digest string } }
+	if err := json.Unmarshal(fm.Manifest, &flatManifest); err != nil || len(flatManifest.Layers) == 0 {
+		t.Fatalf("flat manifest: %v", err)
+	}
+	wholeBlobs := func() (n int) { // GETs of the index blob
+		for _, r := range proxy.Requests() {
+			if strings.HasSuffix(r.Path, "/blobs/"+flatManifest.Layers[0].Digest) && r.Method == http.MethodGet {
+				n++
+			}
+		}
+		return n
+	}
+	indexGets := wholeBlobs() // A's index download
 	b := read(cb, "b")
 	if b.Fetch.BytesFromPeers == 0 || b.Fetch.BytesFromRegistry != 0 || blobBytes() != before {
 		t.Errorf("B: peers %d bytes, registry %d bytes (blob bytes served %d), want everything from A",
 			b.Fetch.BytesFromPeers, b.Fetch.BytesFromRegistry, blobBytes()-before)
+	}
+	// B had the index from A too: the registry served B the manifest only.
+	if sb, _ := cb.Status(t.Context()); sb.Swarm == nil || sb.Swarm.IndexesFetched != 1 || wholeBlobs() != indexGets {
+		t.Errorf("B's index: %d from peers, registry blob GETs %d → %d; want it from A", sb.Swarm.IndexesFetched, indexGets, wholeBlobs())
 	}
 
 	// With the registry down, a third node that had mounted the image before

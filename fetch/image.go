@@ -23,11 +23,21 @@ import (
 // Image is a flat image opened from its registry: the decoded index, and the
 // Registry source that reads its blocks.
 type Image struct {
-	ref      string
-	digest   string
-	index    *flat.Index
-	registry *Registry
+	ref       string
+	digest    string
+	index     *flat.Index
+	indexRaw  []byte
+	indexDsc  v1.Descriptor
+	fromPeers bool
+	registry  *Registry
 }
+
+// IndexBlob returns the index blob's descriptor and bytes (verified), so
+// the node can keep it where its peers can fetch it.
+func (im *Image) IndexBlob() (v1.Descriptor, []byte) { return im.indexDsc, im.indexRaw }
+
+// IndexFromPeers reports whether the index came from the IndexSource.
+func (im *Image) IndexFromPeers() bool { return im.fromPeers }
 
 // Index returns the image's decoded, validated index. Callers must not
 // modify it.
@@ -118,18 +128,44 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 	reg := &Registry{cfg: &cfg, c: newBlobClient(&cfg, repo, rt), ref: im.ref, sched: newScheduler(2 * cfg.parallel)}
 
 	layer := m.Layers[0]
-	timeout := cfg.timeout + time.Duration(layer.Size/minIndexRate)*time.Second
-	err = cfg.retry(ctx, "index", func(ctx context.Context) error {
-		blob, err := reg.c.get(ctx, layer.Digest.String(), 0, layer.Size, layer.Size, true, timeout)
-		if err != nil {
-			return err
+	im.indexDsc = layer
+	check := func(blob []byte) error {
+		if int64(len(blob)) != layer.Size {
+			return fmt.Errorf("blob %s: %d bytes, want %d", layer.Digest, len(blob), layer.Size)
 		}
 		if sum := sha256.Sum256(blob); hex.EncodeToString(sum[:]) != layer.Digest.Hex {
 			return fmt.Errorf("blob %s hashes to sha256:%x", layer.Digest, sum)
 		}
-		im.index, err = flat.DecodeBlob(blob)
-		return err
-	})
+		x, err := flat.DecodeBlob(blob)
+		if err != nil {
+			return err
+		}
+		im.index, im.indexRaw = x, blob
+		return nil
+	}
+	// Peers of the image hold its index: one copy from the registry serves
+	// the swarm, as with blocks.
+	if src := cfg.indexSrc; src != nil {
+		blob, err := src.FetchIndex(ctx, im.digest, layer)
+		if err == nil {
+			err = check(blob)
+		}
+		if err == nil {
+			im.fromPeers = true
+		} else {
+			cfg.log.Debug("index not had from peers; asking the registry", "component", "fetch", "ref", im.ref, "err", err)
+		}
+	}
+	timeout := cfg.timeout + time.Duration(layer.Size/minIndexRate)*time.Second
+	if im.index == nil {
+		err = cfg.retry(ctx, "index", func(ctx context.Context) error {
+			blob, err := reg.c.get(ctx, layer.Digest.String(), 0, layer.Size, layer.Size, true, timeout)
+			if err != nil {
+				return err
+			}
+			return check(blob)
+		})
+	}
 	if err != nil {
 		return fail("index", err)
 	}
@@ -139,7 +175,7 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 	reg.blobs = im.index.Blobs
 	im.registry = reg
 	cfg.log.Info("opened flat image", "component", "fetch", "ref", im.ref,
-		"index_bytes", layer.Size, "blobs", len(im.index.Blobs), "blocks", len(im.index.Blocks), "entries", len(im.index.Entries))
+		"index_bytes", layer.Size, "index_from_peers", im.fromPeers, "blobs", len(im.index.Blobs), "blocks", len(im.index.Blocks), "entries", len(im.index.Entries))
 	return im, nil
 }
 

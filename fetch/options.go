@@ -1,6 +1,7 @@
 package fetch
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 )
 
@@ -30,6 +32,7 @@ type config struct {
 	backoff    time.Duration
 	maxBackoff time.Duration
 	parallel   int
+	indexSrc   IndexSource
 }
 
 // Defaults. See the package doc for why these values.
@@ -214,3 +217,15 @@ type Observer interface {
 // WithObserver reports every source batch to o (default: none). Cache hits
 // are reported with source "cache".
 func WithObserver(o Observer) Option { return func(c *config) error { c.observer = o; return nil } }
+
+// IndexSource is where OpenImage looks for a flat image's index before the
+// registry: the swarm, whose peers of the image hold it. digest is the
+// flat manifest's digest, index the index blob's descriptor. The bytes are
+// untrusted: OpenImage checks them against index's digest and falls back
+// to the registry on any error.
+type IndexSource interface {
+	FetchIndex(ctx context.Context, digest string, index v1.Descriptor) ([]byte, error)
+}
+
+// WithIndexSource makes OpenImage try s for the index before the registry.
+func WithIndexSource(s IndexSource) Option { return func(c *config) error { c.indexSrc = s; return nil } }

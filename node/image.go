@@ -37,7 +37,11 @@ type Image struct {
 }
 
 func (n *Node) fetchOpts() []fetch.Option {
-	return []fetch.Option{fetch.WithPlainHTTP(n.cfg.plainHTTP), fetch.WithLogger(n.cfg.log)}
+	opts := []fetch.Option{fetch.WithPlainHTTP(n.cfg.plainHTTP), fetch.WithLogger(n.cfg.log)}
+	if src, ok := n.cfg.peers.(fetch.IndexSource); ok {
+		opts = append(opts, fetch.WithIndexSource(src))
+	}
+	return opts
 }
 
 func (n *Node) nameOpts() []name.Option {
@@ -83,6 +87,13 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 	var cache fetch.Cache = n.store
 	sources := []fetch.Source{im.Registry()}
 	if p := n.cfg.peers; p != nil {
+		// Keep the index blob as a block, so peers of the image can have
+		// it from here instead of the registry (fetch.IndexSource).
+		if desc, raw := im.IndexBlob(); len(raw) > 0 && len(raw) <= flat.MaxBlockSize {
+			if err := n.store.Put(ctx, flat.Sum(raw), raw); err != nil {
+				n.log.Debug("could not keep the index for peers", "image", im.Ref(), "index", desc.Digest.String(), "err", err)
+			}
+		}
 		cache = announcingCache{Cache: n.store, peers: p}
 		var registry fetch.Source = im.Registry()
 		if srv, ok := p.(OriginServer); ok {

@@ -251,9 +251,9 @@ func (n *Node) provideImage(ctx context.Context, s *swarm) {
 // discover finds providers of the image, opens have sessions to those it
 // has none with, and waits (up to FirstByteTimeout) for their bitmaps.
 func (n *Node) discover(ctx context.Context, s *swarm) {
-	fctx, cancel := context.WithTimeout(ctx, 10*time.Second)
-	provs, err := n.FindProviders(fctx, s.key, max(n.cfg.DiscoveryPool, n.cfg.MaxImagePeers))
-	cancel()
+	// A lookup made moments ago for the image's index (ImageIndex) is
+	// reused if it found a full set: then a node start costs one lookup.
+	provs, err := n.providers(ctx, s.key, n.cfg.MaxImagePeers)
 	if err != nil {
 		n.log.Debug("find image providers", "image", s.digest, "err", err)
 	}

@@ -76,9 +76,10 @@ type Node struct {
 	mu       sync.Mutex
 	closed   bool
 	swarms   map[string]*swarm
-	origins  map[string]ImageFetcher // by image, from ServeOrigin
-	swarmSeq atomic.Int64            // makes each swarm's connection-manager tag unique
-	wg       sync.WaitGroup          // goroutines the node started; Add only under mu, while !closed
+	origins  map[string]ImageFetcher   // by image, from ServeOrigin
+	swarmSeq atomic.Int64              // makes each swarm's connection-manager tag unique
+	found    map[string]foundProviders // recent image lookups, by key (index.go)
+	wg       sync.WaitGroup            // goroutines the node started; Add only under mu, while !closed
 
 	closeOnce sync.Once
 	closeErr  error
@@ -438,6 +439,8 @@ type Stats struct {
 	OriginServed  int64 `json:"origin_served"`
 	OriginBusy    int64 `json:"origin_busy"`
 	OriginWaiting int64 `json:"origin_waiting"` // ORIGIN requests waiting for their fetches now
+	// IndexesFetched counts image indexes had from peers (not the registry).
+	IndexesFetched int64 `json:"indexes_fetched"`
 }
 
 type counters struct {
@@ -446,6 +449,7 @@ type counters struct {
 	updatesSent, lookups, provides                            atomic.Int64
 	hedged, hedgeWins, originAsked, originGot                 atomic.Int64
 	originFetches, originServed, originBusy, originWaiting    atomic.Int64
+	indexesFetched                                            atomic.Int64
 }
 
 // Stats returns the node's counters.
@@ -474,6 +478,7 @@ func (n *Node) Stats() Stats {
 		OriginServed:    n.st.originServed.Load(),
 		OriginBusy:      n.st.originBusy.Load(),
 		OriginWaiting:   n.st.originWaiting.Load(),
+		IndexesFetched:  n.st.indexesFetched.Load(),
 	}
 	for _, s := range n.swarmList() {
 		st.Images++

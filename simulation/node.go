@@ -33,6 +33,7 @@ type world struct {
 // counters are the run's totals.
 type counters struct {
 	registryMetaBytes, registryBlockBytes, registryLayerBytes float64
+	indexesFromPeers                                          int
 	registryRequests                                          int64
 	peerRequests, busyAnswers                                 int64
 	originAsks, originBusy, originTimeouts, originBlocks      int64
@@ -324,25 +325,30 @@ func (w *world) registryGet(bytes float64, cb func()) {
 	})
 }
 
-// start runs a node: its daemon mounts the image (manifest and index from
-// the registry, joining the swarm), then the application replays the trace.
+// start runs a node: its daemon mounts the image (the manifest from the
+// registry; with the swarm, the index from a peer when the lookup finds one,
+// then the join; without, the index from the registry), then the
+// application replays the trace.
 func (w *world) start(n *simNode) {
 	w.e.at(n.start+w.cfg.StartOverhead, func() {
 		if w.cfg.Strategy == FullPull {
 			w.fullPull(n)
 			return
 		}
-		w.st.registryMetaBytes += float64(w.cfg.Workload.ManifestBytes + w.cfg.Workload.IndexBytes)
+		w.st.registryMetaBytes += float64(w.cfg.Workload.ManifestBytes)
 		w.registryGet(float64(w.cfg.Workload.ManifestBytes), func() {
-			w.registryGet(float64(w.cfg.Workload.IndexBytes), func() {
-				if w.swarm {
-					w.join(n, func() { w.mounted(n) })
-					return
-				}
-				w.mounted(n)
-			})
+			if w.swarm {
+				w.join(n, func() { w.mounted(n) })
+				return
+			}
+			w.indexFromRegistry(func() { w.mounted(n) })
 		})
 	})
+}
+
+func (w *world) indexFromRegistry(cb func()) {
+	w.st.registryMetaBytes += float64(w.cfg.Workload.IndexBytes)
+	w.registryGet(float64(w.cfg.Workload.IndexBytes), cb)
 }
 
 // mounted starts the application and the background prefetch.
@@ -447,25 +453,73 @@ func (w *world) fullPull(n *simNode) {
 	get(0)
 }
 
-// join is JoinImage: the node provides the image's record and, with one
-// lookup, finds up to MaxImagePeers providers, opens have sessions to them
-// and waits for their bitmaps. Sessions are mutual; a node takes at most
-// twice MaxImagePeers.
+// join is the swarm's part of a mount: one lookup finds the image's
+// providers (p2p.ImageIndex's, which JoinImage's discovery reuses); the
+// index comes from one of them (a random one of the sample, as ImageIndex
+// tries them), or from the registry when there is none; then JoinImage
+// provides the image's record and opens have sessions to up to
+// MaxImagePeers providers and waits for their bitmaps. Sessions are mutual;
+// a node takes at most twice MaxImagePeers.
 func (w *world) join(n *simNode, cb func()) {
 	hop := w.cfg.RTTCross
 	hops := time.Duration(w.cfg.DHTHops)
-	w.e.after(hops*hop, func() { w.providers = append(w.providers, n.i) })
 	w.e.after((hops+1)*hop, func() {
 		w.st.dhtLookups++
 		found := w.sampleProviders(n, w.cfg.Swarm.MaxImagePeers)
-		var wait time.Duration
-		for _, p := range found {
-			q := w.nodes[p]
-			rtt := 2 * w.oneWay(n, q)
-			wait = max(wait, 3*rtt) // connect (TCP, noise, yamux), then the hellos
-			w.e.after(3*rtt, func() { w.session(n, q) })
+		sessions := func(found []int32) {
+			var wait time.Duration
+			for _, p := range found {
+				q := w.nodes[p]
+				rtt := 2 * w.oneWay(n, q)
+				wait = max(wait, 3*rtt) // connect (TCP, noise, yamux), then the hellos
+				w.e.after(3*rtt, func() { w.session(n, q) })
+			}
+			w.e.after(wait, cb)
 		}
-		w.e.after(wait, cb)
+		joined := func() {
+			w.e.after(hops*hop, func() { w.providers = append(w.providers, n.i) })
+			if len(found) >= w.cfg.Swarm.MaxImagePeers {
+				sessions(found) // the index lookup's answer, reused
+				return
+			}
+			// A short answer is not reused: discovery looks again,
+			// after its own provide has started.
+			w.e.after((hops+1)*hop, func() {
+				w.st.dhtLookups++
+				sessions(w.sampleProviders(n, w.cfg.Swarm.MaxImagePeers))
+			})
+		}
+		w.indexFromPeers(n, found, 0, joined)
+	})
+}
+
+// indexPeers is how many providers p2p.ImageIndex asks before the registry.
+const indexPeers = 3
+
+// indexFromPeers is p2p.ImageIndex: the index from the k-th of the sampled
+// providers, which serves it in an upload slot or answers BUSY (then the
+// next is asked); after indexPeers refusals, or with no provider, the
+// registry.
+func (w *world) indexFromPeers(n *simNode, found []int32, k int, cb func()) {
+	if k >= min(len(found), indexPeers) {
+		w.indexFromRegistry(cb)
+		return
+	}
+	q := w.nodes[found[k]]
+	ow := w.oneWay(n, q)
+	// Connect (TCP, noise, yamux) and send the request.
+	w.e.after(5*ow, func() {
+		rel, ok := q.slots.TryAcquire()
+		if !ok {
+			w.st.busyAnswers++
+			w.e.after(ow, func() { w.indexFromPeers(n, found, k+1, cb) })
+			return
+		}
+		w.st.indexesFromPeers++
+		w.serve(q, n, float64(w.cfg.Workload.IndexBytes), nil, func() {
+			w.release(q, rel)
+			w.e.after(ow, cb)
+		})
 	})
 }
 

@@ -62,6 +62,7 @@ type Result struct {
 	OriginBusy        int64   `json:"origin_busy"`
 	OriginTimeouts    int64   `json:"origin_timeouts"`
 	OriginBlocks      int64   `json:"origin_blocks_served"`
+	IndexesFromPeers  int     `json:"indexes_from_peers"`
 	HedgesDue         int64   `json:"hedges_due"`
 	DuplicateBytes    int64   `json:"duplicate_bytes"`
 	DHTLookupsPerNode float64 `json:"dht_lookups_per_node_start"`
@@ -115,6 +116,7 @@ func (w *world) result() *Result {
 		OriginBusy:         w.st.originBusy,
 		OriginTimeouts:     w.st.originTimeouts,
 		OriginBlocks:       w.st.originBlocks,
+		IndexesFromPeers:   w.st.indexesFromPeers,
 		HedgesDue:          w.st.hedgesDue,
 		DuplicateBytes:     int64(w.st.duplicateBytes),
 		SimulatedS:         w.e.now.Seconds(),
