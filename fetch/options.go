@@ -228,4 +228,6 @@ type IndexSource interface {
 }
 
 // WithIndexSource makes OpenImage try s for the index before the registry.
-func WithIndexSource(s IndexSource) Option { return func(c *config) error { c.indexSrc = s; return nil } }
+func WithIndexSource(s IndexSource) Option {
+	return func(c *config) error { c.indexSrc = s; return nil }
+}
