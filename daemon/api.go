@@ -132,8 +132,9 @@ func (d *Daemon) Mount(ctx context.Context, req MountRequest) (MountInfo, error)
 	d.metrics.mounts.Set(float64(len(d.mounts)))
 	d.log.Info("mounted", "id", id, "ref", img.Ref, "dir", m.Dir, "trace_prefetch", img.Trace != nil, "recording", rec != nil)
 	if rec != nil && !req.RecordTrace {
-		// Keep the recording of the first seconds once they are over.
-		time.AfterFunc(d.cfg.Seeding.recordWindow(), func() { d.saveTrace(rec, "") })
+		// Keep the recording of the first seconds once they are over
+		// (stopped at unmount, which keeps it itself).
+		e.saveTimer = time.AfterFunc(d.cfg.Seeding.recordWindow(), func() { d.saveTrace(rec, "") })
 	}
 	return e.info(), nil
 }
@@ -199,6 +200,9 @@ func (d *Daemon) Unmount(req UnmountRequest) (MountInfo, error) {
 	d.metrics.mounts.Set(float64(len(d.mounts)))
 	d.mu.Unlock()
 	info := e.info()
+	if e.saveTimer != nil {
+		e.saveTimer.Stop()
+	}
 	info.Trace = d.saveTrace(e.rec, "")
 	if err := e.m.Close(); err != nil {
 		return info, err

@@ -100,6 +100,8 @@ type mountEntry struct {
 	m       *node.Mount
 	started time.Time
 	rec     *trace.Recorder // nil when not recording
+	// saveTimer keeps the recording when its window ends (seeding.go).
+	saveTimer *time.Timer
 }
 
 // New checks the configuration and wires the daemon; it starts nothing.
@@ -231,6 +233,9 @@ func (d *Daemon) shutdown() error {
 	defer d.mu.Unlock()
 	var errs []error
 	for id, e := range d.mounts {
+		if e.saveTimer != nil {
+			e.saveTimer.Stop()
+		}
 		if err := e.m.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("unmount %s: %w", e.m.Dir, err))
 		}
