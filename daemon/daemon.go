@@ -124,6 +124,9 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	opts := []node.Option{node.WithLogger(d.base), node.WithPlainHTTP(d.cfg.PlainHTTP),
 		node.WithCacheQuota(d.cfg.CacheQuota), node.WithFetchObserver(d.metrics),
 		node.WithSeeding(d.cfg.Seeding.nodeSeeding())}
+	if !d.cfg.Seeding.nodeSeeding().Trace {
+		opts = append(opts, node.WithoutTraceLookup())
+	}
 	var sw *p2p.Node
 	blocks := &lateStore{}
 	if !d.cfg.P2P.Disabled {
