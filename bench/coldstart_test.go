@@ -1,6 +1,7 @@
 package bench
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -55,7 +56,7 @@ func TestBenchColdStartPython(t *testing.T) {
 		basePulled                                               int64
 	)
 	for i := range pairs() {
-		ok, exit, st := runShoalCold(t, bin, src)
+		ok, exit, st := runShoalCold(t, localCommand, bin, src)
 		shoalOK, shoalExit, runs = append(shoalOK, secs(ok)), append(shoalExit, secs(exit)), append(runs, st)
 
 		bok, bexit, pull, pulled := runBaselineCold(t, src)
@@ -119,22 +120,33 @@ func TestBenchColdStartPython(t *testing.T) {
 	})
 }
 
-// runShoalCold runs `shoal run` with a fresh state directory and returns the
-// time to "ok", the time to the process's exit, and its stats.
-func runShoalCold(t *testing.T, bin, ref string) (toOK, toExit time.Duration, st shoalRunStats) {
+// commander makes a command: localCommand, or a netlab host's Command.
+type commander func(ctx context.Context, name string, args ...string) *exec.Cmd
+
+// localCommand runs a command on this host, stopped gently when ctx ends:
+// shoal run unmounts before it exits.
+func localCommand(ctx context.Context, name string, args ...string) *exec.Cmd {
+	cmd := exec.CommandContext(ctx, name, args...)
+	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
+	cmd.WaitDelay = 30 * time.Second
+	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
+	return cmd
+}
+
+// runShoalCold runs `shoal run [flags]` of pythonCmd with a fresh state
+// directory, through command, and returns the time to "ok", the time to
+// the process's exit, and its stats.
+func runShoalCold(t *testing.T, command commander, bin, ref string, flags ...string) (toOK, toExit time.Duration, st shoalRunStats) {
 	t.Helper()
 	state, remove := scratchDir(t, "bench-shoal-state-")
 	defer func() { remove(); unix.Sync() }()
 	statsFile := filepath.Join(state, "stats.json")
-	args := append([]string{"run", "--plain-http", "--state-dir", state, "--stats", statsFile, ref, "--"}, pythonCmd...)
-	cmd := exec.CommandContext(t.Context(), bin, args...)
+	args := append([]string{"run", "--plain-http", "--state-dir", state, "--stats", statsFile}, flags...)
+	args = append(append(args, ref, "--"), pythonCmd...)
+	cmd := command(t.Context(), bin, args...)
 	var stderr syncBuffer
 	stdout := &okWriter{}
 	cmd.Stdout, cmd.Stderr = stdout, &stderr
-	// Stopped gently, shoal run unmounts before it exits.
-	cmd.Cancel = func() error { return cmd.Process.Signal(syscall.SIGTERM) }
-	cmd.WaitDelay = 30 * time.Second
-	cmd.SysProcAttr = &syscall.SysProcAttr{Pdeathsig: syscall.SIGTERM}
 	stdout.start = time.Now()
 	err := cmd.Run()
 	toExit = time.Since(stdout.start)

@@ -2,10 +2,8 @@ package bench
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"net/http"
-	"os"
 	"path/filepath"
 	"slices"
 	"sync"
@@ -44,9 +42,7 @@ func TestBenchSeeding(t *testing.T) {
 
 	// Record the start-up trace on a cold node and publish it.
 	traceFile := filepath.Join(t.TempDir(), "python.trace.json")
-	if _, _, err := coldRun(t, bin, h0, src, "--record-trace", traceFile); err != nil {
-		t.Fatal(err)
-	}
+	runShoalCold(t, h0.Command, bin, src, "--record-trace", traceFile)
 	if out, err := h0.Command(t.Context(), bin, "trace", "push", "--plain-http", src, traceFile).CombinedOutput(); err != nil {
 		t.Fatalf("trace push: %v\n%s", err, out)
 	}
@@ -63,8 +59,8 @@ func TestBenchSeeding(t *testing.T) {
 		var a, b float64
 		var sa, sb shoalRunStats
 		arms := []func(){
-			func() { a, sa = mustColdRun(t, bin, h0, src, "--trace-prefetch=false") },
-			func() { b, sb = mustColdRun(t, bin, h0, src) },
+			func() { a, sa = coldSeconds(runShoalCold(t, h0.Command, bin, src, "--trace-prefetch=false")) },
+			func() { b, sb = coldSeconds(runShoalCold(t, h0.Command, bin, src)) },
 		}
 		if round%2 == 1 {
 			slices.Reverse(arms)
@@ -193,35 +189,7 @@ func TestBenchSeeding(t *testing.T) {
 	})
 }
 
-// coldRun runs pythonCmd with `shoal run` (no daemon) on a fresh state
-// directory on h and returns the seconds until "ok" and the run's stats.
-func coldRun(t *testing.T, bin string, h *netlab.Host, src string, flags ...string) (float64, shoalRunStats, error) {
-	t.Helper()
-	state, remove := scratchDir(t, "bench-seed-run-")
-	defer remove()
-	statsFile := filepath.Join(state, "stats.json")
-	args := append([]string{"run", "--plain-http", "--state-dir", state, "--stats", statsFile}, flags...)
-	args = append(append(args, src, "--"), pythonCmd...)
-	start := time.Now()
-	out := &okWriter{start: start}
-	var errb syncBuffer
-	cmd := h.Command(t.Context(), bin, args...)
-	cmd.Stdout, cmd.Stderr = out, &errb
-	if err := cmd.Run(); err != nil {
-		return 0, shoalRunStats{}, fmt.Errorf("shoal run %v: %w\n%s", flags, err, errb.String())
-	}
-	var st shoalRunStats
-	if b, err := os.ReadFile(statsFile); err == nil {
-		_ = json.Unmarshal(b, &st)
-	}
-	return out.okAfter().Seconds(), st, nil
-}
-
-func mustColdRun(t *testing.T, bin string, h *netlab.Host, src string, flags ...string) (float64, shoalRunStats) {
-	t.Helper()
-	s, st, err := coldRun(t, bin, h, src, flags...)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return s, st
+// coldSeconds keeps runShoalCold's time to "ok", in seconds, and the stats.
+func coldSeconds(toOK, _ time.Duration, st shoalRunStats) (float64, shoalRunStats) {
+	return toOK.Seconds(), st
 }

@@ -91,7 +91,6 @@ type Daemon struct {
 	mirrorAddr string                 // registry mirror's address, "" when off
 	mounts     map[string]*mountEntry // by id
 	jobs       *jobs                  // background prefetches (seeding.go)
-	jobsOnce   sync.Once
 	seq        int
 }
 
@@ -115,7 +114,7 @@ func New(cfg Config, log *slog.Logger) (*Daemon, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Daemon{cfg: cfg, base: log, log: log.With("component", "daemon"), metrics: newMetrics(), mounts: map[string]*mountEntry{}}, nil
+	return &Daemon{cfg: cfg, base: log, log: log.With("component", "daemon"), metrics: newMetrics(), mounts: map[string]*mountEntry{}, jobs: newJobs()}, nil
 }
 
 // Run opens the state directory, serves the API and metrics until ctx is

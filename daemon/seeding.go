@@ -73,32 +73,30 @@ type Job struct {
 
 // jobs runs the daemon's own prefetches.
 type jobs struct {
-	mu   sync.Mutex
-	byID map[string]*Job // by ref
-	wg   sync.WaitGroup
-	ctx  context.Context
-	stop context.CancelFunc
+	mu    sync.Mutex
+	byRef map[string]*Job
+	wg    sync.WaitGroup
+	ctx   context.Context // ends at shutdown
+	stop  context.CancelFunc
 }
 
-func (d *Daemon) jobsCtx() *jobs {
-	d.jobsOnce.Do(func() {
-		d.jobs = &jobs{byID: map[string]*Job{}}
-		d.jobs.ctx, d.jobs.stop = context.WithCancel(context.Background())
-	})
-	return d.jobs
+func newJobs() *jobs {
+	j := &jobs{byRef: map[string]*Job{}}
+	j.ctx, j.stop = context.WithCancel(context.Background())
+	return j
 }
 
 // startJob prefetches ref in the background unless a prefetch of it is
 // running already; it returns the job.
 func (d *Daemon) startJob(ref string, keepWarm bool) *Job {
-	j := d.jobsCtx()
+	j := d.jobs
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	if cur, ok := j.byID[ref]; ok && cur.Finished == nil {
+	if cur, ok := j.byRef[ref]; ok && cur.Finished == nil {
 		return cur
 	}
 	job := &Job{Ref: ref, KeepWarm: keepWarm, Started: time.Now()}
-	j.byID[ref] = job
+	j.byRef[ref] = job
 	j.wg.Go(func() {
 		p, err := d.prefetch(j.ctx, ref, func(p seeder.Progress) {
 			j.mu.Lock()
@@ -138,11 +136,11 @@ func (d *Daemon) prefetch(ctx context.Context, ref string, report func(seeder.Pr
 
 // Jobs lists the background prefetches, keep-warm ones first.
 func (d *Daemon) Jobs() []Job {
-	j := d.jobsCtx()
+	j := d.jobs
 	j.mu.Lock()
 	defer j.mu.Unlock()
-	out := make([]Job, 0, len(j.byID))
-	for _, job := range j.byID {
+	out := make([]Job, 0, len(j.byRef))
+	for _, job := range j.byRef {
 		out = append(out, *job)
 	}
 	return out
@@ -150,7 +148,7 @@ func (d *Daemon) Jobs() []Job {
 
 // stopJobs cancels the background prefetches and waits for them.
 func (d *Daemon) stopJobs() {
-	j := d.jobsCtx()
+	j := d.jobs
 	j.stop()
 	j.wg.Wait()
 }

@@ -1,6 +1,7 @@
 package p2p
 
 import (
+	"cmp"
 	"context"
 	"errors"
 	"fmt"
@@ -94,38 +95,30 @@ func (n *Node) ImageIndex(ctx context.Context, digest string, id flat.BlockID, s
 	}
 	blk := flat.Block{ID: id, ULen: uint32(size)}
 	now := n.cfg.Clock.Now()
-	var errs []error
+	asked := 0
+	var last error
 	for _, ai := range SampleProviders(provs, len(provs), rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))) {
-		if len(errs) == indexPeers || ctx.Err() != nil {
+		if asked == indexPeers || ctx.Err() != nil {
 			break
 		}
 		if !n.peers.usable(ai.ID, now) {
 			continue
 		}
+		asked++
 		if err := n.connect(ctx, ai); err != nil {
-			errs = append(errs, err)
+			last = err
 			continue
 		}
-		o := n.request(ctx, ai.ID, digest, []flat.Block{blk}, reqOpts{})
-		switch {
-		case o.bad:
-			n.Strike(ai.ID)
-		case o.busy:
-			n.st.busyRecv.Add(1)
-			n.peers.busy(ai.ID, now.Add(n.cfg.BusyBackoff))
-		case o.err == nil && len(o.got) == 1:
-			n.peers.success(ai.ID, o.firstByte, 1)
+		// One block, requested and booked as a blob's blocks are.
+		got, err := n.FetchBlobBlocks(ctx, ai.ID, digest, []flat.Block{blk})
+		if data, ok := got[id]; ok {
 			n.st.indexesFetched.Add(1)
-			return o.got[id], nil
+			return data, nil
 		}
-		errs = append(errs, fmt.Errorf("peer %s: %w", ai.ID, cmpErr(o.err, errors.New("does not hold it"))))
+		last = cmp.Or(err, fmt.Errorf("peer %s does not hold it", ai.ID))
 	}
-	return nil, fmt.Errorf("index of %s: %w", digest, errors.Join(append([]error{ErrNoIndex}, errs...)...))
-}
-
-func cmpErr(err, def error) error {
-	if err != nil {
-		return err
+	if last == nil {
+		return nil, fmt.Errorf("index of %s: %w: no provider to ask", digest, ErrNoIndex)
 	}
-	return def
+	return nil, fmt.Errorf("index of %s: %w (%d asked; last: %v)", digest, ErrNoIndex, asked, last)
 }

@@ -109,10 +109,10 @@ type Seeder struct {
 	err      error
 	reportMu sync.Mutex // OnProgress is not called concurrently
 
-	traceDone atomic.Int64
-	done1     atomic.Int64 // blocks known local
-	doneBytes atomic.Int64
-	fetched   atomic.Int64
+	traceDone  atomic.Int64
+	doneBlocks atomic.Int64 // blocks known local
+	doneBytes  atomic.Int64
+	fetched    atomic.Int64
 }
 
 // Start starts filling x's blocks through f. It returns at once; Stop ends
@@ -178,7 +178,7 @@ func (s *Seeder) Progress() Progress {
 	p := s.prog
 	s.mu.Unlock()
 	p.TraceDone = int(s.traceDone.Load())
-	p.Done = int(s.done1.Load())
+	p.Done = int(s.doneBlocks.Load())
 	p.DoneBytes = s.doneBytes.Load()
 	p.Fetched = s.fetched.Load()
 	return p
@@ -368,7 +368,7 @@ func (s *Seeder) batch(ctx context.Context, batch []uint32, isTrace bool) ([]uin
 
 func (s *Seeder) markDone(b uint32, fetched bool) {
 	blk := s.x.Blocks[b]
-	s.done1.Add(1)
+	s.doneBlocks.Add(1)
 	s.doneBytes.Add(int64(blk.CLen))
 	if fetched {
 		s.fetched.Add(int64(blk.CLen))

@@ -2,6 +2,7 @@ package trace
 
 import (
 	"bytes"
+	"cmp"
 	"context"
 	"encoding/json"
 	"errors"
@@ -35,7 +36,7 @@ const (
 )
 
 // ErrNotFound means the registry holds no trace for the image.
-var ErrNotFound = errors.New("trace: none published for this image")
+var ErrNotFound = errors.New("trace: no usable trace published for this image")
 
 // Push publishes t beside the flat image it belongs to (repo@t.Image in
 // the repository of ref) as an OCI artifact whose subject is that image, and
@@ -101,8 +102,8 @@ func (m rawManifest) MediaType() (types.MediaType, error) { return types.OCIMani
 
 // Find returns the newest trace published for the flat image digest (in the
 // repository of ref), or ErrNotFound. A trace that does not parse, or
-// belongs to another image, is skipped with its error joined to the
-// result when nothing better is found.
+// belongs to another image, is skipped; when none is usable the error
+// wraps ErrNotFound and says why the newest was not.
 func Find(ctx context.Context, ref, digest string, nameOpts []name.Option, opts ...remote.Option) (*Trace, error) {
 	r, err := name.ParseReference(ref, nameOpts...)
 	if err != nil {
@@ -132,16 +133,17 @@ func Find(ctx context.Context, ref, digest string, nameOpts []name.Option, opts 
 	sort.SliceStable(cands, func(i, j int) bool {
 		return cands[i].Annotations[annCreated] > cands[j].Annotations[annCreated]
 	})
-	var errs []error
+	var newest error
 	for _, d := range cands {
 		t, err := fetchTrace(repo, d.Digest, digest, opts)
 		if err == nil {
 			return t, nil
 		}
-		errs = append(errs, err)
+		newest = cmp.Or(newest, err)
 	}
-	if len(errs) > 0 {
-		return nil, errors.Join(append([]error{ErrNotFound}, errs...)...)
+	if newest != nil {
+		// One line: the newest trace's reason stands for the others.
+		return nil, fmt.Errorf("%w (%d published; the newest: %v)", ErrNotFound, len(cands), newest)
 	}
 	return nil, ErrNotFound
 }

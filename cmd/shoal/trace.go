@@ -10,6 +10,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
+	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/trace"
 )
@@ -102,7 +103,7 @@ func flatDigest(ctx context.Context, ref string, plain bool) (digest, flatRef st
 	}
 	im, err := fetch.OpenImage(ctx, ref, opts...)
 	if err != nil {
-		return "", "", fmt.Errorf("%s: no flat image: %w", ref, err)
+		return "", "", converter.RegistryError("open", ref, err)
 	}
 	return im.Digest(), im.Ref(), nil
 }
