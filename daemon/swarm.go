@@ -26,8 +26,10 @@ import (
 type swarm struct{ *p2p.Node }
 
 var (
-	_ node.Peers        = swarm{}
-	_ node.OriginServer = swarm{}
+	_ node.Peers           = swarm{}
+	_ node.OriginServer    = swarm{}
+	_ fetch.IndexSource    = swarm{}
+	_ fetch.ManifestSource = swarm{}
 )
 
 func (s swarm) PeerSource(image string) fetch.Source { return s.Source(image) }
@@ -40,6 +42,16 @@ func (s swarm) FetchIndex(ctx context.Context, digest string, index v1.Descripto
 		return nil, fmt.Errorf("index digest %s: not sha256", index.Digest)
 	}
 	return s.ImageIndex(ctx, digest, flat.BlockID(raw), index.Size)
+}
+
+// FetchManifest implements fetch.ManifestSource: the flat manifest from
+// the image's peers, which keep it in their block caches (node.Resolve
+// puts it there as soon as it has it). Its digest is the image's.
+func (s swarm) FetchManifest(ctx context.Context, desc v1.Descriptor) ([]byte, error) {
+	if desc.Digest.Algorithm != "sha256" {
+		return nil, fmt.Errorf("manifest digest %s: not sha256", desc.Digest)
+	}
+	return s.ImageManifest(ctx, desc.Digest.String(), desc.Size)
 }
 
 // lateStore serves peers from the block cache, which exists only once the

@@ -15,6 +15,7 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/flat"
@@ -23,13 +24,16 @@ import (
 // Image is a flat image opened from its registry: the decoded index, and the
 // Registry source that reads its blocks.
 type Image struct {
-	ref       string
-	digest    string
-	index     *flat.Index
-	indexRaw  []byte
-	indexDsc  v1.Descriptor
-	fromPeers bool
-	registry  *Registry
+	ref               string
+	digest            string
+	index             *flat.Index
+	indexRaw          []byte
+	indexDsc          v1.Descriptor
+	indexFromPeers    bool
+	manifestRaw       []byte
+	manifestDsc       v1.Descriptor
+	manifestFromPeers bool
+	registry          *Registry
 }
 
 // IndexBlob returns the index blob's descriptor and bytes (verified), so
@@ -37,7 +41,16 @@ type Image struct {
 func (im *Image) IndexBlob() (v1.Descriptor, []byte) { return im.indexDsc, im.indexRaw }
 
 // IndexFromPeers reports whether the index came from the IndexSource.
-func (im *Image) IndexFromPeers() bool { return im.fromPeers }
+func (im *Image) IndexFromPeers() bool { return im.indexFromPeers }
+
+// ManifestBlob returns the flat manifest's descriptor and bytes (they hash
+// to the descriptor's digest, Digest), so the node can keep them where its
+// peers can fetch them.
+func (im *Image) ManifestBlob() (v1.Descriptor, []byte) { return im.manifestDsc, im.manifestRaw }
+
+// ManifestFromPeers reports whether the manifest came from the
+// IndexSource (as a ManifestSource) rather than the registry.
+func (im *Image) ManifestFromPeers() bool { return im.manifestFromPeers }
 
 // Index returns the image's decoded, validated index. Callers must not
 // modify it.
@@ -73,6 +86,14 @@ func FlatRef(src string) (string, error) {
 // verifies and decodes its index. ctx bounds the whole call and is not kept.
 // Credentials come from the keychain (WithKeychain); the authenticated
 // transport made here is the one the image's Registry source uses.
+//
+// With an IndexSource (WithIndexSource) the index comes from it if it can;
+// if the source is also a ManifestSource, so does the manifest: the
+// reference is resolved with a HEAD request (digest, size and media type,
+// no body), the source is asked for those bytes, and the registry serves
+// the manifest — by the HEAD's digest — only when the source cannot. A
+// rollout of thousands of nodes then costs the registry a HEAD per node
+// and about one copy of each blob, rather than a copy per node.
 func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) {
 	cfg, err := newConfig(opts)
 	if err != nil {
@@ -103,23 +124,19 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 		return fail("registry handshake", err)
 	}
 
-	var desc *remote.Descriptor
-	err = cfg.retry(ctx, "manifest", func(ctx context.Context) error {
-		ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
-		defer cancel()
-		var err error
-		desc, err = remote.Get(r, remote.WithContext(ctx), remote.WithTransport(rt))
-		return translate(err)
-	})
-	if err != nil {
-		return fail("manifest", err)
-	}
-	m, err := flatManifest(ref, desc)
+	mdesc, raw, fromPeers, err := resolveManifest(ctx, &cfg, ref, r, rt)
 	if err != nil {
 		return nil, err
 	}
+	m, err := flatManifest(ref, mdesc.MediaType, raw)
+	if err != nil {
+		return nil, err
+	}
+	if cfg.onManifest != nil {
+		cfg.onManifest(ctx, mdesc, raw)
+	}
 
-	im := &Image{digest: desc.Digest.String()}
+	im := &Image{digest: mdesc.Digest.String(), manifestRaw: raw, manifestDsc: mdesc, manifestFromPeers: fromPeers}
 	if t, ok := r.(name.Tag); ok {
 		im.ref = t.Name() + "@" + im.digest
 	} else {
@@ -130,11 +147,8 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 	layer := m.Layers[0]
 	im.indexDsc = layer
 	check := func(blob []byte) error {
-		if int64(len(blob)) != layer.Size {
-			return fmt.Errorf("blob %s: %d bytes, want %d", layer.Digest, len(blob), layer.Size)
-		}
-		if sum := sha256.Sum256(blob); hex.EncodeToString(sum[:]) != layer.Digest.Hex {
-			return fmt.Errorf("blob %s hashes to sha256:%x", layer.Digest, sum)
+		if err := checkBlob(layer, blob); err != nil {
+			return err
 		}
 		x, err := flat.DecodeBlob(blob)
 		if err != nil {
@@ -151,7 +165,7 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 			err = check(blob)
 		}
 		if err == nil {
-			im.fromPeers = true
+			im.indexFromPeers = true
 		} else {
 			cfg.log.Debug("index not had from peers; asking the registry", "component", "fetch", "ref", im.ref, "err", err)
 		}
@@ -175,17 +189,88 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 	reg.blobs = im.index.Blobs
 	im.registry = reg
 	cfg.log.Info("opened flat image", "component", "fetch", "ref", im.ref,
-		"index_bytes", layer.Size, "index_from_peers", im.fromPeers, "blobs", len(im.index.Blobs), "blocks", len(im.index.Blocks), "entries", len(im.index.Entries))
+		"manifest_from_peers", im.manifestFromPeers, "index_bytes", layer.Size, "index_from_peers", im.indexFromPeers,
+		"blobs", len(im.index.Blobs), "blocks", len(im.index.Blocks), "entries", len(im.index.Entries))
 	return im, nil
 }
 
-// flatManifest parses desc and checks that it is a flat image manifest.
-func flatManifest(ref string, desc *remote.Descriptor) (*v1.Manifest, error) {
-	if desc.MediaType.IsIndex() {
+// resolveManifest resolves r to its manifest: its descriptor, its bytes
+// (which hash to the descriptor's digest) and whether they came from the
+// IndexSource as a ManifestSource. Without one it is one registry GET, as
+// always. With one, a HEAD (under the same retries and timeout as the
+// GET) gives the descriptor, and the source is asked for the bytes; if the
+// HEAD fails, the source fails, or its bytes are not the HEAD's, the
+// registry serves the manifest — by the HEAD's digest when there was one,
+// so that a tag moved meanwhile cannot mix two images; by r otherwise. An
+// image index (as the HEAD's media type says) is not asked of the source:
+// it has no flat form, and flatManifest says so.
+func resolveManifest(ctx context.Context, cfg *config, ref string, r name.Reference, rt http.RoundTripper) (v1.Descriptor, []byte, bool, error) {
+	target := r
+	if src, ok := cfg.indexSrc.(ManifestSource); ok {
+		var head *v1.Descriptor
+		err := cfg.retry(ctx, "manifest head", func(ctx context.Context) error {
+			ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
+			defer cancel()
+			var err error
+			head, err = remote.Head(r, remote.WithContext(ctx), remote.WithTransport(rt))
+			return translate(err)
+		})
+		switch {
+		case err != nil:
+			// A HEAD has no body to explain itself: the GET says why.
+			cfg.log.Debug("manifest HEAD failed; asking the registry for the manifest", "component", "fetch", "ref", ref, "err", err)
+		case head.MediaType.IsIndex():
+			return *head, nil, false, nil
+		default:
+			target = r.Context().Digest(head.Digest.String())
+			raw, err := src.FetchManifest(ctx, *head)
+			if err == nil {
+				err = checkBlob(*head, raw)
+			}
+			if err == nil {
+				return *head, raw, true, nil
+			}
+			cfg.log.Debug("manifest not had from peers; asking the registry", "component", "fetch", "ref", ref, "digest", head.Digest.String(), "err", err)
+		}
+	}
+	var desc *remote.Descriptor
+	err := cfg.retry(ctx, "manifest", func(ctx context.Context) error {
+		ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
+		defer cancel()
+		var err error
+		desc, err = remote.Get(target, remote.WithContext(ctx), remote.WithTransport(rt))
+		return translate(err)
+	})
+	if err != nil {
+		return v1.Descriptor{}, nil, false, fmt.Errorf("open %s: manifest: %w", ref, err)
+	}
+	return v1.Descriptor{MediaType: desc.MediaType, Size: int64(len(desc.Manifest)), Digest: desc.Digest}, desc.Manifest, false, nil
+}
+
+// checkBlob checks that blob is the one desc describes: its length, and its
+// sha256 (the only digest algorithm accepted).
+func checkBlob(desc v1.Descriptor, blob []byte) error {
+	if desc.Digest.Algorithm != "sha256" {
+		return fmt.Errorf("blob %s: only sha256 is supported", desc.Digest)
+	}
+	if int64(len(blob)) != desc.Size {
+		return fmt.Errorf("blob %s: %d bytes, want %d", desc.Digest, len(blob), desc.Size)
+	}
+	if sum := sha256.Sum256(blob); hex.EncodeToString(sum[:]) != desc.Digest.Hex {
+		return fmt.Errorf("blob %s hashes to sha256:%x", desc.Digest, sum)
+	}
+	return nil
+}
+
+// flatManifest parses raw, a manifest of media type mediaType, and checks
+// that it is a flat image manifest. An image index is refused before raw is
+// looked at (raw may be nil then).
+func flatManifest(ref string, mediaType types.MediaType, raw []byte) (*v1.Manifest, error) {
+	if mediaType.IsIndex() {
 		return nil, fmt.Errorf("open %s: this is an image index (a multi-platform image) and has no flat form here; "+
 			"convert it with `shoal convert %s`, which flattens one platform, then open its -shoal tag: %w", ref, ref, ErrNotFlat)
 	}
-	m, err := v1.ParseManifest(bytes.NewReader(desc.Manifest))
+	m, err := v1.ParseManifest(bytes.NewReader(raw))
 	if err != nil {
 		return nil, fmt.Errorf("open %s: parse manifest: %w", ref, err)
 	}

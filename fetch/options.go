@@ -33,6 +33,7 @@ type config struct {
 	maxBackoff time.Duration
 	parallel   int
 	indexSrc   IndexSource
+	onManifest func(ctx context.Context, desc v1.Descriptor, raw []byte)
 }
 
 // Defaults. See the package doc for why these values.
@@ -227,7 +228,34 @@ type IndexSource interface {
 	FetchIndex(ctx context.Context, digest string, index v1.Descriptor) ([]byte, error)
 }
 
-// WithIndexSource makes OpenImage try s for the index before the registry.
+// WithIndexSource makes OpenImage try s for the index before the registry,
+// and for the manifest too if s is also a ManifestSource.
 func WithIndexSource(s IndexSource) Option {
 	return func(c *config) error { c.indexSrc = s; return nil }
+}
+
+// ManifestSource is an optional extension of IndexSource: where OpenImage
+// looks for the flat image's manifest before the registry (the swarm,
+// whose peers of the image keep it). OpenImage checks for it with a type
+// assertion on the IndexSource, so that one value — the swarm — serves
+// both and a plain IndexSource keeps working unchanged. desc comes from a
+// HEAD request for the reference (digest, size, media type: no body from
+// the registry). The bytes are untrusted: OpenImage checks their length
+// and sha256 against desc and falls back to the registry on any error,
+// by desc's digest, so that a tag moved in between cannot mix two images.
+type ManifestSource interface {
+	FetchManifest(ctx context.Context, desc v1.Descriptor) ([]byte, error)
+}
+
+// WithOnManifest makes OpenImage call f with the flat manifest's bytes
+// (they hash to desc.Digest) as soon as it has them and has checked they
+// are a flat image's, before it fetches the index; f must be quick. The
+// node keeps them in its block cache there, where its peers fetch them
+// (ManifestSource): kept only once OpenImage returned, the manifest of the
+// node designated to read it from the registry would stay out of the
+// swarm's reach while that node waits for the index — from a node that
+// waits for the manifest — and both would wait out their peer budget.
+// OpenImage.
+func WithOnManifest(f func(ctx context.Context, desc v1.Descriptor, raw []byte)) Option {
+	return func(c *config) error { c.onManifest = f; return nil }
 }

@@ -218,12 +218,54 @@ func (m *Mirror) assemble(ctx context.Context, f *flight, r *recipe, peers []str
 	return ctx.Err()
 }
 
+// busyPasses bounds how often fetchBatch goes over the peers again while
+// some of them answered BUSY; busyPause is the pause before each pass
+// (times the pass number): a peer's upload slots (four by default) free
+// within a block's transfer time, so a busy peer is asked again rather
+// than the blob read from upstream — in all about two seconds at most.
+const (
+	busyPasses = 12
+	busyPause  = 30 * time.Millisecond
+)
+
 // fetchBatch gets one batch of blocks, asking peer after peer for what is
-// still missing, and writes each block at its offsets.
+// still missing, and writes each block at its offsets. Peers that answered
+// BUSY are asked again in later passes.
 func (m *Mirror) fetchBatch(ctx context.Context, f *flight, r *recipe, batch []flat.Block, where map[flat.BlockID][]int, peers []string, mu *sync.Mutex, bad map[string]bool) error {
 	want := batch
-	start := int(batch[0].ID[0]) // spread batches over the peers
 	var errs []error
+	for pass := 0; pass < busyPasses && len(want) > 0; pass++ {
+		if pass > 0 {
+			select {
+			case <-time.After(time.Duration(pass) * busyPause):
+			case <-ctx.Done():
+				return ctx.Err()
+			}
+		}
+		busy := false
+		var err error
+		if want, busy, err = m.passBatch(ctx, f, r, want, where, peers, mu, bad, &errs); err != nil {
+			return err
+		}
+		if !busy {
+			break
+		}
+	}
+	if len(want) > 0 {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		return fmt.Errorf("%d blocks of %s held by no peer asked: %w", len(want), f.digest, errors.Join(errs...))
+	}
+	return nil
+}
+
+// passBatch asks each peer in turn for the blocks still wanted and writes
+// what arrives; it returns what is still wanted and whether a peer
+// answered BUSY.
+func (m *Mirror) passBatch(ctx context.Context, f *flight, r *recipe, want []flat.Block, where map[flat.BlockID][]int, peers []string, mu *sync.Mutex, bad map[string]bool, errs *[]error) ([]flat.Block, bool, error) {
+	start := int(want[0].ID[0]) // spread batches over the peers
+	busy := false
 	for k := range peers {
 		if len(want) == 0 {
 			break
@@ -237,7 +279,8 @@ func (m *Mirror) fetchBatch(ctx context.Context, f *flight, r *recipe, batch []f
 		}
 		got, err := m.cfg.Peers.Blocks(ctx, p, f.digest, want)
 		if err != nil {
-			errs = append(errs, err)
+			*errs = append(*errs, err)
+			busy = busy || errors.Is(err, ErrPeerBusy)
 			if errors.Is(err, ErrBadPeer) {
 				mu.Lock()
 				bad[p] = true
@@ -254,19 +297,13 @@ func (m *Mirror) fetchBatch(ctx context.Context, f *flight, r *recipe, batch []f
 			for _, i := range where[b.ID] {
 				_, off, _ := r.block(i)
 				if _, err := f.file.WriteAt(data, off); err != nil {
-					return err
+					return nil, false, err
 				}
 			}
 		}
 		want = still
 	}
-	if len(want) > 0 {
-		if err := ctx.Err(); err != nil {
-			return err
-		}
-		return fmt.Errorf("%d blocks of %s held by no peer asked: %w", len(want), f.digest, errors.Join(errs...))
-	}
-	return nil
+	return want, busy, nil
 }
 
 // verifyFile hashes f's file and checks it against digest and size.

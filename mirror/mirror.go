@@ -34,6 +34,9 @@ var (
 	ErrBadPeer = errors.New("mirror: peer sent bad data")
 	// ErrNoPeers: no peer holds the blob (or there is no swarm).
 	ErrNoPeers = errors.New("mirror: no peer holds the blob")
+	// ErrPeerBusy: a peer had no upload slot free; it may be asked again
+	// in a moment.
+	ErrPeerBusy = errors.New("mirror: peer busy")
 )
 
 // Upstream is a registry the mirror may fetch from.

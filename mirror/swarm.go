@@ -46,8 +46,11 @@ func (s swarmPeers) Blocks(ctx context.Context, p, digest string, blocks []flat.
 		return nil, err
 	}
 	got, err := s.n.FetchBlobBlocks(ctx, id, digest, blocks)
-	if errors.Is(err, p2p.ErrBadBlock) {
+	switch {
+	case errors.Is(err, p2p.ErrBadBlock):
 		err = fmt.Errorf("%w: %w", ErrBadPeer, err)
+	case errors.Is(err, p2p.ErrBusy):
+		err = fmt.Errorf("%w: %w", ErrPeerBusy, err)
 	}
 	return got, err
 }

@@ -39,9 +39,29 @@ type Image struct {
 func (n *Node) fetchOpts() []fetch.Option {
 	opts := []fetch.Option{fetch.WithPlainHTTP(n.cfg.plainHTTP), fetch.WithLogger(n.cfg.log)}
 	if src, ok := n.cfg.peers.(fetch.IndexSource); ok {
+		// The swarm is also a fetch.ManifestSource: OpenImage asks it for
+		// the manifest too.
 		opts = append(opts, fetch.WithIndexSource(src))
 	}
+	if n.cfg.peers != nil {
+		opts = append(opts, fetch.WithOnManifest(n.keepManifest))
+	}
 	return opts
+}
+
+// keepManifest keeps a flat manifest in the block cache, as a block whose
+// ID is its digest, so that peers of the image can have it from here
+// instead of the registry (fetch.ManifestSource). OpenImage calls it as
+// soon as it has the manifest, before it fetches the index: the swarm's
+// designated fetcher of the manifest must serve it while it waits for the
+// index, which may come from a node that waits for the manifest.
+func (n *Node) keepManifest(ctx context.Context, desc v1.Descriptor, raw []byte) {
+	if len(raw) == 0 || len(raw) > flat.MaxBlockSize {
+		return
+	}
+	if err := n.store.Put(ctx, flat.Sum(raw), raw); err != nil {
+		n.log.Debug("could not keep the manifest for peers", "manifest", desc.Digest.String(), "err", err)
+	}
 }
 
 func (n *Node) nameOpts() []name.Option {
@@ -88,7 +108,8 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 	sources := []fetch.Source{im.Registry()}
 	if p := n.cfg.peers; p != nil {
 		// Keep the index blob as a block, so peers of the image can have
-		// it from here instead of the registry (fetch.IndexSource).
+		// it from here instead of the registry (fetch.IndexSource). The
+		// manifest is kept already (keepManifest, during OpenImage).
 		if desc, raw := im.IndexBlob(); len(raw) > 0 && len(raw) <= flat.MaxBlockSize {
 			if err := n.store.Put(ctx, flat.Sum(raw), raw); err != nil {
 				n.log.Debug("could not keep the index for peers", "image", im.Ref(), "index", desc.Digest.String(), "err", err)

@@ -48,16 +48,6 @@ func newUploader(streams int, bytesPerSec int64) *uploader {
 	return u
 }
 
-// acquireWait takes an upload slot, waiting for one until ctx ends.
-func (u *uploader) acquireWait(ctx context.Context) (release func(), err error) {
-	select {
-	case u.slots <- struct{}{}:
-		return func() { <-u.slots }, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
 // acquire takes an upload slot without waiting.
 func (u *uploader) acquire() (release func(), ok bool) {
 	select {
@@ -106,9 +96,9 @@ func (n *Node) handleBlock(st network.Stream) {
 		sent += int64(k)
 		return err
 	}
-	busy := func() {
+	refuse := func(status byte) {
 		n.st.busySent.Add(1)
-		if write(appendBlockHeader(nil, statusBusy, nil, 0)) == nil && w.Flush() == nil {
+		if write(appendBlockHeader(nil, status, nil, 0)) == nil && w.Flush() == nil {
 			_ = st.Close()
 		} else {
 			st.Reset()
@@ -117,6 +107,7 @@ func (n *Node) handleBlock(st network.Stream) {
 	ctx, cancel := context.WithCancel(n.life)
 	defer cancel()
 	get := func(c []byte) []byte { return n.lookup(ctx, c) }
+	s := n.swarm(q.image)
 	var release func()
 	if q.flags&flagOrigin != 0 {
 		// Wait for the blocks first, without an upload slot: waiting for
@@ -127,7 +118,7 @@ func (n *Node) handleBlock(st network.Stream) {
 		fetched, ok := n.originFor(ctx, q)
 		if !ok {
 			n.st.originBusy.Add(1)
-			busy()
+			refuse(statusBusy)
 			return
 		}
 		get = func(c []byte) []byte {
@@ -137,16 +128,30 @@ func (n *Node) handleBlock(st network.Stream) {
 			}
 			return n.lookup(ctx, c)
 		}
-		// The bytes are here and the asker is waiting for them: queue
-		// for a slot rather than turn it away now.
-		if release, err = n.up.acquireWait(ctx); err != nil {
-			st.Reset()
+		// The bytes are here. With a slot free they go to the asker now;
+		// without, the asker is told they are here (COMING) and takes
+		// them from the peers this node and its other askers pass them
+		// to: in a swarm starting at once thousands of nodes ask the one
+		// designated fetcher, and queueing them all behind its slots
+		// would make it upload every copy.
+		if n.origin.spread(q.cids, n.cfg.MaxUploadStreams) {
+			refuse(statusComing)
 			return
 		}
+		if release, ok = n.up.acquire(); !ok {
+			refuse(statusComing)
+			return
+		}
+		n.origin.sent(q.cids)
 	} else {
+		if s != nil && s.overShare(n.cfg.UploadShare) {
+			n.st.shareBusy.Add(1)
+			refuse(statusBusy)
+			return
+		}
 		var ok bool
 		if release, ok = n.up.acquire(); !ok {
-			busy()
+			refuse(statusBusy)
 			return
 		}
 	}
@@ -154,6 +159,16 @@ func (n *Node) handleBlock(st network.Stream) {
 	n.st.activeUploads.Add(1)
 	defer n.st.activeUploads.Add(-1)
 
+	var sentBytes int64
+	if s != nil {
+		defer func() { s.uploaded.Add(sentBytes) }()
+	}
+	counted := get
+	get = func(c []byte) []byte {
+		d := counted(c)
+		sentBytes += int64(len(d))
+		return d
+	}
 	if err := n.serve(ctx, q.cids, get, write); err != nil {
 		n.log.Debug("serving blocks", "peer", p.String(), "image", q.image, "err", err)
 		st.Reset()
@@ -226,6 +241,7 @@ type outcome struct {
 	notFound  []flat.Block
 	firstByte time.Duration // 0 if no byte arrived
 	busy      bool
+	coming    bool  // the designated fetcher holds the blocks, has no slot
 	bad       bool  // a wrong block or an unrequested one: penalise
 	err       error // why the request ended early; nil if every block was answered
 }
@@ -313,9 +329,15 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 			out.err = fmt.Errorf("read answer: %w", err)
 			return out
 		}
-		if h.status == statusBusy {
+		if h.status == statusBusy || h.status == statusComing {
+			// COMING is an answer to ORIGIN requests only; from any
+			// other it means what BUSY does.
 			out.busy = true
+			out.coming = h.status == statusComing && o.flags&flagOrigin != 0
 			out.err = ErrBusy
+			if out.coming {
+				out.err = ErrComing
+			}
 			return out
 		}
 		i, known := idx[string(h.cid)]

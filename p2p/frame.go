@@ -35,6 +35,10 @@ const (
 	statusOK       byte = 0
 	statusNotFound byte = 1
 	statusBusy     byte = 2
+	// statusComing answers an ORIGIN request whose blocks the designated
+	// fetcher now holds (it fetched them, or had them) but has no upload
+	// slot to send: the asker takes them from the swarm as they spread.
+	statusComing byte = 3
 )
 
 // Have message types.
@@ -239,7 +243,7 @@ func readBlockHeader(r frameReader, scratch []byte) (blockHeader, error) {
 	if err != nil {
 		return h, err // io.EOF: the server is done
 	}
-	if st > statusBusy {
+	if st > statusComing {
 		return h, fmt.Errorf("%w: status %d", ErrMalformed, st)
 	}
 	h.status = st

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -44,9 +45,14 @@ type swarm struct {
 	ctx    context.Context
 	cancel context.CancelFunc
 
+	// uploaded counts the bytes of the image's blocks sent to peers, for
+	// the node's share of uploads (OverShare).
+	uploaded atomic.Int64
+
 	mu          sync.Mutex
 	left        bool
 	mine        bitmap
+	heldBytes   int64                // uncompressed bytes of the blocks in mine
 	dirty       map[int]struct{}     // positions changed since the last flush
 	remotes     map[peer.ID]*remote  // peers' bitmaps, from their have streams
 	out         map[peer.ID]*session // our have streams to peers; nil while opening
@@ -85,6 +91,15 @@ func (se *session) send(frame []byte) {
 func (s *swarm) notifyLocked() {
 	close(s.changed)
 	s.changed = make(chan struct{})
+}
+
+// overShare reports whether the node has uploaded more than its share of
+// the image (OverShare).
+func (s *swarm) overShare(share float64) bool {
+	s.mu.Lock()
+	held := s.heldBytes
+	s.mu.Unlock()
+	return OverShare(s.uploaded.Load(), held, share)
 }
 
 func (s *swarm) peerCount() int {
@@ -146,7 +161,9 @@ func (n *Node) JoinImage(ctx context.Context, digest string, index *flat.Index) 
 			for i, b := range s.blocks {
 				if has, err := h.Has(ctx, b.ID); err == nil && has {
 					s.mu.Lock()
-					s.mine.set(i, true)
+					if s.mine.set(i, true) {
+						s.heldBytes += int64(b.ULen)
+					}
 					s.mu.Unlock()
 					held++
 				}
@@ -232,6 +249,14 @@ func (n *Node) LeaveImage(digest string) {
 
 // provideImage publishes the image's provider record.
 func (n *Node) provideImage(ctx context.Context, s *swarm) {
+	if n.recentlyProvided(s.key) {
+		// Provided early, when the node fetched the image's manifest or
+		// index from peers (ImageBlob): one provide per start.
+		s.mu.Lock()
+		s.lastProvide, s.provideOK = time.Now(), true
+		s.mu.Unlock()
+		return
+	}
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
 	start := time.Now()
@@ -505,6 +530,9 @@ func (n *Node) handleHave(st network.Stream) {
 		for _, i := range u.clear {
 			rm.bits.set(i, false)
 		}
+		if len(u.set) > 0 {
+			s.notifyLocked() // a reader awaiting a block may find it here
+		}
 		s.mu.Unlock()
 	}
 }
@@ -586,6 +614,11 @@ func (n *Node) mark(ids []flat.BlockID, held bool) {
 		for _, id := range ids {
 			if i, ok := s.pos[id]; ok && s.mine.set(i, held) {
 				s.dirty[i] = struct{}{}
+				if held {
+					s.heldBytes += int64(s.blocks[i].ULen)
+				} else {
+					s.heldBytes -= int64(s.blocks[i].ULen)
+				}
 			}
 		}
 		s.mu.Unlock()

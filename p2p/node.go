@@ -47,6 +47,9 @@ var (
 	ErrNoHolder = errors.New("p2p: no usable peer holds the block")
 	// ErrBusy is wrapped when a peer answered BUSY.
 	ErrBusy = errors.New("p2p: peer busy")
+	// ErrComing is wrapped when a designated fetcher answered that it
+	// holds the blocks but has no upload slot: they come from the swarm.
+	ErrComing = errors.New("p2p: designated fetcher holds the blocks but is busy; they spread through the swarm")
 	// ErrBadBlock is wrapped when a peer sent bytes that do not match the
 	// block's ID.
 	ErrBadBlock = errors.New("p2p: peer sent a block that does not match its id")
@@ -79,6 +82,8 @@ type Node struct {
 	origins  map[string]ImageFetcher   // by image, from ServeOrigin
 	swarmSeq atomic.Int64              // makes each swarm's connection-manager tag unique
 	found    map[string]foundProviders // recent image lookups, by key (index.go)
+	groups   map[string][]peer.ID      // origin group per image digest, from the latest lookup (index.go)
+	early    map[string]earlyProvide   // early provides of image records, by key (index.go)
 	wg       sync.WaitGroup            // goroutines the node started; Add only under mu, while !closed
 
 	closeOnce sync.Once
@@ -439,8 +444,19 @@ type Stats struct {
 	OriginServed  int64 `json:"origin_served"`
 	OriginBusy    int64 `json:"origin_busy"`
 	OriginWaiting int64 `json:"origin_waiting"` // ORIGIN requests waiting for their fetches now
+	// Waiting for the swarm: COMING answers from designated fetchers, and
+	// rounds planned again because holders appeared while blocks were
+	// awaited.
+	ComingReceived int64 `json:"coming_received"`
+	AwaitRounds    int64 `json:"await_rounds"`
+	// ShareBusy counts requests answered BUSY because the node had
+	// uploaded more than its share of the image (Config.UploadShare).
+	ShareBusy int64 `json:"share_busy"`
 	// IndexesFetched counts image indexes had from peers (not the registry).
 	IndexesFetched int64 `json:"indexes_fetched"`
+	// ManifestsFetched counts flat manifests had from peers (not the
+	// registry).
+	ManifestsFetched int64 `json:"manifests_fetched"`
 }
 
 type counters struct {
@@ -449,36 +465,41 @@ type counters struct {
 	updatesSent, lookups, provides                            atomic.Int64
 	hedged, hedgeWins, originAsked, originGot                 atomic.Int64
 	originFetches, originServed, originBusy, originWaiting    atomic.Int64
-	indexesFetched                                            atomic.Int64
+	indexesFetched, comingRecv, awaitRounds, shareBusy        atomic.Int64
+	manifestsFetched                                          atomic.Int64
 }
 
 // Stats returns the node's counters.
 func (n *Node) Stats() Stats {
 	st := Stats{
-		Peers:           len(n.host.Network().Peers()),
-		AvoidedPeers:    n.peers.avoided(time.Now()),
-		BytesUploaded:   n.st.bytesUp.Load(),
-		BytesDownloaded: n.st.bytesDown.Load(),
-		BlocksServed:    n.st.blocksServed.Load(),
-		BlocksFetched:   n.st.blocksFetched.Load(),
-		NotFoundServed:  n.st.notFound.Load(),
-		BusyAnswers:     n.st.busySent.Load(),
-		BusyReceived:    n.st.busyRecv.Load(),
-		BadBlocks:       n.st.badBlocks.Load(),
-		FailedRequests:  n.st.failedReqs.Load(),
-		ActiveUploads:   n.st.activeUploads.Load(),
-		HaveUpdatesSent: n.st.updatesSent.Load(),
-		DHTLookups:      n.st.lookups.Load(),
-		DHTProvides:     n.st.provides.Load(),
-		HedgedRequests:  n.st.hedged.Load(),
-		HedgeWins:       n.st.hedgeWins.Load(),
-		OriginRequests:  n.st.originAsked.Load(),
-		OriginBlocks:    n.st.originGot.Load(),
-		OriginFetches:   n.st.originFetches.Load(),
-		OriginServed:    n.st.originServed.Load(),
-		OriginBusy:      n.st.originBusy.Load(),
-		OriginWaiting:   n.st.originWaiting.Load(),
-		IndexesFetched:  n.st.indexesFetched.Load(),
+		Peers:            len(n.host.Network().Peers()),
+		AvoidedPeers:     n.peers.avoided(time.Now()),
+		BytesUploaded:    n.st.bytesUp.Load(),
+		BytesDownloaded:  n.st.bytesDown.Load(),
+		BlocksServed:     n.st.blocksServed.Load(),
+		BlocksFetched:    n.st.blocksFetched.Load(),
+		NotFoundServed:   n.st.notFound.Load(),
+		BusyAnswers:      n.st.busySent.Load(),
+		BusyReceived:     n.st.busyRecv.Load(),
+		BadBlocks:        n.st.badBlocks.Load(),
+		FailedRequests:   n.st.failedReqs.Load(),
+		ActiveUploads:    n.st.activeUploads.Load(),
+		HaveUpdatesSent:  n.st.updatesSent.Load(),
+		DHTLookups:       n.st.lookups.Load(),
+		DHTProvides:      n.st.provides.Load(),
+		HedgedRequests:   n.st.hedged.Load(),
+		HedgeWins:        n.st.hedgeWins.Load(),
+		OriginRequests:   n.st.originAsked.Load(),
+		OriginBlocks:     n.st.originGot.Load(),
+		OriginFetches:    n.st.originFetches.Load(),
+		OriginServed:     n.st.originServed.Load(),
+		OriginBusy:       n.st.originBusy.Load(),
+		OriginWaiting:    n.st.originWaiting.Load(),
+		IndexesFetched:   n.st.indexesFetched.Load(),
+		ManifestsFetched: n.st.manifestsFetched.Load(),
+		ComingReceived:   n.st.comingRecv.Load(),
+		AwaitRounds:      n.st.awaitRounds.Load(),
+		ShareBusy:        n.st.shareBusy.Load(),
 	}
 	for _, s := range n.swarmList() {
 		st.Images++

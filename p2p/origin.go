@@ -2,6 +2,7 @@ package p2p
 
 import (
 	"context"
+	"slices"
 	"sync"
 
 	"github.com/shoal-project/shoal/flat"
@@ -82,6 +83,34 @@ type originGroup struct {
 	mu    sync.Mutex
 	calls map[flat.BlockID]*originCall
 	slots chan struct{}
+	// copies counts the blocks sent in answer to ORIGIN requests, by
+	// binary CID (OriginSpread).
+	copies map[string]int
+}
+
+// maxCopiesTracked bounds originGroup.copies; past it the counts start
+// over (a block then gets a few more first copies, nothing worse).
+const maxCopiesTracked = 1 << 16
+
+// spread reports whether an ORIGIN request for cids should be answered
+// COMING without trying for an upload slot: whether each of its blocks has
+// been sent slots times already (OriginSpread).
+func (g *originGroup) spread(cids [][]byte, slots int) bool {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return !slices.ContainsFunc(cids, func(c []byte) bool { return !OriginSpread(g.copies[string(c)], slots) })
+}
+
+// sent counts one more copy of each of cids sent in an ORIGIN answer.
+func (g *originGroup) sent(cids [][]byte) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.copies) > maxCopiesTracked {
+		clear(g.copies)
+	}
+	for _, c := range cids {
+		g.copies[string(c)]++
+	}
 }
 
 // originCall is one block being fetched from its origin; done closes once data
@@ -92,7 +121,7 @@ type originCall struct {
 }
 
 func newOriginGroup(limit int) *originGroup {
-	return &originGroup{calls: map[flat.BlockID]*originCall{}, slots: make(chan struct{}, limit)}
+	return &originGroup{calls: map[flat.BlockID]*originCall{}, slots: make(chan struct{}, limit), copies: map[string]int{}}
 }
 
 // originFor gets the blocks of an ORIGIN request that the node does not

@@ -299,7 +299,8 @@ func TestPlanOrigin(t *testing.T) {
 	for _, id := range randomIDs(8, 60) {
 		blocks = append(blocks, flat.Block{ID: id, ULen: 1})
 	}
-	ask, own := PlanOrigin(blocks, others, self)
+	// self in the group: it is a candidate like the others.
+	ask, own := PlanOrigin(blocks, peers, self)
 	total := len(own)
 	for p, bs := range ask {
 		if p == self || !slices.Contains(others, p) {
@@ -320,8 +321,78 @@ func TestPlanOrigin(t *testing.T) {
 	if total != len(blocks) || len(own) == 0 || len(ask) != 2 {
 		t.Errorf("%d own, %d peers asked, %d blocks in all of %d", len(own), len(ask), total, len(blocks))
 	}
+	// self not in the group: every block goes to a member, the one every
+	// member would pick.
+	ask, own = PlanOrigin(blocks, others, self)
+	if len(own) != 0 {
+		t.Errorf("not a member, yet designated for %d blocks", len(own))
+	}
+	for p, bs := range ask {
+		for _, b := range bs {
+			if Designated(b.ID, others, "") != p || Designate(b.ID, others, others[0]) != p {
+				t.Fatalf("block %s asked of %s, not the group's designated fetcher", b.ID, p)
+			}
+		}
+	}
 	if ask, own := PlanOrigin(blocks, nil, self); len(ask) != 0 || len(own) != len(blocks) {
 		t.Errorf("alone: %d asked, %d own", len(ask), len(own))
+	}
+}
+
+// Every node that found the same providers computes the same origin group,
+// whatever order it found them in and whether or not it is in the group;
+// a node outside the group is not in it; the group of a union is the group
+// of one part's group plus the other part (which originView relies on).
+func TestOriginGroup(t *testing.T) {
+	t.Parallel()
+	peers := testPeerIDs(t, 40, 30)
+	image := flat.Sum([]byte("origin group"))
+	want := OriginGroup(image, peers, "", OriginGroupSize)
+	if len(want) != OriginGroupSize {
+		t.Fatalf("group of %d: %v", len(want), want)
+	}
+	rng := rand.New(rand.NewPCG(3, 4))
+	for i, self := range peers {
+		found := slices.Clone(peers)
+		found = slices.Delete(found, i, i+1) // a lookup does not return the node itself
+		rng.Shuffle(len(found), func(a, b int) { found[a], found[b] = found[b], found[a] })
+		if got := OriginGroup(image, found, self, OriginGroupSize); !slices.Equal(got, want) {
+			t.Fatalf("node %d: group %v, want %v", i, got, want)
+		}
+	}
+	a, b := peers[:17], peers[17:]
+	if got := OriginGroup(image, append(OriginGroup(image, a, "", OriginGroupSize), b...), "", OriginGroupSize); !slices.Equal(got, want) {
+		t.Errorf("group of a union: %v, want %v", got, want)
+	}
+	if got := OriginGroup(image, peers[:3], "", OriginGroupSize); len(got) != 3 {
+		t.Errorf("group of 3 providers: %v", got)
+	}
+	if got := OriginGroup(flat.Sum([]byte("another image")), peers, "", OriginGroupSize); slices.Equal(got, want) {
+		t.Error("another image has the same group")
+	}
+}
+
+func TestOverShare(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		up, held int64
+		share    float64
+		want     bool
+	}{
+		{0, 0, 3, false},
+		{3 * ShareFloor, 0, 3, false}, // the floor
+		{3*ShareFloor + 1, 0, 3, true},
+		{90 << 20, 30 << 20, 3, false},
+		{91 << 20, 30 << 20, 3, true},
+		{1 << 40, 1, 0, false}, // off
+		{1 << 40, 1, -1, false},
+	} {
+		if got := OverShare(c.up, c.held, c.share); got != c.want {
+			t.Errorf("OverShare(%d, %d, %v) = %v", c.up, c.held, c.share, got)
+		}
+	}
+	if OriginSpread(3, 4) || !OriginSpread(4, 4) || !OriginSpread(1, 0) {
+		t.Error("OriginSpread")
 	}
 }
 

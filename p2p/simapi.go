@@ -74,6 +74,10 @@ func (s *PeerScores) Busy(p peer.ID, until time.Time) { s.t.busy(p, until) }
 // Usable reports whether p may be asked at now.
 func (s *PeerScores) Usable(p peer.ID, now time.Time) bool { return s.t.usable(p, now) }
 
+// Designatable reports whether p may be asked as a designated fetcher at
+// now (rests after BUSY do not count).
+func (s *PeerScores) Designatable(p peer.ID, now time.Time) bool { return s.t.designatable(p, now) }
+
 // View returns what peer choice knows about p, and whether p may be asked
 // at now.
 func (s *PeerScores) View(p peer.ID, now time.Time) (PeerView, bool) { return s.t.view(p, now) }

@@ -63,7 +63,10 @@ func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[f
 		out:      make(map[flat.BlockID][]byte, len(blocks)),
 		tried:    map[flat.BlockID]map[peer.ID]bool{},
 		excluded: map[peer.ID]bool{},
+		own:      map[flat.BlockID]bool{},
+		coming:   map[flat.BlockID]bool{},
 	}
+	deadline := ps.n.cfg.Clock.Now().Add(ps.n.cfg.OriginWait)
 	all := make([]flat.Block, 0, len(blocks))
 	seen := make(map[flat.BlockID]bool, len(blocks))
 	for _, b := range blocks {
@@ -77,26 +80,13 @@ func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[f
 	want := all
 	for round := 0; round < maxRounds && len(want) > 0 && ctx.Err() == nil; round++ {
 		a := ps.plan(want, f, rng)
-		if round == 0 && len(a.none) > 0 {
-			origin.Go(func() { ps.origin(ctx, a.none, f) })
+		if round == 0 && len(a.unheld) > 0 {
+			origin.Go(func() { ps.origin(ctx, a.unheld, f) })
 		}
 		if len(a.byPeer) == 0 {
 			break
 		}
-		var wg sync.WaitGroup
-		slots := make(chan struct{}, parallelPeers)
-		for p, bs := range a.byPeer {
-			wg.Go(func() {
-				slots <- struct{}{}
-				defer func() { <-slots }()
-				for _, batch := range batches(bs) {
-					if !ps.runBatch(ctx, p, batch, a.backup, f) {
-						return
-					}
-				}
-			})
-		}
-		wg.Wait()
+		ps.round(ctx, a, f)
 		// Blocks with no usable holder drop out: exclusions only grow, so
 		// a later round would find none either.
 		var still []flat.Block
@@ -110,6 +100,7 @@ func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[f
 		want = still
 	}
 	origin.Wait()
+	ps.await(ctx, all, f, rng, deadline)
 
 	missing := 0
 	for _, b := range all {
@@ -136,7 +127,85 @@ type fetchState struct {
 	out                                 map[flat.BlockID][]byte
 	tried                               map[flat.BlockID]map[peer.ID]bool // NOT_FOUND answers
 	excluded                            map[peer.ID]bool                  // failed, or lost a hedge race without a byte, in this call
+	own                                 map[flat.BlockID]bool             // designated to this node: left to the registry source
+	coming                              map[flat.BlockID]bool             // a designated fetcher answered COMING
 	errBusy, errBad, errFail, errOrigin error
+}
+
+// round asks each peer of a round's plan for its blocks, up to
+// parallelPeers peers at once, each in batches, hedged.
+func (ps *PeerSource) round(ctx context.Context, a assignment, f *fetchState) {
+	var wg sync.WaitGroup
+	slots := make(chan struct{}, parallelPeers)
+	for p, bs := range a.byPeer {
+		wg.Go(func() {
+			slots <- struct{}{}
+			defer func() { <-slots }()
+			for _, batch := range batches(bs) {
+				if !ps.runBatch(ctx, p, batch, a.backup, f) {
+					return
+				}
+			}
+		})
+	}
+	wg.Wait()
+}
+
+// awaitPoll is how often await plans again without news from the image's
+// sessions (a holder may show up in another joined image's bitmaps).
+const awaitPoll = 50 * time.Millisecond
+
+// await waits, until deadline (OriginWait after the call began), for the
+// blocks still missing that the swarm is about to have: those a
+// designated fetcher answered COMING for (it holds them and passes them
+// on), and those held by a peer not excluded from this call — one that
+// answered BUSY (it rests for BusyBackoff, then may be asked again), or
+// one that announced the block since. Each time a session's bitmap gains
+// a block, or every awaitPoll, it plans again over the holders that may
+// be asked, and asks them. A block whose only holders failed or answered
+// NOT_FOUND in this call is not waited for. A holder that stays BUSY (its
+// slots taken by slow transfers, or over its share of uploads) costs the
+// read at most the rest of OriginWait before the registry. The blocks this node is designated for are not waited for: the
+// registry source has them. Without it, a swarm of thousands starting at
+// once sent to the registry every reader that a block's first holders
+// turned away (the simulator measured 59 copies of each block at 1,000
+// nodes): holders double every round trip or two, so waiting is short.
+func (ps *PeerSource) await(ctx context.Context, all []flat.Block, f *fetchState, rng Rand, deadline time.Time) {
+	n := ps.n
+	s := n.swarm(ps.image)
+	for ctx.Err() == nil {
+		var want []flat.Block
+		f.mu.Lock()
+		for _, b := range all {
+			if _, got := f.out[b.ID]; got || f.own[b.ID] {
+				continue
+			}
+			if f.coming[b.ID] || slices.ContainsFunc(n.holders(b.ID), func(p peer.ID) bool { return !f.excluded[p] && !f.tried[b.ID][p] }) {
+				want = append(want, b)
+			}
+		}
+		f.mu.Unlock()
+		left := deadline.Sub(n.cfg.Clock.Now())
+		if len(want) == 0 || left <= 0 {
+			return
+		}
+		var gained <-chan struct{}
+		if s != nil {
+			s.mu.Lock()
+			gained = s.changed
+			s.mu.Unlock()
+		}
+		if a := ps.plan(want, f, rng); len(a.byPeer) > 0 {
+			n.st.awaitRounds.Add(1)
+			ps.round(ctx, a, f)
+			continue
+		}
+		select {
+		case <-gained:
+		case <-n.cfg.Clock.After(min(left, awaitPoll)):
+		case <-ctx.Done():
+		}
+	}
 }
 
 // deliver keeps the first copy of a block to arrive.
@@ -154,6 +223,11 @@ type assignment struct {
 	backup  map[flat.BlockID]peer.ID // second choice, for hedging
 	planned map[flat.BlockID]bool
 	none    []flat.Block // no usable holder
+	// unheld are the blocks of none that no peer holds at all (not just
+	// none that may be asked now: a holder resting after BUSY will serve
+	// them in a moment, and await asks it then). They go to origin
+	// coalescing.
+	unheld []flat.Block
 }
 
 // plan assigns each wanted block to its best holders that may be asked:
@@ -189,6 +263,9 @@ func (ps *PeerSource) plan(want []flat.Block, f *fetchState, rng Rand) assignmen
 	for i, b := range want {
 		if first[i] == "" {
 			a.none = append(a.none, b)
+			if len(holders[i]) == 0 {
+				a.unheld = append(a.unheld, b)
+			}
 			continue
 		}
 		a.byPeer[first[i]] = append(a.byPeer[first[i]], b)
@@ -322,7 +399,8 @@ func (ps *PeerSource) record(ctx context.Context, r result, complete bool, f *fe
 		f.errBad = cmp.Or(f.errBad, fmt.Errorf("peer %s: %w", p, o.err))
 		return false
 	case o.busy:
-		f.excluded[p] = true
+		// Not excluded from the call: it rests for BusyBackoff and may be
+		// asked again by await, when its slots have freed.
 		n.st.busyRecv.Add(1)
 		n.peers.busy(p, now.Add(n.cfg.BusyBackoff))
 		f.errBusy = cmp.Or(f.errBusy, fmt.Errorf("peer %s: %w", p, ErrBusy))
@@ -366,10 +444,15 @@ func (ps *PeerSource) record(ctx context.Context, r result, complete bool, f *fe
 // ends it at once, and the blocks fall through to the registry.
 func (ps *PeerSource) origin(ctx context.Context, blocks []flat.Block, f *fetchState) {
 	n := ps.n
-	ask, own := PlanOrigin(blocks, n.ImagePeers(ps.image), n.ID())
+	ask, own := PlanOrigin(blocks, n.originView(ps.image), n.ID())
 	if n.cfg.OriginWait <= 0 {
 		own, ask = blocks, nil
 	}
+	f.mu.Lock()
+	for _, b := range own {
+		f.own[b.ID] = true
+	}
+	f.mu.Unlock()
 	if fetch := n.originFetch(ps.image); len(own) > 0 && fetch != nil {
 		n.startOrigin(ps.image, fetch, own, false) // not waited for: the registry source joins it
 	}
@@ -381,7 +464,7 @@ func (ps *PeerSource) origin(ctx context.Context, blocks []flat.Block, f *fetchS
 	now := n.cfg.Clock.Now()
 	var wg sync.WaitGroup
 	for p, bs := range ask {
-		if !n.peers.usable(p, now) {
+		if !n.peers.designatable(p, now) {
 			continue
 		}
 		wg.Go(func() {
@@ -392,7 +475,7 @@ func (ps *PeerSource) origin(ctx context.Context, blocks []flat.Block, f *fetchS
 					f.deliver(id, d)
 				}
 				n.st.originGot.Add(int64(len(o.got)))
-				if !ps.recordOrigin(ctx, p, len(batch), o, f) {
+				if !ps.recordOrigin(ctx, p, batch, o, f) {
 					return
 				}
 			}
@@ -404,7 +487,8 @@ func (ps *PeerSource) origin(ctx context.Context, blocks []flat.Block, f *fetchS
 // recordOrigin books an ORIGIN request's outcome. Its latency is not a
 // sample of the peer's (it includes a registry fetch). It reports false if
 // the peer should not be asked again in this call.
-func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, asked int, o outcome, f *fetchState) bool {
+func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, batch []flat.Block, o outcome, f *fetchState) bool {
+	asked := len(batch)
 	n := ps.n
 	now := n.cfg.Clock.Now()
 	f.mu.Lock()
@@ -416,6 +500,18 @@ func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, asked int, o 
 		n.log.Warn("designated fetcher sent a wrong block", "peer", p.String(), "image", ps.image, "avoided", avoided, "err", o.err)
 		f.errBad = cmp.Or(f.errBad, fmt.Errorf("designated fetcher %s: %w", p, o.err))
 		return false
+	case o.coming:
+		// It holds them now and passes them on: wait for them to spread
+		// (await), and go on asking it for the rest, which it fetches
+		// whether or not it has a slot to send them.
+		n.st.comingRecv.Add(1)
+		for _, b := range batch {
+			if _, got := f.out[b.ID]; !got {
+				f.coming[b.ID] = true
+			}
+		}
+		f.errOrigin = cmp.Or(f.errOrigin, fmt.Errorf("designated fetcher %s: %w", p, ErrComing))
+		return true
 	case o.busy:
 		n.st.busyRecv.Add(1)
 		n.peers.busy(p, now.Add(n.cfg.BusyBackoff))
@@ -433,6 +529,35 @@ func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, asked int, o 
 		f.errOrigin = cmp.Or(f.errOrigin, fmt.Errorf("designated fetcher %s could not fetch %d of %d blocks", p, len(o.notFound), asked))
 	}
 	return true
+}
+
+// imageID is an image's manifest digest as a block ID, the key its
+// origin group is chosen by.
+func imageID(digest string) (flat.BlockID, error) {
+	key, err := ImageKey(digest)
+	if err != nil {
+		return flat.BlockID{}, err
+	}
+	_, id, ok := imageOfKey(key)
+	if !ok {
+		return flat.BlockID{}, fmt.Errorf("image %s: not a sha256 digest", digest)
+	}
+	return id, nil
+}
+
+// originView is the origin group origin coalescing designates over, as
+// this node sees it now: OriginGroup over the group its last lookup found
+// and the peers it has have sessions with. The lowest scores of a union
+// are the lowest of (the lowest of one part, plus the other part), so
+// this refines the lookup's group with every peer met since: a node whose
+// lookup ran before most records were out (the first nodes of a swarm
+// starting at once) converges on the group the others agree on.
+func (n *Node) originView(image string) []peer.ID {
+	id, err := imageID(image)
+	if err != nil {
+		return nil
+	}
+	return OriginGroup(id, append(n.imageGroup(image), n.ImagePeers(image)...), n.ID(), OriginGroupSize)
 }
 
 // latency is p's latency EWMA (0 if never measured).

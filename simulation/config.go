@@ -235,6 +235,9 @@ func (c Config) Defaults() Config {
 	setD(&s.OriginWait, d.OriginWait)
 	setI(&s.MaxOriginFetches, d.MaxOriginFetches)
 	setD(&s.OriginFetchTimeout, d.OriginFetchTimeout)
+	if s.UploadShare == 0 {
+		s.UploadShare = d.UploadShare
+	}
 	setD(&c.Limit, time.Hour)
 	return c
 }

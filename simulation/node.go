@@ -1,6 +1,7 @@
 package simulation
 
 import (
+	"crypto/sha256"
 	"fmt"
 	"math/rand/v2"
 	"slices"
@@ -28,12 +29,19 @@ type world struct {
 	providers []int32
 	swarm     bool
 	st        counters
+	// im.id's origin group of each prefix of providers (originGroup).
+	groups map[int][]peer.ID
+	// blobIDs name the manifest and the index, for p2p.Designate.
+	blobIDs [nBlobs]flat.BlockID
 }
 
 // counters are the run's totals.
 type counters struct {
 	registryMetaBytes, registryBlockBytes, registryLayerBytes float64
-	indexesFromPeers                                          int
+	blobsFromPeers                                            [nBlobs]int
+	blobRequests, comingAnswers, awaitRounds                  int64
+	designatedOwn, fellThrough, awaitTimeouts                 int64
+	blobDelivered                                             float64 // manifests and indexes sent by peers
 	registryRequests                                          int64
 	peerRequests, busyAnswers                                 int64
 	originAsks, originBusy, originTimeouts, originBlocks      int64
@@ -71,11 +79,22 @@ type simNode struct {
 	regBusy []bool          // a registry fetch of the block is in flight
 	waiters map[uint32][]func()
 
+	held         float64        // uncompressed bytes of the blocks it holds
+	originCopies map[uint32]int // blocks sent in ORIGIN answers
+	viewDirty    bool           // sessions changed since view was computed
+	view         []peer.ID      // originView's last answer
+	provided     bool           // its image record is out (or on its way)
+	joined       bool           // it has the index and takes have sessions
+	hasBlob      [nBlobs]bool   // holds the manifest, the index
+	pool         []int32        // its lookup's providers
+	group        []peer.ID      // the image's origin group, as it sees it
+	conn         map[int32]bool // peers it is connected to
+	awaiters     []func()       // FetchMany calls waiting for a holder to appear
+
 	sessions   []int32 // peers that sent this node their have bitmap
 	sessionSet map[int32]bool
 	scores     *p2p.PeerScores
 	slots      *p2p.UploadSlots
-	slotQueue  []func(release func())
 	originFree int
 	phase      time.Duration // of the announce ticker
 
@@ -92,7 +111,9 @@ type simNode struct {
 
 func newWorld(cfg Config) *world {
 	e := &engine{}
-	w := &world{cfg: cfg, e: e, im: newImage(cfg.Workload), byID: map[peer.ID]int32{}, net: &peerNet{e: e}}
+	w := &world{cfg: cfg, e: e, im: newImage(cfg.Workload), byID: map[peer.ID]int32{}, net: &peerNet{e: e}, groups: map[int][]peer.ID{}}
+	w.blobIDs[blobManifest] = w.im.id
+	w.blobIDs[blobIndex] = sha256.Sum256([]byte("index of " + cfg.Workload.Trace.Image))
 	w.swarm = cfg.Strategy == Swarm || cfg.Strategy == SwarmSeeded
 	w.registry = newPSServer(e, cfg.RegistryBytesPerSec, cfg.NodeDownBytesPerSec)
 	if cfg.HostCores > 0 {
@@ -102,23 +123,25 @@ func newWorld(cfg Config) *world {
 	total := cfg.Nodes + cfg.Seeds
 	for i := range total {
 		n := &simNode{
-			i:          int32(i),
-			pid:        peer.ID(fmt.Sprintf("sim-node-%06d", i)),
-			zone:       i % cfg.Zones,
-			rack:       (i / cfg.Zones) % cfg.RacksPerZone,
-			seed:       i >= cfg.Nodes,
-			up:         link{capacity: cfg.NodeUpBytesPerSec},
-			down:       link{capacity: cfg.NodeDownBytesPerSec},
-			rng:        rand.New(rand.NewPCG(cfg.Seed, uint64(i))),
-			have:       make([]bool, nb),
-			visible:    make([]time.Duration, nb),
-			pending:    make([]bool, nb),
-			regBusy:    make([]bool, nb),
-			waiters:    map[uint32][]func(){},
-			sessionSet: map[int32]bool{},
-			scores:     p2p.NewPeerScores(),
-			slots:      p2p.NewUploadSlots(cfg.Swarm.MaxUploadStreams),
-			originFree: cfg.Swarm.MaxOriginFetches,
+			i:            int32(i),
+			pid:          peer.ID(fmt.Sprintf("sim-node-%06d", i)),
+			zone:         i % cfg.Zones,
+			rack:         (i / cfg.Zones) % cfg.RacksPerZone,
+			seed:         i >= cfg.Nodes,
+			up:           link{capacity: cfg.NodeUpBytesPerSec},
+			down:         link{capacity: cfg.NodeDownBytesPerSec},
+			rng:          rand.New(rand.NewPCG(cfg.Seed, uint64(i))),
+			have:         make([]bool, nb),
+			visible:      make([]time.Duration, nb),
+			pending:      make([]bool, nb),
+			regBusy:      make([]bool, nb),
+			waiters:      map[uint32][]func(){},
+			conn:         map[int32]bool{},
+			originCopies: map[uint32]int{},
+			sessionSet:   map[int32]bool{},
+			scores:       p2p.NewPeerScores(),
+			slots:        p2p.NewUploadSlots(cfg.Swarm.MaxUploadStreams),
+			originFree:   cfg.Swarm.MaxOriginFetches,
 		}
 		n.labels = p2p.Labels{Zone: fmt.Sprintf("z%d", n.zone), Rack: fmt.Sprintf("r%d", n.rack)}
 		n.phase = time.Duration(n.rng.Int64N(int64(cfg.Swarm.AnnounceInterval)))
@@ -190,6 +213,16 @@ func (w *world) acquire(n *simNode, b uint32, fromPeer bool) {
 	n.have[b] = true
 	n.pending[b] = false
 	n.visible[b] = w.nextFlush(n)
+	// At the flush, the update reaches the session peers; those awaiting
+	// a block (PeerSource.await) plan again when it arrives.
+	w.e.at(n.visible[b], func() {
+		for _, p := range n.sessions {
+			if q := w.nodes[p]; len(q.awaiters) > 0 {
+				w.e.after(w.oneWay(n, q), func() { w.wakeAwaiters(q) })
+			}
+		}
+	})
+	n.held += float64(blk.ULen)
 	if fromPeer {
 		n.fromPeers += float64(blk.ULen)
 	} else {
@@ -200,6 +233,15 @@ func (w *world) acquire(n *simNode, b uint32, fromPeer bool) {
 		for _, f := range ws {
 			f()
 		}
+	}
+}
+
+// wakeAwaiters wakes n's FetchMany calls waiting for a holder to appear.
+func (w *world) wakeAwaiters(n *simNode) {
+	ws := n.awaiters
+	n.awaiters = nil
+	for _, f := range ws {
+		f()
 	}
 }
 
@@ -244,7 +286,10 @@ func (w *world) want(n *simNode, blocks []uint32, cb func()) {
 		return
 	}
 	if w.swarm {
-		w.fetchPeers(n, fresh, func(missing []uint32) { w.fetchRegistry(n, missing) })
+		w.fetchPeers(n, fresh, func(missing []uint32) {
+			w.st.fellThrough += int64(len(missing))
+			w.fetchRegistry(n, missing)
+		})
 		return
 	}
 	w.fetchRegistry(n, fresh)
@@ -325,26 +370,41 @@ func (w *world) registryGet(bytes float64, cb func()) {
 	})
 }
 
-// start runs a node: its daemon mounts the image (the manifest from the
-// registry; with the swarm, the index from a peer when the lookup finds one,
-// then the join; without, the index from the registry), then the
-// application replays the trace.
+// start runs a node: its daemon mounts the image, then the application
+// replays the trace. Without the swarm the mount reads the manifest and the
+// index from the registry. With it (fetch.OpenImage with the swarm as its
+// manifest and index source, then JoinImage): a HEAD of the tag (no body),
+// the image's record provided early and one lookup (lookup), the manifest
+// and then the index from peers (blobFromPeers), then the have sessions
+// (joinSessions).
 func (w *world) start(n *simNode) {
 	w.e.at(n.start+w.cfg.StartOverhead, func() {
 		if w.cfg.Strategy == FullPull {
 			w.fullPull(n)
 			return
 		}
-		w.st.registryMetaBytes += float64(w.cfg.Workload.ManifestBytes)
-		w.registryGet(float64(w.cfg.Workload.ManifestBytes), func() {
-			if w.swarm {
-				w.join(n, func() { w.mounted(n) })
-				return
-			}
-			w.indexFromRegistry(func() { w.mounted(n) })
+		if !w.swarm {
+			w.st.registryMetaBytes += float64(w.cfg.Workload.ManifestBytes)
+			w.registryGet(float64(w.cfg.Workload.ManifestBytes), func() {
+				w.indexFromRegistry(func() { w.mounted(n) })
+			})
+			return
+		}
+		w.registryGet(0, func() { // HEAD: the digest, no body
+			w.lookup(n, func() {
+				w.blobFromPeers(n, blobManifest, func() {
+					w.blobFromPeers(n, blobIndex, func() {
+						w.joinSessions(n, func() { w.mounted(n) })
+					})
+				})
+			})
 		})
 	})
 }
+
+// designatedPeers is how many providers p2p.ImageBlob's designated fetcher
+// asks once before the registry.
+const designatedPeers = 3
 
 func (w *world) indexFromRegistry(cb func()) {
 	w.st.registryMetaBytes += float64(w.cfg.Workload.IndexBytes)
@@ -453,120 +513,254 @@ func (w *world) fullPull(n *simNode) {
 	get(0)
 }
 
-// join is the swarm's part of a mount: one lookup finds the image's
-// providers (p2p.ImageIndex's, which JoinImage's discovery reuses); the
-// index comes from one of them (a random one of the sample, as ImageIndex
-// tries them), or from the registry when there is none; then JoinImage
-// provides the image's record and opens have sessions to up to
-// MaxImagePeers providers and waits for their bitmaps. Sessions are mutual;
-// a node takes at most twice MaxImagePeers.
-func (w *world) join(n *simNode, cb func()) {
+// Image blobs a mount reads before its first block.
+const (
+	blobManifest = iota
+	blobIndex
+	nBlobs
+)
+
+// lookup is p2p.ImageBlob's first steps: the node starts providing the
+// image's record (it lands after DHTHops round trips: provideEarly) and
+// looks the image up (one round trip more); the lookup finds the records
+// that have landed by then, up to DiscoveryPool of them, and the node
+// computes the image's origin group from them (p2p.OriginGroup).
+func (w *world) lookup(n *simNode, cb func()) {
 	hop := w.cfg.RTTCross
 	hops := time.Duration(w.cfg.DHTHops)
+	w.provide(n)
 	w.e.after((hops+1)*hop, func() {
 		w.st.dhtLookups++
-		found := w.sampleProviders(n, w.cfg.Swarm.MaxImagePeers)
-		sessions := func(found []int32) {
-			var wait time.Duration
-			for _, p := range found {
-				q := w.nodes[p]
-				rtt := 2 * w.oneWay(n, q)
-				wait = max(wait, 3*rtt) // connect (TCP, noise, yamux), then the hellos
-				w.e.after(3*rtt, func() { w.session(n, q) })
-			}
-			w.e.after(wait, cb)
-		}
-		joined := func() {
-			w.e.after(hops*hop, func() { w.providers = append(w.providers, n.i) })
-			if len(found) >= w.cfg.Swarm.MaxImagePeers {
-				sessions(found) // the index lookup's answer, reused
-				return
-			}
-			// A short answer is not reused: discovery looks again,
-			// after its own provide has started.
-			w.e.after((hops+1)*hop, func() {
-				w.st.dhtLookups++
-				sessions(w.sampleProviders(n, w.cfg.Swarm.MaxImagePeers))
-			})
-		}
-		w.indexFromPeers(n, found, 0, joined)
+		var consumed int
+		n.pool, consumed = w.pool(n)
+		n.group = w.originGroup(n, consumed)
+		cb()
 	})
 }
 
-// indexPeers is how many providers p2p.ImageIndex asks before the registry.
-const indexPeers = 3
-
-// indexFromPeers is p2p.ImageIndex: the index from the k-th of the sampled
-// providers, which serves it in an upload slot or answers BUSY (then the
-// next is asked); after indexPeers refusals, or with no provider, the
-// registry.
-func (w *world) indexFromPeers(n *simNode, found []int32, k int, cb func()) {
-	if k >= min(len(found), indexPeers) {
-		w.indexFromRegistry(cb)
+// provide puts n's image record out: lookups made once it has landed
+// find n.
+func (w *world) provide(n *simNode) {
+	if n.provided {
 		return
 	}
-	q := w.nodes[found[k]]
-	ow := w.oneWay(n, q)
-	// Connect (TCP, noise, yamux) and send the request.
-	w.e.after(5*ow, func() {
-		rel, ok := q.slots.TryAcquire()
-		if !ok {
-			w.st.busyAnswers++
-			w.e.after(ow, func() { w.indexFromPeers(n, found, k+1, cb) })
-			return
-		}
-		w.st.indexesFromPeers++
-		w.serve(q, n, float64(w.cfg.Workload.IndexBytes), nil, func() {
-			w.release(q, rel)
-			w.e.after(ow, cb)
-		})
-	})
+	n.provided = true
+	w.e.after(time.Duration(w.cfg.DHTHops)*w.cfg.RTTCross, func() { w.providers = append(w.providers, n.i) })
 }
 
-// sampleProviders is what discovery returns: kad-dht hands out a key's
-// providers in the order their records arrived (the provider set appends),
-// and FindProvidersAsync stops at the limit, so one lookup collects the
-// earliest DiscoveryPool providers; the daemon then keeps a random sample
-// of k of them (p2p.SampleProviders). n itself is left out. The what-if
-// DHTRandomProviders samples from all providers instead.
-func (w *world) sampleProviders(n *simNode, k int) []int32 {
-	pool := make([]int32, 0, w.cfg.Swarm.DiscoveryPool)
-	if w.cfg.DHTRandomProviders && len(w.providers) > k+1 {
-		picked := map[int32]bool{n.i: true}
-		var out []int32
-		for len(out) < k {
-			p := w.providers[n.rng.IntN(len(w.providers))]
-			if !picked[p] {
-				picked[p] = true
-				out = append(out, p)
-			}
-		}
-		return out
+// pool is what one lookup returns: the providers whose records have landed,
+// in the order they landed (kad-dht's answer order), up to DiscoveryPool,
+// n itself left out; and how many of the landed records it went through.
+// The what-if DHTRandomProviders has no pool limit.
+func (w *world) pool(n *simNode) (pool []int32, consumed int) {
+	limit := max(w.cfg.Swarm.DiscoveryPool, w.cfg.Swarm.MaxImagePeers)
+	if w.cfg.DHTRandomProviders {
+		limit = len(w.providers)
 	}
+	pool = make([]int32, 0, min(limit, len(w.providers)))
 	for _, p := range w.providers {
-		if len(pool) == max(w.cfg.Swarm.DiscoveryPool, k) {
+		if len(pool) == limit {
 			break
 		}
+		consumed++
 		if p != n.i {
 			pool = append(pool, p)
 		}
 	}
-	return p2p.SampleProviders(pool, k, n.rng)
+	return pool, consumed
+}
+
+// originGroup is p2p.OriginGroup over a pool that went through the first
+// consumed landed records, and n: the group of a set is the group of (the
+// group of a subset, plus the rest), so the group of each prefix of the
+// landed records is computed once and n is added to it.
+func (w *world) originGroup(n *simNode, consumed int) []peer.ID {
+	g, ok := w.groups[consumed]
+	if !ok {
+		ids := make([]peer.ID, consumed)
+		for i, p := range w.providers[:consumed] {
+			ids[i] = w.nodes[p].pid
+		}
+		g = p2p.OriginGroup(w.im.id, ids, "", p2p.OriginGroupSize)
+		w.groups[consumed] = g
+	}
+	return p2p.OriginGroup(w.im.id, g, n.pid, p2p.OriginGroupSize)
+}
+
+// originView is p2p's originView: OriginGroup over the lookup's group
+// and the node's session peers (recomputed when the sessions changed).
+func (w *world) originView(n *simNode) []peer.ID {
+	if n.view == nil || n.viewDirty {
+		ids := slices.Clone(n.group)
+		for _, p := range n.sessions {
+			ids = append(ids, w.nodes[p].pid)
+		}
+		n.view = p2p.OriginGroup(w.im.id, ids, n.pid, p2p.OriginGroupSize)
+		n.viewDirty = false
+	}
+	return n.view
+}
+
+// blobFromPeers is p2p.ImageBlob for the manifest or the index: the blob's
+// designated fetcher over the origin group (p2p.Designate) reads it from
+// the registry; every other node asks the designated fetcher first, then
+// MaxImagePeers providers sampled from its pool, one request at a time
+// (a first request to a peer also connects); a holder with a free upload
+// slot serves it, one without answers BUSY (and rests BusyBackoff), a
+// node without it answers NOT_FOUND. After a pass with no success the
+// node backs off (10 ms, doubling, at most 200 ms) and passes again, until
+// OriginWait has passed; then the registry.
+func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
+	size := float64(w.cfg.Workload.ManifestBytes)
+	if kind == blobIndex {
+		size = float64(w.cfg.Workload.IndexBytes)
+	}
+	fromRegistry := func() {
+		w.st.registryMetaBytes += size
+		w.registryGet(size, func() {
+			n.hasBlob[kind] = true
+			cb()
+		})
+	}
+	d := p2p.Designate(w.blobIDs[kind], n.group, n.pid)
+	designated := d == n.pid || d == ""
+	if designated && len(n.pool) == 0 {
+		fromRegistry()
+		return
+	}
+	var cands []int32
+	wait := w.cfg.Swarm.OriginWait
+	if designated {
+		// One quick pass over a few providers, then the registry.
+		cands = p2p.SampleProviders(n.pool, designatedPeers, n.rng)
+		wait = 0
+	} else {
+		first := w.byID[d]
+		rest := make([]int32, 0, len(n.pool))
+		for _, p := range n.pool {
+			if p != first {
+				rest = append(rest, p)
+			}
+		}
+		cands = append([]int32{first}, p2p.SampleProviders(rest, w.cfg.Swarm.MaxImagePeers, n.rng)...)
+	}
+	deadline := w.e.now + wait
+	pass := 1
+	backoff := 10 * time.Millisecond
+	var ask func(k int)
+	ask = func(k int) {
+		if k == len(cands) {
+			pause := backoff
+			backoff = min(2*backoff, 200*time.Millisecond)
+			if w.e.now+pause >= deadline {
+				w.e.at(max(deadline, w.e.now), fromRegistry)
+				return
+			}
+			pass++
+			w.e.after(pause, func() { ask(0) })
+			return
+		}
+		if wait > 0 && w.e.now >= deadline {
+			fromRegistry()
+			return
+		}
+		i := k
+		if pass > 1 && !designated {
+			i = (k + 1) % len(cands) // the designated fetcher last
+		}
+		q := w.nodes[cands[i]]
+		if !n.scores.Usable(q.pid, w.e.wall()) {
+			ask(k + 1)
+			return
+		}
+		ow := w.oneWay(n, q)
+		there := ow
+		if !n.conn[q.i] {
+			there += 6 * ow // TCP, noise, yamux: three round trips
+			n.conn[q.i], q.conn[n.i] = true, true
+		}
+		w.st.blobRequests++
+		w.e.after(there, func() {
+			if !q.hasBlob[kind] {
+				w.e.after(ow, func() { ask(k + 1) })
+				return
+			}
+			rel, ok := q.slots.TryAcquire()
+			if ok && p2p.OverShare(int64(q.uploaded), int64(q.held), w.cfg.Swarm.UploadShare) {
+				rel()
+				ok = false
+			}
+			if !ok {
+				w.st.busyAnswers++
+				w.e.after(ow, func() {
+					n.scores.Busy(q.pid, w.e.wall().Add(w.cfg.Swarm.BusyBackoff))
+					ask(k + 1)
+				})
+				return
+			}
+			w.serve(q, n, size, nil, func() {
+				q.uploaded += size
+				w.st.blobDelivered += size
+				rel()
+				w.e.after(ow, func() {
+					w.st.blobsFromPeers[kind]++
+					n.hasBlob[kind] = true
+					cb()
+				})
+			})
+		})
+	}
+	ask(0)
+}
+
+// joinSessions is JoinImage after the blobs: the node has the image (it
+// accepts have sessions from now on) and opens sessions to MaxImagePeers
+// providers sampled from the lookup's pool — reused if it found that many,
+// else looked up again — and waits for their bitmaps.
+func (w *world) joinSessions(n *simNode, cb func()) {
+	n.joined = true
+	sessions := func(pool []int32) {
+		var wait time.Duration
+		for _, p := range p2p.SampleProviders(pool, w.cfg.Swarm.MaxImagePeers, n.rng) {
+			q := w.nodes[p]
+			ow := w.oneWay(n, q)
+			rtt := 2 * ow
+			cost := rtt // the hellos
+			if !n.conn[q.i] {
+				cost += 3 * rtt
+				n.conn[q.i], q.conn[n.i] = true, true
+			}
+			wait = max(wait, cost)
+			w.e.after(cost, func() { w.session(n, q) })
+		}
+		w.e.after(wait, cb)
+	}
+	if len(n.pool) >= w.cfg.Swarm.MaxImagePeers {
+		sessions(n.pool) // the blob lookup's answer, reused
+		return
+	}
+	w.e.after(time.Duration(w.cfg.DHTHops+1)*w.cfg.RTTCross, func() {
+		w.st.dhtLookups++
+		n.pool, _ = w.pool(n)
+		sessions(n.pool)
+	})
 }
 
 // session opens a have session from n to q: q takes it if it has room,
 // and answers with its own.
 func (w *world) session(n, q *simNode) {
 	maxRemotes := 2 * w.cfg.Swarm.MaxImagePeers
-	if q.sessionSet[n.i] || len(q.sessions) >= maxRemotes {
-		return
+	if !q.joined || q.sessionSet[n.i] || len(q.sessions) >= maxRemotes {
+		return // not joined yet: it resets the hello (it opens its own when it joins)
 	}
 	q.sessionSet[n.i] = true
 	q.sessions = append(q.sessions, n.i)
+	q.viewDirty = true
 	q.scores.SetLabels(n.pid, n.labels.Zone, n.labels.Rack)
 	if !n.sessionSet[q.i] && len(n.sessions) < maxRemotes {
 		n.sessionSet[q.i] = true
 		n.sessions = append(n.sessions, q.i)
+		n.viewDirty = true
 		n.scores.SetLabels(q.pid, q.labels.Zone, q.labels.Rack)
 	}
 }
@@ -581,7 +775,10 @@ func (w *world) seedAll() {
 		for b := range n.have {
 			n.have[b] = true
 			n.visible[b] = -time.Hour
+			n.held += float64(w.im.blocks[b].ULen)
 		}
+		n.hasBlob = [nBlobs]bool{true, true}
+		n.joined, n.provided = true, true
 		w.providers = append(w.providers, n.i)
 		for _, q := range w.nodes {
 			if q.seed && q != n {

@@ -56,17 +56,27 @@ type Result struct {
 	// BusiestNodePerMean leaves the seeds out of both.
 	BusiestNodePerMean float64 `json:"busiest_node_upload_per_mean,omitempty"`
 
-	PeerRequests      int64   `json:"peer_requests"`
-	BusyAnswers       int64   `json:"busy_answers"`
-	OriginAsks        int64   `json:"origin_asks"`
-	OriginBusy        int64   `json:"origin_busy"`
-	OriginTimeouts    int64   `json:"origin_timeouts"`
-	OriginBlocks      int64   `json:"origin_blocks_served"`
-	IndexesFromPeers  int     `json:"indexes_from_peers"`
-	HedgesDue         int64   `json:"hedges_due"`
-	DuplicateBytes    int64   `json:"duplicate_bytes"`
-	DHTLookupsPerNode float64 `json:"dht_lookups_per_node_start"`
-	SessionsMean      float64 `json:"have_sessions_mean,omitempty"`
+	PeerRequests       int64 `json:"peer_requests"`
+	BusyAnswers        int64 `json:"busy_answers"`
+	OriginAsks         int64 `json:"origin_asks"`
+	OriginBusy         int64 `json:"origin_busy"`
+	OriginTimeouts     int64 `json:"origin_timeouts"`
+	OriginBlocks       int64 `json:"origin_blocks_served"`
+	ManifestsFromPeers int   `json:"manifests_from_peers"`
+	IndexesFromPeers   int   `json:"indexes_from_peers"`
+	BlobRequests       int64 `json:"blob_requests"`
+	ComingAnswers      int64 `json:"coming_answers"`
+	AwaitRounds        int64 `json:"await_rounds"`
+	// Blocks a node read from the registry as their designated fetcher
+	// (for itself), and blocks the swarm did not deliver (of which
+	// AwaitTimeouts were still awaited at OriginWait).
+	DesignatedOwnBlocks int64   `json:"designated_own_blocks"`
+	FellThroughBlocks   int64   `json:"fell_through_blocks"`
+	AwaitTimeouts       int64   `json:"await_timeouts"`
+	HedgesDue           int64   `json:"hedges_due"`
+	DuplicateBytes      int64   `json:"duplicate_bytes"`
+	DHTLookupsPerNode   float64 `json:"dht_lookups_per_node_start"`
+	SessionsMean        float64 `json:"have_sessions_mean,omitempty"`
 
 	SimulatedS float64 `json:"simulated_s"`
 	Events     int64   `json:"events"`
@@ -105,22 +115,29 @@ func (w *world) result() *Result {
 	wl := cfg.Workload
 	r := &Result{
 		Strategy: cfg.Strategy, Nodes: cfg.Nodes, Seeds: cfg.Seeds, Zones: cfg.Zones, Seed: cfg.Seed,
-		UniqueBytes:        wl.ManifestBytes + wl.IndexBytes + w.im.traceStored,
-		RegistryMetaBytes:  int64(w.st.registryMetaBytes),
-		RegistryBlockBytes: int64(w.st.registryBlockBytes),
-		RegistryLayerBytes: int64(w.st.registryLayerBytes),
-		RegistryRequests:   w.st.registryRequests,
-		PeerRequests:       w.st.peerRequests,
-		BusyAnswers:        w.st.busyAnswers,
-		OriginAsks:         w.st.originAsks,
-		OriginBusy:         w.st.originBusy,
-		OriginTimeouts:     w.st.originTimeouts,
-		OriginBlocks:       w.st.originBlocks,
-		IndexesFromPeers:   w.st.indexesFromPeers,
-		HedgesDue:          w.st.hedgesDue,
-		DuplicateBytes:     int64(w.st.duplicateBytes),
-		SimulatedS:         w.e.now.Seconds(),
-		Events:             w.e.events,
+		UniqueBytes:         wl.ManifestBytes + wl.IndexBytes + w.im.traceStored,
+		RegistryMetaBytes:   int64(w.st.registryMetaBytes),
+		RegistryBlockBytes:  int64(w.st.registryBlockBytes),
+		RegistryLayerBytes:  int64(w.st.registryLayerBytes),
+		RegistryRequests:    w.st.registryRequests,
+		PeerRequests:        w.st.peerRequests,
+		BusyAnswers:         w.st.busyAnswers,
+		OriginAsks:          w.st.originAsks,
+		OriginBusy:          w.st.originBusy,
+		OriginTimeouts:      w.st.originTimeouts,
+		OriginBlocks:        w.st.originBlocks,
+		ManifestsFromPeers:  w.st.blobsFromPeers[blobManifest],
+		IndexesFromPeers:    w.st.blobsFromPeers[blobIndex],
+		BlobRequests:        w.st.blobRequests,
+		ComingAnswers:       w.st.comingAnswers,
+		AwaitRounds:         w.st.awaitRounds,
+		DesignatedOwnBlocks: w.st.designatedOwn,
+		FellThroughBlocks:   w.st.fellThrough,
+		AwaitTimeouts:       w.st.awaitTimeouts,
+		HedgesDue:           w.st.hedgesDue,
+		DuplicateBytes:      int64(w.st.duplicateBytes),
+		SimulatedS:          w.e.now.Seconds(),
+		Events:              w.e.events,
 	}
 	r.RegistryEgressBytes = r.RegistryMetaBytes + r.RegistryBlockBytes + r.RegistryLayerBytes
 	r.EgressPerUnique = float64(r.RegistryEgressBytes) / float64(r.UniqueBytes)

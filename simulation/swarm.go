@@ -12,8 +12,10 @@ import (
 // pcall is one PeerSource.FetchMany: rounds of planning (ChoosePeers,
 // Assign) over the holders the node sees, batched requests to up to
 // p2p.ParallelPeers peers at once, and, in parallel, origin coalescing for
-// the blocks nobody holds (PlanOrigin). What is still missing when both
-// are done goes to the registry (then).
+// the blocks nobody holds (PlanOrigin over the origin group); then, until
+// OriginWait after the call began, waiting for the blocks the swarm is
+// about to have (await). What is still missing goes to the registry
+// (then).
 type pcall struct {
 	w        *world
 	n        *simNode
@@ -31,6 +33,14 @@ type pcall struct {
 	originDone bool
 	then       func(missing []uint32)
 	thenCalled bool
+	// The await phase: blocks left to the registry source (designated to
+	// this node), blocks a designated fetcher answered COMING for, the
+	// deadline, whether a round of it runs, and its wake-up generation.
+	own      map[uint32]bool
+	coming   map[uint32]bool
+	deadline time.Duration
+	awaiting bool
+	wakeGen  int
 }
 
 type peerWork struct {
@@ -40,7 +50,8 @@ type peerWork struct {
 
 // fetchPeers runs one FetchMany over blocks.
 func (w *world) fetchPeers(n *simNode, blocks []uint32, then func(missing []uint32)) {
-	c := &pcall{w: w, n: n, all: blocks, want: blocks, excluded: map[int32]bool{}, then: then, originDone: true}
+	c := &pcall{w: w, n: n, all: blocks, want: blocks, excluded: map[int32]bool{}, then: then, originDone: true,
+		own: map[uint32]bool{}, coming: map[uint32]bool{}, deadline: w.e.now + w.cfg.Swarm.OriginWait}
 	c.plan()
 }
 
@@ -72,12 +83,14 @@ func (c *pcall) plan() {
 	}
 	first, second := p2p.Assign(p2p.ChoosePeers(views, n.labels, n.rng), holders)
 	c.planned = map[uint32]bool{}
-	var none []uint32
+	var none []uint32         // no holder at all (p2p's unheld)
 	byPeer := map[int32]int{} // index into c.queue
 	c.queue = c.queue[:0]
 	for i, b := range c.want {
 		if first[i] == "" {
-			none = append(none, b)
+			if len(holders[i]) == 0 {
+				none = append(none, b)
+			}
 			continue
 		}
 		p := w.byID[first[i]]
@@ -91,13 +104,20 @@ func (c *pcall) plan() {
 		c.planned[b] = true
 		_ = second[i] // hedging's second choice: see request
 	}
-	if c.round == 0 && len(none) > 0 {
+	if c.round == 0 && len(none) > 0 && !c.awaiting {
 		c.origin(none)
 	}
 	if len(c.queue) == 0 {
+		if c.awaiting {
+			c.sleep()
+			return
+		}
 		c.roundsDone = true
 		c.finish()
 		return
+	}
+	if c.awaiting {
+		w.st.awaitRounds++
 	}
 	for c.active < p2p.ParallelPeers && len(c.queue) > 0 {
 		c.startPeer()
@@ -119,7 +139,7 @@ func (c *pcall) startPeer() {
 		}
 		c.w.request(c.n, c.w.nodes[pw.p], c.w.positions(batches[k], c.w.im.pos), func(ok bool) {
 			if !ok {
-				c.excluded[pw.p] = true
+				// BUSY: it rests (BusyBackoff), not excluded from the call.
 				c.peerDone()
 				return
 			}
@@ -136,6 +156,10 @@ func (c *pcall) peerDone() {
 		return
 	}
 	if c.active > 0 {
+		return
+	}
+	if c.awaiting {
+		c.await()
 		return
 	}
 	// The round is over: blocks with no usable holder drop out; the rest
@@ -156,10 +180,15 @@ func (c *pcall) peerDone() {
 	c.finish()
 }
 
-// finish hands what is still missing to the registry once the rounds and
-// the origin requests are done.
+// finish hands what is still missing to the registry once the rounds, the
+// origin requests and the await phase are done.
 func (c *pcall) finish() {
 	if !c.roundsDone || !c.originDone || c.thenCalled {
+		return
+	}
+	if !c.awaiting {
+		c.awaiting = true
+		c.await()
 		return
 	}
 	c.thenCalled = true
@@ -172,22 +201,84 @@ func (c *pcall) finish() {
 	c.then(missing)
 }
 
+// await is PeerSource.await: until the deadline, the blocks still
+// missing that a designated fetcher answered COMING for, or that a session
+// peer holds, are planned again whenever a session's bitmap gains a block
+// or every awaitPoll, and asked of the holders not excluded in this call.
+// Blocks designated to this node are left to the registry.
+func (c *pcall) await() {
+	w, n := c.w, c.n
+	var want []uint32
+	for _, b := range c.all {
+		if n.have[b] || c.own[b] {
+			continue
+		}
+		if c.coming[b] || w.heldBySession(n, b, c.excluded) {
+			want = append(want, b)
+		}
+	}
+	if len(want) == 0 || w.e.now >= c.deadline {
+		if len(want) > 0 {
+			w.st.awaitTimeouts += int64(len(want))
+		}
+		c.finish()
+		return
+	}
+	c.want = want
+	c.plan()
+}
+
+// awaitPoll is p2p's awaitPoll.
+const awaitPoll = 50 * time.Millisecond
+
+// sleep waits for news: a session's bitmap gaining a block, or awaitPoll,
+// or the deadline; then await again.
+func (c *pcall) sleep() {
+	w, n := c.w, c.n
+	c.wakeGen++
+	gen := c.wakeGen
+	wake := func() {
+		if c.wakeGen != gen || c.thenCalled {
+			return
+		}
+		c.wakeGen++
+		c.await()
+	}
+	n.awaiters = append(n.awaiters, wake)
+	w.e.after(min(awaitPoll, c.deadline-w.e.now), wake)
+}
+
+// heldBySession reports whether a session peer of n not excluded from the
+// call shows b in the bitmap n has of it (p2p's holders).
+func (w *world) heldBySession(n *simNode, b uint32, excluded map[int32]bool) bool {
+	for _, p := range n.sessions {
+		q := w.nodes[p]
+		if !excluded[p] && q.have[b] && q.visible[b]+w.oneWay(n, q) <= w.e.now {
+			return true
+		}
+	}
+	return false
+}
+
 // origin is PeerSource.origin: the blocks nobody holds go to their
-// designated fetcher (PlanOrigin over the node's image peers): its own are
+// designated fetcher (PlanOrigin over the origin group): its own are
 // fetched from the registry at once; the others are asked of their
 // designated peer with the ORIGIN flag, for at most OriginWait.
 func (c *pcall) origin(none []uint32) {
 	w, n := c.w, c.n
-	providers := make([]peer.ID, len(n.sessions))
-	for i, p := range n.sessions {
-		providers[i] = w.nodes[p].pid
-	}
-	ask, own := p2p.PlanOrigin(w.blocksOf(none), providers, n.pid)
+	ask, own := p2p.PlanOrigin(w.blocksOf(none), w.originView(n), n.pid)
 	if w.cfg.Swarm.OriginWait <= 0 {
+		for _, b := range none {
+			c.own[b] = true
+		}
 		w.fetchRegistry(n, none)
 		return
 	}
 	if len(own) > 0 {
+		w.st.designatedOwn += int64(len(own))
+		for _, b := range w.positions(own, w.im.pos) {
+			c.own[b] = true
+		}
 		w.fetchRegistry(n, w.positions(own, w.im.pos))
 	}
 	if len(ask) == 0 {
@@ -202,7 +293,7 @@ func (c *pcall) origin(none []uint32) {
 	slices.Sort(ids)
 	now := w.e.wall()
 	for _, id := range ids {
-		if !n.scores.Usable(id, now) {
+		if !n.scores.Designatable(id, now) {
 			continue
 		}
 		q := w.nodes[w.byID[id]]
@@ -220,7 +311,13 @@ func (c *pcall) origin(none []uint32) {
 				return
 			}
 			w.st.originAsks++
-			w.originRequest(n, q, w.positions(batches[k], w.im.pos), deadline, func(more bool) {
+			bs := w.positions(batches[k], w.im.pos)
+			w.originRequest(n, q, bs, deadline, func(more, coming bool) {
+				if coming {
+					for _, b := range bs {
+						c.coming[b] = true
+					}
+				}
 				if !more {
 					next(len(batches))
 					return
@@ -251,6 +348,10 @@ func (w *world) request(n, q *simNode, blocks []uint32, cb func(ok bool)) {
 	}
 	w.e.after(ow, func() {
 		rel, ok := q.slots.TryAcquire()
+		if ok && p2p.OverShare(int64(q.uploaded), int64(q.held), w.cfg.Swarm.UploadShare) {
+			rel() // over its share of uploads: BUSY
+			ok = false
+		}
 		if !ok {
 			w.st.busyAnswers++
 			w.e.after(ow, func() {
@@ -301,20 +402,8 @@ func (w *world) serve(q, n *simNode, size float64, f **flow, done func()) {
 	w.work(q, time.Duration(float64(w.cfg.ServeCPU)*size/float64(w.cfg.BlockCPUBytes)), both)
 }
 
-// release frees one of q's upload slots and hands it to an ORIGIN request
-// waiting for one.
-func (w *world) release(q *simNode, rel func()) {
-	rel()
-	for len(q.slotQueue) > 0 {
-		r, ok := q.slots.TryAcquire()
-		if !ok {
-			return
-		}
-		f := q.slotQueue[0]
-		q.slotQueue = q.slotQueue[1:]
-		f(r)
-	}
-}
+// release frees one of q's upload slots.
+func (w *world) release(_ *simNode, rel func()) { rel() }
 
 // originReq is an ORIGIN request in flight.
 type originReq struct {
@@ -330,19 +419,20 @@ type originReq struct {
 // ORIGIN flag, originFor, startOrigin): q joins the origin fetches it runs
 // already, starts one for the rest if one of its MaxOriginFetches is free
 // (else serves what it can join, NOT_FOUND for the rest, or BUSY if it can
-// join nothing), waits for the blocks, then queues for an upload slot. n
-// gives up at deadline; what it did not get goes to the registry.
-func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Duration, cb func(more bool)) {
+// join nothing), waits for the blocks, then sends them if one of its
+// upload slots is free, else answers COMING (they spread from it through
+// the swarm; n awaits them). n gives up at deadline.
+func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Duration, cb func(more, coming bool)) {
 	r := &originReq{}
 	n.scores.Begin(q.pid)
 	ow := w.oneWay(n, q)
-	end := func(more bool) {
+	end := func(more, coming bool) {
 		if r.done {
 			return
 		}
 		r.done = true
 		n.scores.End(q.pid)
-		cb(more)
+		cb(more, coming)
 	}
 	w.e.at(deadline, func() {
 		if r.done {
@@ -359,7 +449,7 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 		if r.firstByte == 0 || r.firstByte > w.e.now {
 			n.scores.Failure(q.pid, w.cfg.Swarm.FirstByteTimeout, w.e.wall())
 		}
-		end(false)
+		end(false, false)
 	})
 	w.e.after(ow, func() {
 		if r.cancelled {
@@ -386,7 +476,7 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 				w.st.originBusy++
 				w.e.after(ow, func() {
 					n.scores.Busy(q.pid, w.e.wall().Add(w.cfg.Swarm.BusyBackoff))
-					end(false)
+					end(false, false)
 				})
 				return
 			}
@@ -429,16 +519,32 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 							for _, b := range served {
 								w.acquire(n, b, true)
 							}
-							end(true)
+							end(true, false)
 						})
 					})
 				})
 			}
-			if rel, ok := q.slots.TryAcquire(); ok {
-				serve(rel)
-				return
+			spread := true
+			for _, b := range blocks {
+				if !p2p.OriginSpread(q.originCopies[b], w.cfg.Swarm.MaxUploadStreams) {
+					spread = false
+				}
 			}
-			q.slotQueue = append(q.slotQueue, serve)
+			if !spread {
+				if rel, ok := q.slots.TryAcquire(); ok {
+					for _, b := range blocks {
+						q.originCopies[b]++
+					}
+					serve(rel)
+					return
+				}
+			}
+			w.st.comingAnswers++
+			w.e.after(ow, func() {
+				if !r.cancelled {
+					end(true, true)
+				}
+			})
 		})
 	})
 }

@@ -3,6 +3,8 @@ package simulation
 import (
 	"crypto/sha256"
 	"encoding/binary"
+	"encoding/hex"
+	"strings"
 	"time"
 
 	"github.com/shoal-project/shoal/flat"
@@ -47,6 +49,9 @@ func groupReads(tr *trace.Trace) []read {
 // 32 bytes do) and the sizes of the trace where it has them, the average of
 // the untouched blocks elsewhere.
 type image struct {
+	// id is the flat manifest's digest as a block ID: the key origin
+	// groups are computed for (p2p.OriginGroup), and the manifest's ID.
+	id     flat.BlockID
 	blocks []flat.Block
 	pos    map[flat.BlockID]uint32
 	reads  []read
@@ -58,6 +63,11 @@ type image struct {
 func newImage(w *Workload) *image {
 	tr := w.Trace
 	im := &image{blocks: make([]flat.Block, tr.Blocks), pos: make(map[flat.BlockID]uint32, tr.Blocks), reads: groupReads(tr)}
+	if d, err := hex.DecodeString(strings.TrimPrefix(tr.Image, "sha256:")); err == nil && len(d) == len(im.id) {
+		im.id = flat.BlockID(d)
+	} else {
+		im.id = sha256.Sum256([]byte(tr.Image))
+	}
 	known := make([]bool, tr.Blocks)
 	for _, e := range tr.Events {
 		im.blocks[e.Block].ULen, im.blocks[e.Block].CLen = e.Size, e.Stored

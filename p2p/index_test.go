@@ -1,0 +1,326 @@
+package p2p
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"slices"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/shoal-project/shoal/blockstore"
+	"github.com/shoal-project/shoal/flat"
+)
+
+// blobStore is a node's block cache that can be made to lie: with corrupt
+// set it serves every block with one byte flipped.
+type blobStore struct {
+	*blockstore.Store
+	corrupt atomic.Bool
+}
+
+func (b *blobStore) Get(ctx context.Context, id flat.BlockID) ([]byte, error) {
+	d, err := b.Store.Get(ctx, id)
+	if err == nil && b.corrupt.Load() {
+		d[len(d)/2] ^= 0xff
+	}
+	return d, err
+}
+
+// blobSwarm is k nodes on loopback that all provide one image's record and
+// have found each other through the DHT, with nothing cached.
+type blobSwarm struct {
+	nodes    []*Node
+	stores   []*blobStore
+	ids      []peer.ID
+	manifest []byte // the image's manifest: its sha256 is the image digest
+	index    []byte // a stand-in index blob
+	digest   string
+	key      cid.Cid
+	image    flat.BlockID
+}
+
+// newBlobImage makes a manifest-like blob (about a kilobyte of JSON) and an
+// index-like one (120 KB) for name.
+func newBlobImage(name string) (manifest, index []byte) {
+	var b strings.Builder
+	fmt.Fprintf(&b, `{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","name":%q,"layers":[`, name)
+	for i := range 8 {
+		if i > 0 {
+			b.WriteByte(',')
+		}
+		fmt.Fprintf(&b, `{"digest":"sha256:%x","size":%d}`, testData(uint64(len(name)+i), 32), 1000+i)
+	}
+	b.WriteString("]}")
+	return []byte(b.String()), testData(uint64(len(name))<<8, 120<<10)
+}
+
+func startBlobSwarm(t *testing.T, name string, k int, tweak func(c *Config)) *blobSwarm {
+	t.Helper()
+	ctx := t.Context()
+	bs := &blobSwarm{}
+	bs.manifest, bs.index = newBlobImage(name)
+	bs.image = flat.Sum(bs.manifest)
+	bs.digest = "sha256:" + bs.image.Hex()
+	var err error
+	if bs.key, err = ImageKey(bs.digest); err != nil {
+		t.Fatal(err)
+	}
+	for i := range k {
+		st := &blobStore{Store: openStore(t, nil, nil)}
+		cfg := Config{Blocks: st}
+		if i > 0 {
+			cfg.BootstrapPeers = bs.nodes[0].Addrs()
+		}
+		if tweak != nil {
+			tweak(&cfg)
+		}
+		n := startNode(t, cfg)
+		bs.nodes, bs.stores, bs.ids = append(bs.nodes, n), append(bs.stores, st), append(bs.ids, n.ID())
+	}
+	for i, n := range bs.nodes {
+		eventually(t, 10*time.Second, fmt.Sprintf("node %d to provide the image", i), func() bool {
+			return n.Provide(ctx, bs.key) == nil
+		})
+	}
+	for i, n := range bs.nodes {
+		eventually(t, 10*time.Second, fmt.Sprintf("node %d to find the %d other providers", i, k-1), func() bool {
+			provs, err := n.FindProviders(ctx, bs.key, 100)
+			return err == nil && len(provs) == k-1
+		})
+	}
+	return bs
+}
+
+// designated is the node every member designates for a blob: with at most
+// OriginGroupSize nodes, the group is the whole swarm.
+func (bs *blobSwarm) designated(id flat.BlockID) int {
+	group := OriginGroup(bs.image, bs.ids, "", OriginGroupSize)
+	return slices.Index(bs.ids, Designate(id, group, ""))
+}
+
+func (bs *blobSwarm) put(t *testing.T, i int, blob []byte) {
+	t.Helper()
+	if err := bs.stores[i].Put(context.Background(), flat.Sum(blob), blob); err != nil {
+		t.Error(err)
+	}
+}
+
+// A node alone is its own designated fetcher: it hears so at once and
+// reads the registry without waiting out OriginWait.
+func TestImageBlobAlone(t *testing.T) {
+	t.Parallel()
+	manifest, index := newBlobImage("alone")
+	digest := "sha256:" + flat.Sum(manifest).Hex()
+	n := startNode(t, Config{Blocks: &blobStore{Store: openStore(t, nil, nil)}})
+	for _, call := range []struct {
+		what string
+		f    func() ([]byte, error)
+	}{
+		{"manifest", func() ([]byte, error) { return n.ImageManifest(t.Context(), digest, int64(len(manifest))) }},
+		{"index", func() ([]byte, error) {
+			return n.ImageIndex(t.Context(), digest, flat.Sum(index), int64(len(index)))
+		}},
+	} {
+		start := time.Now()
+		got, err := call.f()
+		took := time.Since(start)
+		if got != nil || !errors.Is(err, ErrNoIndex) || !strings.Contains(err.Error(), "designated fetcher") {
+			t.Errorf("%s: %d bytes, err %v; want ErrNoIndex, designated", call.what, len(got), err)
+		}
+		if took > 500*time.Millisecond {
+			t.Errorf("%s: the lone node waited %v for its answer", call.what, took)
+		}
+		t.Logf("%s: %v after %v", call.what, err, took)
+	}
+	if g := n.imageGroup(digest); len(g) != 1 || g[0] != n.ID() {
+		t.Errorf("lone node's origin group %v, want itself", g)
+	}
+	if st := n.Stats(); st.ManifestsFetched != 0 || st.IndexesFetched != 0 {
+		t.Errorf("stats %+v", st)
+	}
+}
+
+// Five nodes provide the image; one that is not the designated fetcher
+// holds the manifest and the index in its block cache. Every other node
+// gets both from the swarm, verified: the designated one from its quick
+// pass over the other providers (a swarm that has run a while holds the
+// blob), the others from their passes.
+func TestImageBlobFromHolder(t *testing.T) {
+	t.Parallel()
+	bs := startBlobSwarm(t, "from-holder", 5, nil)
+	d := bs.designated(bs.image)
+	holder := (d + 1) % len(bs.nodes)
+	bs.put(t, holder, bs.manifest)
+	bs.put(t, holder, bs.index)
+	indexID := flat.Sum(bs.index)
+
+	var wg sync.WaitGroup
+	for i, n := range bs.nodes {
+		if i == holder {
+			continue
+		}
+		wg.Go(func() {
+			start := time.Now()
+			m, merr := n.ImageManifest(t.Context(), bs.digest, int64(len(bs.manifest)))
+			mtook := time.Since(start)
+			x, xerr := n.ImageIndex(t.Context(), bs.digest, indexID, int64(len(bs.index)))
+			took := time.Since(start)
+			if i == d && mtook > 500*time.Millisecond {
+				t.Errorf("designated node %d: manifest after %v; want one quick pass", i, mtook)
+			}
+			// The designated fetcher of a blob asks 3 of the 4 others: it
+			// may miss the holder, and then reads the registry.
+			check := func(what string, got, want []byte, err error, designated bool) {
+				if designated && errors.Is(err, ErrNoIndex) {
+					return
+				}
+				if err != nil || !bytes.Equal(got, want) {
+					t.Errorf("node %d: %s %d bytes, err %v", i, what, len(got), err)
+				}
+			}
+			check("manifest", m, bs.manifest, merr, i == d)
+			check("index", x, bs.index, xerr, i == bs.designated(indexID))
+			st := n.Stats()
+			if (st.ManifestsFetched != 1 && i != d) || st.BadBlocks != 0 {
+				t.Errorf("node %d stats %+v", i, st)
+			}
+			t.Logf("node %d: manifest in %v, index in %v", i, mtook, took-mtook)
+		})
+	}
+	wg.Wait()
+	want := OriginGroup(bs.image, bs.ids, "", OriginGroupSize)
+	for i, n := range bs.nodes {
+		if i == holder {
+			continue
+		}
+		if g := n.imageGroup(bs.digest); !slices.Equal(g, want) {
+			t.Errorf("node %d: origin group %v, want %v", i, short(g), short(want))
+		}
+	}
+	if st := bs.nodes[holder].Stats(); st.BlocksServed == 0 {
+		t.Errorf("the holder served nothing: %+v", st)
+	}
+	// The early provide is done once per image while it is fresh.
+	asker := bs.nodes[(holder+1)%len(bs.nodes)]
+	eventually(t, 10*time.Second, "the early provide to succeed", func() bool { return asker.recentlyProvided(bs.key) })
+	before := asker.Stats().DHTProvides
+	if _, err := asker.ImageManifest(t.Context(), bs.digest, int64(len(bs.manifest))); err != nil && !errors.Is(err, ErrNoIndex) {
+		t.Error(err)
+	}
+	time.Sleep(100 * time.Millisecond)
+	if after := asker.Stats().DHTProvides; after != before {
+		t.Errorf("a second ImageManifest provided the record again (%d → %d provides)", before, after)
+	}
+}
+
+// Nobody holds the manifest when six nodes ask for it at once; the
+// designated node has it (from the registry, in the daemon) 300 ms later.
+// Every asker keeps polling, gets it before OriginWait, and keeps it for
+// the others, as node.Resolve does: nobody reads the registry but the
+// designated node.
+func TestImageBlobPolling(t *testing.T) {
+	t.Parallel()
+	const k, late, wait = 7, 300 * time.Millisecond, 2 * time.Second
+	bs := startBlobSwarm(t, "polling", k, func(c *Config) { c.OriginWait = wait })
+	d := bs.designated(bs.image)
+
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	took := make([]time.Duration, k)
+	for i, n := range bs.nodes {
+		wg.Go(func() {
+			<-start
+			t0 := time.Now()
+			m, err := n.ImageManifest(t.Context(), bs.digest, int64(len(bs.manifest)))
+			took[i] = time.Since(t0)
+			if i == d {
+				if !errors.Is(err, ErrNoIndex) {
+					t.Errorf("designated node %d: %v, want ErrNoIndex", i, err)
+				}
+				time.Sleep(late - took[i]) // the registry read
+				bs.put(t, i, bs.manifest)
+				return
+			}
+			if err != nil || !bytes.Equal(m, bs.manifest) {
+				t.Errorf("node %d: %d bytes after %v, err %v (a registry read)", i, len(m), took[i], err)
+				return
+			}
+			bs.put(t, i, m) // kept for the others
+		})
+	}
+	close(start)
+	wg.Wait()
+	var served int64
+	for i, n := range bs.nodes {
+		st := n.Stats()
+		served += st.BlocksServed
+		if i != d && (took[i] < late-50*time.Millisecond || took[i] > wait) {
+			t.Errorf("node %d had the manifest after %v: want after the designated node had it (%v), before OriginWait (%v)", i, took[i], late, wait)
+		}
+		t.Logf("node %d (designated %v): %v; served %d, not found %d, busy received %d", i, i == d, took[i], st.BlocksServed, st.NotFoundServed, st.BusyReceived)
+	}
+	if served != k-1 {
+		t.Errorf("%d copies served, want one per asker (%d)", served, k-1)
+	}
+}
+
+// The designated node lies: it serves the manifest with a byte flipped.
+// Every asker catches it, strikes it, and gets the manifest from an honest
+// holder.
+func TestImageBlobHostilePeer(t *testing.T) {
+	t.Parallel()
+	bs := startBlobSwarm(t, "hostile", 4, nil)
+	d := bs.designated(bs.image)
+	honest := (d + 1) % len(bs.nodes)
+	bs.stores[d].corrupt.Store(true)
+	bs.put(t, d, bs.manifest)
+	bs.put(t, honest, bs.manifest)
+	for i, n := range bs.nodes {
+		if i == d || i == honest {
+			continue
+		}
+		m, err := n.ImageManifest(t.Context(), bs.digest, int64(len(bs.manifest)))
+		if err != nil || !bytes.Equal(m, bs.manifest) {
+			t.Errorf("node %d: %d bytes, err %v", i, len(m), err)
+		}
+		st := n.Stats()
+		pi, _ := n.PeerInfo(bs.ids[d])
+		if st.BadBlocks != 1 || pi.Strikes != 1 {
+			t.Errorf("node %d: %d bad blocks, %d strikes against the liar; want 1 and 1", i, st.BadBlocks, pi.Strikes)
+		}
+	}
+}
+
+// Nobody ever holds the index: an asker gives up after OriginWait, and
+// the designated node at once.
+func TestImageBlobNobodyHolds(t *testing.T) {
+	t.Parallel()
+	const wait = 600 * time.Millisecond
+	bs := startBlobSwarm(t, "nobody", 3, func(c *Config) { c.OriginWait = wait })
+	id := flat.Sum(bs.index)
+	d := bs.designated(id)
+	for i, n := range bs.nodes {
+		start := time.Now()
+		x, err := n.ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
+		took := time.Since(start)
+		t.Logf("node %d (designated %v): %v after %v", i, i == d, err, took)
+		if x != nil || !errors.Is(err, ErrNoIndex) {
+			t.Errorf("node %d: %d bytes, err %v; want ErrNoIndex", i, len(x), err)
+		}
+		lo, hi := wait-50*time.Millisecond, wait+time.Second
+		if i == d {
+			lo, hi = 0, 300*time.Millisecond
+		}
+		if took < lo || took > hi {
+			t.Errorf("node %d (designated %v) gave up after %v, want between %v and %v", i, i == d, took, lo, hi)
+		}
+	}
+}
