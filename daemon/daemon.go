@@ -54,8 +54,12 @@ type P2PConfig struct {
 	Listen            []string `yaml:"listen"`               // multiaddrs; default /ip4/0.0.0.0/tcp/4701
 	Bootstrap         []string `yaml:"bootstrap"`            // multiaddrs ending in /p2p/<id>
 	PSKFile           string   `yaml:"psk_file"`             // private network key: only holders can join
-	UploadStreams     int      `yaml:"upload_streams"`       // concurrent block uploads (default 16)
+	UploadStreams     int      `yaml:"upload_streams"`       // concurrent block uploads (default 4)
 	UploadBytesPerSec int64    `yaml:"upload_bytes_per_sec"` // 0: unlimited
+	// UploadShare caps a node's uploads of an image at this many times
+	// what it holds of it (at least 16 MiB held is assumed); 0: the
+	// default, 3; negative: no cap.
+	UploadShare float64 `yaml:"upload_share"`
 }
 
 // LoadConfig reads a YAML config file strictly: unknown keys are errors.

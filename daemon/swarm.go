@@ -90,6 +90,7 @@ func (d *Daemon) newSwarm(ctx context.Context, blocks *lateStore) (*p2p.Node, er
 		Rack:              d.cfg.Labels["rack"],
 		Blocks:            blocks,
 		MaxUploadStreams:  c.UploadStreams,
+		UploadShare:       c.UploadShare,
 		UploadBytesPerSec: c.UploadBytesPerSec,
 		Logger:            d.base,
 	})
@@ -118,4 +119,9 @@ func (m *metrics) watchSwarm(n *p2p.Node) {
 	counter("shoal_origin_fetches_total", "Registry fetches run as the designated fetcher (for this node and its peers).", func(s p2p.Stats) float64 { return float64(s.OriginFetches) })
 	gauge("shoal_origin_waiting", "Requests from peers waiting for an origin fetch this node runs for them.", func(s p2p.Stats) float64 { return float64(s.OriginWaiting) })
 	counter("shoal_origin_served_total", "Blocks served to peers from fetches run as their designated fetcher.", func(s p2p.Stats) float64 { return float64(s.OriginServed) })
+	counter("shoal_coming_received_total", "ORIGIN requests answered COMING: the designated fetcher holds the blocks and they spread through the swarm.", func(s p2p.Stats) float64 { return float64(s.ComingReceived) })
+	counter("shoal_await_rounds_total", "Request rounds run while awaiting blocks the swarm was about to have.", func(s p2p.Stats) float64 { return float64(s.AwaitRounds) })
+	counter("shoal_share_busy_total", "Block requests answered BUSY because this node had uploaded its share of the image.", func(s p2p.Stats) float64 { return float64(s.ShareBusy) })
+	counter("shoal_manifests_from_peers_total", "Flat image manifests had from peers instead of the registry.", func(s p2p.Stats) float64 { return float64(s.ManifestsFetched) })
+	counter("shoal_indexes_from_peers_total", "Flat image indexes had from peers instead of the registry.", func(s p2p.Stats) float64 { return float64(s.IndexesFetched) })
 }

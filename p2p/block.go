@@ -48,6 +48,16 @@ func newUploader(streams int, bytesPerSec int64) *uploader {
 	return u
 }
 
+// acquireWait takes an upload slot, waiting for one until ctx ends.
+func (u *uploader) acquireWait(ctx context.Context) (release func(), err error) {
+	select {
+	case u.slots <- struct{}{}:
+		return func() { <-u.slots }, nil
+	case <-ctx.Done():
+		return nil, ctx.Err()
+	}
+}
+
 // acquire takes an upload slot without waiting.
 func (u *uploader) acquire() (release func(), ok bool) {
 	select {
@@ -128,23 +138,38 @@ func (n *Node) handleBlock(st network.Stream) {
 			}
 			return n.lookup(ctx, c)
 		}
-		// The bytes are here. With a slot free they go to the asker now;
-		// without, the asker is told they are here (COMING) and takes
-		// them from the peers this node and its other askers pass them
-		// to: in a swarm starting at once thousands of nodes ask the one
-		// designated fetcher, and queueing them all behind its slots
-		// would make it upload every copy.
-		if n.origin.spread(q.cids, n.cfg.MaxUploadStreams) {
+		avail := n.available(ctx, q.cids, fetched)
+		switch {
+		case len(avail) == 0:
+			// Nothing here (no origin, or its fetch failed): NOT_FOUND
+			// for each, which needs no slot, and the asker goes to the
+			// registry at once.
+			release = func() {}
+		case !n.origin.reserve(avail, n.cfg.MaxUploadStreams):
+			// Each block here was sent often enough: it is spreading
+			// through the swarm, and the asker takes it from there
+			// (COMING). In a swarm starting at once thousands of nodes
+			// ask the one designated fetcher; sending to all of them would
+			// make it upload every copy.
 			refuse(statusComing)
 			return
+		default:
+			// One of the first copies: it must go out, or the block would
+			// be nowhere but here (and this node may be over its share
+			// for plain requests), so it queues for a slot — for at most
+			// OriginWait, which the asker waits anyway.
+			wctx, cancelWait := context.WithTimeout(ctx, max(n.cfg.OriginWait, 0))
+			var err error
+			release, err = n.up.acquireWait(wctx)
+			cancelWait()
+			if err != nil {
+				n.origin.unreserve(avail)
+				refuse(statusComing)
+				return
+			}
 		}
-		if release, ok = n.up.acquire(); !ok {
-			refuse(statusComing)
-			return
-		}
-		n.origin.sent(q.cids)
 	} else {
-		if s != nil && s.overShare(n.cfg.UploadShare) {
+		if s != nil && s.inTable(q.cids) && s.overShare(n.cfg.UploadShare) && !s.rare(q.cids) {
 			n.st.shareBusy.Add(1)
 			refuse(statusBusy)
 			return
@@ -160,7 +185,8 @@ func (n *Node) handleBlock(st network.Stream) {
 	defer n.st.activeUploads.Add(-1)
 
 	var sentBytes int64
-	if s != nil {
+	if s != nil && s.inTable(q.cids) {
+		// The share counts the image's blocks, not its manifest or index.
 		defer func() { s.uploaded.Add(sentBytes) }()
 	}
 	counted := get
@@ -180,6 +206,35 @@ func (n *Node) handleBlock(st network.Stream) {
 		return
 	}
 	_ = st.Close()
+}
+
+// available returns those of cids the node can send now: fetched for the
+// request, or in its store.
+func (n *Node) available(ctx context.Context, cids [][]byte, fetched map[string][]byte) [][]byte {
+	h, _ := n.cfg.Blocks.(hasser)
+	var out [][]byte
+	for _, c := range cids {
+		if _, ok := fetched[string(c)]; ok {
+			out = append(out, c)
+			continue
+		}
+		cc, err := castCID(c)
+		if err != nil {
+			continue
+		}
+		id, err := flat.IDFromCID(cc)
+		if err != nil {
+			continue
+		}
+		if h != nil {
+			if has, err := h.Has(ctx, id); err == nil && has {
+				out = append(out, c)
+			}
+		} else if n.lookup(ctx, c) != nil {
+			out = append(out, c)
+		}
+	}
+	return out
 }
 
 // serve writes one frame per requested CID, with the bytes get returns (nil:

@@ -36,11 +36,12 @@
 // There are no per-block records. JoinImage costs one provide (in the
 // background) and one FindProviders; the node then connects to up to
 // MaxImagePeers providers, picked at random from the first DiscoveryPool
-// the lookup returns (kad-dht answers in record-arrival order, so taking
-// the first MaxImagePeers would send every node of a big swarm to the same
-// few peers, which turn most away at their session limit: the simulator
-// measured 4 sessions per node at 1,000 nodes that way, 60 with sampling),
-// and the peers tell each other, over
+// (16,384) the lookup returns (kad-dht answers in record-arrival order, so
+// taking the first MaxImagePeers would send every node of a big swarm to
+// the same few peers, which turn most away at their session limit: the
+// simulator measured 4 sessions per node at 1,000 nodes that way, 60 with
+// sampling; a pool of 2,048 left 20 per node at 10,000 nodes, 43 with a
+// pool that holds them all), and the peers tell each other, over
 // /shoal/have/1, which blocks of the image they hold: a bitmap over the
 // image's block table, by position. A start therefore costs O(images) DHT
 // operations, not O(blocks).
@@ -83,7 +84,9 @@
 // joined is answered with a stream reset. Announce (after a block is
 // verified and stored) and Withdraw (on eviction, from the blockstore's
 // OnEvict hook) change the node's own bitmap; the changed positions go out
-// every AnnounceInterval (250 ms) as one update, carrying each position's
+// every AnnounceInterval (10 ms; a block spreads through a swarm from
+// holder to holder, and each hop waits for the next flush) as one update,
+// sent only when something changed, carrying each position's
 // state at flush time. An idle session sends an empty update every 15 s; a
 // peer silent for 45 s is dropped. A session whose queue (64 updates)
 // overflows is closed, and the next one starts with a full hello. A
@@ -109,6 +112,8 @@
 //	status = 0 OK (len = the block's uncompressed size, at most flat.MaxBlockSize)
 //	         1 NOT_FOUND (len 0)
 //	         2 BUSY (empty CID, len 0; the only frame, sent instead of any answer)
+//	         3 COMING (as BUSY; to ORIGIN requests only: the designated fetcher
+//	           holds the blocks now but sends them no more, see Origin coalescing)
 //
 // Blocks travel uncompressed, as the blockstore keeps them. Every length is
 // checked against its limit before anything is allocated for it
@@ -119,12 +124,22 @@
 // FrameTimeout (5 s) plus a second per MiB for each later frame. A caller's
 // cancellation resets the stream at once.
 //
-// Upload limits: a request is served only if one of MaxUploadStreams slots
-// is free, otherwise it gets BUSY at once — the asker moves on rather than
-// queueing behind a loaded peer. Bytes are paced by one token bucket for the
-// whole node (UploadBytesPerSec), in 32 KiB steps. An ORIGIN request is the
-// exception: it waits for its blocks without a slot, then queues for one
-// (within its deadline) — the bytes are in memory and the asker is waiting.
+// Upload limits: a request is served only if one of MaxUploadStreams (4)
+// slots is free, otherwise it gets BUSY at once — the asker rests the peer
+// for BusyBackoff (30 ms) rather than queueing behind it, and asks it again
+// or another holder. Four blocks in flight fill a gigabit link; a holder
+// with four slots passes a new block on sooner than one with sixteen, so
+// blocks spread through a swarm faster. A node also keeps to its share of
+// an image's uploads (UploadShare, 3): once it has sent peers more than
+// three times what it holds of the image (at least ShareFloor, 16 MiB,
+// assumed held), it answers plain requests for the image BUSY (OverShare).
+// In a swarm that starts at once the few nodes a little ahead get every
+// block first and would otherwise serve most copies of every block (the
+// simulator measured the busiest at 11× the mean). Bytes are paced by one
+// token bucket for the whole node (UploadBytesPerSec), in 32 KiB steps. An
+// ORIGIN request waits for its blocks without a slot (waiting for a fetch
+// costs nothing, and many askers wait for the same one), then takes a slot
+// if one is free; see Origin coalescing for what it gets otherwise.
 //
 // # Policies
 //
@@ -142,12 +157,21 @@
 //   - HedgeDelay(latency EWMA, limit) is twice the EWMA, at least 50 ms, at
 //     most Config.HedgeDelay (300 ms), and the limit for a peer never
 //     measured.
-//   - Designated(block, providers, self) is rendezvous (highest random
+//   - OriginGroup(image, providers, self, 8) is the image's origin group:
+//     of the providers a lookup found and self, the eight with the lowest
+//     sha256(image ID ‖ peer ID). It does not depend on the order the DHT
+//     returned them in, nor on which node computes it: every node that
+//     found the same providers gets the same eight (TestOriginGroup).
+//   - Designated(block, candidates, self) is rendezvous (highest random
 //     weight) hashing: the highest sha256(block ID ‖ peer ID) among the
-//     image's peers and self wins. Nodes that see the same peers agree; a
-//     peer leaving moves only its own blocks; over 10,000 blocks and 20
-//     peers no peer gets more than 1.2× its share (TestDesignated).
-//     PlanOrigin splits a call's unheld blocks by it.
+//     candidates wins; a candidate leaving moves only its own blocks; over
+//     10,000 blocks and 20 peers no peer gets more than 1.2× its share
+//     (TestDesignated). Designate(block, group, self) applies it to the
+//     origin group (self a candidate only as a member), and PlanOrigin
+//     splits a call's unheld blocks by it.
+//   - OverShare(uploaded, held, share) and OriginSpread(copies, slots) are
+//     the upload share cap and the origin copies cap (see Upload limits
+//     and Origin coalescing).
 //   - Clock (Config.Clock) is what the hedge delay is waited on.
 //
 // # Fetching, hedging, verification and penalties
@@ -177,27 +201,48 @@
 // # Origin coalescing
 //
 // A block no peer holds would otherwise be fetched from the registry by
-// every node that reads it at once. Instead, in the same call and in
-// parallel with the requests to holders, each such block goes to its
-// designated fetcher among this node and the image's peers
-// (PlanOrigin over ImagePeers):
+// every node that reads it at once. Instead each such block has one
+// designated fetcher, and every node agrees which: Designate over the
+// image's origin group (originView: OriginGroup over the providers the
+// node's last lookup found and its have-session peers; the lowest scores
+// of a union are the lowest of one part's lowest plus the other part, so
+// a node that looked up before most records were out converges on the
+// group the others use). Designating over each node's own peers instead,
+// as an earlier version did, made nodes with different views pick
+// different fetchers: 59 registry copies of each block at 1,000 nodes in
+// the simulator. In the same call as the requests to holders:
 //
 //   - Designated to this node: its fetch starts at once through the image's
 //     origin (Config.Origin, or what ServeOrigin set) and PeerSource leaves
 //     it out; the chain's registry source, which is the same cache-backed
 //     registry chain, joins that fetch. A node alone is designated for
 //     everything, so a lone starter goes straight to the registry.
-//   - Designated to peer P: P is asked with the ORIGIN flag and at most
-//     OriginWait (3 s) is spent waiting. P serves what it holds and fetches
-//     the rest through its origin — bounded by OriginFetchTimeout (10 s),
-//     with one fetch per block however many ORIGIN requests (and local
-//     reads) want it, and at most MaxOriginFetches (8) fetches at once:
-//     a request that would start one more gets BUSY (one that can join a
-//     running fetch is served what that fetch brings, NOT_FOUND for the
-//     rest). P's origin stores what it fetches in its cache and announces
-//     it, so later readers find a holder. An asker whose P is gone, BUSY, or
-//     answers NOT_FOUND falls through to the registry at once; one whose P
-//     hangs, after OriginWait. A read never hangs on the swarm.
+//   - Designated to peer P: P is asked with the ORIGIN flag (even while it
+//     rests after a BUSY: a designated fetcher answers without a slot),
+//     waiting at most OriginWait (3 s). P fetches what it does not hold
+//     through its origin — bounded by OriginFetchTimeout (10 s), one fetch
+//     per block however many ORIGIN requests (and local reads) want it, at
+//     most MaxOriginFetches (8) at once (a request that would start one
+//     more gets BUSY; one that can join a running fetch is served what that
+//     fetch brings, NOT_FOUND for the rest). Then it sends the blocks if an
+//     upload slot is free and it has sent each of them fewer than
+//     MaxUploadStreams times in ORIGIN answers (OriginSpread); otherwise it
+//     answers COMING: the blocks are out, and the asker takes them from the
+//     swarm. P's origin stores what it fetches and announces it.
+//
+// Then PeerSource awaits (until OriginWait after the call began) the
+// blocks still missing that the swarm is about to have: those answered
+// COMING, and those held by a peer not excluded from the call (a BUSY
+// holder rests 30 ms and may be asked again). Each time a session's
+// bitmap gains a block (announces go out every AnnounceInterval, 10 ms),
+// or every 50 ms, it plans again and asks. So in a swarm of thousands
+// starting at once, the designated fetcher reads each block once, sends
+// four copies, and the block spreads from holder to holder; the simulator
+// measures one registry copy at 1,000 and 10,000 nodes. A block whose only
+// holders failed or answered NOT_FOUND, or whose designated fetcher is
+// gone or answered BUSY or NOT_FOUND, is not waited for: it falls through
+// to the registry at once. A read never waits on the swarm much longer
+// than OriginWait: a holder stuck BUSY costs that at most.
 //
 // The origin's contract (OriginFetcher): it shares its fetches and cache
 // with the registry source of the node's chains, and is not itself a chain
@@ -210,11 +255,30 @@
 // of its compressed bytes; TestOriginCoalescing: four nodes, each block
 // fetched from the registry exactly once, by its designated node.
 //
-// Views differ for a moment while peers join or leave; nodes that
-// disagree on a block's designated fetcher each fetch it (no worse than
-// without coalescing). Designated fetchers are per block, so a node's
-// registry requests for its share of a run of small compressed blocks may
-// read the gaps between them (up to the registry's merge gap).
+// Designated fetchers are per block, so a node's registry requests for its
+// share of a run of small compressed blocks may read the gaps between them
+// (up to the registry's merge gap). Provider records outlive a node that
+// left the image while staying up (until they expire, 48 h): such a member
+// of the origin group answers ORIGIN requests NOT_FOUND, and its share of
+// blocks comes from the registry per node until its record expires.
+//
+// # The manifest and the index from peers
+//
+// A mount needs the image's manifest (about 1 KB) and index blob (about
+// 120 KB for a Debian image) before its first block; read from the
+// registry by every node, they would cost a 10,000-node rollout a hundred
+// times the bytes one node reads. ImageBlob gets them from peers, which
+// keep both in their block caches (node.Resolve puts them there): the
+// node first provides the image's record (in the background, so that
+// nodes starting at the same moment find each other; JoinImage then does
+// not provide again), looks the image up once (the lookup JoinImage
+// reuses), and asks the blob's designated fetcher in the origin group,
+// then a random sample of the providers, one after the other, passing
+// again after a back-off (10 ms doubling to 200 ms) until OriginWait. The
+// designated fetcher itself asks three providers once, then reads the
+// registry (fetch.OpenImage falls back on any error). fetch.OpenImage
+// resolves a tag with a HEAD (no body) and takes the manifest from peers
+// by digest, checked against it.
 //
 // # Private networks
 //
@@ -227,6 +291,7 @@
 // Stats exposes counters (bytes up and down, blocks served and fetched,
 // BUSY sent and received, bad blocks, failed requests, peers, hedged
 // requests and their wins, ORIGIN requests sent and blocks they brought,
-// origin fetches run and blocks served from them) for the daemon's
-// metrics.
+// origin fetches run and blocks served from them, COMING answers received,
+// await rounds, share-cap BUSY answers, manifests and indexes from peers)
+// for the daemon's metrics.
 package p2p

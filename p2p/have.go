@@ -93,6 +93,59 @@ func (s *swarm) notifyLocked() {
 	s.changed = make(chan struct{})
 }
 
+// inTable reports whether every one of cids names a block of the image's
+// block table (not its manifest or index blob).
+func (s *swarm) inTable(cids [][]byte) bool {
+	for _, c := range cids {
+		cc, err := castCID(c)
+		if err != nil {
+			return false
+		}
+		id, err := flat.IDFromCID(cc)
+		if err != nil {
+			return false
+		}
+		if _, ok := s.pos[id]; !ok {
+			return false
+		}
+	}
+	return true
+}
+
+// rare reports whether one of cids (blocks of the image's table) is held
+// by fewer than RareHolders of the node's image peers: a block still that
+// rare is served even past the node's share of uploads, or a block whose
+// few holders are all over their share would stop spreading (the
+// simulator measured readers waiting out OriginWait for such blocks).
+func (s *swarm) rare(cids [][]byte) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	for _, c := range cids {
+		cc, err := castCID(c)
+		if err != nil {
+			continue
+		}
+		id, err := flat.IDFromCID(cc)
+		if err != nil {
+			continue
+		}
+		i, ok := s.pos[id]
+		if !ok {
+			continue
+		}
+		holders := 0
+		for _, r := range s.remotes {
+			if r.bits.has(i) {
+				holders++
+			}
+		}
+		if Rare(holders) {
+			return true
+		}
+	}
+	return false
+}
+
 // overShare reports whether the node has uploaded more than its share of
 // the image (OverShare).
 func (s *swarm) overShare(share float64) bool {
@@ -249,7 +302,7 @@ func (n *Node) LeaveImage(digest string) {
 
 // provideImage publishes the image's provider record.
 func (n *Node) provideImage(ctx context.Context, s *swarm) {
-	if n.recentlyProvided(s.key) {
+	if n.recentlyProvided(ctx, s.key) {
 		// Provided early, when the node fetched the image's manifest or
 		// index from peers (ImageBlob): one provide per start.
 		s.mu.Lock()

@@ -61,7 +61,8 @@ type foundProviders struct {
 // earlyProvide is the state of an image's early provide (ImageBlob).
 type earlyProvide struct {
 	running bool
-	ok      time.Time // when the last one succeeded; zero if none did
+	done    chan struct{} // closed when the running one ends
+	ok      time.Time     // when the last one succeeded; zero if none did
 }
 
 // fresh reports whether a new early provide would be redundant: one is
@@ -176,7 +177,7 @@ func (n *Node) startEarlyProvide(key cid.Cid) {
 			delete(n.early, kk)
 		}
 	}
-	n.early[k] = earlyProvide{running: true, ok: e.ok}
+	n.early[k] = earlyProvide{running: true, done: make(chan struct{}), ok: e.ok}
 	n.mu.Unlock()
 	if !n.spawn(func() { n.provideEarly(key) }) {
 		n.endEarlyProvide(k, false)
@@ -216,7 +217,10 @@ func (n *Node) endEarlyProvide(k string, ok bool) {
 	n.mu.Lock()
 	defer n.mu.Unlock()
 	e := n.early[k]
-	e.running = false
+	if e.running && e.done != nil {
+		close(e.done)
+	}
+	e.running, e.done = false, nil
 	if ok {
 		e.ok = time.Now()
 	}
@@ -228,11 +232,23 @@ func (n *Node) endEarlyProvide(k string, ok bool) {
 
 // recentlyProvided reports whether an early provide of key (ImageBlob)
 // succeeded within reprovideInterval: a provide of the same key now would
-// publish the same record again. It takes n.mu.
-func (n *Node) recentlyProvided(key cid.Cid) bool {
+// publish the same record again. One still running is waited for (until
+// ctx ends). It takes n.mu.
+func (n *Node) recentlyProvided(ctx context.Context, key cid.Cid) bool {
 	n.mu.Lock()
-	defer n.mu.Unlock()
-	return n.early[key.KeyString()].succeeded(time.Now())
+	e := n.early[key.KeyString()]
+	n.mu.Unlock()
+	if e.running && e.done != nil {
+		select {
+		case <-e.done:
+		case <-ctx.Done():
+			return false
+		}
+		n.mu.Lock()
+		e = n.early[key.KeyString()]
+		n.mu.Unlock()
+	}
+	return e.succeeded(time.Now())
 }
 
 // ImageManifest fetches the flat manifest whose digest is digest (size

@@ -210,7 +210,7 @@ func TestImageBlobFromHolder(t *testing.T) {
 	}
 	// The early provide is done once per image while it is fresh.
 	asker := bs.nodes[(holder+1)%len(bs.nodes)]
-	eventually(t, 10*time.Second, "the early provide to succeed", func() bool { return asker.recentlyProvided(bs.key) })
+	eventually(t, 10*time.Second, "the early provide to succeed", func() bool { return asker.recentlyProvided(t.Context(), bs.key) })
 	before := asker.Stats().DHTProvides
 	if _, err := asker.ImageManifest(t.Context(), bs.digest, int64(len(bs.manifest))); err != nil && !errors.Is(err, ErrNoIndex) {
 		t.Error(err)

@@ -92,24 +92,34 @@ type originGroup struct {
 // over (a block then gets a few more first copies, nothing worse).
 const maxCopiesTracked = 1 << 16
 
-// spread reports whether an ORIGIN request for cids should be answered
-// COMING without trying for an upload slot: whether each of its blocks has
-// been sent slots times already (OriginSpread).
-func (g *originGroup) spread(cids [][]byte, slots int) bool {
+// reserve counts one more copy of each of cids (blocks the node holds) to
+// be sent in an ORIGIN answer, unless each has been sent slots times
+// already (OriginSpread): then it reports false, and the request is
+// answered COMING.
+func (g *originGroup) reserve(cids [][]byte, slots int) bool {
 	g.mu.Lock()
 	defer g.mu.Unlock()
-	return !slices.ContainsFunc(cids, func(c []byte) bool { return !OriginSpread(g.copies[string(c)], slots) })
-}
-
-// sent counts one more copy of each of cids sent in an ORIGIN answer.
-func (g *originGroup) sent(cids [][]byte) {
-	g.mu.Lock()
-	defer g.mu.Unlock()
+	if !slices.ContainsFunc(cids, func(c []byte) bool { return !OriginSpread(g.copies[string(c)], slots) }) {
+		return false
+	}
 	if len(g.copies) > maxCopiesTracked {
 		clear(g.copies)
 	}
 	for _, c := range cids {
 		g.copies[string(c)]++
+	}
+	return true
+}
+
+// unreserve takes back what reserve counted, for a request that got no
+// upload slot in time.
+func (g *originGroup) unreserve(cids [][]byte) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	for _, c := range cids {
+		if g.copies[string(c)] > 0 {
+			g.copies[string(c)]--
+		}
 	}
 }
 

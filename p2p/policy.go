@@ -348,3 +348,14 @@ func OverShare(uploaded, held int64, share float64) bool {
 // reader whose ORIGIN request found a slot free, 5× the mean upload at
 // 1,000 nodes.
 func OriginSpread(served, slots int) bool { return served >= max(slots, 1) }
+
+// RareHolders is how many of a node's image peers must hold a block before
+// the node's share of uploads applies to it (Rare).
+const RareHolders = 3
+
+// Rare reports whether a block that holders of a node's image peers hold
+// is rare enough to be served past the node's share of uploads
+// (OverShare): fewer than RareHolders of them hold it. The share cap keeps
+// the nodes that are ahead from serving most copies of every block; it
+// must not stop a block that few nodes hold yet from spreading.
+func Rare(holders int) bool { return holders < RareHolders }

@@ -65,6 +65,9 @@ func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[f
 		excluded: map[peer.ID]bool{},
 		own:      map[flat.BlockID]bool{},
 		coming:   map[flat.BlockID]bool{},
+		asked:    map[flat.BlockID]bool{},
+		pending:  map[flat.BlockID]int{},
+		news:     make(chan struct{}),
 	}
 	deadline := ps.n.cfg.Clock.Now().Add(ps.n.cfg.OriginWait)
 	all := make([]flat.Block, 0, len(blocks))
@@ -76,12 +79,18 @@ func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[f
 		}
 	}
 	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
+	// ORIGIN requests run beside the rounds and the await; they end with
+	// the call (a designated fetcher may hold one in its queue for a slot
+	// while the block arrives from a holder).
+	octx, cancelOrigin := context.WithCancel(ctx)
+	defer cancelOrigin()
 	var origin sync.WaitGroup
 	want := all
 	for round := 0; round < maxRounds && len(want) > 0 && ctx.Err() == nil; round++ {
 		a := ps.plan(want, f, rng)
 		if round == 0 && len(a.unheld) > 0 {
-			origin.Go(func() { ps.origin(ctx, a.unheld, f) })
+			ask := ps.planOrigin(a.unheld, f)
+			origin.Go(func() { ps.origin(octx, ask, f) })
 		}
 		if len(a.byPeer) == 0 {
 			break
@@ -99,8 +108,12 @@ func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[f
 		f.mu.Unlock()
 		want = still
 	}
+	ps.await(ctx, all, f, rng, deadline, func(late []flat.Block) {
+		ask := ps.planOrigin(late, f)
+		origin.Go(func() { ps.origin(octx, ask, f) })
+	})
+	cancelOrigin()
 	origin.Wait()
-	ps.await(ctx, all, f, rng, deadline)
 
 	missing := 0
 	for _, b := range all {
@@ -129,6 +142,9 @@ type fetchState struct {
 	excluded                            map[peer.ID]bool                  // failed, or lost a hedge race without a byte, in this call
 	own                                 map[flat.BlockID]bool             // designated to this node: left to the registry source
 	coming                              map[flat.BlockID]bool             // a designated fetcher answered COMING
+	asked                               map[flat.BlockID]bool             // planned for origin coalescing in this call
+	pending                             map[flat.BlockID]int              // ORIGIN requests for the block not answered yet
+	news                                chan struct{}                     // closed (and replaced) when a block arrives or an ORIGIN request ends
 	errBusy, errBad, errFail, errOrigin error
 }
 
@@ -151,6 +167,10 @@ func (ps *PeerSource) round(ctx context.Context, a assignment, f *fetchState) {
 	wg.Wait()
 }
 
+// lateOrigin: await puts blocks it cannot ask anybody for to their
+// designated fetcher after OriginWait/lateOrigin.
+const lateOrigin = 3
+
 // awaitPoll is how often await plans again without news from the image's
 // sessions (a holder may show up in another joined image's bitmaps).
 const awaitPoll = 50 * time.Millisecond
@@ -170,17 +190,18 @@ const awaitPoll = 50 * time.Millisecond
 // once sent to the registry every reader that a block's first holders
 // turned away (the simulator measured 59 copies of each block at 1,000
 // nodes): holders double every round trip or two, so waiting is short.
-func (ps *PeerSource) await(ctx context.Context, all []flat.Block, f *fetchState, rng Rand, deadline time.Time) {
+func (ps *PeerSource) await(ctx context.Context, all []flat.Block, f *fetchState, rng Rand, deadline time.Time, toOrigin func([]flat.Block)) {
 	n := ps.n
 	s := n.swarm(ps.image)
 	for ctx.Err() == nil {
 		var want []flat.Block
 		f.mu.Lock()
+		news := f.news
 		for _, b := range all {
 			if _, got := f.out[b.ID]; got || f.own[b.ID] {
 				continue
 			}
-			if f.coming[b.ID] || slices.ContainsFunc(n.holders(b.ID), func(p peer.ID) bool { return !f.excluded[p] && !f.tried[b.ID][p] }) {
+			if f.coming[b.ID] || f.pending[b.ID] > 0 || slices.ContainsFunc(n.holders(b.ID), func(p peer.ID) bool { return !f.excluded[p] && !f.tried[b.ID][p] }) {
 				want = append(want, b)
 			}
 		}
@@ -200,8 +221,28 @@ func (ps *PeerSource) await(ctx context.Context, all []flat.Block, f *fetchState
 			ps.round(ctx, a, f)
 			continue
 		}
+		// Nobody may be asked now. Once a third of OriginWait has passed
+		// that way, blocks not yet put to their designated fetcher go to
+		// it: their holders may all be over their share of uploads, and
+		// the designated fetcher sends its first copies whatever its
+		// share. (Sooner, a holder that is merely busy would cost a
+		// registry copy: the designated fetcher may not hold the block.)
+		var late []flat.Block
+		f.mu.Lock()
+		if left <= n.cfg.OriginWait-n.cfg.OriginWait/lateOrigin {
+			for _, b := range want {
+				if !f.coming[b.ID] && !f.asked[b.ID] {
+					late = append(late, b)
+				}
+			}
+		}
+		f.mu.Unlock()
+		if len(late) > 0 {
+			toOrigin(late)
+		}
 		select {
 		case <-gained:
+		case <-news:
 		case <-n.cfg.Clock.After(min(left, awaitPoll)):
 		case <-ctx.Done():
 		}
@@ -214,7 +255,14 @@ func (f *fetchState) deliver(id flat.BlockID, data []byte) {
 	defer f.mu.Unlock()
 	if _, ok := f.out[id]; !ok {
 		f.out[id] = data
+		f.notifyLocked()
 	}
+}
+
+// notifyLocked wakes await; f.mu must be held.
+func (f *fetchState) notifyLocked() {
+	close(f.news)
+	f.news = make(chan struct{})
 }
 
 // assignment is one round's plan.
@@ -430,44 +478,34 @@ func (ps *PeerSource) record(ctx context.Context, r result, complete bool, f *fe
 	}
 }
 
-// origin deals with blocks nobody holds (origin coalescing). Each block's
-// designated fetcher is chosen by rendezvous hashing over the image's peers
-// and this node (PlanOrigin). The blocks this node is designated for are
-// left for the registry at once; their fetch is started here, through the
-// image's origin if the node has one (originFetch), so that it runs while the others are waited for and
-// peers asking for them join it, and the chain's registry source (which
-// shares it) picks it up. Blocks whose designated fetcher is avoided or
-// resting are left for the registry too. The others are asked of their
-// designated fetcher with the ORIGIN flag: it fetches what it does not hold
-// from its origin (once, however many ask) and serves it. The wait is
-// bounded by OriginWait; a fetcher that is gone, BUSY or answers NOT_FOUND
-// ends it at once, and the blocks fall through to the registry.
-func (ps *PeerSource) origin(ctx context.Context, blocks []flat.Block, f *fetchState) {
+// origin asks each designated fetcher (planOrigin) for its blocks with
+// the ORIGIN flag: it fetches what it does not hold from its origin (once,
+// however many ask) and sends the first copies, or answers COMING (then
+// await takes the blocks from the swarm). The wait is bounded by
+// OriginWait, and ends with the call (ctx): a designated fetcher may hold
+// a request in its queue for an upload slot while the block arrives from
+// a holder. A fetcher that is gone, BUSY or answers NOT_FOUND ends it at
+// once, and the blocks fall through to the registry.
+func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, f *fetchState) {
 	n := ps.n
-	ask, own := PlanOrigin(blocks, n.originView(ps.image), n.ID())
-	if n.cfg.OriginWait <= 0 {
-		own, ask = blocks, nil
-	}
-	f.mu.Lock()
-	for _, b := range own {
-		f.own[b.ID] = true
-	}
-	f.mu.Unlock()
-	if fetch := n.originFetch(ps.image); len(own) > 0 && fetch != nil {
-		n.startOrigin(ps.image, fetch, own, false) // not waited for: the registry source joins it
-	}
 	if len(ask) == 0 {
 		return
 	}
 	wctx, cancel := context.WithTimeout(ctx, n.cfg.OriginWait)
 	defer cancel()
-	now := n.cfg.Clock.Now()
 	var wg sync.WaitGroup
 	for p, bs := range ask {
-		if !n.peers.designatable(p, now) {
-			continue
-		}
 		wg.Go(func() {
+			done := 0
+			defer func() {
+				// Whatever this peer was not asked for is not pending.
+				f.mu.Lock()
+				for _, b := range bs[done:] {
+					f.pending[b.ID]--
+				}
+				f.notifyLocked()
+				f.mu.Unlock()
+			}()
 			for _, batch := range batches(bs) {
 				n.st.originAsked.Add(1)
 				o := n.request(wctx, p, ps.image, batch, reqOpts{flags: flagOrigin, firstByte: n.cfg.OriginWait})
@@ -475,13 +513,59 @@ func (ps *PeerSource) origin(ctx context.Context, blocks []flat.Block, f *fetchS
 					f.deliver(id, d)
 				}
 				n.st.originGot.Add(int64(len(o.got)))
-				if !ps.recordOrigin(ctx, p, batch, o, f) {
+				more := ps.recordOrigin(ctx, p, batch, o, f)
+				f.mu.Lock()
+				for _, b := range batch {
+					f.pending[b.ID]--
+				}
+				f.notifyLocked()
+				f.mu.Unlock()
+				done += len(batch)
+				if !more {
 					return
 				}
 			}
 		})
 	}
 	wg.Wait()
+}
+
+// planOrigin puts blocks nobody holds (or whose holders all turned this
+// call away) to origin coalescing: it splits them by designated fetcher
+// (PlanOrigin over originView), starts the fetch of those designated to
+// this node (left to the registry source, which joins it), and returns
+// the others by designated peer, each counted pending until its ORIGIN
+// request is answered. Blocks whose designated fetcher failed lately are
+// left out (for the registry). It runs before the requests are sent, so
+// that await sees the blocks pending from the start.
+func (ps *PeerSource) planOrigin(blocks []flat.Block, f *fetchState) map[peer.ID][]flat.Block {
+	n := ps.n
+	ask, own := PlanOrigin(blocks, n.originView(ps.image), n.ID())
+	if n.cfg.OriginWait <= 0 {
+		own, ask = blocks, nil
+	}
+	now := n.cfg.Clock.Now()
+	f.mu.Lock()
+	for _, b := range blocks {
+		f.asked[b.ID] = true
+	}
+	for _, b := range own {
+		f.own[b.ID] = true
+	}
+	for p, bs := range ask {
+		if !n.peers.designatable(p, now) {
+			delete(ask, p)
+			continue
+		}
+		for _, b := range bs {
+			f.pending[b.ID]++
+		}
+	}
+	f.mu.Unlock()
+	if fetch := n.originFetch(ps.image); len(own) > 0 && fetch != nil {
+		n.startOrigin(ps.image, fetch, own, false) // not waited for: the registry source joins it
+	}
+	return ask
 }
 
 // recordOrigin books an ORIGIN request's outcome. Its latency is not a

@@ -15,21 +15,27 @@
 //   - peer choice: p2p.ChoosePeers and p2p.Assign over the holders each
 //     node sees in its peers' have bitmaps, with the node's own
 //     p2p.PeerScores (latency EWMA, load, rests after BUSY or failures);
-//   - origin coalescing: p2p.PlanOrigin (rendezvous hashing over the
-//     node's image peers) for the blocks nobody holds;
+//   - origin coalescing: p2p.OriginGroup (the image's origin group, from
+//     the lookup's providers and the node's sessions), p2p.PlanOrigin and
+//     p2p.Designate for the blocks nobody holds and for the manifest and
+//     the index; p2p.OriginSpread (COMING after as many ORIGIN copies as
+//     upload slots);
 //   - request batching: p2p.Batches; rounds and parallelism: p2p.MaxRounds,
 //     p2p.ParallelPeers; hedging: p2p.HedgeDelay;
-//   - upload limits: p2p.UploadSlots (BUSY when no slot is free);
-//   - every default (upload slots, announce interval, origin wait, busy
-//     back-off, origin fetch slots, image peers): p2p.Defaults;
+//   - upload limits: p2p.UploadSlots (BUSY when no slot is free) and
+//     p2p.OverShare (BUSY past a node's share of the image's uploads);
+//   - discovery: p2p.SampleProviders;
+//   - every default (upload slots, upload share, announce interval, origin
+//     wait, busy back-off, origin fetch slots, image peers, discovery
+//     pool): p2p.Defaults;
 //   - prefetch order: seeder.Order.
 //
 // What glues them — the rounds of PeerSource.FetchMany, the ORIGIN
-// request's wait for its designated fetcher, the chain's fall-through to
-// the registry, JoinImage's one lookup and the have sessions — is replayed
-// as events, following p2p's code path by path (see swarm.go); it cannot
-// call that code because the daemon runs it on goroutines over libp2p
-// streams.
+// request's wait for its designated fetcher, the await for holders, the
+// chain's fall-through to the registry, ImageBlob's early provide, lookup
+// and passes, JoinImage's sessions — is replayed as events, following p2p's
+// code path by path (see swarm.go and node.go); it cannot call that code
+// because the daemon runs it on goroutines over libp2p streams.
 //
 // # Design choices
 //
@@ -44,10 +50,12 @@
 //     start or end. A peer transfer runs at the smaller of its equal shares
 //     of the sender's up link and the receiver's down link, recomputed for
 //     the transfers of those two links when one starts or ends.
-//   - Announcements are not events: a block a node acquires becomes
+//   - Announcements are mostly not events: a block a node acquires becomes
 //     visible to its session peers at the node's next announce tick plus
 //     the one-way delay, and a planner asks "who holds b now" by scanning
-//     the node's sessions. That keeps 10,000 nodes × 64 sessions × every
+//     the node's sessions. Only session peers that are awaiting a block at
+//     the tick get an event (a wake-up, as the daemon's have handler wakes
+//     PeerSource.await). That keeps 10,000 nodes × 43 sessions × every
 //     update out of the event queue.
 //   - CPU is modelled because it dominates small rigs: a node's CPU (its
 //     own cores, or one host's cores shared by every node in the

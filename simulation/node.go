@@ -79,17 +79,19 @@ type simNode struct {
 	regBusy []bool          // a registry fetch of the block is in flight
 	waiters map[uint32][]func()
 
-	held         float64        // uncompressed bytes of the blocks it holds
-	originCopies map[uint32]int // blocks sent in ORIGIN answers
-	viewDirty    bool           // sessions changed since view was computed
-	view         []peer.ID      // originView's last answer
-	provided     bool           // its image record is out (or on its way)
-	joined       bool           // it has the index and takes have sessions
-	hasBlob      [nBlobs]bool   // holds the manifest, the index
-	pool         []int32        // its lookup's providers
-	group        []peer.ID      // the image's origin group, as it sees it
-	conn         map[int32]bool // peers it is connected to
-	awaiters     []func()       // FetchMany calls waiting for a holder to appear
+	held         float64                     // uncompressed bytes of the blocks it holds
+	blocksUp     float64                     // block bytes sent to peers (the upload share)
+	originCopies map[uint32]int              // blocks sent in ORIGIN answers
+	slotQueue    []func(release func()) bool // ORIGIN first copies waiting for a slot
+	viewDirty    bool                        // sessions changed since view was computed
+	view         []peer.ID                   // originView's last answer
+	provided     bool                        // its image record is out (or on its way)
+	joined       bool                        // it has the index and takes have sessions
+	hasBlob      [nBlobs]bool                // holds the manifest, the index
+	pool         []int32                     // its lookup's providers
+	group        []peer.ID                   // the image's origin group, as it sees it
+	conn         map[int32]bool              // peers it is connected to
+	awaiters     []*awaiter                  // FetchMany calls waiting for a holder to appear
 
 	sessions   []int32 // peers that sent this node their have bitmap
 	sessionSet map[int32]bool
@@ -214,11 +216,11 @@ func (w *world) acquire(n *simNode, b uint32, fromPeer bool) {
 	n.pending[b] = false
 	n.visible[b] = w.nextFlush(n)
 	// At the flush, the update reaches the session peers; those awaiting
-	// a block (PeerSource.await) plan again when it arrives.
+	// the block (PeerSource.await) plan again when it arrives.
 	w.e.at(n.visible[b], func() {
 		for _, p := range n.sessions {
 			if q := w.nodes[p]; len(q.awaiters) > 0 {
-				w.e.after(w.oneWay(n, q), func() { w.wakeAwaiters(q) })
+				w.e.after(w.oneWay(n, q), func() { w.wakeAwaiters(q, b) })
 			}
 		}
 	})
@@ -236,12 +238,22 @@ func (w *world) acquire(n *simNode, b uint32, fromPeer bool) {
 	}
 }
 
-// wakeAwaiters wakes n's FetchMany calls waiting for a holder to appear.
-func (w *world) wakeAwaiters(n *simNode) {
+// awaiter is a FetchMany call asleep in its await phase.
+type awaiter struct {
+	wake func()
+	done bool
+}
+
+// wakeAwaiters wakes n's FetchMany calls waiting for a holder to appear,
+// as the daemon's have handler does on any bitmap gain (b is the block
+// gained): each plans again.
+func (w *world) wakeAwaiters(n *simNode, _ uint32) {
 	ws := n.awaiters
 	n.awaiters = nil
-	for _, f := range ws {
-		f()
+	for _, a := range ws {
+		if !a.done {
+			a.wake()
+		}
 	}
 }
 
@@ -685,11 +697,7 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 				w.e.after(ow, func() { ask(k + 1) })
 				return
 			}
-			rel, ok := q.slots.TryAcquire()
-			if ok && p2p.OverShare(int64(q.uploaded), int64(q.held), w.cfg.Swarm.UploadShare) {
-				rel()
-				ok = false
-			}
+			rel, ok := q.slots.TryAcquire() // blobs are not in the upload share
 			if !ok {
 				w.st.busyAnswers++
 				w.e.after(ow, func() {

@@ -29,8 +29,6 @@ type pcall struct {
 	queue      []peerWork
 	active     int
 	roundsDone bool
-	originLeft int
-	originDone bool
 	then       func(missing []uint32)
 	thenCalled bool
 	// The await phase: blocks left to the registry source (designated to
@@ -38,9 +36,13 @@ type pcall struct {
 	// deadline, whether a round of it runs, and its wake-up generation.
 	own      map[uint32]bool
 	coming   map[uint32]bool
+	asked    map[uint32]bool // put to origin coalescing in this call
+	pending  map[uint32]int  // ORIGIN requests not answered yet
+	oreqs    []*originReq    // ORIGIN requests, dropped when the call ends
 	deadline time.Duration
 	awaiting bool
 	wakeGen  int
+	sleeping *awaiter // while asleep in the await phase
 }
 
 type peerWork struct {
@@ -50,8 +52,9 @@ type peerWork struct {
 
 // fetchPeers runs one FetchMany over blocks.
 func (w *world) fetchPeers(n *simNode, blocks []uint32, then func(missing []uint32)) {
-	c := &pcall{w: w, n: n, all: blocks, want: blocks, excluded: map[int32]bool{}, then: then, originDone: true,
-		own: map[uint32]bool{}, coming: map[uint32]bool{}, deadline: w.e.now + w.cfg.Swarm.OriginWait}
+	c := &pcall{w: w, n: n, all: blocks, want: blocks, excluded: map[int32]bool{}, then: then,
+		own: map[uint32]bool{}, coming: map[uint32]bool{}, asked: map[uint32]bool{}, pending: map[uint32]int{},
+		deadline: w.e.now + w.cfg.Swarm.OriginWait}
 	c.plan()
 }
 
@@ -107,8 +110,25 @@ func (c *pcall) plan() {
 	if c.round == 0 && len(none) > 0 && !c.awaiting {
 		c.origin(none)
 	}
+	if c.thenCalled {
+		return
+	}
 	if len(c.queue) == 0 {
 		if c.awaiting {
+			// Nobody may be asked now: blocks not yet put to their
+			// designated fetcher go to it (PeerSource.await's late origin).
+			var late []uint32
+			ow := w.cfg.Swarm.OriginWait
+			if c.deadline-w.e.now <= ow-ow/lateOrigin {
+				for _, b := range c.want {
+					if !c.coming[b] && !c.asked[b] {
+						late = append(late, b)
+					}
+				}
+			}
+			if len(late) > 0 {
+				c.origin(late)
+			}
 			c.sleep()
 			return
 		}
@@ -183,7 +203,7 @@ func (c *pcall) peerDone() {
 // finish hands what is still missing to the registry once the rounds, the
 // origin requests and the await phase are done.
 func (c *pcall) finish() {
-	if !c.roundsDone || !c.originDone || c.thenCalled {
+	if !c.roundsDone || c.thenCalled {
 		return
 	}
 	if !c.awaiting {
@@ -192,6 +212,9 @@ func (c *pcall) finish() {
 		return
 	}
 	c.thenCalled = true
+	for _, r := range c.oreqs {
+		r.drop()
+	}
 	var missing []uint32
 	for _, b := range c.all {
 		if !c.n.have[b] {
@@ -213,7 +236,7 @@ func (c *pcall) await() {
 		if n.have[b] || c.own[b] {
 			continue
 		}
-		if c.coming[b] || w.heldBySession(n, b, c.excluded) {
+		if c.coming[b] || c.pending[b] > 0 || w.heldBySession(n, b, c.excluded) {
 			want = append(want, b)
 		}
 	}
@@ -228,6 +251,9 @@ func (c *pcall) await() {
 	c.plan()
 }
 
+// lateOrigin is p2p's lateOrigin.
+const lateOrigin = 3
+
 // awaitPoll is p2p's awaitPoll.
 const awaitPoll = 50 * time.Millisecond
 
@@ -237,15 +263,49 @@ func (c *pcall) sleep() {
 	w, n := c.w, c.n
 	c.wakeGen++
 	gen := c.wakeGen
-	wake := func() {
+	a := &awaiter{}
+	c.sleeping = a
+	a.wake = func() {
+		if c.sleeping == a {
+			c.sleeping = nil
+		}
+		a.done = true
 		if c.wakeGen != gen || c.thenCalled {
 			return
 		}
 		c.wakeGen++
 		c.await()
 	}
-	n.awaiters = append(n.awaiters, wake)
-	w.e.after(min(awaitPoll, c.deadline-w.e.now), wake)
+	n.awaiters = append(n.awaiters, a)
+	w.e.after(min(awaitPoll, c.deadline-w.e.now), a.wake)
+}
+
+// news wakes the call if it sleeps in its await phase (a block arrived or
+// an ORIGIN request ended: fetchState's news).
+func (c *pcall) news() {
+	if c.sleeping != nil {
+		a := c.sleeping
+		c.sleeping = nil
+		a.wake()
+	}
+}
+
+// rare is p2p's swarm.rare: whether one of blocks is held by fewer than
+// p2p.RareHolders of q's session peers, as q sees their bitmaps.
+func (w *world) rare(q *simNode, blocks []uint32) bool {
+	for _, b := range blocks {
+		holders := 0
+		for _, p := range q.sessions {
+			h := w.nodes[p]
+			if h.have[b] && h.visible[b]+w.oneWay(h, q) <= w.e.now {
+				holders++
+			}
+		}
+		if p2p.Rare(holders) {
+			return true
+		}
+	}
+	return false
 }
 
 // heldBySession reports whether a session peer of n not excluded from the
@@ -266,6 +326,9 @@ func (w *world) heldBySession(n *simNode, b uint32, excluded map[int32]bool) boo
 // designated peer with the ORIGIN flag, for at most OriginWait.
 func (c *pcall) origin(none []uint32) {
 	w, n := c.w, c.n
+	for _, b := range none {
+		c.asked[b] = true
+	}
 	ask, own := p2p.PlanOrigin(w.blocksOf(none), w.originView(n), n.pid)
 	if w.cfg.Swarm.OriginWait <= 0 {
 		for _, b := range none {
@@ -298,32 +361,38 @@ func (c *pcall) origin(none []uint32) {
 		}
 		q := w.nodes[w.byID[id]]
 		batches := p2p.Batches(ask[id])
-		c.originDone = false
-		c.originLeft++
+		for _, bt := range batches {
+			for _, b := range w.positions(bt, w.im.pos) {
+				c.pending[b]++
+			}
+		}
 		var next func(k int)
 		next = func(k int) {
-			if k == len(batches) {
-				c.originLeft--
-				if c.originLeft == 0 {
-					c.originDone = true
-					c.finish()
+			if k == len(batches) || c.thenCalled {
+				for _, bt := range batches[min(k, len(batches)):] {
+					for _, b := range w.positions(bt, w.im.pos) {
+						c.pending[b]--
+					}
 				}
 				return
 			}
 			w.st.originAsks++
 			bs := w.positions(batches[k], w.im.pos)
-			w.originRequest(n, q, bs, deadline, func(more, coming bool) {
-				if coming {
-					for _, b := range bs {
+			r := w.originRequest(n, q, bs, deadline, func(more, coming bool) {
+				for _, b := range bs {
+					c.pending[b]--
+					if coming {
 						c.coming[b] = true
 					}
 				}
+				c.news()
 				if !more {
 					next(len(batches))
 					return
 				}
 				next(k + 1)
 			})
+			c.oreqs = append(c.oreqs, r)
 		}
 		next(0)
 	}
@@ -348,7 +417,7 @@ func (w *world) request(n, q *simNode, blocks []uint32, cb func(ok bool)) {
 	}
 	w.e.after(ow, func() {
 		rel, ok := q.slots.TryAcquire()
-		if ok && p2p.OverShare(int64(q.uploaded), int64(q.held), w.cfg.Swarm.UploadShare) {
+		if ok && p2p.OverShare(int64(q.blocksUp), int64(q.held), w.cfg.Swarm.UploadShare) && !w.rare(q, blocks) {
 			rel() // over its share of uploads: BUSY
 			ok = false
 		}
@@ -367,6 +436,7 @@ func (w *world) request(n, q *simNode, blocks []uint32, cb func(ok bool)) {
 		}
 		w.serve(q, n, size, nil, func() {
 			q.uploaded += size
+			q.blocksUp += size
 			w.st.peerDelivered += size
 			w.release(q, rel)
 			w.e.after(ow, func() {
@@ -402,8 +472,22 @@ func (w *world) serve(q, n *simNode, size float64, f **flow, done func()) {
 	w.work(q, time.Duration(float64(w.cfg.ServeCPU)*size/float64(w.cfg.BlockCPUBytes)), both)
 }
 
-// release frees one of q's upload slots.
-func (w *world) release(_ *simNode, rel func()) { rel() }
+// release frees one of q's upload slots and hands it to an ORIGIN request
+// queued for one (a block's first copies).
+func (w *world) release(q *simNode, rel func()) {
+	rel()
+	for len(q.slotQueue) > 0 {
+		f := q.slotQueue[0]
+		r, ok := q.slots.TryAcquire()
+		if !ok {
+			return
+		}
+		q.slotQueue = q.slotQueue[1:]
+		if !f(r) {
+			r() // that request gave up
+		}
+	}
+}
 
 // originReq is an ORIGIN request in flight.
 type originReq struct {
@@ -412,6 +496,8 @@ type originReq struct {
 	flow      *flow
 	rel       func()
 	firstByte time.Duration // when the first answer arrives at the asker; 0: not yet known
+	// drop ends the request for the asker (its FetchMany is over).
+	drop func()
 }
 
 // originRequest asks q, n's designated fetcher for blocks, to fetch what it
@@ -422,7 +508,7 @@ type originReq struct {
 // join nothing), waits for the blocks, then sends them if one of its
 // upload slots is free, else answers COMING (they spread from it through
 // the swarm; n awaits them). n gives up at deadline.
-func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Duration, cb func(more, coming bool)) {
+func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Duration, cb func(more, coming bool)) *originReq {
 	r := &originReq{}
 	n.scores.Begin(q.pid)
 	ow := w.oneWay(n, q)
@@ -434,17 +520,30 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 		n.scores.End(q.pid)
 		cb(more, coming)
 	}
-	w.e.at(deadline, func() {
-		if r.done {
-			return
-		}
+	cancel := func() {
 		r.cancelled = true
 		if r.flow != nil {
 			w.net.cancel(r.flow)
 			q.uploaded += r.flow.sent
+			q.blocksUp += r.flow.sent
 			w.st.peerCancelled += r.flow.sent
 			w.release(q, r.rel)
+			r.flow = nil
 		}
+	}
+	r.drop = func() {
+		if r.done {
+			return
+		}
+		cancel()
+		r.done = true
+		n.scores.End(q.pid)
+	}
+	w.e.at(deadline, func() {
+		if r.done {
+			return
+		}
+		cancel()
 		w.st.originTimeouts++
 		if r.firstByte == 0 || r.firstByte > w.e.now {
 			n.scores.Failure(q.pid, w.cfg.Swarm.FirstByteTimeout, w.e.wall())
@@ -504,6 +603,7 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 				w.serve(q, n, size, &r.flow, func() {
 					r.flow = nil
 					q.uploaded += size
+					q.blocksUp += size
 					w.st.peerDelivered += size
 					w.release(q, rel)
 					w.e.after(ow, func() {
@@ -524,27 +624,59 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 					})
 				})
 			}
+			coming := func() {
+				w.st.comingAnswers++
+				w.e.after(ow, func() {
+					if !r.cancelled {
+						end(true, true)
+					}
+				})
+			}
+			var avail []uint32
 			spread := true
 			for _, b := range blocks {
-				if !p2p.OriginSpread(q.originCopies[b], w.cfg.Swarm.MaxUploadStreams) {
-					spread = false
+				if q.have[b] {
+					avail = append(avail, b)
+					if !p2p.OriginSpread(q.originCopies[b], w.cfg.Swarm.MaxUploadStreams) {
+						spread = false
+					}
 				}
 			}
-			if !spread {
-				if rel, ok := q.slots.TryAcquire(); ok {
-					for _, b := range blocks {
-						q.originCopies[b]++
-					}
-					serve(rel)
+			if spread {
+				coming()
+				return
+			}
+			// One of the first copies: reserved, and queued for a slot
+			// for at most OriginWait.
+			for _, b := range avail {
+				q.originCopies[b]++
+			}
+			if rel, ok := q.slots.TryAcquire(); ok {
+				serve(rel)
+				return
+			}
+			waiting := true
+			q.slotQueue = append(q.slotQueue, func(rel func()) bool {
+				if !waiting {
+					return false
+				}
+				waiting = false
+				serve(rel)
+				return true
+			})
+			w.e.after(w.cfg.Swarm.OriginWait, func() {
+				if !waiting {
 					return
 				}
-			}
-			w.st.comingAnswers++
-			w.e.after(ow, func() {
+				waiting = false
+				for _, b := range avail {
+					q.originCopies[b]--
+				}
 				if !r.cancelled {
-					end(true, true)
+					coming()
 				}
 			})
 		})
 	})
+	return r
 }

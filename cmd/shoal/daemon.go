@@ -42,7 +42,7 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	fs.Var(&bootstrap, "bootstrap", "p2p bootstrap peer multiaddr ending in /p2p/<id>, repeatable")
 	pskFile := fs.String("psk-file", "", "private network key file: only nodes with the same key can join")
 	noP2P := fs.Bool("no-p2p", false, "no swarm: fetch from the registry only")
-	uploads := fs.Int("upload-streams", 0, "concurrent block uploads to peers (default 16)")
+	uploads := fs.Int("upload-streams", 0, "concurrent block uploads to peers (default 4)")
 	uploadRate := fs.Int64("upload-bytes-per-sec", 0, "cap on bytes/s uploaded to peers (0: unlimited)")
 	if err := fs.Parse(args); err != nil {
 		return err
