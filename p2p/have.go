@@ -116,10 +116,14 @@ func (s *swarm) inTable(cids [][]byte) bool {
 // by fewer than RareHolders of the node's image peers: a block still that
 // rare is served even past the node's share of uploads, or a block whose
 // few holders are all over their share would stop spreading (the
-// simulator measured readers waiting out OriginWait for such blocks).
+// simulator measured readers waiting out OriginWait for such blocks). A
+// node with no image peers has no view to judge by: nothing is rare.
 func (s *swarm) rare(cids [][]byte) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if len(s.remotes) == 0 {
+		return false // no view of the swarm: nothing to judge by
+	}
 	for _, c := range cids {
 		cc, err := castCID(c)
 		if err != nil {

@@ -293,6 +293,9 @@ func (c *pcall) news() {
 // rare is p2p's swarm.rare: whether one of blocks is held by fewer than
 // p2p.RareHolders of q's session peers, as q sees their bitmaps.
 func (w *world) rare(q *simNode, blocks []uint32) bool {
+	if len(q.sessions) == 0 {
+		return false
+	}
 	for _, b := range blocks {
 		holders := 0
 		for _, p := range q.sessions {
