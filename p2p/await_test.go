@@ -327,8 +327,11 @@ func TestUploadShare(t *testing.T) {
 }
 
 // With the only holder BUSY all along (its one slot taken), a read asks it
-// again after each rest (BusyBackoff) and gives up at OriginWait, with an
-// error wrapping ErrBusy.
+// again after each rest (BusyBackoff); after OriginWait/lateOrigin the
+// blocks go to their designated fetcher (this node: then they are left to
+// the registry at once; the holder: it queues the ORIGIN request for its
+// slot), and the read gives up by OriginWait, with an error wrapping
+// ErrBusy.
 func TestAwaitEndsAtOriginWait(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
@@ -354,8 +357,8 @@ func TestAwaitEndsAtOriginWait(t *testing.T) {
 	if len(got) != 0 || !errors.Is(err, ErrBusy) {
 		t.Errorf("FetchMany: %d blocks, %v; want none, and an error wrapping ErrBusy", len(got), err)
 	}
-	if took < wait-20*time.Millisecond || took > wait+time.Second {
-		t.Errorf("FetchMany returned after %v, want about OriginWait (%v)", took, wait)
+	if took < wait/lateOrigin-20*time.Millisecond || took > wait+time.Second {
+		t.Errorf("FetchMany returned after %v, want between OriginWait/%d and about OriginWait (%v)", took, lateOrigin, wait)
 	}
 	// Asked again after each rest, and no more often than that.
 	if most := int64(took/backoff) + 1; st.BusyReceived < 2 || st.BusyReceived > most {
@@ -364,7 +367,7 @@ func TestAwaitEndsAtOriginWait(t *testing.T) {
 	if st.AwaitRounds < 1 {
 		t.Errorf("A stats %+v: want an await round", st)
 	}
-	if gs := g.Stats(); gs.BusyAnswers != st.BusyReceived {
+	if gs := g.Stats(); gs.BusyAnswers < st.BusyReceived {
 		t.Errorf("G sent %d BUSY answers, A received %d", gs.BusyAnswers, st.BusyReceived)
 	}
 }
