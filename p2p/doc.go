@@ -138,8 +138,8 @@
 // simulator measured the busiest at 11× the mean). Bytes are paced by one
 // token bucket for the whole node (UploadBytesPerSec), in 32 KiB steps. An
 // ORIGIN request waits for its blocks without a slot (waiting for a fetch
-// costs nothing, and many askers wait for the same one), then takes a slot
-// if one is free; see Origin coalescing for what it gets otherwise.
+// costs nothing, and many askers wait for the same one), then queues for
+// a slot if it gets one of a block's first copies; see Origin coalescing.
 //
 // # Policies
 //
@@ -224,16 +224,22 @@
 //     per block however many ORIGIN requests (and local reads) want it, at
 //     most MaxOriginFetches (8) at once (a request that would start one
 //     more gets BUSY; one that can join a running fetch is served what that
-//     fetch brings, NOT_FOUND for the rest). Then it sends the blocks if an
-//     upload slot is free and it has sent each of them fewer than
-//     MaxUploadStreams times in ORIGIN answers (OriginSpread); otherwise it
-//     answers COMING: the blocks are out, and the asker takes them from the
-//     swarm. P's origin stores what it fetches and announces it.
+//     fetch brings, NOT_FOUND for the rest). Then, if it has sent each of
+//     the blocks MaxUploadStreams times in ORIGIN answers already
+//     (OriginSpread), it answers COMING: the blocks are out, and the asker
+//     takes them from the swarm. Otherwise the request gets one of the
+//     first copies: it queues for an upload slot (at most OriginWait;
+//     COMING if none frees), whatever else the node does — without these
+//     copies a block would be nowhere but at P. P's origin stores what it
+//     fetches and announces it.
 //
-// Then PeerSource awaits (until OriginWait after the call began) the
+// Meanwhile PeerSource awaits (until OriginWait after the call began) the
 // blocks still missing that the swarm is about to have: those answered
-// COMING, and those held by a peer not excluded from the call (a BUSY
-// holder rests 30 ms and may be asked again). Each time a session's
+// COMING, those with an ORIGIN request outstanding, and those held by a
+// peer not excluded from the call (a BUSY holder rests 30 ms and may be
+// asked again); blocks that nobody could be asked for during a third of
+// OriginWait go to their designated fetcher then; the ORIGIN requests
+// still outstanding are dropped when the call ends. Each time a session's
 // bitmap gains a block (announces go out every AnnounceInterval, 10 ms),
 // or every 50 ms, it plans again and asks. So in a swarm of thousands
 // starting at once, the designated fetcher reads each block once, sends
