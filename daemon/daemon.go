@@ -57,8 +57,8 @@ type P2PConfig struct {
 	UploadStreams     int      `yaml:"upload_streams"`       // concurrent block uploads (default 4)
 	UploadBytesPerSec int64    `yaml:"upload_bytes_per_sec"` // 0: unlimited
 	// UploadShare caps a node's uploads of an image at this many times
-	// what it holds of it (at least 16 MiB held is assumed); 0: the
-	// default, 3; negative: no cap.
+	// what it holds of it (at least 16 MiB held is assumed); 0 or
+	// negative (the default): no cap. See p2p.Config.UploadShare.
 	UploadShare float64 `yaml:"upload_share"`
 }
 

@@ -118,6 +118,9 @@ func (n *Node) handleBlock(st network.Stream) {
 	defer cancel()
 	get := func(c []byte) []byte { return n.lookup(ctx, c) }
 	s := n.swarm(q.image)
+	// The share counts (and limits) the image's blocks, not its manifest
+	// or index.
+	shared := s != nil && s.inTable(q.cids)
 	var release func()
 	if q.flags&flagOrigin != 0 {
 		// Wait for the blocks first, without an upload slot: waiting for
@@ -169,7 +172,7 @@ func (n *Node) handleBlock(st network.Stream) {
 			}
 		}
 	} else {
-		if s != nil && s.inTable(q.cids) && s.overShare(n.cfg.UploadShare) && !s.rare(q.cids) {
+		if shared && s.overShare(n.cfg.UploadShare) && !s.rare(q.cids) {
 			n.st.shareBusy.Add(1)
 			refuse(statusBusy)
 			return
@@ -185,8 +188,7 @@ func (n *Node) handleBlock(st network.Stream) {
 	defer n.st.activeUploads.Add(-1)
 
 	var sentBytes int64
-	if s != nil && s.inTable(q.cids) {
-		// The share counts the image's blocks, not its manifest or index.
+	if shared {
 		defer func() { s.uploaded.Add(sentBytes) }()
 	}
 	counted := get
@@ -211,30 +213,35 @@ func (n *Node) handleBlock(st network.Stream) {
 // available returns those of cids the node can send now: fetched for the
 // request, or in its store.
 func (n *Node) available(ctx context.Context, cids [][]byte, fetched map[string][]byte) [][]byte {
-	h, _ := n.cfg.Blocks.(hasser)
 	var out [][]byte
 	for _, c := range cids {
 		if _, ok := fetched[string(c)]; ok {
 			out = append(out, c)
-			continue
-		}
-		cc, err := castCID(c)
-		if err != nil {
-			continue
-		}
-		id, err := flat.IDFromCID(cc)
-		if err != nil {
-			continue
-		}
-		if h != nil {
-			if has, err := h.Has(ctx, id); err == nil && has {
-				out = append(out, c)
-			}
-		} else if n.lookup(ctx, c) != nil {
+		} else if id, ok := blockIDOf(c); ok && n.holds(ctx, id, c) {
 			out = append(out, c)
 		}
 	}
 	return out
+}
+
+// holds reports whether the store has block id (binary CID c): by Has
+// when the store has it, else by reading the block.
+func (n *Node) holds(ctx context.Context, id flat.BlockID, c []byte) bool {
+	if h, ok := n.cfg.Blocks.(hasser); ok {
+		has, err := h.Has(ctx, id)
+		return err == nil && has
+	}
+	return n.cfg.Blocks != nil && n.lookup(ctx, c) != nil
+}
+
+// blockIDOf returns the block ID a binary CID names, if it names one.
+func blockIDOf(c []byte) (flat.BlockID, bool) {
+	cc, err := castCID(c)
+	if err != nil {
+		return flat.BlockID{}, false
+	}
+	id, err := flat.IDFromCID(cc)
+	return id, err == nil
 }
 
 // serve writes one frame per requested CID, with the bytes get returns (nil:
@@ -273,12 +280,8 @@ func (n *Node) lookup(ctx context.Context, c []byte) []byte {
 	if n.cfg.Blocks == nil {
 		return nil
 	}
-	cc, err := castCID(c)
-	if err != nil {
-		return nil
-	}
-	id, err := flat.IDFromCID(cc)
-	if err != nil {
+	id, ok := blockIDOf(c)
+	if !ok {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, getTimeout)

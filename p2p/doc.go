@@ -129,13 +129,15 @@
 // for BusyBackoff (30 ms) rather than queueing behind it, and asks it again
 // or another holder. Four blocks in flight fill a gigabit link; a holder
 // with four slots passes a new block on sooner than one with sixteen, so
-// blocks spread through a swarm faster. A node also keeps to its share of
-// an image's uploads (UploadShare, 3): once it has sent peers more than
-// three times what it holds of the image (at least ShareFloor, 16 MiB,
-// assumed held), it answers plain requests for the image BUSY (OverShare).
-// In a swarm that starts at once the few nodes a little ahead get every
-// block first and would otherwise serve most copies of every block (the
-// simulator measured the busiest at 11× the mean). Bytes are paced by one
+// blocks spread through a swarm faster. A node may also keep to a share of
+// an image's uploads (UploadShare, off by default): once it has sent peers
+// more than that many times what it holds of the image (at least
+// ShareFloor, 16 MiB, assumed held), it answers plain requests for the
+// image's blocks BUSY (OverShare), except for blocks few of its peers hold
+// (Rare). In a swarm that starts at once the few nodes a little ahead get
+// every block first and otherwise serve most copies of every block (the
+// simulator measured the busiest at 11× the mean without a trace); the
+// cap brings that down but can stall blocks (see Config.UploadShare). Bytes are paced by one
 // token bucket for the whole node (UploadBytesPerSec), in 32 KiB steps. An
 // ORIGIN request waits for its blocks without a slot (waiting for a fetch
 // costs nothing, and many askers wait for the same one), then queues for

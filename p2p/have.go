@@ -97,12 +97,8 @@ func (s *swarm) notifyLocked() {
 // block table (not its manifest or index blob).
 func (s *swarm) inTable(cids [][]byte) bool {
 	for _, c := range cids {
-		cc, err := castCID(c)
-		if err != nil {
-			return false
-		}
-		id, err := flat.IDFromCID(cc)
-		if err != nil {
+		id, ok := blockIDOf(c)
+		if !ok {
 			return false
 		}
 		if _, ok := s.pos[id]; !ok {
@@ -125,12 +121,8 @@ func (s *swarm) rare(cids [][]byte) bool {
 		return false // no view of the swarm: nothing to judge by
 	}
 	for _, c := range cids {
-		cc, err := castCID(c)
-		if err != nil {
-			continue
-		}
-		id, err := flat.IDFromCID(cc)
-		if err != nil {
+		id, ok := blockIDOf(c)
+		if !ok {
 			continue
 		}
 		i, ok := s.pos[id]

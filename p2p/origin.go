@@ -147,16 +147,11 @@ func (n *Node) originFor(ctx context.Context, q request) (map[string][]byte, boo
 	if fetch == nil || s == nil {
 		return nil, true // not joined, or no origin: what it holds, NOT_FOUND for the rest
 	}
-	h, _ := n.cfg.Blocks.(hasser)
 	var need []flat.Block
 	cidOf := map[flat.BlockID]string{}
 	for _, c := range q.cids {
-		cc, err := castCID(c)
-		if err != nil {
-			continue
-		}
-		id, err := flat.IDFromCID(cc)
-		if err != nil {
+		id, ok := blockIDOf(c)
+		if !ok {
 			continue
 		}
 		i, ok := s.pos[id]
@@ -166,12 +161,8 @@ func (n *Node) originFor(ctx context.Context, q request) (map[string][]byte, boo
 		if _, dup := cidOf[id]; dup {
 			continue
 		}
-		if h != nil {
-			if has, err := h.Has(ctx, id); err == nil && has {
-				continue // served from the store
-			}
-		} else if n.cfg.Blocks != nil && n.lookup(ctx, c) != nil {
-			continue
+		if n.holds(ctx, id, c) {
+			continue // served from the store
 		}
 		cidOf[id] = string(c)
 		need = append(need, s.blocks[i])

@@ -220,7 +220,7 @@ func (w *world) acquire(n *simNode, b uint32, fromPeer bool) {
 	w.e.at(n.visible[b], func() {
 		for _, p := range n.sessions {
 			if q := w.nodes[p]; len(q.awaiters) > 0 {
-				w.e.after(w.oneWay(n, q), func() { w.wakeAwaiters(q, b) })
+				w.e.after(w.oneWay(n, q), func() { w.wakeAwaiters(q) })
 			}
 		}
 	})
@@ -245,9 +245,8 @@ type awaiter struct {
 }
 
 // wakeAwaiters wakes n's FetchMany calls waiting for a holder to appear,
-// as the daemon's have handler does on any bitmap gain (b is the block
-// gained): each plans again.
-func (w *world) wakeAwaiters(n *simNode, _ uint32) {
+// as the daemon's have handler does on any bitmap gain: each plans again.
+func (w *world) wakeAwaiters(n *simNode) {
 	ws := n.awaiters
 	n.awaiters = nil
 	for _, a := range ws {
