@@ -235,10 +235,14 @@ func TestOriginCopies(t *testing.T) {
 			t.Errorf("ORIGIN request %d, after %d copies sent: %d blocks, coming %v, %v; want COMING", i+1, slots, len(o.got), o.coming, o.err)
 		}
 	}
-	// A plain request for the same block is served: the cap is on
-	// ORIGIN copies.
-	if o := ask(askers[0], 0, x); o.err != nil || len(o.got) != 1 {
-		t.Errorf("plain request after the ORIGIN copies: %d blocks, %v", len(o.got), o.err)
+	// A plain request for the same block is answered COMING for it: the
+	// ORIGIN copies count towards SpreadCopies (2 by default). With FORCE
+	// it is served.
+	if o := ask(askers[0], 0, x); o.err != nil || len(o.got) != 0 || len(o.spread) != 1 {
+		t.Errorf("plain request after the ORIGIN copies: %d blocks, %d COMING, %v; want COMING for the block", len(o.got), len(o.spread), o.err)
+	}
+	if o := ask(askers[0], flagForce, x); o.err != nil || len(o.got) != 1 {
+		t.Errorf("FORCE request after the ORIGIN copies: %d blocks, %v", len(o.got), o.err)
 	}
 	// Another block has its own count.
 	if o := ask(askers[slots], flagOrigin, z); o.err != nil || o.coming || len(o.got) != 1 {
@@ -246,8 +250,8 @@ func TestOriginCopies(t *testing.T) {
 	}
 	st := d.Stats()
 	t.Logf("D stats: served %d, busy/coming answers %d", st.BlocksServed, st.BusyAnswers)
-	if st.BlocksServed != slots+2 || st.BusyAnswers != 2 {
-		t.Errorf("D stats %+v: want %d blocks served and 2 COMING answers", st, slots+2)
+	if st.BlocksServed != slots+2 || st.BusyAnswers != 2 || st.SpreadSent != 1 {
+		t.Errorf("D stats %+v: want %d blocks served, 2 COMING answers and 1 block answered COMING", st, slots+2)
 	}
 }
 

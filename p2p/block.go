@@ -77,7 +77,8 @@ func (u *uploader) pace(ctx context.Context, n int) error {
 }
 
 // handleBlock serves a /shoal/block/1 stream: one request, then one frame
-// per CID in the order asked (or a single BUSY frame).
+// per CID — COMING for the blocks sent to enough peers already (Spread),
+// then the others in the order asked — or a single BUSY or COMING frame.
 func (n *Node) handleBlock(st network.Stream) {
 	if !n.enter() {
 		st.Reset()
@@ -122,13 +123,17 @@ func (n *Node) handleBlock(st network.Stream) {
 	// or index.
 	shared := s != nil && s.inTable(q.cids)
 	var release func()
+	// cids are the blocks to answer with data or NOT_FOUND; spread those
+	// answered COMING (sent to enough peers already); copied says a copy
+	// of each of cids was counted (take).
+	cids, spread, copied := q.cids, [][]byte(nil), false
 	if q.flags&flagOrigin != 0 {
 		// Wait for the blocks first, without an upload slot: waiting for
 		// a fetch costs nothing, and many peers wait for the same one.
 		var cancelOrigin context.CancelFunc
 		ctx, cancelOrigin = context.WithTimeout(ctx, n.cfg.OriginFetchTimeout)
 		defer cancelOrigin()
-		fetched, ok := n.originFor(ctx, q)
+		fetched, lead, ok := n.originFor(ctx, p, q)
 		if !ok {
 			n.st.originBusy.Add(1)
 			refuse(statusBusy)
@@ -148,6 +153,12 @@ func (n *Node) handleBlock(st network.Stream) {
 			// for each, which needs no slot, and the asker goes to the
 			// registry at once.
 			release = func() {}
+		case lead != nil && !lead.firstCopy(p):
+			// Others that waited for the same fetch were picked for the
+			// block's first copies (FirstCopies): COMING, at once.
+			n.st.firstCopyPassed.Add(1)
+			refuse(statusComing)
+			return
 		case !n.origin.reserve(avail, n.cfg.MaxUploadStreams):
 			// Each block here was sent often enough: it is spreading
 			// through the swarm, and the asker takes it from there
@@ -177,11 +188,45 @@ func (n *Node) handleBlock(st network.Stream) {
 			refuse(statusBusy)
 			return
 		}
-		var ok bool
-		if release, ok = n.up.acquire(); !ok {
-			refuse(statusBusy)
+		if shared {
+			// Each block goes to at most SpreadCopies peers (unless the
+			// asker forces it); the copies' holders pass it on.
+			cids, spread = n.origin.take(q.cids, n.cfg.SpreadCopies, q.flags&flagForce != 0)
+			copied = true
+		}
+		if len(cids) > 0 {
+			var ok bool
+			if release, ok = n.up.acquire(); !ok {
+				if copied {
+					n.origin.unreserve(cids)
+				}
+				refuse(statusBusy)
+				return
+			}
+		}
+	}
+	if len(spread) > 0 {
+		n.st.spreadSent.Add(int64(len(spread)))
+		for _, c := range spread {
+			if err := write(appendBlockHeader(nil, statusComing, c, 0)); err != nil {
+				if release != nil {
+					release()
+				}
+				st.Reset()
+				return
+			}
+		}
+		if len(cids) == 0 {
+			if w.Flush() == nil {
+				_ = st.Close()
+			} else {
+				st.Reset()
+			}
 			return
 		}
+	}
+	if release == nil {
+		release = func() {} // nothing to send
 	}
 	defer release()
 	n.st.activeUploads.Add(1)
@@ -194,10 +239,13 @@ func (n *Node) handleBlock(st network.Stream) {
 	counted := get
 	get = func(c []byte) []byte {
 		d := counted(c)
+		if d == nil && copied {
+			n.origin.unreserve([][]byte{c}) // not sent: no copy
+		}
 		sentBytes += int64(len(d))
 		return d
 	}
-	if err := n.serve(ctx, q.cids, get, write); err != nil {
+	if err := n.serve(ctx, cids, get, write); err != nil {
 		n.log.Debug("serving blocks", "peer", p.String(), "image", q.image, "err", err)
 		st.Reset()
 		return
@@ -299,9 +347,10 @@ type outcome struct {
 	notFound  []flat.Block
 	firstByte time.Duration // 0 if no byte arrived
 	busy      bool
-	coming    bool  // the designated fetcher holds the blocks, has no slot
-	bad       bool  // a wrong block or an unrequested one: penalise
-	err       error // why the request ended early; nil if every block was answered
+	coming    bool         // the designated fetcher holds the blocks, has no slot
+	spread    []flat.Block // answered COMING: sent to enough peers, ask those
+	bad       bool         // a wrong block or an unrequested one: penalise
+	err       error        // why the request ended early; nil if every block was answered
 }
 
 // reqOpts are the optional parts of a request.
@@ -387,8 +436,8 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 			out.err = fmt.Errorf("read answer: %w", err)
 			return out
 		}
-		if h.status == statusBusy || h.status == statusComing {
-			// COMING is an answer to ORIGIN requests only; from any
+		if h.status == statusBusy || (h.status == statusComing && len(h.cid) == 0) {
+			// A COMING with no CID answers ORIGIN requests only; to any
 			// other it means what BUSY does.
 			out.busy = true
 			out.coming = h.status == statusComing && o.flags&flagOrigin != 0
@@ -407,6 +456,11 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 		answered[i] = true
 		left--
 		b := blocks[i]
+		if h.status == statusComing {
+			out.spread = append(out.spread, b)
+			_ = st.SetReadDeadline(time.Now().Add(n.cfg.FrameTimeout))
+			continue
+		}
 		if h.status == statusNotFound {
 			out.notFound = append(out.notFound, b)
 			_ = st.SetReadDeadline(time.Now().Add(n.cfg.FrameTimeout))

@@ -101,6 +101,23 @@ type Config struct {
 	// 3.2 s; a share of 2: 14×, 20.8 s). A knob to set with care, not a
 	// default.
 	UploadShare float64
+	// SpreadCopies bounds the copies of each of an image's blocks a node
+	// sends to peers: once it has sent a block SpreadCopies times (ORIGIN
+	// answers included), it answers plain requests for it COMING, per
+	// block, and the reader asks the block's other holders; a reader that
+	// sees no other holder for SpreadWait asks again with the FORCE flag,
+	// which is always served (Spread, ForceSpread). Default 2: in the
+	// simulator (1,000 nodes starting at once, no trace) the busiest node
+	// uploaded 11× the mean without a limit, 3.6× with 3, 2.3× with 2,
+	// and nodes were ready sooner (p99 3.2 s without, 2.6 s with), since
+	// the blocks spread from many holders instead of queueing at a few.
+	// Negative: no limit.
+	SpreadCopies int
+	// SpreadWait is how long a reader waits, after a holder answered a
+	// block COMING, for another holder before it asks with FORCE. Default
+	// 100 ms (50 ms: 3.0× instead of 2.3× busiest at 1,000 nodes, with
+	// SpreadCopies 2; the same p99).
+	SpreadWait time.Duration
 	// UploadBytesPerSec paces the block bytes sent to all peers together
 	// (a token bucket). Default 0: unlimited.
 	UploadBytesPerSec int64
@@ -206,6 +223,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.MaxUploadStreams == 0 {
 		c.MaxUploadStreams = 4
 	}
+	if c.SpreadCopies == 0 {
+		c.SpreadCopies = 2
+	}
 	setDur := func(d *time.Duration, def time.Duration) {
 		if *d == 0 {
 			*d = def
@@ -217,6 +237,7 @@ func (c Config) withDefaults() (Config, error) {
 	setDur(&c.RefreshInterval, 5*time.Minute)
 	setDur(&c.PenaltyCoolDown, 10*time.Minute)
 	setDur(&c.BusyBackoff, 30*time.Millisecond)
+	setDur(&c.SpreadWait, 100*time.Millisecond)
 	if c.MaxImagePeers == 0 {
 		c.MaxImagePeers = 32
 	}
@@ -249,7 +270,7 @@ func (c Config) withDefaults() (Config, error) {
 		"first byte timeout": c.FirstByteTimeout, "frame timeout": c.FrameTimeout,
 		"announce interval": c.AnnounceInterval, "refresh interval": c.RefreshInterval,
 		"penalty cool-down": c.PenaltyCoolDown, "busy backoff": c.BusyBackoff,
-		"origin fetch timeout": c.OriginFetchTimeout,
+		"origin fetch timeout": c.OriginFetchTimeout, "spread wait": c.SpreadWait,
 	} {
 		if d < 0 {
 			errs = append(errs, fmt.Errorf("%s %v: must not be negative", name, d))

@@ -35,9 +35,12 @@ const (
 	statusOK       byte = 0
 	statusNotFound byte = 1
 	statusBusy     byte = 2
-	// statusComing answers an ORIGIN request whose blocks the designated
-	// fetcher now holds (it fetched them, or had them) but has no upload
-	// slot to send: the asker takes them from the swarm as they spread.
+	// statusComing, with no CID, answers an ORIGIN request whose blocks
+	// the designated fetcher now holds (it fetched them, or had them) but
+	// has no upload slot to send: the asker takes them from the swarm as
+	// they spread. With a CID it answers that block of a plain request:
+	// the server has sent it to enough peers (Spread), and the asker takes
+	// it from them.
 	statusComing byte = 3
 )
 
@@ -169,6 +172,10 @@ const (
 	// fetch the blocks it does not hold from their origin (through its
 	// OriginFetcher) and then serve them.
 	flagOrigin uint64 = 1 << 0
+	// flagForce asks the server to send the blocks even if it has sent
+	// them to enough peers already (Spread): the asker answered COMING
+	// for them waited SpreadWait and sees no other holder (ForceSpread).
+	flagForce uint64 = 1 << 1
 )
 
 // request is a /shoal/block/1 request: the image the blocks are wanted for

@@ -452,6 +452,15 @@ type Stats struct {
 	// ShareBusy counts requests answered BUSY because the node had
 	// uploaded more than its share of the image (Config.UploadShare).
 	ShareBusy int64 `json:"share_busy"`
+	// Spreading: blocks this node answered COMING because it had sent
+	// them to SpreadCopies peers; blocks peers answered COMING; and
+	// requests sent with FORCE after SpreadWait (Spread, ForceSpread).
+	SpreadSent     int64 `json:"spread_sent"`
+	SpreadReceived int64 `json:"spread_received"`
+	ForcedRequests int64 `json:"forced_requests"`
+	// FirstCopyPassed counts ORIGIN requests answered COMING because
+	// other askers of the same fetch were picked for the first copies.
+	FirstCopyPassed int64 `json:"first_copy_passed"`
 	// IndexesFetched counts image indexes had from peers (not the registry).
 	IndexesFetched int64 `json:"indexes_fetched"`
 	// ManifestsFetched counts flat manifests had from peers (not the
@@ -466,7 +475,8 @@ type counters struct {
 	hedged, hedgeWins, originAsked, originGot                 atomic.Int64
 	originFetches, originServed, originBusy, originWaiting    atomic.Int64
 	indexesFetched, comingRecv, awaitRounds, shareBusy        atomic.Int64
-	manifestsFetched                                          atomic.Int64
+	manifestsFetched, spreadSent, spreadRecv, forced          atomic.Int64
+	firstCopyPassed                                           atomic.Int64
 }
 
 // Stats returns the node's counters.
@@ -500,6 +510,10 @@ func (n *Node) Stats() Stats {
 		ComingReceived:   n.st.comingRecv.Load(),
 		AwaitRounds:      n.st.awaitRounds.Load(),
 		ShareBusy:        n.st.shareBusy.Load(),
+		SpreadSent:       n.st.spreadSent.Load(),
+		SpreadReceived:   n.st.spreadRecv.Load(),
+		ForcedRequests:   n.st.forced.Load(),
+		FirstCopyPassed:  n.st.firstCopyPassed.Load(),
 	}
 	for _, s := range n.swarmList() {
 		st.Images++

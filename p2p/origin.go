@@ -5,6 +5,8 @@ import (
 	"slices"
 	"sync"
 
+	"github.com/libp2p/go-libp2p/core/peer"
+
 	"github.com/shoal-project/shoal/flat"
 )
 
@@ -83,10 +85,14 @@ type originGroup struct {
 	mu    sync.Mutex
 	calls map[flat.BlockID]*originCall
 	slots chan struct{}
-	// copies counts the blocks sent in answer to ORIGIN requests, by
-	// binary CID (OriginSpread).
+	// copies counts the copies of each block sent to peers, in ORIGIN
+	// and plain answers, by binary CID (OriginSpread, Spread).
 	copies map[string]int
 }
+
+// maxAskersTracked bounds the askers one origin fetch records; later ones
+// are not candidates for its first copies.
+const maxAskersTracked = 1 << 14
 
 // maxCopiesTracked bounds originGroup.copies; past it the counts start
 // over (a block then gets a few more first copies, nothing worse).
@@ -111,8 +117,28 @@ func (g *originGroup) reserve(cids [][]byte, slots int) bool {
 	return true
 }
 
-// unreserve takes back what reserve counted, for a request that got no
-// upload slot in time.
+// take splits the cids of a plain request into those to send, each
+// counted as one more copy, and those sent limit times already, to be
+// answered COMING (Spread); force sends (and counts) them all.
+func (g *originGroup) take(cids [][]byte, limit int, force bool) (send, spread [][]byte) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.copies) > maxCopiesTracked {
+		clear(g.copies)
+	}
+	for _, c := range cids {
+		if !force && Spread(g.copies[string(c)], limit) {
+			spread = append(spread, c)
+			continue
+		}
+		g.copies[string(c)]++
+		send = append(send, c)
+	}
+	return send, spread
+}
+
+// unreserve takes back what reserve or take counted, for copies that were
+// not sent: no upload slot, or the block is not here.
 func (g *originGroup) unreserve(cids [][]byte) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
@@ -128,24 +154,36 @@ func (g *originGroup) unreserve(cids [][]byte) {
 type originCall struct {
 	done chan struct{}
 	data []byte
+	// askers are the peers whose ORIGIN requests wait for the fetch;
+	// first, set before done closes, those of them that get the block's
+	// first copies (FirstCopies).
+	askers []peer.ID
+	first  []peer.ID
 }
+
+// firstCopy reports whether p was picked for one of the block's first
+// copies; only once done is closed.
+func (c *originCall) firstCopy(p peer.ID) bool { return slices.Contains(c.first, p) }
 
 func newOriginGroup(limit int) *originGroup {
 	return &originGroup{calls: map[flat.BlockID]*originCall{}, slots: make(chan struct{}, limit), copies: map[string]int{}}
 }
 
-// originFor gets the blocks of an ORIGIN request that the node does not
-// hold: each is fetched through the image's origin (originFetch) unless a fetch of it is
-// already running, which the request joins. It returns the fetched bytes
-// by binary CID, once every fetch it waits for has ended or ctx has. It
-// reports false (BUSY) when the request would need a new fetch and
-// MaxOriginFetches are running, unless it can join one for some of its
-// blocks, in which case the others are left out (NOT_FOUND).
-func (n *Node) originFor(ctx context.Context, q request) (map[string][]byte, bool) {
+// originFor gets the blocks of an ORIGIN request from p that the node
+// does not hold: each is fetched through the image's origin (originFetch)
+// unless a fetch of it is already running, which the request joins. It
+// returns the fetched bytes by binary CID, once every fetch it waits for
+// has ended or ctx has, and the fetch of the first block in the request
+// it waited for (lead; nil if none, or if it failed): whether p gets
+// first copies is decided there (FirstCopies). It reports false (BUSY)
+// when the request would need a new fetch and MaxOriginFetches are
+// running, unless it can join one for some of its blocks, in which case
+// the others are left out (NOT_FOUND).
+func (n *Node) originFor(ctx context.Context, p peer.ID, q request) (fetched map[string][]byte, lead *originCall, ok bool) {
 	s := n.swarm(q.image)
 	fetch := n.originFetch(q.image)
 	if fetch == nil || s == nil {
-		return nil, true // not joined, or no origin: what it holds, NOT_FOUND for the rest
+		return nil, nil, true // not joined, or no origin: what it holds, NOT_FOUND for the rest
 	}
 	var need []flat.Block
 	cidOf := map[flat.BlockID]string{}
@@ -168,12 +206,12 @@ func (n *Node) originFor(ctx context.Context, q request) (map[string][]byte, boo
 		need = append(need, s.blocks[i])
 	}
 	if len(need) == 0 {
-		return nil, true
+		return nil, nil, true
 	}
 
-	waits, ok := n.startOrigin(s.digest, fetch, need, true)
+	waits, ok := n.startOrigin(s.digest, fetch, need, p)
 	if !ok {
-		return nil, false
+		return nil, nil, false
 	}
 
 	n.st.originWaiting.Add(1)
@@ -186,20 +224,31 @@ func (n *Node) originFor(ctx context.Context, q request) (map[string][]byte, boo
 				out[cidOf[id]] = c.data
 			}
 		case <-ctx.Done():
-			return out, true
+			return out, nil, true
 		}
 	}
-	return out, true
+	for _, b := range need {
+		if c := waits[b.ID]; c != nil {
+			if c.data != nil {
+				lead = c
+			}
+			break
+		}
+	}
+	return out, lead, true
 }
 
 // startOrigin starts fetching blocks through fetch, except those
 // already being fetched, and returns the fetches that will deliver each of
-// blocks. For peers (forPeers), a new fetch needs one of MaxOriginFetches
-// slots: with none free it starts nothing and, if some of blocks are being
-// fetched already, returns those alone, else reports false (BUSY). The
-// node's fetches of the blocks it is designated for take no slot: they
-// are the fetches its chains would make anyway, only earlier.
-func (n *Node) startOrigin(image string, fetch func(context.Context, []flat.Block) (map[flat.BlockID][]byte, error), blocks []flat.Block, forPeers bool) (map[flat.BlockID]*originCall, bool) {
+// blocks. For a peer's ORIGIN request (asker set), a new fetch needs one
+// of MaxOriginFetches slots: with none free it starts nothing and, if
+// some of blocks are being fetched already, returns those alone, else
+// reports false (BUSY); the asker is recorded on each fetch it waits for
+// (FirstCopies). The node's fetches of the blocks it is designated for
+// (asker "") take no slot: they are the fetches its chains would make
+// anyway, only earlier.
+func (n *Node) startOrigin(image string, fetch func(context.Context, []flat.Block) (map[flat.BlockID][]byte, error), blocks []flat.Block, asker peer.ID) (map[flat.BlockID]*originCall, bool) {
+	forPeers := asker != ""
 	g := n.origin
 	g.mu.Lock()
 	var fresh []flat.Block
@@ -232,6 +281,13 @@ func (n *Node) startOrigin(image string, fetch func(context.Context, []flat.Bloc
 		c := &originCall{done: make(chan struct{})}
 		g.calls[b.ID] = c
 		waits[b.ID] = c
+	}
+	if forPeers {
+		for _, c := range waits {
+			if len(c.askers) < maxAskersTracked {
+				c.askers = append(c.askers, asker)
+			}
+		}
 	}
 	g.mu.Unlock()
 	if len(fresh) > 0 {
@@ -266,6 +322,9 @@ func (n *Node) publishOrigin(blocks []flat.Block, got map[flat.BlockID][]byte, s
 		delete(g.calls, b.ID)
 		if d, ok := got[b.ID]; ok && len(d) == int(b.ULen) && len(d) <= MaxBlockFrame {
 			c.data = d
+		}
+		if len(c.askers) > 0 {
+			c.first = FirstCopies(b.ID, c.askers, n.cfg.MaxUploadStreams)
 		}
 		close(c.done)
 	}

@@ -1,7 +1,9 @@
 package p2p
 
 import (
+	"bytes"
 	"encoding/binary"
+	"fmt"
 	"math/rand/v2"
 	"slices"
 	"testing"
@@ -432,5 +434,75 @@ func TestSampleProviders(t *testing.T) {
 	}
 	if got := SampleProviders([]int(nil), 3, rng); len(got) != 0 {
 		t.Fatalf("empty pool: %v", got)
+	}
+}
+
+func TestFirstCopies(t *testing.T) {
+	t.Parallel()
+	peers := testPeerIDs(t, 41, 20)
+	block := flat.Sum([]byte("first copies"))
+	want := FirstCopies(block, peers, 4)
+	if len(want) != 4 {
+		t.Fatalf("picked %d of 20: %v", len(want), want)
+	}
+	// The k lowest scores, in order: compare against a full sort.
+	sorted := slices.Clone(peers)
+	slices.SortFunc(sorted, func(a, b peer.ID) int {
+		sa, sb := firstCopyScore(block, a), firstCopyScore(block, b)
+		return bytes.Compare(sa[:], sb[:])
+	})
+	if !slices.Equal(want, sorted[:4]) {
+		t.Errorf("picked %v, want the 4 lowest scores %v", want, sorted[:4])
+	}
+	// Independent of arrival order and of duplicates.
+	rng := rand.New(rand.NewPCG(5, 6))
+	for range 10 {
+		askers := append(slices.Clone(peers), peers[3], peers[7], peers[3])
+		rng.Shuffle(len(askers), func(a, b int) { askers[a], askers[b] = askers[b], askers[a] })
+		if got := FirstCopies(block, askers, 4); !slices.Equal(got, want) {
+			t.Fatalf("shuffled with duplicates: %v, want %v", got, want)
+		}
+	}
+	// Fewer askers than copies: all of them.
+	if got := FirstCopies(block, append(peers[:2:2], peers[0]), 4); len(got) != 2 {
+		t.Errorf("2 askers: picked %v", got)
+	}
+	if got := FirstCopies(block, peers, 0); len(got) != 0 {
+		t.Errorf("k 0: picked %v", got)
+	}
+	// Another block picks others: over many blocks every asker gets
+	// some first copies.
+	count := map[peer.ID]int{}
+	for i := range 200 {
+		for _, p := range FirstCopies(flat.Sum(fmt.Appendf(nil, "block %d", i)), peers, 4) {
+			count[p]++
+		}
+	}
+	for _, p := range peers {
+		if c := count[p]; c < 10 || c > 80 {
+			t.Errorf("peer picked for %d of 200 blocks' first copies (4 of 20 each: 40 expected)", c)
+		}
+	}
+}
+
+func TestSpreadPolicy(t *testing.T) {
+	t.Parallel()
+	for _, c := range []struct {
+		copies, limit int
+		want          bool
+	}{{0, 2, false}, {1, 2, false}, {2, 2, true}, {5, 2, true}, {100, 0, false}, {100, -1, false}} {
+		if got := Spread(c.copies, c.limit); got != c.want {
+			t.Errorf("Spread(%d, %d) = %v, want %v", c.copies, c.limit, got, c.want)
+		}
+	}
+	const wait = 100 * time.Millisecond
+	for _, c := range []struct {
+		waited time.Duration
+		others bool
+		want   bool
+	}{{0, false, false}, {99 * time.Millisecond, false, false}, {wait, false, true}, {time.Second, true, false}} {
+		if got := ForceSpread(c.waited, wait, c.others); got != c.want {
+			t.Errorf("ForceSpread(%v, %v, others %v) = %v, want %v", c.waited, wait, c.others, got, c.want)
+		}
 	}
 }

@@ -67,6 +67,8 @@ func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[f
 		coming:   map[flat.BlockID]bool{},
 		asked:    map[flat.BlockID]bool{},
 		pending:  map[flat.BlockID]int{},
+		spread:   map[flat.BlockID]map[peer.ID]bool{},
+		spreadAt: map[flat.BlockID]time.Time{},
 		news:     make(chan struct{}),
 	}
 	deadline := ps.n.cfg.Clock.Now().Add(ps.n.cfg.OriginWait)
@@ -144,6 +146,8 @@ type fetchState struct {
 	coming                              map[flat.BlockID]bool             // a designated fetcher answered COMING
 	asked                               map[flat.BlockID]bool             // planned for origin coalescing in this call
 	pending                             map[flat.BlockID]int              // ORIGIN requests for the block not answered yet
+	spread                              map[flat.BlockID]map[peer.ID]bool // holders that answered the block COMING (Spread)
+	spreadAt                            map[flat.BlockID]time.Time        // when the block's first COMING answer came
 	news                                chan struct{}                     // closed (and replaced) when a block arrives or an ORIGIN request ends
 	errBusy, errBad, errFail, errOrigin error
 }
@@ -158,7 +162,12 @@ func (ps *PeerSource) round(ctx context.Context, a assignment, f *fetchState) {
 			slots <- struct{}{}
 			defer func() { <-slots }()
 			for _, batch := range batches(bs) {
-				if !ps.runBatch(ctx, p, batch, a.backup, f) {
+				var flags uint64
+				if slices.ContainsFunc(batch, func(b flat.Block) bool { return a.force[b.ID] }) {
+					flags = flagForce
+					ps.n.st.forced.Add(1)
+				}
+				if !ps.runBatch(ctx, p, batch, a.backup, flags, f) {
 					return
 				}
 			}
@@ -270,7 +279,8 @@ type assignment struct {
 	byPeer  map[peer.ID][]flat.Block // by first choice
 	backup  map[flat.BlockID]peer.ID // second choice, for hedging
 	planned map[flat.BlockID]bool
-	none    []flat.Block // no usable holder
+	force   map[flat.BlockID]bool // asked of holders that answered COMING (ForceSpread)
+	none    []flat.Block          // no usable holder
 	// unheld are the blocks of none that no peer holds at all (not just
 	// none that may be asked now: a holder resting after BUSY will serve
 	// them in a moment, and await asks it then). They go to origin
@@ -286,10 +296,28 @@ func (ps *PeerSource) plan(want []flat.Block, f *fetchState, rng Rand) assignmen
 	holders := make([][]peer.ID, len(want))
 	var views []PeerView
 	seen := map[peer.ID]bool{}
+	held := make([]bool, len(want))
+	force := map[flat.BlockID]bool{}
 	f.mu.Lock()
 	for i, b := range want {
-		for _, p := range n.holders(b.ID) {
+		hs := n.holders(b.ID)
+		// Holders that answered the block COMING are asked again (FORCE)
+		// only when no other holder may be asked and SpreadWait has
+		// passed; until then await waits for the block to show up at
+		// holders that have not sent it yet.
+		sp := f.spread[b.ID]
+		if len(sp) > 0 {
+			others := slices.ContainsFunc(hs, func(p peer.ID) bool {
+				return !sp[p] && !f.tried[b.ID][p] && !f.excluded[p] && n.peers.designatable(p, now)
+			})
+			force[b.ID] = ForceSpread(now.Sub(f.spreadAt[b.ID]), n.cfg.SpreadWait, others)
+		}
+		for _, p := range hs {
 			if f.tried[b.ID][p] {
+				continue
+			}
+			held[i] = true
+			if sp[p] && !force[b.ID] {
 				continue
 			}
 			holders[i] = append(holders[i], p)
@@ -307,17 +335,18 @@ func (ps *PeerSource) plan(want []flat.Block, f *fetchState, rng Rand) assignmen
 	}
 	f.mu.Unlock()
 	first, second := Assign(ChoosePeers(views, Labels{Zone: n.cfg.Zone, Rack: n.cfg.Rack}, rng), holders)
-	a := assignment{byPeer: map[peer.ID][]flat.Block{}, backup: map[flat.BlockID]peer.ID{}, planned: map[flat.BlockID]bool{}}
+	a := assignment{byPeer: map[peer.ID][]flat.Block{}, backup: map[flat.BlockID]peer.ID{}, planned: map[flat.BlockID]bool{}, force: map[flat.BlockID]bool{}}
 	for i, b := range want {
 		if first[i] == "" {
 			a.none = append(a.none, b)
-			if len(holders[i]) == 0 {
+			if !held[i] {
 				a.unheld = append(a.unheld, b)
 			}
 			continue
 		}
 		a.byPeer[first[i]] = append(a.byPeer[first[i]], b)
 		a.planned[b.ID] = true
+		a.force[b.ID] = force[b.ID]
 		if second[i] != "" {
 			a.backup[b.ID] = second[i]
 		}
@@ -339,7 +368,7 @@ type result struct {
 // whichever request delivers it first, and the other requests are
 // cancelled once the batch is complete. It reports whether p may be asked
 // for more in this round.
-func (ps *PeerSource) runBatch(ctx context.Context, p peer.ID, batch []flat.Block, backup map[flat.BlockID]peer.ID, f *fetchState) bool {
+func (ps *PeerSource) runBatch(ctx context.Context, p peer.ID, batch []flat.Block, backup map[flat.BlockID]peer.ID, flags uint64, f *fetchState) bool {
 	n := ps.n
 	bctx, cancel := context.WithCancel(ctx)
 	defer cancel()
@@ -364,7 +393,7 @@ func (ps *PeerSource) runBatch(ctx context.Context, p peer.ID, batch []flat.Bloc
 	launch := func(q peer.ID, bs []flat.Block, hedge bool, onAnswer func()) {
 		go func() {
 			start := time.Now()
-			o := n.request(bctx, q, ps.image, bs, reqOpts{onAnswer: onAnswer, deliver: deliver})
+			o := n.request(bctx, q, ps.image, bs, reqOpts{flags: flags, onAnswer: onAnswer, deliver: deliver})
 			results <- result{p: q, o: o, hedge: hedge, took: time.Since(start)}
 		}()
 	}
@@ -429,6 +458,19 @@ func (ps *PeerSource) record(ctx context.Context, r result, complete bool, f *fe
 	f.mu.Unlock()
 	for _, b := range o.notFound {
 		n.forget(p, b.ID)
+	}
+	if len(o.spread) > 0 {
+		n.st.spreadRecv.Add(int64(len(o.spread)))
+		now := n.cfg.Clock.Now()
+		f.mu.Lock()
+		for _, b := range o.spread {
+			if f.spread[b.ID] == nil {
+				f.spread[b.ID] = map[peer.ID]bool{}
+				f.spreadAt[b.ID] = now
+			}
+			f.spread[b.ID][p] = true
+		}
+		f.mu.Unlock()
 	}
 	if r.hedge && len(o.got) > 0 {
 		n.st.hedgeWins.Add(1)
@@ -563,7 +605,7 @@ func (ps *PeerSource) planOrigin(blocks []flat.Block, f *fetchState) map[peer.ID
 	}
 	f.mu.Unlock()
 	if fetch := n.originFetch(ps.image); len(own) > 0 && fetch != nil {
-		n.startOrigin(ps.image, fetch, own, false) // not waited for: the registry source joins it
+		n.startOrigin(ps.image, fetch, own, "") // not waited for: the registry source joins it
 	}
 	return ask
 }
@@ -611,6 +653,11 @@ func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, batch []flat.
 		return false
 	case len(o.notFound) > 0:
 		f.errOrigin = cmp.Or(f.errOrigin, fmt.Errorf("designated fetcher %s could not fetch %d of %d blocks", p, len(o.notFound), asked))
+	}
+	for _, b := range o.spread {
+		if _, got := f.out[b.ID]; !got {
+			f.coming[b.ID] = true
+		}
 	}
 	return true
 }

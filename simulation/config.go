@@ -231,6 +231,8 @@ func (c Config) Defaults() Config {
 	setI(&s.MaxImagePeers, d.MaxImagePeers)
 	setI(&s.DiscoveryPool, d.DiscoveryPool)
 	setD(&s.BusyBackoff, d.BusyBackoff)
+	setI(&s.SpreadCopies, d.SpreadCopies)
+	setD(&s.SpreadWait, d.SpreadWait)
 	setD(&s.HedgeDelay, d.HedgeDelay)
 	setD(&s.OriginWait, d.OriginWait)
 	setI(&s.MaxOriginFetches, d.MaxOriginFetches)

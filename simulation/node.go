@@ -40,6 +40,7 @@ type counters struct {
 	registryMetaBytes, registryBlockBytes, registryLayerBytes float64
 	blobsFromPeers                                            [nBlobs]int
 	blobRequests, comingAnswers, awaitRounds                  int64
+	spreadAnswers, forcedRequests, firstCopyPassed            int64
 	designatedOwn, fellThrough, awaitTimeouts                 int64
 	blobDelivered                                             float64 // manifests and indexes sent by peers
 	registryRequests                                          int64
@@ -81,7 +82,8 @@ type simNode struct {
 
 	held         float64                     // uncompressed bytes of the blocks it holds
 	blocksUp     float64                     // block bytes sent to peers (the upload share)
-	originCopies map[uint32]int              // blocks sent in ORIGIN answers
+	originCopies map[uint32]int              // copies sent of each block (ORIGIN and plain answers)
+	calls        map[uint32]*fetchCall       // registry fetches ORIGIN requests wait for
 	slotQueue    []func(release func()) bool // ORIGIN first copies waiting for a slot
 	viewDirty    bool                        // sessions changed since view was computed
 	view         []peer.ID                   // originView's last answer
@@ -140,6 +142,7 @@ func newWorld(cfg Config) *world {
 			waiters:      map[uint32][]func(){},
 			conn:         map[int32]bool{},
 			originCopies: map[uint32]int{},
+			calls:        map[uint32]*fetchCall{},
 			sessionSet:   map[int32]bool{},
 			scores:       p2p.NewPeerScores(),
 			slots:        p2p.NewUploadSlots(cfg.Swarm.MaxUploadStreams),

@@ -53,6 +53,8 @@ type Params struct {
 	Prefetch            int     `json:"prefetch_blocks"`
 	DHTRandomProviders  bool    `json:"dht_random_providers,omitempty"`
 	MaxUploadStreams    int     `json:"max_upload_streams"`
+	SpreadCopies        int     `json:"spread_copies"`
+	SpreadWaitMS        float64 `json:"spread_wait_ms"`
 	MaxImagePeers       int     `json:"max_image_peers"`
 	OriginWaitS         float64 `json:"origin_wait_s"`
 	AnnounceIntervalMS  float64 `json:"announce_interval_ms"`
@@ -81,6 +83,7 @@ func ParamsOf(cfg Config) Params {
 		Prefetch:           c.Prefetch,
 		DHTRandomProviders: c.DHTRandomProviders,
 		MaxUploadStreams:   c.Swarm.MaxUploadStreams, MaxImagePeers: c.Swarm.MaxImagePeers,
+		SpreadCopies: c.Swarm.SpreadCopies, SpreadWaitMS: ms(c.Swarm.SpreadWait),
 		OriginWaitS: c.Swarm.OriginWait.Seconds(), AnnounceIntervalMS: ms(c.Swarm.AnnounceInterval),
 		UploadBytesPerSec: c.Swarm.UploadBytesPerSec,
 	}

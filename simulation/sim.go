@@ -67,6 +67,13 @@ type Result struct {
 	BlobRequests       int64 `json:"blob_requests"`
 	ComingAnswers      int64 `json:"coming_answers"`
 	AwaitRounds        int64 `json:"await_rounds"`
+	// Blocks answered COMING because the holder had sent them to
+	// SpreadCopies peers, and requests sent with FORCE after SpreadWait.
+	SpreadAnswers  int64 `json:"spread_answers"`
+	ForcedRequests int64 `json:"forced_requests"`
+	// ORIGIN requests answered COMING because other askers of the same
+	// fetch were picked for the first copies (p2p.FirstCopies).
+	FirstCopyPassed int64 `json:"first_copy_passed"`
 	// Blocks a node read from the registry as their designated fetcher
 	// (for itself), and blocks the swarm did not deliver (of which
 	// AwaitTimeouts were still awaited at OriginWait).
@@ -131,6 +138,9 @@ func (w *world) result() *Result {
 		BlobRequests:        w.st.blobRequests,
 		ComingAnswers:       w.st.comingAnswers,
 		AwaitRounds:         w.st.awaitRounds,
+		SpreadAnswers:       w.st.spreadAnswers,
+		ForcedRequests:      w.st.forcedRequests,
+		FirstCopyPassed:     w.st.firstCopyPassed,
 		DesignatedOwnBlocks: w.st.designatedOwn,
 		FellThroughBlocks:   w.st.fellThrough,
 		AwaitTimeouts:       w.st.awaitTimeouts,

@@ -43,16 +43,22 @@ type pcall struct {
 	awaiting bool
 	wakeGen  int
 	sleeping *awaiter // while asleep in the await phase
+	// Holders that answered a block COMING (p2p.Spread), and when the
+	// first did.
+	spread   map[uint32]map[int32]bool
+	spreadAt map[uint32]time.Duration
 }
 
 type peerWork struct {
 	p      int32
 	blocks []uint32
+	force  map[uint32]bool // blocks asked with FORCE (p2p.ForceSpread)
 }
 
 // fetchPeers runs one FetchMany over blocks.
 func (w *world) fetchPeers(n *simNode, blocks []uint32, then func(missing []uint32)) {
 	c := &pcall{w: w, n: n, all: blocks, want: blocks, excluded: map[int32]bool{}, then: then,
+		spread: map[uint32]map[int32]bool{}, spreadAt: map[uint32]time.Duration{},
 		own: map[uint32]bool{}, coming: map[uint32]bool{}, asked: map[uint32]bool{}, pending: map[uint32]int{},
 		deadline: w.e.now + w.cfg.Swarm.OriginWait}
 	c.plan()
@@ -65,10 +71,28 @@ func (c *pcall) plan() {
 	holders := make([][]peer.ID, len(c.want))
 	var views []p2p.PeerView
 	seen := map[int32]bool{}
+	held := make([]bool, len(c.want))
+	force := map[uint32]bool{}
 	for i, b := range c.want {
+		sp := c.spread[b]
+		if len(sp) > 0 {
+			others := false
+			for _, p := range n.sessions {
+				q := w.nodes[p]
+				if q.have[b] && q.visible[b]+w.oneWay(n, q) <= w.e.now && !sp[p] && !c.excluded[p] && n.scores.Designatable(q.pid, now) {
+					others = true
+					break
+				}
+			}
+			force[b] = p2p.ForceSpread(w.e.now-c.spreadAt[b], w.cfg.Swarm.SpreadWait, others)
+		}
 		for _, p := range n.sessions {
 			q := w.nodes[p]
 			if !q.have[b] || q.visible[b]+w.oneWay(n, q) > w.e.now {
+				continue
+			}
+			held[i] = true
+			if sp[p] && !force[b] {
 				continue
 			}
 			holders[i] = append(holders[i], q.pid)
@@ -91,7 +115,7 @@ func (c *pcall) plan() {
 	c.queue = c.queue[:0]
 	for i, b := range c.want {
 		if first[i] == "" {
-			if len(holders[i]) == 0 {
+			if !held[i] {
 				none = append(none, b)
 			}
 			continue
@@ -104,6 +128,12 @@ func (c *pcall) plan() {
 			c.queue = append(c.queue, peerWork{p: p})
 		}
 		c.queue[k].blocks = append(c.queue[k].blocks, b)
+		if force[b] {
+			if c.queue[k].force == nil {
+				c.queue[k].force = map[uint32]bool{}
+			}
+			c.queue[k].force[b] = true
+		}
 		c.planned[b] = true
 		_ = second[i] // hedging's second choice: see request
 	}
@@ -157,7 +187,19 @@ func (c *pcall) startPeer() {
 			c.peerDone()
 			return
 		}
-		c.w.request(c.n, c.w.nodes[pw.p], c.w.positions(batches[k], c.w.im.pos), func(ok bool) {
+		batch := c.w.positions(batches[k], c.w.im.pos)
+		force := slices.ContainsFunc(batch, func(b uint32) bool { return pw.force[b] })
+		if force {
+			c.w.st.forcedRequests++
+		}
+		c.w.request(c.n, c.w.nodes[pw.p], batch, force, func(ok bool, spread []uint32) {
+			for _, b := range spread {
+				if c.spread[b] == nil {
+					c.spread[b] = map[int32]bool{}
+					c.spreadAt[b] = c.w.e.now
+				}
+				c.spread[b][pw.p] = true
+			}
 			if !ok {
 				// BUSY: it rests (BusyBackoff), not excluded from the call.
 				c.peerDone()
@@ -404,7 +446,7 @@ func (c *pcall) origin(none []uint32) {
 // request is one block request from n to q (p2p's request and handleBlock):
 // q serves it if one of its upload slots is free, else answers BUSY. cb
 // gets whether q may be asked again in this call.
-func (w *world) request(n, q *simNode, blocks []uint32, cb func(ok bool)) {
+func (w *world) request(n, q *simNode, blocks []uint32, force bool, cb func(ok bool, spread []uint32)) {
 	w.st.peerRequests++
 	n.peerReqs++
 	n.scores.Begin(q.pid)
@@ -419,20 +461,47 @@ func (w *world) request(n, q *simNode, blocks []uint32, cb func(ok bool)) {
 		w.st.hedgesDue++
 	}
 	w.e.after(ow, func() {
-		rel, ok := q.slots.TryAcquire()
-		if ok && p2p.OverShare(int64(q.blocksUp), int64(q.held), w.cfg.Swarm.UploadShare) && !w.rare(q, blocks) {
-			rel() // over its share of uploads: BUSY
-			ok = false
-		}
-		if !ok {
+		busy := func() {
 			w.st.busyAnswers++
 			w.e.after(ow, func() {
 				n.scores.End(q.pid)
 				n.scores.Busy(q.pid, w.e.wall().Add(w.cfg.Swarm.BusyBackoff))
-				cb(false)
+				cb(false, nil)
+			})
+		}
+		if p2p.OverShare(int64(q.blocksUp), int64(q.held), w.cfg.Swarm.UploadShare) && !w.rare(q, blocks) {
+			busy() // over its share of uploads
+			return
+		}
+		// handleBlock's take: each block goes to at most SpreadCopies
+		// peers unless forced; the rest are answered COMING.
+		var send, spread []uint32
+		for _, b := range blocks {
+			if !force && p2p.Spread(q.originCopies[b], w.cfg.Swarm.SpreadCopies) {
+				spread = append(spread, b)
+				continue
+			}
+			q.originCopies[b]++
+			send = append(send, b)
+		}
+		w.st.spreadAnswers += int64(len(spread))
+		if len(send) == 0 {
+			w.e.after(ow, func() {
+				n.scores.End(q.pid)
+				n.scores.Success(q.pid, 2*ow, 0)
+				cb(true, spread)
 			})
 			return
 		}
+		rel, ok := q.slots.TryAcquire()
+		if !ok {
+			for _, b := range send {
+				q.originCopies[b]--
+			}
+			busy()
+			return
+		}
+		blocks = send
 		var size float64
 		for _, b := range blocks {
 			size += float64(w.im.blocks[b].ULen)
@@ -449,7 +518,7 @@ func (w *world) request(n, q *simNode, blocks []uint32, cb func(ok bool)) {
 					for _, b := range blocks {
 						w.acquire(n, b, true)
 					}
-					cb(true)
+					cb(true, spread)
 				})
 			})
 		})
@@ -586,6 +655,24 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 		if slot {
 			w.onHave(q, fresh, func() { q.originFree++ })
 		}
+		// The asker is recorded on each fetch it waits for; the fetch of
+		// the first block of the request it waits for decides whether it
+		// gets first copies (originFor's lead, p2p.FirstCopies).
+		var lead *fetchCall
+		for _, b := range blocks {
+			if !slices.Contains(waits, b) {
+				continue
+			}
+			c := q.calls[b]
+			if c == nil {
+				c = &fetchCall{block: b}
+				q.calls[b] = c
+			}
+			c.askers = append(c.askers, n.pid)
+			if lead == nil {
+				lead = c
+			}
+		}
 		w.onHave(q, waits, func() {
 			serve := func(rel func()) {
 				if r.cancelled {
@@ -635,6 +722,11 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 					}
 				})
 			}
+			if lead != nil && !slices.Contains(w.firstCopies(q, lead), n.pid) {
+				w.st.firstCopyPassed++
+				coming()
+				return
+			}
 			var avail []uint32
 			spread := true
 			for _, b := range blocks {
@@ -682,4 +774,27 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 		})
 	})
 	return r
+}
+
+// fetchCall is an origin fetch of one block for ORIGIN requests (p2p's
+// originCall): the askers that wait for it, and the ones picked for its
+// first copies once it is done.
+type fetchCall struct {
+	block  uint32
+	askers []peer.ID
+	first  []peer.ID
+	picked bool
+}
+
+// firstCopies is publishOrigin's pick (p2p.FirstCopies), made once the
+// block is held; later ORIGIN requests for it wait for no fetch.
+func (w *world) firstCopies(q *simNode, c *fetchCall) []peer.ID {
+	if !c.picked {
+		c.picked = true
+		c.first = p2p.FirstCopies(w.im.blocks[c.block].ID, c.askers, w.cfg.Swarm.MaxUploadStreams)
+		if q.calls[c.block] == c {
+			delete(q.calls, c.block)
+		}
+	}
+	return c.first
 }

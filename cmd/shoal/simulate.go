@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/shoal-project/shoal/p2p"
 	"github.com/shoal-project/shoal/simulation"
 )
 
@@ -31,6 +32,8 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		waveIv     = fs.Duration("wave-interval", 10*time.Second, "time between waves")
 		hostCores  = fs.Int("host-cores", 0, "put every node on one machine with this many cores (0: each node has its own)")
 		prefetch   = fs.Int("prefetch", 0, "blocks of the fill order each node prefetches after mounting (-1: the whole image)")
+		spreadN    = fs.Int("spread-copies", 0, "copies of a block a node sends before answering COMING (0: the daemon's default; -1: no limit)")
+		spreadWait = fs.Duration("spread-wait", 0, "wait for another holder before asking again with FORCE (0: the daemon's default)")
 		randomDHT  = fs.Bool("dht-random-providers", false, "what-if: a DHT lookup returns random providers instead of the earliest")
 		out        = fs.String("out", "", "directory for <name>.json and the SVG plots (default: JSON on stdout only)")
 		name       = fs.String("name", "rollout", "file name prefix of the results in --out")
@@ -85,6 +88,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			RegistryBytesPerSec: *regMbps * 1e6 / 8, NodeUpBytesPerSec: *nodeMbps * 1e6 / 8, NodeDownBytesPerSec: *nodeMbps * 1e6 / 8,
 			Waves: *waves, WaveInterval: *waveIv, HostCores: *hostCores, Prefetch: *prefetch, DHTRandomProviders: *randomDHT,
 			Limit: 72 * time.Hour,
+			Swarm: p2p.Config{SpreadCopies: *spreadN, SpreadWait: *spreadWait},
 		},
 		Nodes: counts, Strategies: strats,
 		Progress: func(r *simulation.Result, wall time.Duration) {
