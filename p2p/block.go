@@ -211,6 +211,7 @@ func (n *Node) handleBlock(st network.Stream) {
 			if err := write(appendBlockHeader(nil, statusComing, c, 0)); err != nil {
 				if release != nil {
 					release()
+					n.origin.unreserve(cids) // not sent
 				}
 				st.Reset()
 				return

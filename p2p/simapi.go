@@ -40,6 +40,18 @@ const (
 // block).
 func Batches(bs []flat.Block) [][]flat.Block { return batches(bs) }
 
+// ForceBatches splits one peer's blocks into requests as a FetchMany round
+// does when some of them are asked with FORCE (ForceSpread): those apart,
+// first. forced[i] says whether batch i is sent with FORCE.
+func ForceBatches(bs []flat.Block, force map[flat.BlockID]bool) (batches [][]flat.Block, forced []bool) {
+	batches, flags := forceBatches(bs, force)
+	forced = make([]bool, len(flags))
+	for i, f := range flags {
+		forced[i] = f&flagForce != 0
+	}
+	return batches, forced
+}
+
 // PeerScores is the table a node keeps about its peers — labels, latency
 // EWMA, requests in flight, rests after BUSY or failures — and the view of
 // it that ChoosePeers ranks. It is not safe for concurrent use beyond what

@@ -161,13 +161,12 @@ func (ps *PeerSource) round(ctx context.Context, a assignment, f *fetchState) {
 		wg.Go(func() {
 			slots <- struct{}{}
 			defer func() { <-slots }()
-			for _, batch := range batches(bs) {
-				var flags uint64
-				if slices.ContainsFunc(batch, func(b flat.Block) bool { return a.force[b.ID] }) {
-					flags = flagForce
+			bs, flags := forceBatches(bs, a.force)
+			for i, batch := range bs {
+				if flags[i]&flagForce != 0 {
 					ps.n.st.forced.Add(1)
 				}
-				if !ps.runBatch(ctx, p, batch, a.backup, flags, f) {
+				if !ps.runBatch(ctx, p, batch, a.backup, flags[i], f) {
 					return
 				}
 			}
@@ -695,6 +694,28 @@ func (n *Node) originView(image string) []peer.ID {
 func (n *Node) latency(p peer.ID) time.Duration {
 	pi, _ := n.peers.info(p)
 	return pi.Latency
+}
+
+// forceBatches splits one peer's blocks into requests (batches) with
+// their flags: the blocks to ask with FORCE first, apart, so that FORCE
+// covers only them — a FORCE request for a whole batch would take every
+// block of it past its holder's SpreadCopies.
+func forceBatches(bs []flat.Block, force map[flat.BlockID]bool) ([][]flat.Block, []uint64) {
+	var forced, plain []flat.Block
+	for _, b := range bs {
+		if force[b.ID] {
+			forced = append(forced, b)
+		} else {
+			plain = append(plain, b)
+		}
+	}
+	out := batches(forced)
+	flags := make([]uint64, len(out))
+	for i := range flags {
+		flags[i] = flagForce
+	}
+	pb := batches(plain)
+	return append(out, pb...), append(flags, make([]uint64, len(pb))...)
 }
 
 // batches splits one peer's blocks into requests of at most

@@ -261,3 +261,22 @@ func TestFirstCopiesServer(t *testing.T) {
 	// them so that a failure of the pick shows.
 	t.Logf("picked %v of arrival order %v", picked, ids)
 }
+
+// FORCE covers only the blocks that need it: a peer's forced blocks go in
+// their own requests, first.
+func TestForceBatches(t *testing.T) {
+	t.Parallel()
+	im := newTestImage("force-batches", 6, 1<<10)
+	bs := im.index.Blocks
+	force := map[flat.BlockID]bool{bs[1].ID: true, bs[4].ID: true}
+	got, flags := forceBatches(bs, force)
+	if len(got) != 2 || flags[0] != flagForce || flags[1] != 0 {
+		t.Fatalf("%d batches, flags %v; want a FORCE batch, then a plain one", len(got), flags)
+	}
+	if !slices.Equal(got[0], []flat.Block{bs[1], bs[4]}) || !slices.Equal(got[1], []flat.Block{bs[0], bs[2], bs[3], bs[5]}) {
+		t.Errorf("batches %v", got)
+	}
+	if got, flags := forceBatches(bs, nil); len(got) != 1 || flags[0] != 0 || len(got[0]) != len(bs) {
+		t.Errorf("nothing forced: %d batches, flags %v", len(got), flags)
+	}
+}

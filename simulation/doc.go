@@ -19,13 +19,18 @@
 //     the lookup's providers and the node's sessions), p2p.PlanOrigin and
 //     p2p.Designate for the blocks nobody holds and for the manifest and
 //     the index; p2p.OriginSpread (COMING after as many ORIGIN copies as
-//     upload slots);
+//     upload slots); p2p.FirstCopies (which askers of a fetch get those
+//     copies);
+//   - spreading: p2p.Spread (a holder answers a block COMING once it has
+//     sent it SpreadCopies times) and p2p.ForceSpread (when a reader asks
+//     such holders again with FORCE);
 //   - request batching: p2p.Batches; rounds and parallelism: p2p.MaxRounds,
 //     p2p.ParallelPeers; hedging: p2p.HedgeDelay;
 //   - upload limits: p2p.UploadSlots (BUSY when no slot is free) and
 //     p2p.OverShare (BUSY past a node's share of the image's uploads);
 //   - discovery: p2p.SampleProviders;
-//   - every default (upload slots, upload share, announce interval, origin
+//   - every default (upload slots, upload share, spread copies and wait,
+//     announce interval, origin
 //     wait, busy back-off, origin fetch slots, image peers, discovery
 //     pool): p2p.Defaults;
 //   - prefetch order: seeder.Order.

@@ -6,6 +6,7 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/peer"
 
+	"github.com/shoal-project/shoal/flat"
 	"github.com/shoal-project/shoal/p2p"
 )
 
@@ -180,7 +181,14 @@ func (c *pcall) startPeer() {
 	pw := c.queue[0]
 	c.queue = c.queue[1:]
 	c.active++
-	batches := p2p.Batches(c.w.blocksOf(pw.blocks))
+	var force map[flat.BlockID]bool
+	for b := range pw.force {
+		if force == nil {
+			force = map[flat.BlockID]bool{}
+		}
+		force[c.w.im.blocks[b].ID] = true
+	}
+	batches, forced := p2p.ForceBatches(c.w.blocksOf(pw.blocks), force)
 	var next func(k int)
 	next = func(k int) {
 		if k == len(batches) {
@@ -188,11 +196,10 @@ func (c *pcall) startPeer() {
 			return
 		}
 		batch := c.w.positions(batches[k], c.w.im.pos)
-		force := slices.ContainsFunc(batch, func(b uint32) bool { return pw.force[b] })
-		if force {
+		if forced[k] {
 			c.w.st.forcedRequests++
 		}
-		c.w.request(c.n, c.w.nodes[pw.p], batch, force, func(ok bool, spread []uint32) {
+		c.w.request(c.n, c.w.nodes[pw.p], batch, forced[k], func(ok bool, spread []uint32) {
 			for _, b := range spread {
 				if c.spread[b] == nil {
 					c.spread[b] = map[int32]bool{}
