@@ -402,7 +402,7 @@ func firstCopyScore(block flat.BlockID, p peer.ID) [sha256.Size]byte {
 // nodes — those whose requests happened to arrive first, for every block
 // at once when nodes prefetch a trace — and readers then queued at them
 // (the simulator, 1,000 nodes with a trace: busiest 3.8× the mean upload
-// and p99 1.40 s first come, first served; 3.2× and 1.22 s picked).
+// and p99 1.40 s first come, first served; 3.0× and 1.20 s picked).
 func FirstCopies(block flat.BlockID, askers []peer.ID, k int) []peer.ID {
 	type scored struct {
 		p peer.ID
