@@ -281,7 +281,8 @@ func TestPassthroughMixedOpens(t *testing.T) {
 	defer held.Close()
 	readCheck(t, m, im, "data/random3") // its release materializes
 	bp := backingPath(t, im, backing, "data/random3")
-	waitFor(t, "materialization", 10*time.Second, func() bool { return exists(bp) })
+	// Renamed into place, then booked (Materialized): wait for both.
+	waitFor(t, "materialization", 10*time.Second, func() bool { return exists(bp) && m.Stats().Materialized >= 1 })
 
 	// Opens while a cached handle is open: cached too.
 	for range 3 {
@@ -506,9 +507,12 @@ func TestPassthroughStaleFiles(t *testing.T) {
 	}
 	m := mountT(t, im.x, newLocalFetcher(im), WithBackingDir(backing, 64<<20))
 	readCheck(t, m, im, "data/random1") // the short file is dropped, then rewritten
+	// The file is renamed into place before the mount books it (commit,
+	// then the Materialized count): wait for the count, or the next open
+	// may come between the two and not be backed.
 	waitFor(t, "rematerialization", 10*time.Second, func() bool {
 		fi, err := os.Stat(bp)
-		return err == nil && fi.Size() == int64(len(im.contents(t, "data/random1")))
+		return err == nil && fi.Size() == int64(len(im.contents(t, "data/random1"))) && m.Stats().Materialized >= 1
 	})
 	if exists(stale) {
 		t.Error("a half-written file survived the scan")
