@@ -218,14 +218,17 @@ func (m *Mirror) assemble(ctx context.Context, f *flight, r *recipe, peers []str
 	return ctx.Err()
 }
 
-// busyPasses bounds how often fetchBatch goes over the peers again while
+// busyBudget bounds how long fetchBatch goes over the peers again while
 // some of them answered BUSY; busyPause is the pause before each pass
-// (times the pass number): a peer's upload slots (four by default) free
-// within a block's transfer time, so a busy peer is asked again rather
-// than the blob read from upstream — in all about two seconds at most.
+// (times the pass number, at most busyPauseMax): a peer's upload slots
+// (four by default) free within a block's transfer time, so a busy peer is
+// asked again rather than the blob read from upstream. Two seconds were
+// too few on a loaded machine: a small blob (an image config) waited
+// behind the same pull's layer batches, 8 MiB each, and went upstream.
 const (
-	busyPasses = 12
-	busyPause  = 30 * time.Millisecond
+	busyBudget   = 6 * time.Second
+	busyPause    = 30 * time.Millisecond
+	busyPauseMax = 250 * time.Millisecond
 )
 
 // fetchBatch gets one batch of blocks, asking peer after peer for what is
@@ -234,10 +237,11 @@ const (
 func (m *Mirror) fetchBatch(ctx context.Context, f *flight, r *recipe, batch []flat.Block, where map[flat.BlockID][]int, peers []string, mu *sync.Mutex, bad map[string]bool) error {
 	want := batch
 	var errs []error
-	for pass := 0; pass < busyPasses && len(want) > 0; pass++ {
+	deadline := time.Now().Add(busyBudget)
+	for pass := 0; len(want) > 0 && (pass == 0 || time.Now().Before(deadline)); pass++ {
 		if pass > 0 {
 			select {
-			case <-time.After(time.Duration(pass) * busyPause):
+			case <-time.After(min(time.Duration(pass)*busyPause, busyPauseMax)):
 			case <-ctx.Done():
 				return ctx.Err()
 			}
