@@ -205,12 +205,15 @@ func (n *Node) handleBlock(st network.Stream) {
 			}
 		}
 	}
+	if release == nil {
+		release = func() {} // nothing to send, or only COMING answers
+	}
+	defer release()
 	if len(spread) > 0 {
 		n.st.spreadSent.Add(int64(len(spread)))
 		for _, c := range spread {
 			if err := write(appendBlockHeader(nil, statusComing, c, 0)); err != nil {
-				if release != nil {
-					release()
+				if copied {
 					n.origin.unreserve(cids) // not sent
 				}
 				st.Reset()
@@ -226,10 +229,6 @@ func (n *Node) handleBlock(st network.Stream) {
 			return
 		}
 	}
-	if release == nil {
-		release = func() {} // nothing to send
-	}
-	defer release()
 	n.st.activeUploads.Add(1)
 	defer n.st.activeUploads.Add(-1)
 

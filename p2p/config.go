@@ -108,18 +108,19 @@ type Config struct {
 	// sees no other holder for SpreadWait asks again with the FORCE flag,
 	// which is always served (Spread, ForceSpread). Default 2: in the
 	// simulator (nodes starting at once, no trace) the busiest node
-	// uploaded 11.6× the mean without a limit at 1,000 nodes, 3.2× with 3
-	// and 2.3× with 2 (15.3× → 2.6× at 10,000), and nodes were ready
-	// sooner (p99 3.3 s → 2.7 s at 1,000; 4.1 s → 2.8 s at 10,000), since
-	// the blocks spread from many holders instead of queueing at a few.
-	// With a trace prefetched at mount it matters less (busiest 4.3× at
-	// 10,000 nodes with 2 or 3, and without a limit). Negative: no limit.
+	// uploaded 11.5× the mean without a limit at 1,000 nodes, 3.2× with 3
+	// and 2.3× with 2 (15.3× before this limit → 2.6× at 10,000), and
+	// nodes were ready sooner (p99 3.26 s → 2.74 s at 1,000; 4.06 s →
+	// 2.82 s at 10,000), since the blocks spread from many holders instead
+	// of queueing at a few. With a trace prefetched at mount it matters
+	// less (1,000 nodes: 3.3× without a limit, 3.0× with 2; 10,000 nodes:
+	// 4.3× with 2 or 3). Negative: no limit.
 	SpreadCopies int
 	// SpreadWait is how long a reader waits, after a holder answered a
 	// block COMING, for another holder before it asks with FORCE. Default
-	// 100 ms (50 ms: 3.0× instead of 2.3× busiest at 1,000 nodes without
-	// a trace, the same p99; 400 ms with a trace: 2.8× instead of 3.0×
-	// but p99 1.6 s instead of 1.2 s).
+	// 100 ms (at 1,000 nodes without a trace, 50 ms: 3.0× instead of
+	// 2.3× busiest, the same p99; with a trace, 400 ms: 2.1× instead of
+	// 3.0×, but p99 1.43 s instead of 1.20 s).
 	SpreadWait time.Duration
 	// UploadBytesPerSec paces the block bytes sent to all peers together
 	// (a token bucket). Default 0: unlimited.

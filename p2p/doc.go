@@ -163,7 +163,7 @@
 // of a swarm starting at once — which get every block first — served
 // their session peers, all a little behind, most copies of every block
 // (the simulator, 1,000 nodes without a trace: the busiest node uploaded
-// 11.6× the mean; with it 2.3×, and p99 to ready 3.3 s → 2.7 s, since
+// 11.5× the mean; with it 2.3×, and p99 to ready 3.3 s → 2.7 s, since
 // blocks no longer queue at a few holders). Requests for blobs and for
 // images the node has not joined are not counted.
 //

@@ -345,7 +345,9 @@ func (ps *PeerSource) plan(want []flat.Block, f *fetchState, rng Rand) assignmen
 		}
 		a.byPeer[first[i]] = append(a.byPeer[first[i]], b)
 		a.planned[b.ID] = true
-		a.force[b.ID] = force[b.ID]
+		if force[b.ID] {
+			a.force[b.ID] = true
+		}
 		if second[i] != "" {
 			a.backup[b.ID] = second[i]
 		}
@@ -458,19 +460,6 @@ func (ps *PeerSource) record(ctx context.Context, r result, complete bool, f *fe
 	for _, b := range o.notFound {
 		n.forget(p, b.ID)
 	}
-	if len(o.spread) > 0 {
-		n.st.spreadRecv.Add(int64(len(o.spread)))
-		now := n.cfg.Clock.Now()
-		f.mu.Lock()
-		for _, b := range o.spread {
-			if f.spread[b.ID] == nil {
-				f.spread[b.ID] = map[peer.ID]bool{}
-				f.spreadAt[b.ID] = now
-			}
-			f.spread[b.ID][p] = true
-		}
-		f.mu.Unlock()
-	}
 	if r.hedge && len(o.got) > 0 {
 		n.st.hedgeWins.Add(1)
 	}
@@ -479,6 +468,14 @@ func (ps *PeerSource) record(ctx context.Context, r result, complete bool, f *fe
 	lost := complete && ctx.Err() == nil && o.err != nil && !o.bad && !o.busy
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	n.st.spreadRecv.Add(int64(len(o.spread)))
+	for _, b := range o.spread {
+		if f.spread[b.ID] == nil {
+			f.spread[b.ID] = map[peer.ID]bool{}
+			f.spreadAt[b.ID] = now
+		}
+		f.spread[b.ID][p] = true
+	}
 	switch {
 	case o.bad:
 		f.excluded[p] = true
