@@ -55,6 +55,7 @@ type Params struct {
 	MaxUploadStreams    int     `json:"max_upload_streams"`
 	SpreadCopies        int     `json:"spread_copies"`
 	SpreadWaitMS        float64 `json:"spread_wait_ms"`
+	UploadShare         float64 `json:"upload_share,omitempty"` // 0: no cap (p2p.OverShare)
 	MaxImagePeers       int     `json:"max_image_peers"`
 	OriginWaitS         float64 `json:"origin_wait_s"`
 	AnnounceIntervalMS  float64 `json:"announce_interval_ms"`
@@ -86,6 +87,9 @@ func ParamsOf(cfg Config) Params {
 		SpreadCopies: c.Swarm.SpreadCopies, SpreadWaitMS: ms(c.Swarm.SpreadWait),
 		OriginWaitS: c.Swarm.OriginWait.Seconds(), AnnounceIntervalMS: ms(c.Swarm.AnnounceInterval),
 		UploadBytesPerSec: c.Swarm.UploadBytesPerSec,
+	}
+	if c.Swarm.UploadShare > 0 {
+		p.UploadShare = c.Swarm.UploadShare
 	}
 	if w := c.Workload; w != nil && w.Trace != nil {
 		im := newImage(w)

@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shoal-project/shoal/p2p"
 	"github.com/shoal-project/shoal/trace"
 )
 
@@ -179,6 +180,20 @@ func TestSanity(t *testing.T) {
 			}
 			if r.P99ReadyS >= one.P99ReadyS || r.RegistryEgressBytes != one.RegistryEgressBytes {
 				t.Errorf("2 waves: p99 %.3fs, egress %d; 1 wave: p99 %.3fs, egress %d", r.P99ReadyS, r.RegistryEgressBytes, one.P99ReadyS, one.RegistryEgressBytes)
+			}
+		}},
+		// The share cap (p2p.OverShare) binds the nodes ahead; spreading
+		// and Rare keep every block coming from peers.
+		{"an upload share of 2 unloads the busiest node and stalls nothing", Config{Strategy: Swarm, Nodes: 100, Zones: 2, Swarm: p2p.Config{UploadShare: 2}}, func(t *testing.T, r *Result) {
+			none, err := Run(Config{Strategy: Swarm, Nodes: 100, Zones: 2, Workload: wl})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if r.UploadMaxBytes >= none.UploadMaxBytes {
+				t.Errorf("busiest node uploaded %d bytes with a share of 2, %d without", r.UploadMaxBytes, none.UploadMaxBytes)
+			}
+			if r.BlockEgressPerUnique < 1 || r.BlockEgressPerUnique > 1.001 || r.AwaitTimeouts != 0 {
+				t.Errorf("registry block bytes ÷ unique blocks %.3f, %d await timeouts: want 1 and none", r.BlockEgressPerUnique, r.AwaitTimeouts)
 			}
 		}},
 		{"a faster registry link is never slower", Config{Strategy: LazyNoPeers, Nodes: 10, RegistryBytesPerSec: 1e9 / 8}, func(t *testing.T, r *Result) {

@@ -34,6 +34,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		prefetch   = fs.Int("prefetch", 0, "blocks of the fill order each node prefetches after mounting (-1: the whole image)")
 		spreadN    = fs.Int("spread-copies", 0, "copies of a block a node sends before answering COMING (0: the daemon's default; -1: no limit)")
 		spreadWait = fs.Duration("spread-wait", 0, "wait for another holder before asking again with FORCE (0: the daemon's default)")
+		share      = fs.Float64("upload-share", 0, "cap each node's uploads of the image at this many times what it holds (0: the daemon's default, off; negative: off)")
 		randomDHT  = fs.Bool("dht-random-providers", false, "what-if: a DHT lookup returns random providers instead of the earliest")
 		out        = fs.String("out", "", "directory for <name>.json and the SVG plots (default: JSON on stdout only)")
 		name       = fs.String("name", "rollout", "file name prefix of the results in --out")
@@ -88,7 +89,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			RegistryBytesPerSec: *regMbps * 1e6 / 8, NodeUpBytesPerSec: *nodeMbps * 1e6 / 8, NodeDownBytesPerSec: *nodeMbps * 1e6 / 8,
 			Waves: *waves, WaveInterval: *waveIv, HostCores: *hostCores, Prefetch: *prefetch, DHTRandomProviders: *randomDHT,
 			Limit: 72 * time.Hour,
-			Swarm: p2p.Config{SpreadCopies: *spreadN, SpreadWait: *spreadWait},
+			Swarm: p2p.Config{SpreadCopies: *spreadN, SpreadWait: *spreadWait, UploadShare: *share},
 		},
 		Nodes: counts, Strategies: strats,
 		Progress: func(r *simulation.Result, wall time.Duration) {
