@@ -7,6 +7,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"slices"
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/network"
@@ -124,9 +125,10 @@ func (n *Node) handleBlock(st network.Stream) {
 	shared := s != nil && s.inTable(q.cids)
 	var release func()
 	// cids are the blocks to answer with data or NOT_FOUND; spread those
-	// answered COMING (sent to enough peers already); copied says a copy
-	// of each of cids was counted (take).
-	cids, spread, copied := q.cids, [][]byte(nil), false
+	// answered COMING (sent to enough peers already), hints the peers
+	// their copies reached; copied says a copy of each of cids was
+	// counted (take).
+	cids, spread, hints, copied := q.cids, [][]byte(nil), [][]peer.ID(nil), false
 	if q.flags&flagOrigin != 0 {
 		// Wait for the blocks first, without an upload slot: waiting for
 		// a fetch costs nothing, and many peers wait for the same one.
@@ -191,7 +193,7 @@ func (n *Node) handleBlock(st network.Stream) {
 		if shared {
 			// Each block goes to at most SpreadCopies peers (unless the
 			// asker forces it); the copies' holders pass it on.
-			cids, spread = n.origin.take(q.cids, n.cfg.SpreadCopies, q.flags&flagForce != 0)
+			cids, spread, hints = n.origin.take(q.cids, n.cfg.SpreadCopies, q.flags&flagForce != 0)
 			copied = true
 		}
 		if len(cids) > 0 {
@@ -211,8 +213,12 @@ func (n *Node) handleBlock(st network.Stream) {
 	defer release()
 	if len(spread) > 0 {
 		n.st.spreadSent.Add(int64(len(spread)))
-		for _, c := range spread {
-			if err := write(appendBlockHeader(nil, statusComing, c, 0)); err != nil {
+		for i, c := range spread {
+			var data []byte
+			if q.flags&flagHints != 0 {
+				data = n.hintsFor(hints[i], p)
+			}
+			if err := write(append(appendBlockHeader(nil, statusComing, c, len(data)), data...)); err != nil {
 				if copied {
 					n.origin.unreserve(cids) // not sent
 				}
@@ -237,10 +243,14 @@ func (n *Node) handleBlock(st network.Stream) {
 		defer func() { s.uploaded.Add(sentBytes) }()
 	}
 	counted := get
+	var written [][]byte // blocks sent with data
 	get = func(c []byte) []byte {
 		d := counted(c)
 		if d == nil && copied {
 			n.origin.unreserve([][]byte{c}) // not sent: no copy
+		}
+		if d != nil {
+			written = append(written, c)
 		}
 		sentBytes += int64(len(d))
 		return d
@@ -256,6 +266,27 @@ func (n *Node) handleBlock(st network.Stream) {
 		return
 	}
 	_ = st.Close()
+	if shared {
+		// Whole copies only: p holds these blocks now (it verifies them
+		// first), and later askers of them may be sent to it.
+		n.origin.delivered(written, p)
+	}
+}
+
+// hintsFor is the hints payload naming the peers in to (but not the
+// asker) with the addresses this node knows for them: a COMING frame's
+// data, or nil if it names nobody.
+func (n *Node) hintsFor(to []peer.ID, asker peer.ID) []byte {
+	var infos []peer.AddrInfo
+	for _, id := range to {
+		if id != asker {
+			infos = append(infos, peer.AddrInfo{ID: id, Addrs: n.host.Peerstore().Addrs(id)})
+		}
+	}
+	if len(infos) == 0 {
+		return nil
+	}
+	return encodeHints(infos)
 }
 
 // available returns those of cids the node can send now: fetched for the
@@ -351,6 +382,9 @@ type outcome struct {
 	spread    []flat.Block // answered COMING: sent to enough peers, ask those
 	bad       bool         // a wrong block or an unrequested one: penalise
 	err       error        // why the request ended early; nil if every block was answered
+	// hints are, for blocks of spread, the peers the server's copies
+	// reached (flagHints), not including this node or the server.
+	hints map[flat.BlockID][]peer.AddrInfo
 }
 
 // reqOpts are the optional parts of a request.
@@ -458,6 +492,26 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 		b := blocks[i]
 		if h.status == statusComing {
 			out.spread = append(out.spread, b)
+			if h.dataLen > 0 {
+				raw := make([]byte, h.dataLen)
+				if _, err := io.ReadFull(r, raw); err != nil {
+					out.err = fmt.Errorf("read hints for block %s: %w", b.ID, err)
+					return out
+				}
+				hs, err := decodeHints(raw)
+				if err != nil {
+					out.bad = true
+					out.err = fmt.Errorf("%w: hints for block %s: %v", ErrBadBlock, b.ID, err)
+					return out
+				}
+				hs = slices.DeleteFunc(hs, func(h peer.AddrInfo) bool { return h.ID == n.ID() || h.ID == p })
+				if len(hs) > 0 {
+					if out.hints == nil {
+						out.hints = map[flat.BlockID][]peer.AddrInfo{}
+					}
+					out.hints[b.ID] = hs
+				}
+			}
 			_ = st.SetReadDeadline(time.Now().Add(n.cfg.FrameTimeout))
 			continue
 		}

@@ -7,6 +7,8 @@ import (
 	"io"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
 
 	"github.com/shoal-project/shoal/flat"
 )
@@ -28,7 +30,15 @@ const (
 	maxLabelLen     = 64                // zone and rack labels
 	maxBitmapBlocks = 8 << 20           // blocks in one image's have bitmap
 	maxUpdateCount  = 8 << 10           // positions in one update message
+	maxHintFrame    = 4 << 10           // hints payload of a COMING frame
+	maxHintPeerLen  = 128               // a peer ID (an Ed25519 one is 38 bytes)
+	maxHintAddrs    = 4                 // addresses per hinted peer
+	maxHintAddrLen  = 128               // one binary multiaddr
 )
+
+// MaxHints is the most peers a COMING frame names for its block: the
+// first MaxHints peers the server's copies of the block reached.
+const MaxHints = 4
 
 // Status of a block response frame.
 const (
@@ -40,7 +50,9 @@ const (
 	// has no upload slot to send: the asker takes them from the swarm as
 	// they spread. With a CID it answers that block of a plain request:
 	// the server has sent it to enough peers (Spread), and the asker takes
-	// it from them.
+	// it from them. If the request set flagHints, the frame may carry, as
+	// its data, the peers the server's copies reached (a hints payload,
+	// at most maxHintFrame bytes; see encodeHints).
 	statusComing byte = 3
 )
 
@@ -176,6 +188,13 @@ const (
 	// them to enough peers already (Spread): the asker answered COMING
 	// for them waited SpreadWait and sees no other holder (ForceSpread).
 	flagForce uint64 = 1 << 1
+	// flagHints says the asker reads hints: the server may name, in the
+	// COMING frame of each block it has sent to enough peers, the peers
+	// its copies reached, so that the asker can ask them even when they
+	// are not among its have sessions. A server that does not know the
+	// flag ignores it, and an asker that does not set it gets COMING
+	// frames without data, as before.
+	flagHints uint64 = 1 << 2
 )
 
 // request is a /shoal/block/1 request: the image the blocks are wanted for
@@ -272,11 +291,84 @@ func readBlockHeader(r frameReader, scratch []byte) (blockHeader, error) {
 	if dl > MaxBlockFrame {
 		return h, ErrFrameTooLarge
 	}
-	if st != statusOK && dl != 0 {
+	if st == statusComing && n > 0 && dl > maxHintFrame {
+		return h, ErrFrameTooLarge
+	}
+	if st != statusOK && dl != 0 && (st != statusComing || n == 0) {
 		return h, fmt.Errorf("%w: %d data bytes with status %d", ErrMalformed, dl, st)
 	}
 	h.dataLen = int(dl)
 	return h, nil
+}
+
+// encodeHints is the data of a COMING frame with hints: a count, then for
+// each peer its ID and up to maxHintAddrs of its addresses (binary
+// multiaddrs), each a length-prefixed byte string. Peers or addresses
+// over the limits are left out, so the payload stays under maxHintFrame.
+func encodeHints(hints []peer.AddrInfo) []byte {
+	var keep []peer.AddrInfo
+	for _, h := range hints {
+		if len(keep) < MaxHints && len(h.ID) > 0 && len(h.ID) <= maxHintPeerLen {
+			keep = append(keep, h)
+		}
+	}
+	p := binary.AppendUvarint(nil, uint64(len(keep)))
+	for _, h := range keep {
+		p = appendBytes(p, []byte(h.ID))
+		var addrs [][]byte
+		for _, a := range h.Addrs {
+			if b := a.Bytes(); len(addrs) < maxHintAddrs && len(b) > 0 && len(b) <= maxHintAddrLen {
+				addrs = append(addrs, b)
+			}
+		}
+		p = binary.AppendUvarint(p, uint64(len(addrs)))
+		for _, b := range addrs {
+			p = appendBytes(p, b)
+		}
+	}
+	return p
+}
+
+// decodeHints decodes encodeHints' payload. A peer ID or address that
+// does not parse, or a count over its limit, makes the whole payload
+// malformed: it comes from a peer that does not speak the protocol.
+func decodeHints(p []byte) ([]peer.AddrInfo, error) {
+	d := decoder{b: p}
+	n := d.uvarint()
+	if d.err == nil && n > MaxHints {
+		return nil, fmt.Errorf("%w: %d hints (limit %d)", ErrMalformed, n, MaxHints)
+	}
+	var out []peer.AddrInfo
+	for i := uint64(0); i < n && d.err == nil; i++ {
+		id, err := peer.IDFromBytes(d.bytes(maxHintPeerLen))
+		if d.err == nil && err != nil {
+			return nil, fmt.Errorf("%w: hinted peer: %v", ErrMalformed, err)
+		}
+		k := d.uvarint()
+		if d.err == nil && k > maxHintAddrs {
+			return nil, fmt.Errorf("%w: %d addresses for one hinted peer (limit %d)", ErrMalformed, k, maxHintAddrs)
+		}
+		h := peer.AddrInfo{ID: id}
+		for j := uint64(0); j < k && d.err == nil; j++ {
+			b := d.bytes(maxHintAddrLen)
+			if d.err != nil {
+				break
+			}
+			a, err := ma.NewMultiaddrBytes(b)
+			if err != nil {
+				return nil, fmt.Errorf("%w: hinted address: %v", ErrMalformed, err)
+			}
+			h.Addrs = append(h.Addrs, a)
+		}
+		out = append(out, h)
+	}
+	if d.err == nil && len(d.b) != 0 {
+		d.fail()
+	}
+	if d.err != nil {
+		return nil, d.err
+	}
+	return out, nil
 }
 
 // hello opens a have stream: who the sender is (labels), which image, and

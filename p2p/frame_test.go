@@ -2,8 +2,10 @@ package p2p
 
 import (
 	"bytes"
+	cryptorand "crypto/rand"
 	"encoding/binary"
 	"errors"
+	"fmt"
 	"io"
 	"os"
 	"path/filepath"
@@ -13,7 +15,9 @@ import (
 	"testing"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
+	ma "github.com/multiformats/go-multiaddr"
 	"github.com/multiformats/go-multihash"
 
 	"github.com/shoal-project/shoal/flat"
@@ -318,5 +322,122 @@ func TestIdentityPersists(t *testing.T) {
 	entries, _ := os.ReadDir(dir)
 	if len(entries) != 1 {
 		t.Errorf("state dir holds %d files, want only the key", len(entries))
+	}
+}
+
+// testPeerID is a fresh peer ID (an Ed25519 key's).
+func testPeerID(t *testing.T) peer.ID {
+	t.Helper()
+	_, pub, err := crypto.GenerateEd25519Key(cryptorand.Reader)
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := peer.IDFromPublicKey(pub)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
+}
+
+// A COMING frame's hints name up to MaxHints peers with up to
+// maxHintAddrs addresses each; what is over the limits is left out when
+// encoding and refused when decoding, and the payload fits maxHintFrame.
+func TestHintsRoundTrip(t *testing.T) {
+	t.Parallel()
+	addr := func(port int) ma.Multiaddr {
+		a, err := ma.NewMultiaddr(fmt.Sprintf("/ip4/127.0.0.1/tcp/%d", port))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return a
+	}
+	var in []peer.AddrInfo
+	for i := range MaxHints + 2 {
+		h := peer.AddrInfo{ID: testPeerID(t)}
+		for j := range i + 1 {
+			h.Addrs = append(h.Addrs, addr(4000+j))
+		}
+		in = append(in, h)
+	}
+	p := encodeHints(in)
+	got, err := decodeHints(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(got) != MaxHints {
+		t.Fatalf("%d hints decoded, want the first %d", len(got), MaxHints)
+	}
+	for i, h := range got {
+		if h.ID != in[i].ID || len(h.Addrs) != min(i+1, maxHintAddrs) || !h.Addrs[0].Equal(in[i].Addrs[0]) {
+			t.Errorf("hint %d: %v with %d addresses, want %v with %d", i, h.ID, len(h.Addrs), in[i].ID, min(i+1, maxHintAddrs))
+		}
+	}
+	// The largest payload the limits allow fits the frame limit.
+	worst := binary.AppendUvarint(nil, MaxHints)
+	for range MaxHints {
+		worst = appendBytes(worst, make([]byte, maxHintPeerLen))
+		worst = binary.AppendUvarint(worst, maxHintAddrs)
+		for range maxHintAddrs {
+			worst = appendBytes(worst, make([]byte, maxHintAddrLen))
+		}
+	}
+	if len(worst) > maxHintFrame {
+		t.Errorf("the largest hints payload is %d bytes, over maxHintFrame (%d)", len(worst), maxHintFrame)
+	}
+	if p := encodeHints(nil); len(p) != 1 {
+		t.Errorf("no hints: %d bytes", len(p))
+	}
+
+	id := []byte(testPeerID(t))
+	one := func(peerID []byte, addrs ...[]byte) []byte {
+		p := binary.AppendUvarint(nil, 1)
+		p = appendBytes(p, peerID)
+		p = binary.AppendUvarint(p, uint64(len(addrs)))
+		for _, a := range addrs {
+			p = appendBytes(p, a)
+		}
+		return p
+	}
+	if _, err := decodeHints(one(id, addr(1).Bytes())); err != nil {
+		t.Fatalf("one hint: %v", err)
+	}
+	for name, p := range map[string][]byte{
+		"empty":            nil,
+		"too many peers":   binary.AppendUvarint(nil, MaxHints+1),
+		"count over data":  binary.AppendUvarint(nil, 2),
+		"bad peer ID":      one([]byte("not a peer")),
+		"bad address":      one(id, []byte{0xff, 0xff}),
+		"too many addrs":   one(id, addr(1).Bytes(), addr(2).Bytes(), addr(3).Bytes(), addr(4).Bytes(), addr(5).Bytes()),
+		"trailing bytes":   append(one(id), 0),
+		"peer ID too long": one(make([]byte, maxHintPeerLen+1)),
+	} {
+		if _, err := decodeHints(p); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: %v, want ErrMalformed", name, err)
+		}
+	}
+}
+
+// A COMING frame may carry data (hints) only with a CID, and no more
+// than maxHintFrame bytes of it; other statuses but OK carry none.
+func TestBlockHeaderHints(t *testing.T) {
+	t.Parallel()
+	c := flat.Sum([]byte("x")).CID().Bytes()
+	read := func(b []byte) (blockHeader, error) {
+		return readBlockHeader(bytes.NewReader(b), make([]byte, maxCIDLen))
+	}
+	if h, err := read(appendBlockHeader(nil, statusComing, c, 100)); err != nil || h.dataLen != 100 {
+		t.Errorf("COMING with a CID and 100 bytes of hints: %+v, %v", h, err)
+	}
+	if _, err := read(appendBlockHeader(nil, statusComing, c, maxHintFrame+1)); !errors.Is(err, ErrFrameTooLarge) {
+		t.Errorf("COMING with %d bytes: %v, want ErrFrameTooLarge", maxHintFrame+1, err)
+	}
+	for name, b := range map[string][]byte{
+		"COMING without a CID": appendBlockHeader(nil, statusComing, nil, 10),
+		"NOT_FOUND with data":  appendBlockHeader(nil, statusNotFound, c, 10),
+		"BUSY with data":       appendBlockHeader(nil, statusBusy, nil, 10),
+	} {
+		if _, err := read(b); !errors.Is(err, ErrMalformed) {
+			t.Errorf("%s: %v, want ErrMalformed", name, err)
+		}
 	}
 }

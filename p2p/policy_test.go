@@ -506,3 +506,28 @@ func TestSpreadPolicy(t *testing.T) {
 		}
 	}
 }
+
+// A block's recipients list keeps the last MaxHints peers, oldest first;
+// a peer that gets the block again moves to the end, once.
+func TestAddRecipient(t *testing.T) {
+	t.Parallel()
+	var to []int
+	for p := 1; p <= MaxHints+2; p++ {
+		to = AddRecipient(to, p)
+	}
+	want := []int{3, 4, 5, 6}
+	if !slices.Equal(to, want) {
+		t.Fatalf("after %d recipients: %v, want %v", MaxHints+2, to, want)
+	}
+	kept := slices.Clone(to)
+	to = AddRecipient(to, 4)
+	if want := []int{3, 5, 6, 4}; !slices.Equal(to, want) {
+		t.Errorf("4 again: %v, want %v", to, want)
+	}
+	if want := []int{3, 4, 5, 6}; !slices.Equal(kept, want) {
+		t.Errorf("a clone taken before changed: %v", kept)
+	}
+	if to := AddRecipient(nil, 7); !slices.Equal(to, []int{7}) {
+		t.Errorf("first recipient: %v", to)
+	}
+}

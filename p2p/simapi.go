@@ -33,6 +33,9 @@ const (
 	MaxRounds = maxRounds
 	// ParallelPeers bounds the peers one call asks at once.
 	ParallelPeers = parallelPeers
+	// HintLimit bounds the peers one call keeps as hinted holders of one
+	// block (COMING answers naming its recipients).
+	HintLimit = hintLimit
 )
 
 // Batches splits one peer's blocks into requests as FetchMany does: at most

@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+	"github.com/libp2p/go-libp2p/core/peerstore"
 
 	"github.com/shoal-project/shoal/flat"
 )
@@ -69,6 +70,7 @@ func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[f
 		pending:  map[flat.BlockID]int{},
 		spread:   map[flat.BlockID]map[peer.ID]bool{},
 		spreadAt: map[flat.BlockID]time.Time{},
+		hints:    map[flat.BlockID][]peer.ID{},
 		news:     make(chan struct{}),
 	}
 	deadline := ps.n.cfg.Clock.Now().Add(ps.n.cfg.OriginWait)
@@ -148,6 +150,7 @@ type fetchState struct {
 	pending                             map[flat.BlockID]int              // ORIGIN requests for the block not answered yet
 	spread                              map[flat.BlockID]map[peer.ID]bool // holders that answered the block COMING (Spread)
 	spreadAt                            map[flat.BlockID]time.Time        // when the block's first COMING answer came
+	hints                               map[flat.BlockID][]peer.ID        // peers a COMING answer named as the block's recipients
 	news                                chan struct{}                     // closed (and replaced) when a block arrives or an ORIGIN request ends
 	errBusy, errBad, errFail, errOrigin error
 }
@@ -209,7 +212,7 @@ func (ps *PeerSource) await(ctx context.Context, all []flat.Block, f *fetchState
 			if _, got := f.out[b.ID]; got || f.own[b.ID] {
 				continue
 			}
-			if f.coming[b.ID] || f.pending[b.ID] > 0 || slices.ContainsFunc(n.holders(b.ID), func(p peer.ID) bool { return !f.excluded[p] && !f.tried[b.ID][p] }) {
+			if f.coming[b.ID] || f.pending[b.ID] > 0 || slices.ContainsFunc(f.holdersLocked(n, b.ID), func(p peer.ID) bool { return !f.excluded[p] && !f.tried[b.ID][p] }) {
 				want = append(want, b)
 			}
 		}
@@ -273,6 +276,25 @@ func (f *fetchState) notifyLocked() {
 	f.news = make(chan struct{})
 }
 
+// holdersLocked returns the peers that hold block id: those whose have
+// bitmaps show it, and those a COMING answer named as its recipients
+// (hints), which need not be among this node's have sessions — without
+// them a reader whose sessions hold the block only at holders that have
+// sent it often enough forces one of them (ForceSpread), while the peers
+// those copies went to pass it on idle. f.mu must be held.
+func (f *fetchState) holdersLocked(n *Node, id flat.BlockID) []peer.ID {
+	hs := n.holders(id)
+	for _, p := range f.hints[id] {
+		if !slices.Contains(hs, p) {
+			hs = append(hs, p)
+		}
+	}
+	return hs
+}
+
+// hintLimit bounds the peers one call keeps as hints for one block.
+const hintLimit = 2 * MaxHints
+
 // assignment is one round's plan.
 type assignment struct {
 	byPeer  map[peer.ID][]flat.Block // by first choice
@@ -299,7 +321,7 @@ func (ps *PeerSource) plan(want []flat.Block, f *fetchState, rng Rand) assignmen
 	force := map[flat.BlockID]bool{}
 	f.mu.Lock()
 	for i, b := range want {
-		hs := n.holders(b.ID)
+		hs := f.holdersLocked(n, b.ID)
 		// Holders that answered the block COMING are asked again (FORCE)
 		// only when no other holder may be asked and SpreadWait has
 		// passed; until then await waits for the block to show up at
@@ -394,7 +416,7 @@ func (ps *PeerSource) runBatch(ctx context.Context, p peer.ID, batch []flat.Bloc
 	launch := func(q peer.ID, bs []flat.Block, hedge bool, onAnswer func()) {
 		go func() {
 			start := time.Now()
-			o := n.request(bctx, q, ps.image, bs, reqOpts{flags: flags, onAnswer: onAnswer, deliver: deliver})
+			o := n.request(bctx, q, ps.image, bs, reqOpts{flags: flags | flagHints, onAnswer: onAnswer, deliver: deliver})
 			results <- result{p: q, o: o, hedge: hedge, took: time.Since(start)}
 		}()
 	}
@@ -475,6 +497,23 @@ func (ps *PeerSource) record(ctx context.Context, r result, complete bool, f *fe
 			f.spreadAt[b.ID] = now
 		}
 		f.spread[b.ID][p] = true
+	}
+	if !o.bad {
+		for id, hs := range o.hints {
+			for _, h := range hs {
+				if len(f.hints[id]) >= hintLimit || slices.Contains(f.hints[id], h.ID) {
+					continue
+				}
+				f.hints[id] = append(f.hints[id], h.ID)
+				n.st.hintsRecv.Add(1)
+				if len(h.Addrs) > 0 {
+					// Dialable if this node has never met it; a wrong
+					// address costs a failed dial (the peer ID is
+					// verified by the handshake).
+					n.host.Peerstore().AddAddrs(h.ID, h.Addrs, peerstore.TempAddrTTL)
+				}
+			}
+		}
 	}
 	switch {
 	case o.bad:

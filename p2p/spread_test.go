@@ -1,12 +1,14 @@
 package p2p
 
 import (
+	"errors"
 	"fmt"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/shoal-project/shoal/blockstore"
@@ -204,8 +206,104 @@ func TestSpreadForce(t *testing.T) {
 	if hs.BlocksServed != 3 || cs.ForcedRequests < 1 || cs.SpreadReceived < 1 {
 		t.Errorf("H served %d, C forced %d and got %d COMING; want 3, ≥1, ≥1", hs.BlocksServed, cs.ForcedRequests, cs.SpreadReceived)
 	}
+	// H named the two outside nodes; they kept nothing (no store), so
+	// they answered NOT_FOUND and were dropped as holders.
+	if cs.HintsReceived != 2 {
+		t.Errorf("C kept %d hints; want the 2 outside nodes", cs.HintsReceived)
+	}
 	if n := reg.count(x.ID); n != 0 {
 		t.Errorf("x read from the registry %d times", n)
+	}
+}
+
+// A reader that H answers COMING for a block asks the peers H named as
+// the block's recipients (hints), although it has no have session with
+// them and had never met them: it dials them, and one of them sends the
+// block. H sends no third copy, nothing is forced, the registry reads
+// nothing — and the read does not wait SpreadWait.
+func TestSpreadHints(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	im := newTestImage("spread-hints", 1, 16<<10)
+	x := im.index.Blocks[0]
+	cfg := Config{SpreadCopies: 2, SpreadWait: 10 * time.Second}
+	hCfg := cfg
+	hCfg.Blocks = openStore(t, im, nil)
+	nodes := startMesh(t, im, hCfg, cfg)
+	h, c := nodes[0], nodes[1]
+	eventually(t, 10*time.Second, "C to see H hold x", func() bool { return holds(c, im.digest, 0, h.ID()) })
+	var outside []*Node
+	for range 2 {
+		store := openStore(t, nil, nil)
+		e := startNode(t, Config{Blocks: store})
+		if err := e.Connect(ctx, h.Addrs()[0]); err != nil {
+			t.Fatal(err)
+		}
+		o := e.request(ctx, h.ID(), im.digest, []flat.Block{x}, reqOpts{})
+		if len(o.got) != 1 {
+			t.Fatalf("copy of x to an outside node: %d blocks, %v", len(o.got), o.err)
+		}
+		if err := store.Put(ctx, x.ID, o.got[x.ID]); err != nil {
+			t.Fatal(err)
+		}
+		outside = append(outside, e)
+	}
+	// C may have met them through the DHT (its routing table refresh):
+	// it hangs up and forgets their addresses, so that it can only reach
+	// them with the hints'. It has no have session with them.
+	for _, e := range outside {
+		_ = c.host.Network().ClosePeer(e.ID())
+		c.host.Peerstore().ClearAddrs(e.ID())
+	}
+	if ps := c.ImagePeers(im.digest); len(ps) != 1 || ps[0] != h.ID() {
+		t.Fatalf("C's have sessions: %v, want H alone", ps)
+	}
+	reg := newSlowRegistry(im, 0)
+	chain, err := fetch.NewChain(nil, []fetch.Source{c.Source(im.digest), reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := time.Now()
+	got, err := chain.FetchMany(ctx, []flat.Block{x})
+	took := time.Since(start)
+	if err != nil || len(got) != 1 {
+		t.Fatalf("FetchMany: %d blocks, %v", len(got), err)
+	}
+	checkBlocks(t, im, got)
+	hs, cs := h.Stats(), c.Stats()
+	served := outside[0].Stats().BlocksServed + outside[1].Stats().BlocksServed
+	t.Logf("took %v; H served %d (COMING %d); outside nodes served %d; C: hints %d, forced %d", took, hs.BlocksServed, hs.SpreadSent, served, cs.HintsReceived, cs.ForcedRequests)
+	if hs.BlocksServed != 2 || served != 1 || cs.ForcedRequests != 0 || cs.HintsReceived != 2 {
+		t.Errorf("H served %d, the outside nodes %d, C forced %d and kept %d hints; want 2, 1, 0, 2", hs.BlocksServed, served, cs.ForcedRequests, cs.HintsReceived)
+	}
+	if took >= cfg.SpreadWait {
+		t.Errorf("the read took %v, SpreadWait or more", took)
+	}
+	if n := reg.count(x.ID); n != 0 {
+		t.Errorf("x read from the registry %d times", n)
+	}
+}
+
+// A peer that sends hints that do not decode is penalised like one that
+// sends a wrong block, and the read goes on without it.
+func TestSpreadHostileHints(t *testing.T) {
+	t.Parallel()
+	ctx := t.Context()
+	im := newTestImage("spread-hostile-hints", 1, 8<<10)
+	x := im.index.Blocks[0]
+	hostile := startNode(t, Config{})
+	hostile.host.SetStreamHandler(ProtocolBlock, func(st network.Stream) {
+		defer st.Close()
+		junk := []byte{1, 3, 'n', 'o', 't'}
+		_, _ = st.Write(append(appendBlockHeader(nil, statusComing, x.ID.CID().Bytes(), len(junk)), junk...))
+	})
+	c := startNode(t, Config{})
+	if err := c.Connect(ctx, hostile.Addrs()[0]); err != nil {
+		t.Fatal(err)
+	}
+	o := c.request(ctx, hostile.ID(), im.digest, []flat.Block{x}, reqOpts{flags: flagHints})
+	if !o.bad || !errors.Is(o.err, ErrBadBlock) || len(o.hints) != 0 {
+		t.Fatalf("junk hints: bad %v, %d hints, %v; want a bad answer", o.bad, len(o.hints), o.err)
 	}
 }
 

@@ -22,8 +22,11 @@
 //     upload slots); p2p.FirstCopies (which askers of a fetch get those
 //     copies);
 //   - spreading: p2p.Spread (a holder answers a block COMING once it has
-//     sent it SpreadCopies times) and p2p.ForceSpread (when a reader asks
-//     such holders again with FORCE);
+//     sent it SpreadCopies times, naming up to p2p.MaxHints of the peers
+//     its copies reached, which the reader counts as holders, up to
+//     p2p.HintLimit per block, and asks after 3 extra round trips to
+//     connect if it never met them) and p2p.ForceSpread (when a reader
+//     asks such holders again with FORCE);
 //   - request batching: p2p.Batches; rounds and parallelism: p2p.MaxRounds,
 //     p2p.ParallelPeers; hedging: p2p.HedgeDelay;
 //   - upload limits: p2p.UploadSlots (BUSY when no slot is free) and

@@ -41,6 +41,7 @@ type counters struct {
 	blobsFromPeers                                            [nBlobs]int
 	blobRequests, comingAnswers, awaitRounds                  int64
 	spreadAnswers, forcedRequests, firstCopyPassed            int64
+	hintsReceived                                             int64
 	designatedOwn, fellThrough, awaitTimeouts                 int64
 	blobDelivered                                             float64 // manifests and indexes sent by peers
 	registryRequests                                          int64
@@ -83,6 +84,7 @@ type simNode struct {
 	held         float64                     // uncompressed bytes of the blocks it holds
 	blocksUp     float64                     // block bytes sent to peers (the upload share)
 	originCopies map[uint32]int              // copies sent of each block (ORIGIN and plain answers)
+	copiedTo     map[uint32][]int32          // the last p2p.MaxHints peers its copies of each block reached
 	calls        map[uint32]*fetchCall       // registry fetches ORIGIN requests wait for
 	slotQueue    []func(release func()) bool // ORIGIN first copies waiting for a slot
 	viewDirty    bool                        // sessions changed since view was computed
@@ -142,6 +144,7 @@ func newWorld(cfg Config) *world {
 			waiters:      map[uint32][]func(){},
 			conn:         map[int32]bool{},
 			originCopies: map[uint32]int{},
+			copiedTo:     map[uint32][]int32{},
 			calls:        map[uint32]*fetchCall{},
 			sessionSet:   map[int32]bool{},
 			scores:       p2p.NewPeerScores(),

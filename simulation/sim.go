@@ -71,6 +71,9 @@ type Result struct {
 	// SpreadCopies peers, and requests sent with FORCE after SpreadWait.
 	SpreadAnswers  int64 `json:"spread_answers"`
 	ForcedRequests int64 `json:"forced_requests"`
+	// Peers COMING answers named as a block's recipients that the asker
+	// kept as holders of it (p2p's hints).
+	HintsReceived int64 `json:"hints_received"`
 	// ORIGIN requests answered COMING because other askers of the same
 	// fetch were picked for the first copies (p2p.FirstCopies).
 	FirstCopyPassed int64 `json:"first_copy_passed"`
@@ -140,6 +143,7 @@ func (w *world) result() *Result {
 		AwaitRounds:         w.st.awaitRounds,
 		SpreadAnswers:       w.st.spreadAnswers,
 		ForcedRequests:      w.st.forcedRequests,
+		HintsReceived:       w.st.hintsReceived,
 		FirstCopyPassed:     w.st.firstCopyPassed,
 		DesignatedOwnBlocks: w.st.designatedOwn,
 		FellThroughBlocks:   w.st.fellThrough,

@@ -48,6 +48,9 @@ type pcall struct {
 	// first did.
 	spread   map[uint32]map[int32]bool
 	spreadAt map[uint32]time.Duration
+	// Peers COMING answers named as the block's recipients (fetchState's
+	// hints): holders of it, whether or not they are sessions.
+	hints map[uint32][]int32
 }
 
 type peerWork struct {
@@ -59,7 +62,7 @@ type peerWork struct {
 // fetchPeers runs one FetchMany over blocks.
 func (w *world) fetchPeers(n *simNode, blocks []uint32, then func(missing []uint32)) {
 	c := &pcall{w: w, n: n, all: blocks, want: blocks, excluded: map[int32]bool{}, then: then,
-		spread: map[uint32]map[int32]bool{}, spreadAt: map[uint32]time.Duration{},
+		spread: map[uint32]map[int32]bool{}, spreadAt: map[uint32]time.Duration{}, hints: map[uint32][]int32{},
 		own: map[uint32]bool{}, coming: map[uint32]bool{}, asked: map[uint32]bool{}, pending: map[uint32]int{},
 		deadline: w.e.now + w.cfg.Swarm.OriginWait}
 	c.plan()
@@ -76,22 +79,20 @@ func (c *pcall) plan() {
 	force := map[uint32]bool{}
 	for i, b := range c.want {
 		sp := c.spread[b]
+		hs := c.holders(b)
 		if len(sp) > 0 {
 			others := false
-			for _, p := range n.sessions {
+			for _, p := range hs {
 				q := w.nodes[p]
-				if q.have[b] && q.visible[b]+w.oneWay(n, q) <= w.e.now && !sp[p] && !c.excluded[p] && n.scores.Designatable(q.pid, now) {
+				if !sp[p] && !c.excluded[p] && n.scores.Designatable(q.pid, now) {
 					others = true
 					break
 				}
 			}
 			force[b] = p2p.ForceSpread(w.e.now-c.spreadAt[b], w.cfg.Swarm.SpreadWait, others)
 		}
-		for _, p := range n.sessions {
+		for _, p := range hs {
 			q := w.nodes[p]
-			if !q.have[b] || q.visible[b]+w.oneWay(n, q) > w.e.now {
-				continue
-			}
 			held[i] = true
 			if sp[p] && !force[b] {
 				continue
@@ -199,8 +200,14 @@ func (c *pcall) startPeer() {
 		if forced[k] {
 			c.w.st.forcedRequests++
 		}
-		c.w.request(c.n, c.w.nodes[pw.p], batch, forced[k], func(ok bool, spread []uint32) {
-			for _, b := range spread {
+		c.w.request(c.n, c.w.nodes[pw.p], batch, forced[k], func(ok bool, spread []uint32, hints [][]int32) {
+			for i, b := range spread {
+				for _, h := range hints[i] {
+					if h != c.n.i && h != pw.p && len(c.hints[b]) < p2p.HintLimit && !slices.Contains(c.hints[b], h) {
+						c.hints[b] = append(c.hints[b], h)
+						c.w.st.hintsReceived++
+					}
+				}
 				if c.spread[b] == nil {
 					c.spread[b] = map[int32]bool{}
 					c.spreadAt[b] = c.w.e.now
@@ -285,7 +292,7 @@ func (c *pcall) await() {
 		if n.have[b] || c.own[b] {
 			continue
 		}
-		if c.coming[b] || c.pending[b] > 0 || w.heldBySession(n, b, c.excluded) {
+		if c.coming[b] || c.pending[b] > 0 || slices.ContainsFunc(c.holders(b), func(p int32) bool { return !c.excluded[p] }) {
 			want = append(want, b)
 		}
 	}
@@ -360,16 +367,32 @@ func (w *world) rare(q *simNode, blocks []uint32) bool {
 	return false
 }
 
-// heldBySession reports whether a session peer of n not excluded from the
-// call shows b in the bitmap n has of it (p2p's holders).
-func (w *world) heldBySession(n *simNode, b uint32, excluded map[int32]bool) bool {
+// holders is fetchState.holdersLocked: the session peers whose bitmaps,
+// as n sees them now, show b, then the peers COMING answers named as b's
+// recipients. A hinted peer that does not hold b is dropped, as its
+// NOT_FOUND answer would drop it (the round trip is not charged: a
+// recipient is named once its copy has landed, so this is rare).
+func (c *pcall) holders(b uint32) []int32 {
+	w, n := c.w, c.n
+	var out []int32
 	for _, p := range n.sessions {
 		q := w.nodes[p]
-		if !excluded[p] && q.have[b] && q.visible[b]+w.oneWay(n, q) <= w.e.now {
-			return true
+		if q.have[b] && q.visible[b]+w.oneWay(n, q) <= w.e.now {
+			out = append(out, p)
 		}
 	}
-	return false
+	hs := c.hints[b][:0]
+	for _, p := range c.hints[b] {
+		if !w.nodes[p].have[b] {
+			continue
+		}
+		hs = append(hs, p)
+		if !slices.Contains(out, p) {
+			out = append(out, p)
+		}
+	}
+	c.hints[b] = hs
+	return out
 }
 
 // origin is PeerSource.origin: the blocks nobody holds go to their
@@ -453,7 +476,7 @@ func (c *pcall) origin(none []uint32) {
 // request is one block request from n to q (p2p's request and handleBlock):
 // q serves it if one of its upload slots is free, else answers BUSY. cb
 // gets whether q may be asked again in this call.
-func (w *world) request(n, q *simNode, blocks []uint32, force bool, cb func(ok bool, spread []uint32)) {
+func (w *world) request(n, q *simNode, blocks []uint32, force bool, cb func(ok bool, spread []uint32, hints [][]int32)) {
 	w.st.peerRequests++
 	n.peerReqs++
 	n.scores.Begin(q.pid)
@@ -467,13 +490,18 @@ func (w *world) request(n, q *simNode, blocks []uint32, force bool, cb func(ok b
 	if hedge > 0 && 2*ow > hedge {
 		w.st.hedgesDue++
 	}
-	w.e.after(ow, func() {
+	there := ow
+	if !n.conn[q.i] {
+		there += 6 * ow // a hinted peer never met: TCP, noise, yamux
+		n.conn[q.i], q.conn[n.i] = true, true
+	}
+	w.e.after(there, func() {
 		busy := func() {
 			w.st.busyAnswers++
 			w.e.after(ow, func() {
 				n.scores.End(q.pid)
 				n.scores.Busy(q.pid, w.e.wall().Add(w.cfg.Swarm.BusyBackoff))
-				cb(false, nil)
+				cb(false, nil, nil)
 			})
 		}
 		if p2p.OverShare(int64(q.blocksUp), int64(q.held), w.cfg.Swarm.UploadShare) && !w.rare(q, blocks) {
@@ -483,9 +511,11 @@ func (w *world) request(n, q *simNode, blocks []uint32, force bool, cb func(ok b
 		// handleBlock's take: each block goes to at most SpreadCopies
 		// peers unless forced; the rest are answered COMING.
 		var send, spread []uint32
+		var hints [][]int32
 		for _, b := range blocks {
 			if !force && p2p.Spread(q.originCopies[b], w.cfg.Swarm.SpreadCopies) {
 				spread = append(spread, b)
+				hints = append(hints, slices.Clone(q.copiedTo[b]))
 				continue
 			}
 			q.originCopies[b]++
@@ -496,7 +526,7 @@ func (w *world) request(n, q *simNode, blocks []uint32, force bool, cb func(ok b
 			w.e.after(ow, func() {
 				n.scores.End(q.pid)
 				n.scores.Success(q.pid, 2*ow, 0)
-				cb(true, spread)
+				cb(true, spread, hints)
 			})
 			return
 		}
@@ -524,8 +554,9 @@ func (w *world) request(n, q *simNode, blocks []uint32, force bool, cb func(ok b
 					n.scores.Success(q.pid, 2*ow, len(blocks))
 					for _, b := range blocks {
 						w.acquire(n, b, true)
+						q.copied(b, n.i)
 					}
-					cb(true, spread)
+					cb(true, spread, hints)
 				})
 			})
 		})
@@ -715,6 +746,7 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 							}
 							for _, b := range served {
 								w.acquire(n, b, true)
+								q.copied(b, n.i)
 							}
 							end(true, false)
 						})
@@ -804,4 +836,10 @@ func (w *world) firstCopies(q *simNode, c *fetchCall) []peer.ID {
 		}
 	}
 	return c.first
+}
+
+// copied is originGroup.delivered: a copy of b from q reached p; the last
+// p2p.MaxHints such peers are named in b's COMING answers.
+func (q *simNode) copied(b uint32, p int32) {
+	q.copiedTo[b] = p2p.AddRecipient(q.copiedTo[b], p)
 }
