@@ -182,6 +182,13 @@ func FuzzReadFrame(f *testing.F) {
 	f.Add(appendFrame(nil, u.encode()))
 	f.Add(appendBlockHeader(nil, statusOK, q.cids[0], 3))
 	f.Add(appendBlockHeader(nil, statusBusy, nil, 0))
+	hint, err := ma.NewMultiaddr("/ip4/127.0.0.1/tcp/4001")
+	if err != nil {
+		f.Fatal(err)
+	}
+	hp := encodeHints([]peer.AddrInfo{{ID: peer.ID(flat.Sum([]byte("p")).CID().Hash()), Addrs: []ma.Multiaddr{hint}}})
+	f.Add(appendFrame(nil, hp))
+	f.Add(append(appendBlockHeader(nil, statusComing, q.cids[0], len(hp)), hp...))
 	f.Add(binary.AppendUvarint(nil, 1<<63))
 	f.Add([]byte{})
 
@@ -207,6 +214,14 @@ func FuzzReadFrame(f *testing.F) {
 			if u, err := decodeUpdate(p, 1<<20); err == nil {
 				if !bytes.Equal(u.encode(), p) {
 					t.Fatal("update does not re-encode to its bytes")
+				}
+			}
+			if hs, err := decodeHints(p); err == nil {
+				if len(hs) > MaxHints || len(p) > maxHintFrame {
+					t.Fatalf("%d hints in %d bytes passed the limits", len(hs), len(p))
+				}
+				if !bytes.Equal(encodeHints(hs), p) {
+					t.Fatal("hints do not re-encode to their bytes")
 				}
 			}
 		} else if !errors.Is(err, ErrFrameTooLarge) && !errors.Is(err, ErrMalformed) &&
