@@ -182,10 +182,13 @@
 // sent its copies to, so without hints it waited SpreadWait and forced
 // the first holder, and the node a little ahead of everyone uploaded most
 // forced copies (the simulator, 10,000 nodes with a trace: busiest 4.3×
-// the mean, 57% of its bytes in FORCE answers). Hints that do not decode
+// the mean, 57% of its bytes in FORCE answers; with hints 3.8×, FORCE
+// requests 131,000 → 113,000, p99 to ready 1.36 s → 1.25 s). Hints that
+// do not decode
 // mark the answer bad (the peer is penalised as for a wrong block); a
 // hinted address that is wrong costs a failed dial, since the handshake
-// verifies the peer ID.
+// verifies the peer ID. Connections made for hints are not protected
+// (have sessions are), so the connection manager trims them first.
 //
 // # Policies
 //
