@@ -37,7 +37,8 @@ const (
 )
 
 // MaxHints is the most peers a COMING frame names for its block: the
-// first MaxHints peers the server's copies of the block reached.
+// last MaxHints peers the server's copies of the block reached
+// (AddRecipient).
 const MaxHints = 4
 
 // Status of a block response frame.
