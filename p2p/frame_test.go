@@ -2,7 +2,6 @@ package p2p
 
 import (
 	"bytes"
-	cryptorand "crypto/rand"
 	"encoding/binary"
 	"errors"
 	"fmt"
@@ -15,7 +14,6 @@ import (
 	"testing"
 
 	"github.com/ipfs/go-cid"
-	"github.com/libp2p/go-libp2p/core/crypto"
 	"github.com/libp2p/go-libp2p/core/peer"
 	ma "github.com/multiformats/go-multiaddr"
 	"github.com/multiformats/go-multihash"
@@ -340,20 +338,6 @@ func TestIdentityPersists(t *testing.T) {
 	}
 }
 
-// testPeerID is a fresh peer ID (an Ed25519 key's).
-func testPeerID(t *testing.T) peer.ID {
-	t.Helper()
-	_, pub, err := crypto.GenerateEd25519Key(cryptorand.Reader)
-	if err != nil {
-		t.Fatal(err)
-	}
-	id, err := peer.IDFromPublicKey(pub)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return id
-}
-
 // A COMING frame's hints name up to MaxHints peers with up to
 // maxHintAddrs addresses each; what is over the limits is left out when
 // encoding and refused when decoding, and the payload fits maxHintFrame.
@@ -366,9 +350,10 @@ func TestHintsRoundTrip(t *testing.T) {
 		}
 		return a
 	}
+	ids := testPeerIDs(t, 1, MaxHints+3)
 	var in []peer.AddrInfo
 	for i := range MaxHints + 2 {
-		h := peer.AddrInfo{ID: testPeerID(t)}
+		h := peer.AddrInfo{ID: ids[i]}
 		for j := range i + 1 {
 			h.Addrs = append(h.Addrs, addr(4000+j))
 		}
@@ -403,7 +388,7 @@ func TestHintsRoundTrip(t *testing.T) {
 		t.Errorf("no hints: %d bytes", len(p))
 	}
 
-	id := []byte(testPeerID(t))
+	id := []byte(ids[MaxHints+2])
 	one := func(peerID []byte, addrs ...[]byte) []byte {
 		p := binary.AppendUvarint(nil, 1)
 		p = appendBytes(p, peerID)
