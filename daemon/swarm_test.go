@@ -33,11 +33,14 @@ import (
 )
 
 // startDaemon runs a daemon with p2p on loopback until the test ends.
+// daemons numbers the daemons a test binary starts, for their logs.
+var daemons atomic.Int32
+
 func startDaemon(t *testing.T, cfg Config) (*Daemon, *Client) {
 	t.Helper()
 	cfg.PlainHTTP = true
 	cfg.P2P.Listen = []string{"/ip4/127.0.0.1/tcp/0"}
-	d, err := New(cfg, slog.New(slog.DiscardHandler))
+	d, err := New(cfg, testenv.Logger(t, fmt.Sprintf("daemon %d", daemons.Add(1))))
 	if err != nil {
 		t.Fatal(err)
 	}

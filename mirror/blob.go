@@ -117,6 +117,7 @@ func (m *Mirror) fromPeers(ctx context.Context, f *flight, limit int64) (*recipe
 	provs, err := m.cfg.Peers.Providers(pctx, f.digest)
 	cancel()
 	if len(provs) == 0 {
+		m.log.Debug("no peer announced blob", "blob", f.digest, "err", err)
 		if err == nil {
 			return nil, ErrNoPeers
 		}

@@ -65,7 +65,10 @@
 //     12 h; a provide that could not reach the DHT is retried every
 //     minute). A provider sends the recipe over /shoal/recipe/1 and the
 //     blocks over /shoal/block/1, 8 per request, four requests at a time,
-//     each batch asked of the providers in turn until one delivers;
+//     each batch asked of the providers in turn until one delivers. A
+//     provider that answered BUSY a moment ago is still asked (last): a
+//     blob often has one provider, and a batch turned away is asked again
+//     for up to 6 s before the blob goes upstream;
 //  3. upstream.
 //
 // A HEAD of a blob that is not kept starts its fetch too (a GET usually

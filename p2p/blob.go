@@ -105,8 +105,13 @@ func (n *Node) ProvideBlob(ctx context.Context, digest string) error {
 }
 
 // BlobProviders looks up the providers of a blob and returns up to limit of
-// them that this node can reach and may ask (not avoided after bad data, not
-// resting), connected.
+// them that this node can reach and may ask, connected: peers avoided after
+// bad data are left out; peers resting after BUSY or failures come last,
+// but they come. A blob's providers are few (often one), and the caller
+// (the mirror) paces its retries of a busy peer; leaving a resting provider
+// out sent a whole layer to the registry because the one peer that held it
+// had turned away a request for another layer of the same pull a moment
+// before.
 func (n *Node) BlobProviders(ctx context.Context, digest string, limit int) ([]peer.ID, error) {
 	key, err := ImageKey(digest)
 	if err != nil {
@@ -121,18 +126,23 @@ func (n *Node) BlobProviders(ctx context.Context, digest string, limit int) ([]p
 		return nil, err
 	}
 	now := time.Now()
-	var out []peer.ID
+	var out, resting []peer.ID
 	for _, ai := range infos {
-		if !n.peers.usable(ai.ID, now) {
+		if n.peers.isAvoided(ai.ID, now) {
+			n.log.Debug("blob provider avoided after bad data", "blob", digest, "peer", ai.ID.String())
 			continue
 		}
 		if err := n.connect(ctx, ai); err != nil {
 			n.log.Debug("connect to blob provider", "blob", digest, "peer", ai.ID.String(), "err", err)
 			continue
 		}
-		out = append(out, ai.ID)
+		if n.peers.usable(ai.ID, now) {
+			out = append(out, ai.ID)
+		} else {
+			resting = append(resting, ai.ID)
+		}
 	}
-	return out, nil
+	return append(out, resting...), nil
 }
 
 // FetchRecipe asks p for the recipe of a blob. The bytes are untrusted.

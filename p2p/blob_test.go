@@ -4,9 +4,12 @@ import (
 	"bytes"
 	"context"
 	"errors"
+	"slices"
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/shoal-project/shoal/flat"
 )
@@ -78,5 +81,47 @@ func TestBlobExchange(t *testing.T) {
 	}
 	if _, err := b.FetchBlobBlocks(t.Context(), a.ID(), digest, make([]flat.Block, MaxRequestBlocks+1)); err == nil {
 		t.Error("oversized request accepted")
+	}
+}
+
+// TestBlobProvidersResting: a provider resting after BUSY is still
+// returned, after the others (the mirror paces its retries; leaving it out
+// sent a whole layer upstream), and a provider avoided after bad data is
+// left out.
+func TestBlobProvidersResting(t *testing.T) {
+	t.Parallel()
+	digest := "sha256:" + strings.Repeat("ef", 32)
+	a := startNode(t, Config{})
+	c := startNode(t, Config{BootstrapPeers: a.Addrs()})
+	b := startNode(t, Config{BootstrapPeers: a.Addrs(), BadBlockStrikes: 1})
+	for _, n := range []*Node{a, c} {
+		if err := n.ProvideBlob(t.Context(), digest); err != nil {
+			t.Logf("provide (held locally): %v", err)
+		}
+	}
+	if err := b.Connect(t.Context(), c.Addrs()[0]); err != nil {
+		t.Fatal(err)
+	}
+	find := func() []string {
+		t.Helper()
+		provs, err := b.BlobProviders(t.Context(), digest, 4)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var out []string
+		for _, p := range provs {
+			out = append(out, map[peer.ID]string{a.ID(): "A", c.ID(): "C"}[p])
+		}
+		return out
+	}
+	eventually(t, 10*time.Second, "B to find both providers", func() bool { return len(find()) == 2 })
+
+	b.peers.busy(a.ID(), time.Now().Add(time.Minute))
+	if got := find(); !slices.Equal(got, []string{"C", "A"}) {
+		t.Errorf("A resting after BUSY: providers %v, want [C A]", got)
+	}
+	b.Strike(c.ID())
+	if got := find(); !slices.Equal(got, []string{"A"}) {
+		t.Errorf("C avoided after bad data: providers %v, want [A]", got)
 	}
 }

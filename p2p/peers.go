@@ -154,6 +154,14 @@ func (t *peerTable) designatable(p peer.ID, now time.Time) bool {
 	return pi == nil || (!now.Before(pi.AvoidedUntil) && pi.Failures < 3)
 }
 
+// isAvoided reports whether p is avoided after wrong blocks.
+func (t *peerTable) isAvoided(p peer.ID, now time.Time) bool {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	pi := t.m[p]
+	return pi != nil && now.Before(pi.AvoidedUntil)
+}
+
 // usable is usableLocked for callers that do not hold t.mu.
 func (t *peerTable) usable(p peer.ID, now time.Time) bool {
 	t.mu.Lock()
