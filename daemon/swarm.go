@@ -124,6 +124,8 @@ func (m *metrics) watchSwarm(n *p2p.Node) {
 	counter("shoal_share_busy_total", "Block requests answered BUSY because this node had uploaded its share of the image.", func(s p2p.Stats) float64 { return float64(s.ShareBusy) })
 	counter("shoal_spread_sent_total", "Blocks answered COMING because this node had sent them to enough peers (SpreadCopies).", func(s p2p.Stats) float64 { return float64(s.SpreadSent) })
 	counter("shoal_hints_received_total", "Peers COMING answers named as a block's recipients, kept as its holders.", func(s p2p.Stats) float64 { return float64(s.HintsReceived) })
+	counter("shoal_peer_unreachable_total", "Connections and block requests that failed because no connection to the peer could be made.", func(s p2p.Stats) float64 { return float64(s.Unreachable) })
+	counter("shoal_origin_replanned_blocks_total", "Blocks whose designated fetcher was unreachable, planned again for the next member of the origin group.", func(s p2p.Stats) float64 { return float64(s.OriginReplanned) })
 	counter("shoal_spread_received_total", "Blocks peers answered COMING because they had sent them to enough peers.", func(s p2p.Stats) float64 { return float64(s.SpreadReceived) })
 	counter("shoal_forced_requests_total", "Block requests sent with FORCE: only holders that had answered COMING were left.", func(s p2p.Stats) float64 { return float64(s.ForcedRequests) })
 	counter("shoal_first_copy_passed_total", "ORIGIN requests answered COMING because other askers of the same fetch got its first copies.", func(s p2p.Stats) float64 { return float64(s.FirstCopyPassed) })

@@ -382,6 +382,8 @@ type outcome struct {
 	spread    []flat.Block // answered COMING: sent to enough peers, ask those
 	bad       bool         // a wrong block or an unrequested one: penalise
 	err       error        // why the request ended early; nil if every block was answered
+	// unreachable: no connection to the peer could be made (it is gone).
+	unreachable bool
 	// hints are, for blocks of spread, the peers the server's copies
 	// reached (flagHints), not including this node or the server.
 	hints map[flat.BlockID][]peer.AddrInfo
@@ -424,6 +426,12 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 	cancel()
 	if err != nil {
 		out.err = fmt.Errorf("open stream: %w", err)
+		if ctx.Err() == nil && n.host.Network().Connectedness(p) != network.Connected {
+			// No connection could be made: the peer is gone (or cut
+			// off). It is not designated for a while (LiveGroup).
+			out.unreachable = true
+			n.markUnreachable(p)
+		}
 		return out
 	}
 	// The caller giving up resets the stream, which unblocks any read.

@@ -354,7 +354,8 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 	if group == nil { // not a sha256 key: ImageKey makes nothing else
 		return nil, fmt.Errorf("blob %s of %s: no origin group: %w", blob, digest, ErrNoIndex)
 	}
-	d := Designate(id, group, self)
+	now := n.cfg.Clock.Now()
+	d := Designate(id, LiveGroup(group, self, func(p peer.ID) bool { return !n.peers.designatable(p, now) }), self)
 	designated := d == self || d == ""
 	var others []peer.AddrInfo
 	dInfo := peer.AddrInfo{ID: d}

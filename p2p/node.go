@@ -444,6 +444,12 @@ type Stats struct {
 	OriginServed  int64 `json:"origin_served"`
 	OriginBusy    int64 `json:"origin_busy"`
 	OriginWaiting int64 `json:"origin_waiting"` // ORIGIN requests waiting for their fetches now
+	// Unreachable counts connections and block requests that failed
+	// because no connection to the peer could be made (gone);
+	// OriginReplanned, the blocks whose designated fetcher
+	// was such a peer, planned again for the next member of the group.
+	Unreachable     int64 `json:"unreachable"`
+	OriginReplanned int64 `json:"origin_replanned"`
 	// Waiting for the swarm: COMING answers from designated fetchers, and
 	// rounds planned again because holders appeared while blocks were
 	// awaited.
@@ -479,7 +485,7 @@ type counters struct {
 	originFetches, originServed, originBusy, originWaiting    atomic.Int64
 	indexesFetched, comingRecv, awaitRounds, shareBusy        atomic.Int64
 	manifestsFetched, spreadSent, spreadRecv, forced          atomic.Int64
-	firstCopyPassed, hintsRecv                                atomic.Int64
+	firstCopyPassed, hintsRecv, unreachable, originReplanned  atomic.Int64
 }
 
 // Stats returns the node's counters.
@@ -518,6 +524,8 @@ func (n *Node) Stats() Stats {
 		ForcedRequests:   n.st.forced.Load(),
 		FirstCopyPassed:  n.st.firstCopyPassed.Load(),
 		HintsReceived:    n.st.hintsRecv.Load(),
+		Unreachable:      n.st.unreachable.Load(),
+		OriginReplanned:  n.st.originReplanned.Load(),
 	}
 	for _, s := range n.swarmList() {
 		st.Images++
@@ -534,7 +542,18 @@ func (n *Node) connect(ctx context.Context, ai peer.AddrInfo) error {
 	if n.host.Network().Connectedness(ai.ID) == network.Connected {
 		return nil
 	}
-	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
 	defer cancel()
-	return n.host.Connect(ctx, ai)
+	err := n.host.Connect(cctx, ai)
+	if err != nil && ctx.Err() == nil {
+		n.markUnreachable(ai.ID)
+	}
+	return err
+}
+
+// markUnreachable records that no connection to p could be made: it is
+// left out of origin designation for UnreachableRest (LiveGroup).
+func (n *Node) markUnreachable(p peer.ID) {
+	n.st.unreachable.Add(1)
+	n.peers.unreachable(p, n.cfg.Clock.Now().Add(UnreachableRest))
 }

@@ -242,9 +242,11 @@ func TestOriginCoalescing(t *testing.T) {
 	}
 }
 
-// A designated node that is gone makes the others fall through to the
-// registry at once; one that hangs makes them wait no longer than
-// OriginWait.
+// A designated node that is gone (no connection to it can be made) is
+// left out of the designation at once: its blocks go to the next member
+// of the group, which fetches each from the registry once for everybody,
+// and nobody waits. One that hangs makes the others wait no longer than
+// OriginWait, then read its blocks from the registry themselves.
 func TestOriginDesignatedDead(t *testing.T) {
 	t.Parallel()
 	for _, mode := range []string{"gone", "hung"} {
@@ -278,6 +280,41 @@ func TestOriginDesignatedDead(t *testing.T) {
 				}
 				if took[i] > limit {
 					t.Errorf("node %d took %v with the designated node %s (limit %v)", i, took[i], mode, limit)
+				}
+			}
+			if mode == "gone" {
+				// Each of its blocks came from the registry once, at the
+				// member next in the block's rendezvous order.
+				var rest []peer.ID
+				for _, i := range live {
+					rest = append(rest, all[i])
+				}
+				moved := 0
+				for _, b := range im.index.Blocks {
+					if Designated(b.ID, all, all[0]) != all[dead] {
+						continue
+					}
+					moved++
+					next := slices.Index(all, Designated(b.ID, rest, rest[0]))
+					for _, i := range live {
+						want := 0
+						if i == next {
+							want = 1
+						}
+						if c := nodes[i].reg.count(b.ID); c != want {
+							t.Errorf("node %d fetched block %s of the gone node from the registry %d times, want %d (next: node %d)", i, b.ID, c, want, next)
+						}
+					}
+				}
+				var unreachable, replanned int64
+				for _, i := range live {
+					st := nodes[i].n.Stats()
+					unreachable += st.Unreachable
+					replanned += st.OriginReplanned
+				}
+				t.Logf("%d blocks of the gone node; %d unreachable requests, %d blocks planned again", moved, unreachable, replanned)
+				if moved == 0 || unreachable == 0 {
+					t.Errorf("the gone node had %d blocks and was found unreachable %d times", moved, unreachable)
 				}
 			}
 			if mode == "hung" {

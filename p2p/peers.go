@@ -20,10 +20,14 @@ type PeerInfo struct {
 	// strikes (zero if it is not avoided).
 	AvoidedUntil time.Time
 	// BusyUntil is when a peer that answered BUSY may be asked again.
-	BusyUntil  time.Time
-	BadBlocks  int64 // wrong blocks received from it, ever
-	Failures   int   // consecutive failed requests (timeouts, resets)
-	BlocksRecv int64
+	BusyUntil time.Time
+	// UnreachableUntil is when a peer that could not be reached at all (no
+	// connection to it could be made) may be designated again (see
+	// designatable); zero if it never failed so.
+	UnreachableUntil time.Time
+	BadBlocks        int64 // wrong blocks received from it, ever
+	Failures         int   // consecutive failed requests (timeouts, resets)
+	BlocksRecv       int64
 	// InFlight is the number of block requests this node has outstanding
 	// to the peer; peer choice prefers the least loaded among equals.
 	InFlight int
@@ -140,18 +144,26 @@ func (t *peerTable) usableLocked(p peer.ID, now time.Time) bool {
 }
 
 // designatable reports whether p may be asked as a designated fetcher now:
-// not avoided after wrong blocks and not resting after failures. A rest
-// after BUSY does not count: a designated fetcher answers an ORIGIN
-// request without an upload slot (COMING, or BUSY when it cannot fetch),
-// and one that turned this node away as a holder a moment ago is the very
-// peer whose fetch everybody shares; skipping it sent those blocks to the
-// registry (the simulator measured 2.5 extra copies of each block at
-// 1,000 nodes).
+// not avoided after wrong blocks, not unreachable lately, and not resting
+// after failures. A rest after BUSY does not count: a designated fetcher
+// answers an ORIGIN request without an upload slot (COMING, or BUSY when
+// it cannot fetch), and one that turned this node away as a holder a
+// moment ago is the very peer whose fetch everybody shares; skipping it
+// sent those blocks to the registry (the simulator measured 2.5 extra
+// copies of each block at 1,000 nodes).
 func (t *peerTable) designatable(p peer.ID, now time.Time) bool {
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	pi := t.m[p]
-	return pi == nil || (!now.Before(pi.AvoidedUntil) && pi.Failures < 3)
+	return pi == nil || (!now.Before(pi.AvoidedUntil) && !now.Before(pi.UnreachableUntil) && pi.Failures < 3)
+}
+
+// unreachable records that no connection to p could be made: p is not
+// designated again until until.
+func (t *peerTable) unreachable(p peer.ID, until time.Time) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.get(p).UnreachableUntil = until
 }
 
 // isAvoided reports whether p is avoided after wrong blocks.

@@ -214,12 +214,14 @@ func Designated(block flat.BlockID, providers []peer.ID, self peer.ID) peer.ID {
 }
 
 // PlanOrigin splits blocks nobody holds by their designated fetcher
-// (Designate over the image's origin group): the ones self is designated
-// for (own: fetch them from the registry at once) and, per other peer, the
-// ones to ask that peer for with the ORIGIN flag. Order within each list
-// follows blocks.
-func PlanOrigin(blocks []flat.Block, group []peer.ID, self peer.ID) (ask map[peer.ID][]flat.Block, own []flat.Block) {
+// (Designate over the image's origin group less the members down reports,
+// LiveGroup): the ones self is designated for (own: fetch them from the
+// registry at once) and, per other peer, the ones to ask that peer for
+// with the ORIGIN flag. Order within each list follows blocks. down may be
+// nil (every member is up).
+func PlanOrigin(blocks []flat.Block, group []peer.ID, self peer.ID, down func(peer.ID) bool) (ask map[peer.ID][]flat.Block, own []flat.Block) {
 	ask = map[peer.ID][]flat.Block{}
+	group = LiveGroup(group, self, down)
 	for _, b := range blocks {
 		d := Designate(b.ID, group, self)
 		if d == self || d == "" {
@@ -319,6 +321,37 @@ func Designate(block flat.BlockID, group []peer.ID, self peer.ID) peer.ID {
 		self = ""
 	}
 	return Designated(block, group, self)
+}
+
+// UnreachableRest is how long a peer that could not be reached at all (no
+// connection to it could be made) is left out of origin designation
+// (LiveGroup). A gone member of an image's origin group then costs each
+// node one failed dial a minute, not one registry copy of its share of
+// the blocks; a member that was only cut off for a moment loses its
+// blocks, as this node sees it, to the next member for a minute: at most
+// a second registry copy of them.
+const UnreachableRest = time.Minute
+
+// LiveGroup is group without the members down reports (self is never
+// left out). Designating over it moves only the blocks a down member was
+// designated for, each to the member next in its rendezvous order — the
+// same one for every node that sees the same member down — instead of
+// sending them to the registry once per node: a member of the group that
+// is gone (a node drained or preempted, whose provider record outlives
+// it by up to 48 h) cost a 10,000-node rollout one registry copy per
+// node of its share of the blocks. With every other member down the
+// group is empty or self alone, and self is designated. down may be nil.
+func LiveGroup(group []peer.ID, self peer.ID, down func(peer.ID) bool) []peer.ID {
+	if down == nil {
+		return group
+	}
+	live := make([]peer.ID, 0, len(group))
+	for _, p := range group {
+		if p == self || !down(p) {
+			live = append(live, p)
+		}
+	}
+	return live
 }
 
 // ShareFloor is the least an image's share of uploads is reckoned on

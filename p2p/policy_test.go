@@ -302,7 +302,7 @@ func TestPlanOrigin(t *testing.T) {
 		blocks = append(blocks, flat.Block{ID: id, ULen: 1})
 	}
 	// self in the group: it is a candidate like the others.
-	ask, own := PlanOrigin(blocks, peers, self)
+	ask, own := PlanOrigin(blocks, peers, self, nil)
 	total := len(own)
 	for p, bs := range ask {
 		if p == self || !slices.Contains(others, p) {
@@ -325,7 +325,7 @@ func TestPlanOrigin(t *testing.T) {
 	}
 	// self not in the group: every block goes to a member, the one every
 	// member would pick.
-	ask, own = PlanOrigin(blocks, others, self)
+	ask, own = PlanOrigin(blocks, others, self, nil)
 	if len(own) != 0 {
 		t.Errorf("not a member, yet designated for %d blocks", len(own))
 	}
@@ -336,8 +336,50 @@ func TestPlanOrigin(t *testing.T) {
 			}
 		}
 	}
-	if ask, own := PlanOrigin(blocks, nil, self); len(ask) != 0 || len(own) != len(blocks) {
+	if ask, own := PlanOrigin(blocks, nil, self, nil); len(ask) != 0 || len(own) != len(blocks) {
 		t.Errorf("alone: %d asked, %d own", len(ask), len(own))
+	}
+
+	// A member down: only its blocks move, each to the member next in the
+	// block's rendezvous order (the fetcher over the group without it);
+	// self is never down, and with every other member down self fetches
+	// everything.
+	gone := others[0]
+	isGone := func(p peer.ID) bool { return p == gone || p == self }
+	before, _ := PlanOrigin(blocks, peers, self, nil)
+	ask, own = PlanOrigin(blocks, peers, self, isGone)
+	if len(ask[gone]) != 0 {
+		t.Errorf("%d blocks asked of the member that is down", len(ask[gone]))
+	}
+	for p, bs := range ask {
+		for _, b := range bs {
+			was := Designated(b.ID, peers, self)
+			if was != gone && was != p {
+				t.Errorf("block %s of %s, up, moved to %s", b.ID, was, p)
+			}
+			if want := Designated(b.ID, others[1:], self); was == gone && p != want {
+				t.Errorf("block %s of the gone member went to %s, want %s", b.ID, p, want)
+			}
+		}
+	}
+	for _, b := range own {
+		if was := Designated(b.ID, peers, self); was != self && was != gone {
+			t.Errorf("block %s of %s, up, moved to self", b.ID, was)
+		}
+	}
+	total = len(own)
+	for _, bs := range ask {
+		total += len(bs)
+	}
+	if total != len(blocks) || len(before[gone]) == 0 {
+		t.Errorf("%d blocks planned of %d; the gone member had %d", total, len(blocks), len(before[gone]))
+	}
+	allDown := func(p peer.ID) bool { return true }
+	if ask, own := PlanOrigin(blocks, peers, self, allDown); len(ask) != 0 || len(own) != len(blocks) {
+		t.Errorf("every other member down: %d asked, %d own", len(ask), len(own))
+	}
+	if ask, own := PlanOrigin(blocks, others, self, allDown); len(ask) != 0 || len(own) != len(blocks) {
+		t.Errorf("not a member, every member down: %d asked, %d own", len(ask), len(own))
 	}
 }
 

@@ -86,6 +86,10 @@ func (s *PeerScores) Failure(p peer.ID, timeout time.Duration, now time.Time) {
 // Busy records a BUSY answer: p is not asked again until until.
 func (s *PeerScores) Busy(p peer.ID, until time.Time) { s.t.busy(p, until) }
 
+// Unreachable records that no connection to p could be made: p is not
+// designated again until until.
+func (s *PeerScores) Unreachable(p peer.ID, until time.Time) { s.t.unreachable(p, until) }
+
 // Usable reports whether p may be asked at now.
 func (s *PeerScores) Usable(p peer.ID, now time.Time) bool { return s.t.usable(p, now) }
 

@@ -561,8 +561,11 @@ func (ps *PeerSource) record(ctx context.Context, r result, complete bool, f *fe
 // await takes the blocks from the swarm). The wait is bounded by
 // OriginWait, and ends with the call (ctx): a designated fetcher may hold
 // a request in its queue for an upload slot while the block arrives from
-// a holder. A fetcher that is gone, BUSY or answers NOT_FOUND ends it at
-// once, and the blocks fall through to the registry.
+// a holder. A fetcher that is unreachable (no connection to it could be
+// made: gone) is left out of the designation for a while, and its blocks
+// are planned again at once, for the next member of the group. A fetcher
+// that fails otherwise, is BUSY or answers NOT_FOUND ends it at once, and
+// the blocks fall through to the registry.
 func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, f *fetchState) {
 	n := ps.n
 	if len(ask) == 0 {
@@ -571,38 +574,50 @@ func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, 
 	wctx, cancel := context.WithTimeout(ctx, n.cfg.OriginWait)
 	defer cancel()
 	var wg sync.WaitGroup
-	for p, bs := range ask {
-		wg.Go(func() {
-			done := 0
-			defer func() {
-				// Whatever this peer was not asked for is not pending.
-				f.mu.Lock()
-				for _, b := range bs[done:] {
-					f.pending[b.ID]--
-				}
-				f.notifyLocked()
-				f.mu.Unlock()
-			}()
-			for _, batch := range batches(bs) {
-				n.st.originAsked.Add(1)
-				o := n.request(wctx, p, ps.image, batch, reqOpts{flags: flagOrigin, firstByte: n.cfg.OriginWait})
-				for id, d := range o.got {
-					f.deliver(id, d)
-				}
-				n.st.originGot.Add(int64(len(o.got)))
-				more := ps.recordOrigin(ctx, p, batch, o, f)
-				f.mu.Lock()
-				for _, b := range batch {
-					f.pending[b.ID]--
-				}
-				f.notifyLocked()
-				f.mu.Unlock()
-				done += len(batch)
-				if !more {
-					return
+	var askPeer func(p peer.ID, bs []flat.Block)
+	askPeer = func(p peer.ID, bs []flat.Block) {
+		done := 0
+		defer func() {
+			// Whatever this peer was not asked for is not pending.
+			f.mu.Lock()
+			for _, b := range bs[done:] {
+				f.pending[b.ID]--
+			}
+			f.notifyLocked()
+			f.mu.Unlock()
+		}()
+		for _, batch := range batches(bs) {
+			n.st.originAsked.Add(1)
+			o := n.request(wctx, p, ps.image, batch, reqOpts{flags: flagOrigin, firstByte: n.cfg.OriginWait})
+			for id, d := range o.got {
+				f.deliver(id, d)
+			}
+			n.st.originGot.Add(int64(len(o.got)))
+			more := ps.recordOrigin(ctx, p, batch, o, f)
+			if o.unreachable && wctx.Err() == nil && !n.peers.designatable(p, n.cfg.Clock.Now()) {
+				// Gone: request marked it undesignatable, so planning
+				// again cannot pick it. Its blocks (pending still, so
+				// await keeps waiting) go to the next member of the
+				// group.
+				n.st.originReplanned.Add(int64(len(bs) - done))
+				for q, qbs := range ps.planOrigin(bs[done:], f) {
+					wg.Go(func() { askPeer(q, qbs) })
 				}
 			}
-		})
+			f.mu.Lock()
+			for _, b := range batch {
+				f.pending[b.ID]--
+			}
+			f.notifyLocked()
+			f.mu.Unlock()
+			done += len(batch)
+			if !more {
+				return
+			}
+		}
+	}
+	for p, bs := range ask {
+		wg.Go(func() { askPeer(p, bs) })
 	}
 	wg.Wait()
 }
@@ -612,16 +627,19 @@ func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, 
 // (PlanOrigin over originView), starts the fetch of those designated to
 // this node (left to the registry source, which joins it), and returns
 // the others by designated peer, each counted pending until its ORIGIN
-// request is answered. Blocks whose designated fetcher failed lately are
-// left out (for the registry). It runs before the requests are sent, so
-// that await sees the blocks pending from the start.
+// request is answered. Members of the group that are not designatable
+// (unreachable lately, failing, or avoided) are left out of the
+// designation (LiveGroup): their blocks go to the next member in each
+// block's rendezvous order. It runs before the requests are sent, so that
+// await sees the blocks pending from the start.
 func (ps *PeerSource) planOrigin(blocks []flat.Block, f *fetchState) map[peer.ID][]flat.Block {
 	n := ps.n
-	ask, own := PlanOrigin(blocks, n.originView(ps.image), n.ID())
+	now := n.cfg.Clock.Now()
+	down := func(p peer.ID) bool { return !n.peers.designatable(p, now) }
+	ask, own := PlanOrigin(blocks, n.originView(ps.image), n.ID(), down)
 	if n.cfg.OriginWait <= 0 {
 		own, ask = blocks, nil
 	}
-	now := n.cfg.Clock.Now()
 	f.mu.Lock()
 	for _, b := range blocks {
 		f.asked[b.ID] = true
@@ -629,11 +647,7 @@ func (ps *PeerSource) planOrigin(blocks []flat.Block, f *fetchState) map[peer.ID
 	for _, b := range own {
 		f.own[b.ID] = true
 	}
-	for p, bs := range ask {
-		if !n.peers.designatable(p, now) {
-			delete(ask, p)
-			continue
-		}
+	for _, bs := range ask {
 		for _, b := range bs {
 			f.pending[b.ID]++
 		}

@@ -102,6 +102,18 @@ type Config struct {
 	// Nodes start the image; Seeds (SwarmSeeded only) are extra nodes that
 	// hold every block before the start and run nothing.
 	Nodes, Seeds int
+	// Gone (swarm strategies only; the others ignore it) are members of the image's origin group
+	// that are gone: nodes that provided the image before the rollout (a
+	// day ago, say) and have since been drained or preempted, their
+	// records still in the DHT (they live 48 h). They rank first in the
+	// group, so each is the designated fetcher of about one block in
+	// OriginGroupSize; a dial to one fails after GoneDial.
+	Gone int
+	// GoneDial is how long a dial to a gone node takes to fail: 0 is one
+	// round trip (its host answers with a reset); a silent address fails
+	// at the caller's bound (p2p's FirstByteTimeout for a block request, 5
+	// s for a connect) when GoneDial is longer.
+	GoneDial time.Duration
 	// Zones and RacksPerZone label the nodes round-robin (zone i%Zones).
 	Zones, RacksPerZone int
 	// Seed makes a run reproducible: the same Config gives the same Result.
@@ -159,6 +171,11 @@ type Config struct {
 	// random sample of the providers instead of the earliest ones (see
 	// sampleProviders).
 	DHTRandomProviders bool
+	// DesignateGone is a what-if, not the daemon: the daemon before it
+	// left unreachable members out of the designation (p2p.LiveGroup).
+	// A designated fetcher found gone is not asked, and its blocks go to
+	// the registry, per node.
+	DesignateGone bool
 
 	// Swarm is the p2p configuration every node runs; zero fields take the
 	// daemon's defaults (p2p.Defaults).
@@ -267,6 +284,9 @@ func (c Config) validate() error {
 	}
 	if c.Seeds < 0 || (c.Seeds > 0 && c.Strategy != SwarmSeeded) {
 		errs = append(errs, fmt.Errorf("%d seeds: only %s has seeds", c.Seeds, SwarmSeeded))
+	}
+	if c.Gone < 0 || c.Gone > p2p.OriginGroupSize || c.GoneDial < 0 {
+		errs = append(errs, fmt.Errorf("%d gone nodes (dial %v): at most %d, and the dial not negative", c.Gone, c.GoneDial, p2p.OriginGroupSize))
 	}
 	if c.Strategy == SwarmSeeded && c.Seeds < 1 {
 		errs = append(errs, fmt.Errorf("%s needs at least one seed", SwarmSeeded))

@@ -58,6 +58,7 @@ type counters struct {
 	// block fetched from the registry.
 	peerDiscarded, dupPeer, dupRegistry, registryRaw float64
 	dhtLookups                                       int64
+	unreachable, originReplanned                     int64
 }
 
 // simNode is one node: its daemon's state (cache, have bitmap, sessions,
@@ -69,6 +70,7 @@ type simNode struct {
 	rack   int
 	labels p2p.Labels
 	seed   bool
+	gone   bool // a member of the origin group that is gone (Config.Gone)
 	start  time.Duration
 	up     link
 	down   link
@@ -126,14 +128,15 @@ func newWorld(cfg Config) *world {
 		w.hostCPU = newPSServer(e, float64(cfg.HostCores), 1)
 	}
 	nb := len(w.im.blocks)
-	total := cfg.Nodes + cfg.Seeds
+	total := cfg.Nodes + cfg.Seeds + cfg.Gone
 	for i := range total {
 		n := &simNode{
 			i:            int32(i),
 			pid:          peer.ID(fmt.Sprintf("sim-node-%06d", i)),
 			zone:         i % cfg.Zones,
 			rack:         (i / cfg.Zones) % cfg.RacksPerZone,
-			seed:         i >= cfg.Nodes,
+			seed:         i >= cfg.Nodes && i < cfg.Nodes+cfg.Seeds,
+			gone:         i >= cfg.Nodes+cfg.Seeds,
 			up:           link{capacity: cfg.NodeUpBytesPerSec},
 			down:         link{capacity: cfg.NodeDownBytesPerSec},
 			rng:          rand.New(rand.NewPCG(cfg.Seed, uint64(i))),
@@ -162,9 +165,67 @@ func newWorld(cfg Config) *world {
 			n.start = time.Duration(i*cfg.Waves/cfg.Nodes) * cfg.WaveInterval
 		}
 		w.nodes = append(w.nodes, n)
+	}
+	if cfg.Gone > 0 {
+		ids := make([]peer.ID, cfg.Nodes+cfg.Seeds)
+		for i := range ids {
+			ids[i] = w.nodes[i].pid
+		}
+		for j, id := range goneIDs(w.im.id, ids, cfg.Gone) {
+			w.nodes[cfg.Nodes+cfg.Seeds+j].pid = id
+		}
+	}
+	for _, n := range w.nodes {
 		w.byID[n.pid] = n.i
 	}
 	return w
+}
+
+// dialFail is how long n's dial to a gone node q takes to fail, for a
+// caller that gives up after bound: one round trip (a reset) when
+// GoneDial is zero, else GoneDial, at most bound.
+func (w *world) dialFail(n, q *simNode, bound time.Duration) time.Duration {
+	if w.cfg.GoneDial == 0 {
+		return 2 * w.oneWay(n, q)
+	}
+	return min(w.cfg.GoneDial, bound)
+}
+
+// unreachable is p2p's markUnreachable: n could not connect to q, which
+// it leaves out of origin designation for UnreachableRest.
+func (w *world) unreachable(n, q *simNode) {
+	w.st.unreachable++
+	if !w.cfg.DesignateGone { // the daemon before did not mark them
+		n.scores.Unreachable(q.pid, w.e.wall().Add(p2p.UnreachableRest))
+	}
+}
+
+// goneAll puts the gone nodes' records in the DHT before anybody else's:
+// they provided the image before the rollout.
+func (w *world) goneAll() {
+	for _, n := range w.nodes {
+		if n.gone {
+			w.providers = append(w.providers, n.i)
+		}
+	}
+}
+
+// goneIDs returns k peer IDs that each rank before every one of ids in the
+// image's origin group (p2p.OriginGroup): the gone nodes are members of
+// the group whatever else the lookups find.
+func goneIDs(image flat.BlockID, ids []peer.ID, k int) []peer.ID {
+	if k == 0 {
+		return nil
+	}
+	best := p2p.OriginGroup(image, ids, "", 1)
+	var out []peer.ID
+	for j := 0; len(out) < k; j++ {
+		id := peer.ID(fmt.Sprintf("sim-gone-%08d", j))
+		if g := p2p.OriginGroup(image, append([]peer.ID{id}, best...), "", 1); g[0] == id {
+			out = append(out, id)
+		}
+	}
+	return out
 }
 
 // oneWay is the one-way delay between two nodes.
@@ -639,7 +700,7 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 			cb()
 		})
 	}
-	d := p2p.Designate(w.blobIDs[kind], n.group, n.pid)
+	d := p2p.Designate(w.blobIDs[kind], p2p.LiveGroup(n.group, n.pid, w.down(n)), n.pid)
 	designated := d == n.pid || d == ""
 	if designated && len(n.pool) == 0 {
 		fromRegistry()
@@ -664,9 +725,14 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 	deadline := w.e.now + wait
 	pass := 1
 	backoff := 10 * time.Millisecond
+	dropped := map[int32]bool{} // could not connect: not asked again
 	var ask func(k int)
 	ask = func(k int) {
 		if k == len(cands) {
+			if !slices.ContainsFunc(cands, func(c int32) bool { return !dropped[c] }) {
+				fromRegistry() // nobody left to ask
+				return
+			}
 			pause := backoff
 			backoff = min(2*backoff, 200*time.Millisecond)
 			if w.e.now+pause >= deadline {
@@ -686,8 +752,23 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 			i = (k + 1) % len(cands) // the designated fetcher last
 		}
 		q := w.nodes[cands[i]]
-		if !n.scores.Usable(q.pid, w.e.wall()) {
+		if dropped[q.i] || !n.scores.Usable(q.pid, w.e.wall()) {
 			ask(k + 1)
+			return
+		}
+		if q.gone {
+			// The connect fails (at most 5 s, and the wait bounds it).
+			fail := w.dialFail(n, q, 5*time.Second)
+			if wait > 0 {
+				fail = min(fail, max(deadline-w.e.now, 0))
+			}
+			w.e.after(fail, func() {
+				if wait == 0 || w.e.now < deadline {
+					w.unreachable(n, q)
+				}
+				dropped[q.i] = true
+				ask(k + 1)
+			})
 			return
 		}
 		ow := w.oneWay(n, q)
@@ -736,6 +817,13 @@ func (w *world) joinSessions(n *simNode, cb func()) {
 		var wait time.Duration
 		for _, p := range p2p.SampleProviders(pool, w.cfg.Swarm.MaxImagePeers, n.rng) {
 			q := w.nodes[p]
+			if q.gone {
+				// The connect fails; JoinImage waits for every dial.
+				fail := w.dialFail(n, q, 5*time.Second)
+				wait = max(wait, fail)
+				w.e.after(fail, func() { w.unreachable(n, q) })
+				continue
+			}
 			ow := w.oneWay(n, q)
 			rtt := 2 * ow
 			cost := rtt // the hellos

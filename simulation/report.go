@@ -52,6 +52,7 @@ type Params struct {
 	UnpackCPUMSPerMiB   float64 `json:"unpack_cpu_ms_per_mib"`
 	Prefetch            int     `json:"prefetch_blocks"`
 	DHTRandomProviders  bool    `json:"dht_random_providers,omitempty"`
+	DesignateGone       bool    `json:"designate_gone,omitempty"`
 	MaxUploadStreams    int     `json:"max_upload_streams"`
 	SpreadCopies        int     `json:"spread_copies"`
 	SpreadWaitMS        float64 `json:"spread_wait_ms"`
@@ -83,6 +84,7 @@ func ParamsOf(cfg Config) Params {
 		UnpackCPUMSPerMiB:  ms(c.UnpackCPU),
 		Prefetch:           c.Prefetch,
 		DHTRandomProviders: c.DHTRandomProviders,
+		DesignateGone:      c.DesignateGone,
 		MaxUploadStreams:   c.Swarm.MaxUploadStreams, MaxImagePeers: c.Swarm.MaxImagePeers,
 		SpreadCopies: c.Swarm.SpreadCopies, SpreadWaitMS: ms(c.Swarm.SpreadWait),
 		OriginWaitS: c.Swarm.OriginWait.Seconds(), AnnounceIntervalMS: ms(c.Swarm.AnnounceInterval),

@@ -13,8 +13,12 @@ type Result struct {
 	Strategy Strategy `json:"strategy"`
 	Nodes    int      `json:"nodes"`
 	Seeds    int      `json:"seeds,omitempty"`
-	Zones    int      `json:"zones"`
-	Seed     uint64   `json:"seed"`
+	// Gone members of the origin group (Config.Gone), and how long a dial
+	// to one took to fail (0: one round trip).
+	Gone      int     `json:"gone,omitempty"`
+	GoneDialS float64 `json:"gone_dial_s,omitempty"`
+	Zones     int     `json:"zones"`
+	Seed      uint64  `json:"seed"`
 
 	// Time to ready: from a node's start to the end of its last traced
 	// read (the bench's "ok" line), over the Nodes (not the seeds).
@@ -86,7 +90,12 @@ type Result struct {
 	HedgesDue           int64   `json:"hedges_due"`
 	DuplicateBytes      int64   `json:"duplicate_bytes"`
 	DHTLookupsPerNode   float64 `json:"dht_lookups_per_node_start"`
-	SessionsMean        float64 `json:"have_sessions_mean,omitempty"`
+	// Dials that failed because the peer was gone, and blocks whose
+	// designated fetcher was found gone, planned again for the next
+	// member of the group.
+	UnreachableDials int64   `json:"unreachable_dials,omitempty"`
+	OriginReplanned  int64   `json:"origin_replanned,omitempty"`
+	SessionsMean     float64 `json:"have_sessions_mean,omitempty"`
 
 	SimulatedS float64 `json:"simulated_s"`
 	Events     int64   `json:"events"`
@@ -107,12 +116,16 @@ func simulate(cfg Config) (*world, error) {
 	if err := cfg.validate(); err != nil {
 		return nil, fmt.Errorf("simulation: %w", err)
 	}
+	if cfg.Strategy != Swarm && cfg.Strategy != SwarmSeeded {
+		cfg.Gone = 0 // nobody asks peers
+	}
 	w := newWorld(cfg)
+	w.goneAll()
 	if cfg.Strategy == SwarmSeeded {
 		w.seedAll()
 	}
 	for _, n := range w.nodes {
-		if !n.seed {
+		if !n.seed && !n.gone {
 			w.start(n)
 		}
 	}
@@ -125,6 +138,9 @@ func (w *world) result() *Result {
 	wl := cfg.Workload
 	r := &Result{
 		Strategy: cfg.Strategy, Nodes: cfg.Nodes, Seeds: cfg.Seeds, Zones: cfg.Zones, Seed: cfg.Seed,
+		Gone: cfg.Gone, GoneDialS: cfg.GoneDial.Seconds(),
+		UnreachableDials:    w.st.unreachable,
+		OriginReplanned:     w.st.originReplanned,
 		UniqueBytes:         wl.ManifestBytes + wl.IndexBytes + w.im.traceStored,
 		RegistryMetaBytes:   int64(w.st.registryMetaBytes),
 		RegistryBlockBytes:  int64(w.st.registryBlockBytes),
@@ -166,6 +182,9 @@ func (w *world) result() *Result {
 	var upMax, upNodeMax float64
 	var sessions int
 	for _, n := range w.nodes {
+		if n.gone {
+			continue
+		}
 		fromPeers += n.fromPeers
 		fromReg += n.fromRegistry
 		upSum += n.uploaded
@@ -186,7 +205,7 @@ func (w *world) result() *Result {
 	if fromPeers+fromReg > 0 {
 		r.PeerShare = fromPeers / (fromPeers + fromReg)
 	}
-	all := float64(len(w.nodes))
+	all := float64(len(w.nodes) - cfg.Gone)
 	r.UploadMeanBytes = upSum / all
 	r.UploadMaxBytes = int64(upMax)
 	if upSum > 0 {

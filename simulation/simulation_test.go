@@ -196,6 +196,26 @@ func TestSanity(t *testing.T) {
 				t.Errorf("registry block bytes ÷ unique blocks %.3f, %d await timeouts: want 1 and none", r.BlockEgressPerUnique, r.AwaitTimeouts)
 			}
 		}},
+		// A member of the origin group that is gone loses its blocks to
+		// the next member (p2p.LiveGroup), which reads each from the
+		// registry once; kept designated (the daemon before), every node
+		// reads them from the registry itself.
+		{"a gone member of the origin group costs no registry copies", Config{Strategy: Swarm, Nodes: 200, Zones: 2, Gone: 1}, func(t *testing.T, r *Result) {
+			if r.Gone != 1 || r.UnreachableDials == 0 || r.OriginReplanned == 0 {
+				t.Errorf("gone %d: %d unreachable dials, %d blocks planned again; want some", r.Gone, r.UnreachableDials, r.OriginReplanned)
+			}
+			if r.BlockEgressPerUnique < 1 || r.BlockEgressPerUnique > 1.01 {
+				t.Errorf("registry block bytes ÷ unique blocks %.3f with a gone member, want 1", r.BlockEgressPerUnique)
+			}
+			old, err := Run(Config{Strategy: Swarm, Nodes: 200, Zones: 2, Gone: 1, DesignateGone: true, Workload: wl})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if old.BlockEgressPerUnique < 1.5 {
+				t.Errorf("what-if DesignateGone: block egress ÷ unique %.3f, want well over 1 (the fixture does not test the change)", old.BlockEgressPerUnique)
+			}
+			t.Logf("block egress ÷ unique: %.3f, kept designated %.3f; p99 %.3fs, %.3fs", r.BlockEgressPerUnique, old.BlockEgressPerUnique, r.P99ReadyS, old.P99ReadyS)
+		}},
 		{"a faster registry link is never slower", Config{Strategy: LazyNoPeers, Nodes: 10, RegistryBytesPerSec: 1e9 / 8}, func(t *testing.T, r *Result) {
 			slow, err := Run(Config{Strategy: LazyNoPeers, Nodes: 10, Workload: wl})
 			if err != nil {

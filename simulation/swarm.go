@@ -404,7 +404,7 @@ func (c *pcall) origin(none []uint32) {
 	for _, b := range none {
 		c.asked[b] = true
 	}
-	ask, own := p2p.PlanOrigin(w.blocksOf(none), w.originView(n), n.pid)
+	ask, own := p2p.PlanOrigin(w.blocksOf(none), w.originView(n), n.pid, w.down(n))
 	if w.cfg.Swarm.OriginWait <= 0 {
 		for _, b := range none {
 			c.own[b] = true
@@ -423,19 +423,27 @@ func (c *pcall) origin(none []uint32) {
 		return
 	}
 	deadline := w.e.now + w.cfg.Swarm.OriginWait
-	// Map order must not decide anything: peers in ID order.
-	ids := make([]peer.ID, 0, len(ask))
-	for id := range ask {
-		ids = append(ids, id)
-	}
-	slices.Sort(ids)
-	now := w.e.wall()
-	for _, id := range ids {
-		if !n.scores.Designatable(id, now) {
-			continue
+	// askPeer asks q, the designated fetcher of blocks, for them, one
+	// request after another while q answers. A q that cannot be reached
+	// (gone) is left out of the designation, and its blocks are planned
+	// again at once, for the next member of the group (PeerSource.origin).
+	var askPeer func(q *simNode, blocks []flat.Block)
+	replan := func(blocks []flat.Block) {
+		w.st.originReplanned += int64(len(blocks))
+		ask, own := p2p.PlanOrigin(blocks, w.originView(n), n.pid, w.down(n))
+		if len(own) > 0 {
+			w.st.designatedOwn += int64(len(own))
+			for _, b := range w.positions(own, w.im.pos) {
+				c.own[b] = true
+			}
+			w.fetchRegistry(n, w.positions(own, w.im.pos))
 		}
-		q := w.nodes[w.byID[id]]
-		batches := p2p.Batches(ask[id])
+		for _, id := range sortedPeers(ask) {
+			askPeer(w.nodes[w.byID[id]], ask[id])
+		}
+	}
+	askPeer = func(q *simNode, blocks []flat.Block) {
+		batches := p2p.Batches(blocks)
 		for _, bt := range batches {
 			for _, b := range w.positions(bt, w.im.pos) {
 				c.pending[b]++
@@ -453,7 +461,14 @@ func (c *pcall) origin(none []uint32) {
 			}
 			w.st.originAsks++
 			bs := w.positions(batches[k], w.im.pos)
-			r := w.originRequest(n, q, bs, deadline, func(more, coming bool) {
+			r := w.originRequest(n, q, bs, deadline, func(more, coming, unreachable bool) {
+				if unreachable && !w.cfg.DesignateGone && w.e.now < deadline && !c.thenCalled && !n.scores.Designatable(q.pid, w.e.wall()) {
+					var rest []flat.Block
+					for _, bt := range batches[k:] {
+						rest = append(rest, bt...)
+					}
+					replan(rest) // before the blocks stop being pending here
+				}
 				for _, b := range bs {
 					c.pending[b]--
 					if coming {
@@ -471,6 +486,34 @@ func (c *pcall) origin(none []uint32) {
 		}
 		next(0)
 	}
+	now := w.e.wall()
+	for _, id := range sortedPeers(ask) {
+		if w.cfg.DesignateGone && !n.scores.Designatable(id, now) {
+			continue // the what-if: left to the registry
+		}
+		askPeer(w.nodes[w.byID[id]], ask[id])
+	}
+}
+
+// down is what n's PlanOrigin leaves out of the designation: the peers it
+// may not designate now (nil under the what-if DesignateGone).
+func (w *world) down(n *simNode) func(peer.ID) bool {
+	if w.cfg.DesignateGone {
+		return nil
+	}
+	now := w.e.wall()
+	return func(p peer.ID) bool { return !n.scores.Designatable(p, now) }
+}
+
+// sortedPeers returns ask's peers in ID order: map order must not decide
+// anything.
+func sortedPeers(ask map[peer.ID][]flat.Block) []peer.ID {
+	ids := make([]peer.ID, 0, len(ask))
+	for id := range ask {
+		ids = append(ids, id)
+	}
+	slices.Sort(ids)
+	return ids
 }
 
 // request is one block request from n to q (p2p's request and handleBlock):
@@ -618,17 +661,18 @@ type originReq struct {
 // join nothing), waits for the blocks, then sends them if one of its
 // upload slots is free, else answers COMING (they spread from it through
 // the swarm; n awaits them). n gives up at deadline.
-func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Duration, cb func(more, coming bool)) *originReq {
+func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Duration, cb func(more, coming, unreachable bool)) *originReq {
 	r := &originReq{}
 	n.scores.Begin(q.pid)
 	ow := w.oneWay(n, q)
+	unreachable := false
 	end := func(more, coming bool) {
 		if r.done {
 			return
 		}
 		r.done = true
 		n.scores.End(q.pid)
-		cb(more, coming)
+		cb(more, coming, unreachable)
 	}
 	cancel := func() {
 		r.cancelled = true
@@ -660,6 +704,23 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 		}
 		end(false, false)
 	})
+	if q.gone {
+		// No connection can be made (p2p's request: the stream does not
+		// open): q is marked unreachable, unless the wait ended first.
+		if fail := w.dialFail(n, q, w.cfg.Swarm.FirstByteTimeout); w.e.now+fail < deadline {
+			w.e.after(fail, func() {
+				if r.done {
+					return
+				}
+				now := w.e.wall()
+				n.scores.Failure(q.pid, w.cfg.Swarm.FirstByteTimeout, now)
+				w.unreachable(n, q)
+				unreachable = true
+				end(false, false)
+			})
+		}
+		return r
+	}
 	w.e.after(ow, func() {
 		if r.cancelled {
 			return

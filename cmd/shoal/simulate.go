@@ -36,6 +36,9 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		spreadWait = fs.Duration("spread-wait", 0, "wait for another holder before asking again with FORCE (0: the daemon's default)")
 		share      = fs.Float64("upload-share", 0, "cap each node's uploads of the image at this many times what it holds (0: the daemon's default, off; negative: off)")
 		randomDHT  = fs.Bool("dht-random-providers", false, "what-if: a DHT lookup returns random providers instead of the earliest")
+		gone       = fs.Int("gone", 0, "members of the image's origin group that are gone: their records are in the DHT from before the rollout, they answer nothing (swarm strategies; at most 8)")
+		goneDial   = fs.Duration("gone-dial", 0, "how long a dial to a gone node takes to fail (0: one round trip, a reset; longer: a silent address, bounded by the caller's timeout)")
+		desGone    = fs.Bool("designate-gone", false, "what-if: keep designating group members found unreachable, their blocks going to the registry per node (the daemon before it left them out)")
 		out        = fs.String("out", "", "directory for <name>.json and the SVG plots (default: JSON on stdout only)")
 		name       = fs.String("name", "rollout", "file name prefix of the results in --out")
 	)
@@ -88,6 +91,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			Workload: wl, Zones: *zones, RacksPerZone: *racks, Seeds: *seeds, Seed: *seed,
 			RegistryBytesPerSec: *regMbps * 1e6 / 8, NodeUpBytesPerSec: *nodeMbps * 1e6 / 8, NodeDownBytesPerSec: *nodeMbps * 1e6 / 8,
 			Waves: *waves, WaveInterval: *waveIv, HostCores: *hostCores, Prefetch: *prefetch, DHTRandomProviders: *randomDHT,
+			Gone: *gone, GoneDial: *goneDial, DesignateGone: *desGone,
 			Limit: 72 * time.Hour,
 			Swarm: p2p.Config{SpreadCopies: *spreadN, SpreadWait: *spreadWait, UploadShare: *share},
 		},
