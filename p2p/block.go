@@ -382,7 +382,9 @@ type outcome struct {
 	spread    []flat.Block // answered COMING: sent to enough peers, ask those
 	bad       bool         // a wrong block or an unrequested one: penalise
 	err       error        // why the request ended early; nil if every block was answered
-	// unreachable: no connection to the peer could be made (it is gone).
+	// unreachable: no connection to the peer could be made (it is gone),
+	// at the stream's opening or, after the connection broke before any
+	// answer, when dialed again (lost).
 	unreachable bool
 	// hints are, for blocks of spread, the peers the server's copies
 	// reached (flagHints), not including this node or the server.
@@ -400,6 +402,17 @@ type reqOpts struct {
 	onAnswer func()
 	// deliver, if set, is called with each verified block as it arrives.
 	deliver func(flat.BlockID, []byte)
+}
+
+// lost reports, after a request to p broke before any answer, whether p is
+// gone: its connection is down and a new one cannot be made (connect then
+// marks it unreachable). A peer that only dropped the connection (its
+// connection manager trimmed it) is connected again, and is not.
+func (n *Node) lost(ctx context.Context, p peer.ID) bool {
+	if ctx.Err() != nil || n.host.Network().Connectedness(p) == network.Connected {
+		return false
+	}
+	return n.connect(ctx, peer.AddrInfo{ID: p}) != nil && ctx.Err() == nil
 }
 
 // request asks p for blocks (at most MaxRequestBlocks) and reads the
@@ -423,6 +436,11 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 	// budget even when the answer may take longer.
 	octx, cancel := context.WithTimeout(ctx, min(firstByte, n.cfg.FirstByteTimeout))
 	st, err := n.host.NewStream(octx, p, ProtocolBlock)
+	if err != nil && octx.Err() == nil {
+		// The connection may have died under the stream (the peer went
+		// away a moment ago): once more, which dials afresh if it did.
+		st, err = n.host.NewStream(octx, p, ProtocolBlock)
+	}
 	cancel()
 	if err != nil {
 		out.err = fmt.Errorf("open stream: %w", err)
@@ -450,6 +468,7 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 	_ = st.SetWriteDeadline(start.Add(n.cfg.FirstByteTimeout))
 	if _, err := st.Write(appendFrame(nil, q.encode())); err != nil {
 		out.err = fmt.Errorf("send request: %w", err)
+		out.unreachable = n.lost(ctx, p)
 		return out
 	}
 	_ = st.CloseWrite()
@@ -476,6 +495,11 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 			return out
 		default:
 			out.err = fmt.Errorf("read answer: %w", err)
+			if left == len(blocks) && !isTimeout(err) {
+				// Broken before any answer: the connection died under
+				// the stream (the peer went away a moment ago?).
+				out.unreachable = n.lost(ctx, p)
+			}
 			return out
 		}
 		if h.status == statusBusy || (h.status == statusComing && len(h.cid) == 0) {
