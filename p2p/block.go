@@ -383,8 +383,8 @@ type outcome struct {
 	bad       bool         // a wrong block or an unrequested one: penalise
 	err       error        // why the request ended early; nil if every block was answered
 	// unreachable: no connection to the peer could be made (it is gone),
-	// at the stream's opening or, after the connection broke before any
-	// answer, when dialed again (lost).
+	// at the stream's opening or, for an ORIGIN request whose connection
+	// broke before any answer, when dialed again (lost).
 	unreachable bool
 	// hints are, for blocks of spread, the peers the server's copies
 	// reached (flagHints), not including this node or the server.
@@ -404,15 +404,27 @@ type reqOpts struct {
 	deliver func(flat.BlockID, []byte)
 }
 
-// lost reports, after a request to p broke before any answer, whether p is
-// gone: its connection is down and a new one cannot be made (connect then
-// marks it unreachable). A peer that only dropped the connection (its
-// connection manager trimmed it) is connected again, and is not.
+// lostDial bounds lost's dial: a designated fetcher that does not answer a
+// dial within it is taken for gone (at worst its blocks get a second
+// registry copy, from the next member of the group, for UnreachableRest).
+const lostDial = 500 * time.Millisecond
+
+// lost reports, after an ORIGIN request to p broke before any answer,
+// whether p is gone: its connection is down and a new one cannot be made
+// within lostDial; it is then marked unreachable. A peer that only
+// dropped the connection (its connection manager trimmed it) is connected
+// again, and is not.
 func (n *Node) lost(ctx context.Context, p peer.ID) bool {
 	if ctx.Err() != nil || n.host.Network().Connectedness(p) == network.Connected {
 		return false
 	}
-	return n.connect(ctx, peer.AddrInfo{ID: p}) != nil && ctx.Err() == nil
+	dctx, cancel := context.WithTimeout(ctx, lostDial)
+	defer cancel()
+	if err := n.host.Connect(dctx, peer.AddrInfo{ID: p}); err == nil || ctx.Err() != nil {
+		return false
+	}
+	n.markUnreachable(p)
+	return true
 }
 
 // request asks p for blocks (at most MaxRequestBlocks) and reads the
@@ -435,10 +447,13 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 	// Opening the stream (a dial, if need be) is bounded by the dead-peer
 	// budget even when the answer may take longer.
 	octx, cancel := context.WithTimeout(ctx, min(firstByte, n.cfg.FirstByteTimeout))
+	origin := o.flags&flagOrigin != 0
 	st, err := n.host.NewStream(octx, p, ProtocolBlock)
-	if err != nil && octx.Err() == nil {
-		// The connection may have died under the stream (the peer went
-		// away a moment ago): once more, which dials afresh if it did.
+	if err != nil && origin && octx.Err() == nil {
+		// The connection may have died under the stream (the designated
+		// fetcher went away a moment ago): once more, which dials afresh
+		// if it did, so that a gone fetcher is found unreachable below.
+		// (A plain request just goes to another holder.)
 		st, err = n.host.NewStream(octx, p, ProtocolBlock)
 	}
 	cancel()
@@ -468,7 +483,7 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 	_ = st.SetWriteDeadline(start.Add(n.cfg.FirstByteTimeout))
 	if _, err := st.Write(appendFrame(nil, q.encode())); err != nil {
 		out.err = fmt.Errorf("send request: %w", err)
-		out.unreachable = n.lost(ctx, p)
+		out.unreachable = origin && n.lost(ctx, p)
 		return out
 	}
 	_ = st.CloseWrite()
@@ -495,9 +510,9 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 			return out
 		default:
 			out.err = fmt.Errorf("read answer: %w", err)
-			if left == len(blocks) && !isTimeout(err) {
+			if origin && left == len(blocks) && !isTimeout(err) {
 				// Broken before any answer: the connection died under
-				// the stream (the peer went away a moment ago?).
+				// the stream (the designated fetcher went away?).
 				out.unreachable = n.lost(ctx, p)
 			}
 			return out

@@ -354,8 +354,13 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 	if group == nil { // not a sha256 key: ImageKey makes nothing else
 		return nil, fmt.Errorf("blob %s of %s: no origin group: %w", blob, digest, ErrNoIndex)
 	}
-	now := n.cfg.Clock.Now()
-	d := Designate(id, LiveGroup(group, self, func(p peer.ID) bool { return !n.peers.designatable(p, now) }), self)
+	// The designated fetcher over the group less the members this node
+	// found unreachable lately (LiveGroup).
+	designee := func() peer.ID {
+		now := n.cfg.Clock.Now()
+		return Designate(id, LiveGroup(group, self, func(p peer.ID) bool { return !n.peers.designatable(p, now) }), self)
+	}
+	d := designee()
 	designated := d == self || d == ""
 	var others []peer.AddrInfo
 	dInfo := peer.AddrInfo{ID: d}
@@ -406,7 +411,7 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 	backoff := blobBackoffMin
 	for {
 		passes++
-		for k := range cands {
+		for k := 0; k < len(cands); k++ {
 			// The designated fetcher is asked first in the first pass
 			// and last in the later ones: by then the others have the
 			// blob from it, and it has readers enough.
@@ -424,6 +429,21 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 			if err := n.connect(wctx, ai); err != nil {
 				dropped[i] = true
 				last = fmt.Errorf("connect to %s: %w", ai.ID, err)
+				if ai.ID == d && !designated && wctx.Err() == nil && !n.peers.designatable(d, n.cfg.Clock.Now()) {
+					// The designated fetcher is gone (connect marked it
+					// unreachable): the next member of the group takes
+					// its place, for every node that finds it gone —
+					// else nobody would fetch the blob for the swarm,
+					// and every node would wait OriginWait and read it
+					// from the registry itself.
+					n.st.originReplanned.Add(1)
+					if d = designee(); d == self || d == "" {
+						designated, wait = true, 0 // a quick pass, then the registry
+					} else {
+						cands[i], dropped[i] = n.host.Peerstore().PeerInfo(d), false
+						k-- // ask it now
+					}
+				}
 				continue
 			}
 			asked[ai.ID] = true

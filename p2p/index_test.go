@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ipfs/go-cid"
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/shoal-project/shoal/blockstore"
@@ -321,6 +322,64 @@ func TestImageBlobNobodyHolds(t *testing.T) {
 		}
 		if took < lo || took > hi {
 			t.Errorf("node %d (designated %v) gave up after %v, want between %v and %v", i, i == d, took, lo, hi)
+		}
+	}
+}
+
+// The index's designated fetcher is gone: the member next in the index's
+// rendezvous order takes its place for every node that finds it gone. That
+// member hears at once that it is the designated fetcher now (it reads the
+// registry and keeps the blob), and the others get the index from it long
+// before OriginWait — not each from the registry after it, as when nobody
+// took the gone fetcher's place.
+func TestImageBlobDesignatedGone(t *testing.T) {
+	t.Parallel()
+	const wait = 3 * time.Second
+	bs := startBlobSwarm(t, "designated-gone", 4, func(c *Config) { c.OriginWait = wait })
+	id := flat.Sum(bs.index)
+	d := bs.designated(id)
+	if err := bs.nodes[d].Close(); err != nil {
+		t.Logf("close: %v", err)
+	}
+	var live []int
+	for i := range bs.nodes {
+		if i != d {
+			live = append(live, i)
+		}
+	}
+	eventually(t, 10*time.Second, "the others to see the gone node's connections close", func() bool {
+		for _, i := range live {
+			if bs.nodes[i].host.Network().Connectedness(bs.ids[d]) == network.Connected {
+				return false
+			}
+		}
+		return true
+	})
+	rest := slices.DeleteFunc(slices.Clone(bs.ids), func(p peer.ID) bool { return p == bs.ids[d] })
+	next := slices.Index(bs.ids, Designate(id, OriginGroup(bs.image, rest, "", OriginGroupSize), ""))
+
+	start := time.Now()
+	x, err := bs.nodes[next].ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
+	took := time.Since(start)
+	t.Logf("next member, node %d: %v after %v", next, err, took)
+	if x != nil || !errors.Is(err, ErrNoIndex) || took > wait/2 {
+		t.Fatalf("next member: %d bytes, %v after %v; want ErrNoIndex (designated now) at once", len(x), err, took)
+	}
+	bs.put(t, next, bs.index) // it read the registry, and keeps the blob
+
+	for _, i := range live {
+		if i == next {
+			continue
+		}
+		start := time.Now()
+		x, err := bs.nodes[i].ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
+		took := time.Since(start)
+		t.Logf("node %d: %d bytes, %v after %v", i, len(x), err, took)
+		if err != nil || !bytes.Equal(x, bs.index) || took > wait/2 {
+			t.Errorf("node %d: %d bytes, %v after %v; want the index from node %d at once", i, len(x), err, took, next)
+		}
+		if st := bs.nodes[i].Stats(); st.IndexesFetched != 1 || st.OriginReplanned != 1 {
+			t.Errorf("node %d: %d indexes fetched, %d replanned; want 1 and 1", i, st.IndexesFetched, st.OriginReplanned)
 		}
 	}
 }

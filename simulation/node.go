@@ -700,7 +700,10 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 			cb()
 		})
 	}
-	d := p2p.Designate(w.blobIDs[kind], p2p.LiveGroup(n.group, n.pid, w.down(n)), n.pid)
+	designee := func() peer.ID {
+		return p2p.Designate(w.blobIDs[kind], p2p.LiveGroup(n.group, n.pid, w.down(n)), n.pid)
+	}
+	d := designee()
 	designated := d == n.pid || d == ""
 	if designated && len(n.pool) == 0 {
 		fromRegistry()
@@ -767,6 +770,19 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 					w.unreachable(n, q)
 				}
 				dropped[q.i] = true
+				if q.pid == d && !designated && w.e.now < deadline && !n.scores.Designatable(d, w.e.wall()) {
+					// ImageBlob: the next member of the group takes the
+					// gone fetcher's place.
+					w.st.originReplanned++
+					if d = designee(); d == n.pid || d == "" {
+						designated, wait, deadline = true, 0, w.e.now
+					} else {
+						cands[i] = w.byID[d]
+						delete(dropped, cands[i])
+						ask(k)
+						return
+					}
+				}
 				ask(k + 1)
 			})
 			return
