@@ -54,10 +54,24 @@ bench: deps build
 # 25 (10,000 nodes prefetching at once).
 SIM_TRACE := simulation/testdata/python-debian.trace.json
 SIM_FLAGS := --trace $(SIM_TRACE) --nodes 10,100,1000,10000 --zones 4 --racks 4 --registry-mbps 10000 --seeds 4 --seed 1 --log-level info
-.PHONY: simulate calibrate
+.PHONY: simulate simulate-gone calibrate
 simulate:
 	$(GO) run ./cmd/shoal simulate $(SIM_FLAGS) --out simulation/results --name rollout
 	$(GO) run ./cmd/shoal simulate $(SIM_FLAGS) --prefetch 98 --out simulation/results --name rollout-traced
+
+# Members of the image's origin group that are gone (drained nodes whose
+# provider records live on): the swarm at 1,000 and 10,000 nodes with one
+# gone member whose host resets dials, and with two whose addresses are
+# silent (a dial fails after 2 s), each beside the what-if of the daemon
+# before it left them out (--designate-gone). JSON under
+# simulation/results/gone/; about 10 minutes on 2 cores.
+GONE_FLAGS := --trace $(SIM_TRACE) --nodes 1000,10000 --zones 4 --racks 4 --registry-mbps 10000 --seed 1 --strategies lazy-swarm --log-level info
+simulate-gone:
+	mkdir -p simulation/results/gone
+	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 1 > simulation/results/gone/reset.json
+	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 1 --designate-gone > simulation/results/gone/reset-before.json
+	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 2 --gone-dial 2s > simulation/results/gone/silent.json
+	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 2 --gone-dial 2s --designate-gone > simulation/results/gone/silent-before.json
 
 # The simulator against the real network-namespace rollout: first against
 # the committed bench/results/rollout.json (fast), then a fresh real run of

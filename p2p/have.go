@@ -323,7 +323,12 @@ func (n *Node) provideImage(ctx context.Context, s *swarm) {
 }
 
 // discover finds providers of the image, opens have sessions to those it
-// has none with, and waits (up to FirstByteTimeout) for their bitmaps.
+// has none with, and waits (up to FirstByteTimeout) for their bitmaps. It
+// waits at most FirstByteTimeout for the dials too: a provider that is gone
+// at a silent address (a drained node whose record lives on) would hold a
+// dial for its 5 s bound, and one in 32 sampled is common in a cluster
+// that churns. Dials still running then go on in the background, bounded
+// by the swarm's life, and open their sessions when they connect.
 func (n *Node) discover(ctx context.Context, s *swarm) {
 	// A lookup made moments ago for the image's index (ImageIndex) is
 	// reused if it found a full set: then a node start costs one lookup.
@@ -335,27 +340,54 @@ func (n *Node) discover(ctx context.Context, s *swarm) {
 	var (
 		mu     sync.Mutex
 		opened []peer.ID
-		wg     sync.WaitGroup
+		left   = len(provs)
+		dialed = make(chan struct{})
 		slots  = make(chan struct{}, 8)
 	)
+	if left == 0 {
+		return
+	}
 	for _, ai := range provs {
-		wg.Go(func() {
-			slots <- struct{}{}
+		dial := func() {
+			defer func() {
+				mu.Lock()
+				if left--; left == 0 {
+					close(dialed)
+				}
+				mu.Unlock()
+			}()
+			select {
+			case slots <- struct{}{}:
+			case <-s.ctx.Done():
+				return
+			}
 			defer func() { <-slots }()
-			if err := n.connect(ctx, ai); err != nil {
+			if err := n.connect(s.ctx, ai); err != nil {
 				n.log.Debug("connect to image provider", "image", s.digest, "peer", ai.ID.String(), "err", err)
 				return
 			}
-			if ok, err := n.openSession(ctx, s, ai.ID); err != nil {
+			if ok, err := n.openSession(s.ctx, s, ai.ID); err != nil {
 				n.log.Debug("open have session", "image", s.digest, "peer", ai.ID.String(), "err", err)
 			} else if ok {
 				mu.Lock()
 				opened = append(opened, ai.ID)
 				mu.Unlock()
 			}
-		})
+		}
+		if !n.spawn(dial) {
+			return // closing
+		}
 	}
-	wg.Wait()
+	dt := time.NewTimer(n.cfg.FirstByteTimeout)
+	select {
+	case <-dialed:
+	case <-dt.C:
+	case <-ctx.Done():
+	}
+	dt.Stop()
+	mu.Lock()
+	opened = slices.Clone(opened)
+	mu.Unlock()
 	if len(opened) == 0 {
 		return
 	}

@@ -834,9 +834,10 @@ func (w *world) joinSessions(n *simNode, cb func()) {
 		for _, p := range p2p.SampleProviders(pool, w.cfg.Swarm.MaxImagePeers, n.rng) {
 			q := w.nodes[p]
 			if q.gone {
-				// The connect fails; JoinImage waits for every dial.
+				// The connect fails; JoinImage waits for its dials at
+				// most FirstByteTimeout (they go on in the background).
 				fail := w.dialFail(n, q, 5*time.Second)
-				wait = max(wait, fail)
+				wait = max(wait, min(fail, w.cfg.Swarm.FirstByteTimeout))
 				w.e.after(fail, func() { w.unreachable(n, q) })
 				continue
 			}

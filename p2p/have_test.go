@@ -1,0 +1,83 @@
+package p2p
+
+import (
+	"net"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/network"
+	"github.com/libp2p/go-libp2p/core/peer"
+	lpswarm "github.com/libp2p/go-libp2p/p2p/net/swarm"
+	manet "github.com/multiformats/go-multiaddr/net"
+)
+
+// A provider whose address is silent (it takes the TCP connection and then
+// says nothing, as a drained node's reassigned or firewalled address may)
+// does not hold JoinImage for its 5 s dial bound: JoinImage waits for its
+// dials at most FirstByteTimeout, and the sessions to the live providers
+// are open when it returns.
+func TestJoinImageSilentProvider(t *testing.T) {
+	t.Parallel()
+	const fbt = 300 * time.Millisecond
+	im := newTestImage("silent-provider", 4, 16<<10)
+	a := startNode(t, Config{Blocks: openStore(t, im, nil)})
+	x := startNode(t, Config{Blocks: openStore(t, im, nil), BootstrapPeers: a.Addrs()})
+	for _, n := range []*Node{a, x} {
+		if err := n.JoinImage(t.Context(), im.digest, im.index); err != nil {
+			t.Fatal(err)
+		}
+	}
+	key, err := ImageKey(im.digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	eventually(t, 10*time.Second, "A to find X's record", func() bool {
+		provs, err := a.FindProviders(t.Context(), key, 10)
+		return err == nil && slices.ContainsFunc(provs, func(ai peer.AddrInfo) bool { return ai.ID == x.ID() })
+	})
+	// J looks the image up while X is still there (a lookup's answer is
+	// reused by JoinImage; with X silent, the DHT lookup itself would
+	// stall on it, which is kad-dht's business, not discover's).
+	j := startNode(t, Config{BootstrapPeers: a.Addrs(), FirstByteTimeout: fbt, MaxImagePeers: 2})
+	eventually(t, 10*time.Second, "J to find A and X", func() bool {
+		provs, err := j.providers(t.Context(), key, 2)
+		return err == nil && len(provs) == 2
+	})
+	// X goes; its address now takes connections and answers nothing.
+	xi, err := peer.AddrInfoFromString(x.Addrs()[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostPort, err := manet.ToNetAddr(xi.Addrs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := x.Close(); err != nil {
+		t.Logf("close X: %v", err)
+	}
+	ln, err := net.Listen("tcp", hostPort.String())
+	if err != nil {
+		t.Skipf("cannot take X's port for a silent listener: %v", err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	eventually(t, 10*time.Second, "J to see X's connections close", func() bool {
+		return j.host.Network().Connectedness(x.ID()) != network.Connected
+	})
+	if sw, ok := j.host.Network().(*lpswarm.Swarm); ok {
+		sw.Backoff().Clear(x.ID()) // a dial now reaches the silent listener
+	}
+
+	start := time.Now()
+	if err := j.JoinImage(t.Context(), im.digest, im.index); err != nil {
+		t.Fatal(err)
+	}
+	took := time.Since(start)
+	t.Logf("JoinImage with a silent provider took %v", took)
+	if took > 3*time.Second {
+		t.Errorf("JoinImage took %v: it waited for the silent provider's dial", took)
+	}
+	if !slices.Contains(j.ImagePeers(im.digest), a.ID()) {
+		t.Errorf("no session with the live provider A: %v", j.ImagePeers(im.digest))
+	}
+}
