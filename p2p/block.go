@@ -404,27 +404,16 @@ type reqOpts struct {
 	deliver func(flat.BlockID, []byte)
 }
 
-// lostDial bounds lost's dial: a designated fetcher that does not answer a
-// dial within it is taken for gone (at worst its blocks get a second
-// registry copy, from the next member of the group, for UnreachableRest).
-const lostDial = 500 * time.Millisecond
-
 // lost reports, after an ORIGIN request to p broke before any answer,
 // whether p is gone: its connection is down and a new one cannot be made
-// within lostDial; it is then marked unreachable. A peer that only
+// within DesignatedDial; it is then marked unreachable. A peer that only
 // dropped the connection (its connection manager trimmed it) is connected
 // again, and is not.
 func (n *Node) lost(ctx context.Context, p peer.ID) bool {
 	if ctx.Err() != nil || n.host.Network().Connectedness(p) == network.Connected {
 		return false
 	}
-	dctx, cancel := context.WithTimeout(ctx, lostDial)
-	defer cancel()
-	if err := n.host.Connect(dctx, peer.AddrInfo{ID: p}); err == nil || ctx.Err() != nil {
-		return false
-	}
-	n.markUnreachable(p)
-	return true
+	return n.connectWithin(ctx, peer.AddrInfo{ID: p}, DesignatedDial) != nil && ctx.Err() == nil
 }
 
 // request asks p for blocks (at most MaxRequestBlocks) and reads the
@@ -446,8 +435,12 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 
 	// Opening the stream (a dial, if need be) is bounded by the dead-peer
 	// budget even when the answer may take longer.
-	octx, cancel := context.WithTimeout(ctx, min(firstByte, n.cfg.FirstByteTimeout))
 	origin := o.flags&flagOrigin != 0
+	dial := min(firstByte, n.cfg.FirstByteTimeout)
+	if origin && n.host.Network().Connectedness(p) != network.Connected {
+		dial = min(dial, DesignatedDial)
+	}
+	octx, cancel := context.WithTimeout(ctx, dial)
 	st, err := n.host.NewStream(octx, p, ProtocolBlock)
 	if err != nil && origin && octx.Err() == nil {
 		// The connection may have died under the stream (the designated

@@ -426,7 +426,11 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 			if !n.peers.usable(ai.ID, n.cfg.Clock.Now()) {
 				continue
 			}
-			if err := n.connect(wctx, ai); err != nil {
+			bound := 5 * time.Second
+			if ai.ID == d && !designated {
+				bound = DesignatedDial
+			}
+			if err := n.connectWithin(wctx, ai, bound); err != nil {
 				dropped[i] = true
 				last = fmt.Errorf("connect to %s: %w", ai.ID, err)
 				if ai.ID == d && !designated && wctx.Err() == nil && !n.peers.designatable(d, n.cfg.Clock.Now()) {

@@ -539,10 +539,17 @@ func (n *Node) PeerInfo(p peer.ID) (PeerInfo, bool) { return n.peers.info(p) }
 
 // connect makes sure the host is connected to ai, with a bound on the dial.
 func (n *Node) connect(ctx context.Context, ai peer.AddrInfo) error {
+	return n.connectWithin(ctx, ai, 5*time.Second)
+}
+
+// connectWithin is connect with the dial bounded by bound. A dial that
+// fails, or does not finish within bound, while ctx lives marks the peer
+// unreachable.
+func (n *Node) connectWithin(ctx context.Context, ai peer.AddrInfo, bound time.Duration) error {
 	if n.host.Network().Connectedness(ai.ID) == network.Connected {
 		return nil
 	}
-	cctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	cctx, cancel := context.WithTimeout(ctx, bound)
 	defer cancel()
 	err := n.host.Connect(cctx, ai)
 	if err != nil && ctx.Err() == nil {

@@ -760,8 +760,13 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 			return
 		}
 		if q.gone {
-			// The connect fails (at most 5 s, and the wait bounds it).
-			fail := w.dialFail(n, q, 5*time.Second)
+			// The connect fails (at most 5 s, DesignatedDial for the
+			// designated fetcher, and the wait bounds it).
+			bound := 5 * time.Second
+			if q.pid == d && !designated {
+				bound = p2p.DesignatedDial
+			}
+			fail := w.dialFail(n, q, bound)
 			if wait > 0 {
 				fail = min(fail, max(deadline-w.e.now, 0))
 			}

@@ -707,7 +707,7 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 	if q.gone {
 		// No connection can be made (p2p's request: the stream does not
 		// open): q is marked unreachable, unless the wait ended first.
-		if fail := w.dialFail(n, q, w.cfg.Swarm.FirstByteTimeout); w.e.now+fail < deadline {
+		if fail := w.dialFail(n, q, min(w.cfg.Swarm.FirstByteTimeout, p2p.DesignatedDial)); w.e.now+fail < deadline {
 			w.e.after(fail, func() {
 				if r.done {
 					return
