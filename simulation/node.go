@@ -763,7 +763,7 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 			// The connect fails (at most 5 s, DesignatedDial for the
 			// designated fetcher, and the wait bounds it).
 			bound := 5 * time.Second
-			if q.pid == d && !designated {
+			if q.pid == d && !designated && !w.cfg.DesignateGone {
 				bound = p2p.DesignatedDial
 			}
 			fail := w.dialFail(n, q, bound)
@@ -840,9 +840,14 @@ func (w *world) joinSessions(n *simNode, cb func()) {
 			q := w.nodes[p]
 			if q.gone {
 				// The connect fails; JoinImage waits for its dials at
-				// most FirstByteTimeout (they go on in the background).
+				// most FirstByteTimeout (they go on in the background;
+				// the daemon before waited for every one).
 				fail := w.dialFail(n, q, 5*time.Second)
-				wait = max(wait, min(fail, w.cfg.Swarm.FirstByteTimeout))
+				if w.cfg.DesignateGone {
+					wait = max(wait, fail)
+				} else {
+					wait = max(wait, min(fail, w.cfg.Swarm.FirstByteTimeout))
+				}
 				w.e.after(fail, func() { w.unreachable(n, q) })
 				continue
 			}

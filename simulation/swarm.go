@@ -495,6 +495,15 @@ func (c *pcall) origin(none []uint32) {
 	}
 }
 
+// designatedDial bounds a dial to a designated fetcher: p2p.DesignatedDial,
+// or FirstByteTimeout under the what-if DesignateGone (the daemon before).
+func (w *world) designatedDial() time.Duration {
+	if w.cfg.DesignateGone {
+		return w.cfg.Swarm.FirstByteTimeout
+	}
+	return min(w.cfg.Swarm.FirstByteTimeout, p2p.DesignatedDial)
+}
+
 // down is what n's PlanOrigin leaves out of the designation: the peers it
 // may not designate now (nil under the what-if DesignateGone).
 func (w *world) down(n *simNode) func(peer.ID) bool {
@@ -707,7 +716,7 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 	if q.gone {
 		// No connection can be made (p2p's request: the stream does not
 		// open): q is marked unreachable, unless the wait ended first.
-		if fail := w.dialFail(n, q, min(w.cfg.Swarm.FirstByteTimeout, p2p.DesignatedDial)); w.e.now+fail < deadline {
+		if fail := w.dialFail(n, q, w.designatedDial()); w.e.now+fail < deadline {
 			w.e.after(fail, func() {
 				if r.done {
 					return
