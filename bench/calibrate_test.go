@@ -205,7 +205,7 @@ func TestBenchCalibrate(t *testing.T) {
 	unique := float64(regHost.TxBytes() - tx0)
 
 	tx0 = regHost.TxBytes()
-	ready, fromPeer, fromReg, uploads, _, _ := lazyRollout(t, bin, hosts, src, true)
+	ready, fromPeer, fromReg, uploads, _, _, _ := lazyRollout(t, bin, hosts, src, true)
 	egress := float64(regHost.TxBytes() - tx0)
 	real := &simulation.Rollout{Nodes: nodes, RegistryLinkMbit: float64(mbit), UniqueBytes: unique,
 		Shoal: &simulation.Arm{P50ReadyS: quantile(ready, 0.5), P99ReadyS: quantile(ready, 0.99), RegistryEgressBytes: egress}}

@@ -51,6 +51,10 @@ func TestBenchRollout(t *testing.T) {
 		uploads  []float64
 		lookups  []float64
 		wire     []float64 // per node registry wire bytes (lazy arms)
+		// unreachable: peers the nodes found unreachable (summed), which
+		// a healthy rig should never see: a live designated fetcher
+		// taken for gone costs a second registry copy of its blocks.
+		unreachable float64
 	}
 	// Unique bytes: the registry's egress when one node starts alone (cold):
 	// manifest, index and the merged ranges of the blocks python reads —
@@ -68,7 +72,7 @@ func TestBenchRollout(t *testing.T) {
 			case "full-pull":
 				a.ready = fullPullRollout(t, hosts, src)
 			default:
-				a.ready, a.fromPeer, a.fromReg, a.uploads, a.lookups, a.wire = lazyRollout(t, bin, hosts, src, name == "shoal")
+				a.ready, a.fromPeer, a.fromReg, a.uploads, a.lookups, a.wire, a.unreachable = lazyRollout(t, bin, hosts, src, name == "shoal")
 			}
 			a.egress = float64(regHost.TxBytes() - tx0)
 			t.Logf("round %d %s: p50 %.2fs p99 %.2fs, registry egress %.1f MB", round, name,
@@ -78,7 +82,7 @@ func TestBenchRollout(t *testing.T) {
 	}
 
 	summ := func(name string) map[string]any {
-		var p50, p99, egress, peerShare, busiest, lookups []float64
+		var p50, p99, egress, peerShare, busiest, lookups, unreachable []float64
 		for _, a := range arms[name] {
 			p50 = append(p50, quantile(a.ready, 0.5))
 			p99 = append(p99, quantile(a.ready, 0.99))
@@ -90,6 +94,7 @@ func TestBenchRollout(t *testing.T) {
 				busiest = append(busiest, slices.Max(a.uploads)/m)
 			}
 			lookups = append(lookups, a.lookups...)
+			unreachable = append(unreachable, a.unreachable)
 		}
 		out := map[string]any{
 			"p50_ready_s": median(p50), "p99_ready_s": median(p99), "p50_samples_s": p50, "p99_samples_s": p99,
@@ -103,6 +108,9 @@ func TestBenchRollout(t *testing.T) {
 		}
 		if len(lookups) > 0 {
 			out["dht_lookups_per_node_start"] = median(lookups)
+		}
+		if name == "shoal" {
+			out["unreachable_peers_samples"] = unreachable
 		}
 		return out
 	}
@@ -131,7 +139,7 @@ func TestBenchRollout(t *testing.T) {
 
 // lazyRollout starts a daemon per node (node 0 first, the others
 // bootstrapped from it), then `shoal run` on every node at once.
-func lazyRollout(t *testing.T, bin string, hosts []*netlab.Host, src string, peers bool) (ready []float64, fromPeer, fromReg float64, uploads, lookups, wire []float64) {
+func lazyRollout(t *testing.T, bin string, hosts []*netlab.Host, src string, peers bool) (ready []float64, fromPeer, fromReg float64, uploads, lookups, wire []float64, unreachable float64) {
 	t.Helper()
 	ctx, cancel := context.WithCancel(t.Context())
 	defer cancel()
@@ -148,9 +156,10 @@ func lazyRollout(t *testing.T, bin string, hosts []*netlab.Host, src string, pee
 			if st.Swarm.DHTLookups > 0 {
 				lookups = append(lookups, float64(st.Swarm.DHTLookups))
 			}
+			unreachable += float64(st.Swarm.Unreachable)
 		}
 	}
-	return ready, fromPeer, fromReg, uploads, lookups, wire
+	return ready, fromPeer, fromReg, uploads, lookups, wire, unreachable
 }
 
 type daemonStatus struct {
@@ -158,6 +167,7 @@ type daemonStatus struct {
 	Swarm struct {
 		BytesUploaded int64 `json:"bytes_uploaded"`
 		DHTLookups    int64 `json:"dht_lookups"`
+		Unreachable   int64 `json:"unreachable"`
 	} `json:"swarm"`
 }
 
