@@ -131,6 +131,15 @@ type Snapshotter struct {
 
 	matMu sync.Mutex // one placeholder materialized at a time
 
+	// dirMu orders Cleanup against snapshot creation: a snapshot's
+	// directory is renamed into place inside the transaction that creates
+	// it, so a Cleanup that read the IDs before that transaction committed
+	// and the directory listing after the rename took the new snapshot's
+	// directory for a leftover and removed it (containerd garbage-collects
+	// during a pull: "symlink usr/bin …/snapshots/8/fs/bin: no such file or
+	// directory"). Creation holds it shared, Cleanup exclusively.
+	dirMu sync.RWMutex
+
 	mu      sync.Mutex
 	lookups map[string]lookup // by image ref + manifest digest
 }
@@ -408,6 +417,7 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 			}
 		}
 	}()
+	s.dirMu.RLock()
 	err = s.ms.WithTransaction(ctx, true, func(ctx context.Context) (err error) {
 		td, err = os.MkdirTemp(filepath.Join(s.root, "snapshots"), "new-")
 		if err != nil {
@@ -431,6 +441,7 @@ func (s *Snapshotter) createSnapshot(ctx context.Context, kind snapshots.Kind, k
 		td = ""
 		return nil
 	})
+	s.dirMu.RUnlock()
 	if err != nil {
 		return nil, err
 	}
@@ -649,6 +660,8 @@ func (s *Snapshotter) Walk(ctx context.Context, fn snapshots.WalkFunc, filters .
 
 // Cleanup removes the directories of snapshots that no longer exist.
 func (s *Snapshotter) Cleanup(ctx context.Context) error {
+	s.dirMu.Lock()
+	defer s.dirMu.Unlock()
 	var ids map[string]string
 	if err := s.ms.WithTransaction(ctx, false, func(ctx context.Context) (err error) {
 		ids, err = storage.IDMap(ctx)
