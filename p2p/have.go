@@ -385,10 +385,12 @@ func (n *Node) discover(ctx context.Context, s *swarm) {
 	case <-ctx.Done():
 	}
 	dt.Stop()
+	// The sessions opened by now (dials still running append to opened
+	// later, under mu: this is a copy).
 	mu.Lock()
-	opened = slices.Clone(opened)
+	waitFor := slices.Clone(opened)
 	mu.Unlock()
-	if len(opened) == 0 {
+	if len(waitFor) == 0 {
 		return
 	}
 	// Wait for each peer's own hello, or for it to turn the session down.
@@ -397,7 +399,7 @@ func (n *Node) discover(ctx context.Context, s *swarm) {
 	for {
 		s.mu.Lock()
 		waiting := 0
-		for _, p := range opened {
+		for _, p := range waitFor {
 			_, open := s.out[p]
 			if s.remotes[p] == nil && open {
 				waiting++
