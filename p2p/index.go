@@ -357,8 +357,7 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 	// The designated fetcher over the group less the members this node
 	// found unreachable lately (LiveGroup).
 	designee := func() peer.ID {
-		now := n.cfg.Clock.Now()
-		return Designate(id, LiveGroup(group, self, func(p peer.ID) bool { return !n.peers.designatable(p, now) }), self)
+		return Designate(id, LiveGroup(group, self, n.undesignatable()), self)
 	}
 	d := designee()
 	designated := d == self || d == ""

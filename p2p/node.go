@@ -558,6 +558,13 @@ func (n *Node) connectWithin(ctx context.Context, ai peer.AddrInfo, bound time.D
 	return err
 }
 
+// undesignatable reports, for LiveGroup, the peers this node may not
+// designate now (peerTable.designatable).
+func (n *Node) undesignatable() func(peer.ID) bool {
+	now := n.cfg.Clock.Now()
+	return func(p peer.ID) bool { return !n.peers.designatable(p, now) }
+}
+
 // markUnreachable records that no connection to p could be made: it is
 // left out of origin designation for UnreachableRest (LiveGroup).
 func (n *Node) markUnreachable(p peer.ID) {

@@ -634,9 +634,7 @@ func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, 
 // await sees the blocks pending from the start.
 func (ps *PeerSource) planOrigin(blocks []flat.Block, f *fetchState) map[peer.ID][]flat.Block {
 	n := ps.n
-	now := n.cfg.Clock.Now()
-	down := func(p peer.ID) bool { return !n.peers.designatable(p, now) }
-	ask, own := PlanOrigin(blocks, n.originView(ps.image), n.ID(), down)
+	ask, own := PlanOrigin(blocks, n.originView(ps.image), n.ID(), n.undesignatable())
 	if n.cfg.OriginWait <= 0 {
 		own, ask = blocks, nil
 	}
