@@ -321,8 +321,12 @@ func TestOriginCoalescingDaemons(t *testing.T) {
 		}
 		t.Logf("node %d: %d bytes from peers, %d from the registry; origin fetches %d, blocks served from them %d, ORIGIN requests %d, blocks got from them %d",
 			i, peers, reg, st.Swarm.OriginFetches, st.Swarm.OriginServed, st.Swarm.OriginRequests, st.Swarm.OriginBlocks)
-		if peers == 0 || reg == 0 {
-			t.Errorf("node %d: want blocks from both peers and the registry (it is designated for some)", i)
+		// A designated node fetches its blocks from the registry either for
+		// its own read or, when a peer's ORIGIN request for them comes
+		// first, as that peer's fetcher; its own read then finds them in
+		// its store. Either way it ran registry fetches.
+		if peers == 0 || (reg == 0 && st.Swarm.OriginFetches == 0) {
+			t.Errorf("node %d: want blocks from peers and registry fetches of its own (it is designated for some)", i)
 		}
 	}
 	if ratio > 1.3 {
