@@ -126,6 +126,8 @@ func (m *metrics) watchSwarm(n *p2p.Node) {
 	counter("shoal_hints_received_total", "Peers COMING answers named as a block's recipients, kept as its holders.", func(s p2p.Stats) float64 { return float64(s.HintsReceived) })
 	counter("shoal_peer_unreachable_total", "Connections and block requests that failed because no connection to the peer could be made.", func(s p2p.Stats) float64 { return float64(s.Unreachable) })
 	counter("shoal_origin_replanned_blocks_total", "Blocks whose designated fetcher was unreachable, planned again for the next member of the origin group.", func(s p2p.Stats) float64 { return float64(s.OriginReplanned) })
+	counter("shoal_not_member_sent_total", "Block requests answered NOT_MEMBER: this node was asked about an image it is not a member of (left, or not opened since a restart).", func(s p2p.Stats) float64 { return float64(s.NotMemberSent) })
+	counter("shoal_not_member_received_total", "NOT_MEMBER answers received: a peer named by the image's records had left it; it is not designated for the image for a while.", func(s p2p.Stats) float64 { return float64(s.NotMemberReceived) })
 	counter("shoal_spread_received_total", "Blocks peers answered COMING because they had sent them to enough peers.", func(s p2p.Stats) float64 { return float64(s.SpreadReceived) })
 	counter("shoal_forced_requests_total", "Block requests sent with FORCE: only holders that had answered COMING were left.", func(s p2p.Stats) float64 { return float64(s.ForcedRequests) })
 	counter("shoal_first_copy_passed_total", "ORIGIN requests answered COMING because other askers of the same fetch got its first copies.", func(s p2p.Stats) float64 { return float64(s.FirstCopyPassed) })

@@ -188,7 +188,14 @@ func (n *Node) FetchBlobBlocks(ctx context.Context, p peer.ID, digest string, bl
 	if len(blocks) > MaxRequestBlocks {
 		return nil, fmt.Errorf("blob %s: %d blocks in one request, at most %d", digest, len(blocks), MaxRequestBlocks)
 	}
-	o := n.request(ctx, p, digest, blocks, reqOpts{})
+	got, _, err := n.fetchBlob(ctx, p, digest, blocks, 0)
+	return got, err
+}
+
+// fetchBlob is FetchBlobBlocks with request flags; it also reports
+// whether p answered NOT_MEMBER (flags with flagMember only).
+func (n *Node) fetchBlob(ctx context.Context, p peer.ID, digest string, blocks []flat.Block, flags uint64) (map[flat.BlockID][]byte, bool, error) {
+	o := n.request(ctx, p, digest, blocks, reqOpts{flags: flags})
 	now := time.Now()
 	switch {
 	case o.bad:
@@ -205,9 +212,9 @@ func (n *Node) FetchBlobBlocks(ctx context.Context, p peer.ID, digest string, bl
 		n.peers.success(p, o.firstByte, len(o.got))
 	}
 	if o.err != nil {
-		return o.got, fmt.Errorf("blob %s from %s: %w", digest, p, o.err)
+		return o.got, o.notMember, fmt.Errorf("blob %s from %s: %w", digest, p, o.err)
 	}
-	return o.got, nil
+	return o.got, o.notMember, nil
 }
 
 // Strike counts bad data from p: a wrong block, or a recipe that assembled

@@ -108,18 +108,34 @@ func (n *Node) handleBlock(st network.Stream) {
 		sent += int64(k)
 		return err
 	}
-	refuse := func(status byte) {
-		n.st.busySent.Add(1)
+	// only answers with a single frame of status, and no CID.
+	only := func(status byte) {
 		if write(appendBlockHeader(nil, status, nil, 0)) == nil && w.Flush() == nil {
 			_ = st.Close()
 		} else {
 			st.Reset()
 		}
 	}
+	refuse := func(status byte) {
+		n.st.busySent.Add(1)
+		only(status)
+	}
 	ctx, cancel := context.WithCancel(n.life)
 	defer cancel()
 	get := func(c []byte) []byte { return n.lookup(ctx, c) }
 	s := n.swarm(q.image)
+	if q.flags&flagMember != 0 && s == nil && !n.opening(q.image) &&
+		(q.flags&flagOrigin != 0 || len(n.available(ctx, q.cids, nil)) == 0) {
+		// Not a member of the image's swarm (it left the image, or this
+		// daemon restarted), yet its record still names it: the asker is
+		// told so, and designates the next member of the group instead
+		// of reading this node's share of blocks from the registry. It
+		// fetches for no ORIGIN request; a plain request for blocks it
+		// still holds is served.
+		n.st.notMemberSent.Add(1)
+		only(statusNotMember)
+		return
+	}
 	// The share counts (and limits) the image's blocks, not its manifest
 	// or index.
 	shared := s != nil && s.inTable(q.cids)
@@ -386,6 +402,9 @@ type outcome struct {
 	// at the stream's opening or, for an ORIGIN request whose connection
 	// broke before any answer, when dialed again (lost).
 	unreachable bool
+	// notMember: the server answered NOT_MEMBER (statusNotMember), which
+	// is NOT_FOUND for every block (all are in notFound).
+	notMember bool
 	// hints are, for blocks of spread, the peers the server's copies
 	// reached (flagHints), not including this node or the server.
 	hints map[flat.BlockID][]peer.AddrInfo
@@ -508,6 +527,18 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 				// the stream (the designated fetcher went away?).
 				out.unreachable = n.lost(ctx, p)
 			}
+			return out
+		}
+		if h.status == statusNotMember {
+			// NOT_FOUND for every block, and: the server is not a member
+			// of the image's swarm (do not designate it).
+			if len(h.cid) != 0 || o.flags&flagMember == 0 || left != len(blocks) {
+				out.err = fmt.Errorf("%w: NOT_MEMBER frame out of place", ErrMalformed)
+				return out
+			}
+			out.notMember = true
+			out.notFound = append(out.notFound, blocks...)
+			ok = true
 			return out
 		}
 		if h.status == statusBusy || (h.status == statusComing && len(h.cid) == 0) {

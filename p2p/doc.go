@@ -101,7 +101,7 @@
 // One request per stream; the client writes it and closes its side:
 //
 //	request = frame( str(image digest) uvarint(count) count × str(binary CID) [uvarint(flags)] )
-//	flags   = bit 0 ORIGIN, bit 1 FORCE, bit 2 HINTS; other bits are ignored
+//	flags   = bit 0 ORIGIN, bit 1 FORCE, bit 2 HINTS, bit 3 MEMBER; other bits are ignored
 //
 // with at most MaxRequestBlocks (256) CIDs and a 16 KiB frame. The flags
 // field is optional and, when present, not zero: a request without flags
@@ -123,6 +123,9 @@
 //	           hints = uvarint(k) k × ( str(peer ID) uvarint(m) m × str(binary multiaddr) )
 //	           naming up to MaxHints (4) of the peers the block's copies
 //	           reached, with up to 4 addresses each
+//	         4 NOT_MEMBER (empty CID, len 0; the only frame), to requests that
+//	           set MEMBER only: the server is not a member of the image's
+//	           swarm (see Origin coalescing); NOT_FOUND for every block
 //
 // Blocks travel uncompressed, as the blockstore keeps them. Every length is
 // checked against its limit before anything is allocated for it
@@ -345,9 +348,24 @@
 // Designated fetchers are per block, so a node's registry requests for its
 // share of a run of small compressed blocks may read the gaps between them
 // (up to the registry's merge gap). Provider records outlive a node that
-// left the image while staying up (until they expire, 48 h): such a member
-// of the origin group answers ORIGIN requests NOT_FOUND, and its share of
-// blocks comes from the registry per node until its record expires.
+// left the image while staying up, or restarted (until they expire, 48 h),
+// so the origin group still names it. Such a node is not a member of the
+// image's swarm: it has not joined the image, and ImageBlob has not asked
+// for it within openingGrace (1 min; a mount reads the manifest and the
+// index before it joins). To a request with the MEMBER flag it answers
+// NOT_MEMBER: always to an ORIGIN request (it fetches for nobody), and to a
+// plain one when it holds none of the blocks (a left node still serves
+// what its cache keeps). The asker leaves it out of the image's
+// designation for NotMemberRest (1 min, LiveGroup) and plans its blocks
+// again, for the next member in each block's rendezvous order, as for a
+// gone member; ImageBlob puts the next member in its place. Every asker
+// hears the same answer, so each block is still fetched once: before
+// NOT_MEMBER, every node read the left member's share from the registry,
+// and if it was the index's designated fetcher every node waited out
+// OriginWait (3 s) first (TestOriginDesignatedDead/left,
+// TestImageBlobDesignatedGone/left: 3.0 s before, 20 ms now). An asker
+// that does not set MEMBER (a daemon older than it) gets NOT_FOUND as
+// before, and a server older than it ignores the flag.
 //
 // # The manifest and the index from peers
 //

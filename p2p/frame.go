@@ -55,6 +55,14 @@ const (
 	// its data, the peers the server's copies reached (a hints payload,
 	// at most maxHintFrame bytes; see encodeHints).
 	statusComing byte = 3
+	// statusNotMember, with no CID, is the single frame of an answer from
+	// a node that is not a member of the image's swarm (it has neither
+	// joined the image nor is opening it: it left, or restarted) to a
+	// request that set flagMember: an ORIGIN request, which it will not
+	// fetch for, or a plain one for blocks it holds none of. It means
+	// NOT_FOUND for every block, and: do not designate this node for the
+	// image.
+	statusNotMember byte = 4
 )
 
 // Have message types.
@@ -196,6 +204,12 @@ const (
 	// flag ignores it, and an asker that does not set it gets COMING
 	// frames without data, as before.
 	flagHints uint64 = 1 << 2
+	// flagMember says the asker reads NOT_MEMBER: a server that is not a
+	// member of the image's swarm may answer with that single frame
+	// (statusNotMember). A server that does not know the flag ignores it
+	// and answers NOT_FOUND, and an asker that does not set it gets
+	// NOT_FOUND frames, as before.
+	flagMember uint64 = 1 << 3
 )
 
 // request is a /shoal/block/1 request: the image the blocks are wanted for
@@ -270,7 +284,7 @@ func readBlockHeader(r frameReader, scratch []byte) (blockHeader, error) {
 	if err != nil {
 		return h, err // io.EOF: the server is done
 	}
-	if st > statusComing {
+	if st > statusNotMember {
 		return h, fmt.Errorf("%w: status %d", ErrMalformed, st)
 	}
 	h.status = st

@@ -428,6 +428,9 @@ func TestBlockHeaderHints(t *testing.T) {
 	if h, err := read(appendBlockHeader(nil, statusComing, c, 100)); err != nil || h.dataLen != 100 {
 		t.Errorf("COMING with a CID and 100 bytes of hints: %+v, %v", h, err)
 	}
+	if h, err := read(appendBlockHeader(nil, statusNotMember, nil, 0)); err != nil || h.status != statusNotMember {
+		t.Errorf("NOT_MEMBER: %+v, %v", h, err)
+	}
 	if _, err := read(appendBlockHeader(nil, statusComing, c, maxHintFrame+1)); !errors.Is(err, ErrFrameTooLarge) {
 		t.Errorf("COMING with %d bytes: %v, want ErrFrameTooLarge", maxHintFrame+1, err)
 	}
@@ -435,6 +438,8 @@ func TestBlockHeaderHints(t *testing.T) {
 		"COMING without a CID": appendBlockHeader(nil, statusComing, nil, 10),
 		"NOT_FOUND with data":  appendBlockHeader(nil, statusNotFound, c, 10),
 		"BUSY with data":       appendBlockHeader(nil, statusBusy, nil, 10),
+		"NOT_MEMBER with data": appendBlockHeader(nil, statusNotMember, nil, 10),
+		"status 5":             appendBlockHeader(nil, statusNotMember+1, nil, 0),
 	} {
 		if _, err := read(b); !errors.Is(err, ErrMalformed) {
 			t.Errorf("%s: %v, want ErrMalformed", name, err)

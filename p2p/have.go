@@ -263,14 +263,24 @@ func (n *Node) addSwarm(digest string, key cid.Cid, index *flat.Index) (*swarm, 
 }
 
 // LeaveImage ends the node's membership of an image: its have sessions
-// close, its origin (ServeOrigin) is forgotten, and its record is no longer re-provided (DHT records cannot be
-// withdrawn; the record expires, and a peer that still finds it is turned
-// away at the hello).
+// close, its origin (ServeOrigin) is forgotten, and its record is no
+// longer re-provided. DHT records cannot be withdrawn: the record expires,
+// and meanwhile a peer that still finds it is turned away at the hello,
+// and answered NOT_MEMBER when it asks this node to fetch blocks of the
+// image (or for blocks of it this node no longer holds).
 func (n *Node) LeaveImage(digest string) {
 	n.mu.Lock()
 	s := n.swarms[digest]
 	delete(n.swarms, digest)
 	delete(n.origins, digest)
+	if key, err := ImageKey(digest); err == nil {
+		if e, ok := n.early[key.KeyString()]; ok {
+			// Not opening it either: NOT_MEMBER from now on, until it
+			// is opened again.
+			e.opened = time.Time{}
+			n.early[key.KeyString()] = e
+		}
+	}
 	n.mu.Unlock()
 	if s == nil {
 		return

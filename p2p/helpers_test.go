@@ -20,6 +20,7 @@ import (
 	"github.com/shoal-project/shoal/blockstore"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/testenv"
 )
 
 // PeerSource goes into the fetch chain; asserted here so that the package
@@ -43,18 +44,21 @@ func (s *safeWriter) Write(p []byte) (int, error) {
 	return s.w.Write(p)
 }
 
+// testLogger returns a node's logger: at debug level into a buffer that is
+// printed only if the test fails (testenv.Logger), so that a flaky failure
+// comes with the nodes' logs; with SHOAL_TEST_DEBUG set, at debug level to
+// the test's output as it happens.
 func testLogger(t testing.TB) *slog.Logger {
+	if os.Getenv("SHOAL_TEST_DEBUG") == "" {
+		return testenv.Logger(t, "node")
+	}
 	w := &safeWriter{w: t.Output()}
 	t.Cleanup(func() {
 		w.mu.Lock()
 		w.done = true
 		w.mu.Unlock()
 	})
-	level := slog.LevelWarn
-	if os.Getenv("SHOAL_TEST_DEBUG") != "" {
-		level = slog.LevelDebug
-	}
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: level}))
+	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
 
 // testData returns size pseudo-random bytes determined by seed.

@@ -63,6 +63,25 @@ type earlyProvide struct {
 	running bool
 	done    chan struct{} // closed when the running one ends
 	ok      time.Time     // when the last one succeeded; zero if none did
+	opened  time.Time     // when ImageBlob last asked for the image (opening)
+}
+
+// openingGrace is how long after its last ImageBlob call a node that has
+// not joined an image still counts as a member of the image's swarm: it is
+// opening the image (a mount reads the manifest and the index before it
+// joins), and answers NOT_FOUND, not NOT_MEMBER, meanwhile.
+const openingGrace = time.Minute
+
+// opening reports whether ImageBlob asked for image within openingGrace.
+func (n *Node) opening(image string) bool {
+	key, err := ImageKey(image)
+	if err != nil {
+		return false
+	}
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	e, ok := n.early[key.KeyString()]
+	return ok && time.Since(e.opened) < openingGrace
 }
 
 // fresh reports whether a new early provide would be redundant: one is
@@ -164,20 +183,22 @@ func (n *Node) startEarlyProvide(key cid.Cid) {
 	k := key.KeyString()
 	now := time.Now()
 	n.mu.Lock()
+	if n.early == nil {
+		n.early = map[string]earlyProvide{}
+	}
 	e := n.early[k]
+	e.opened = now
+	n.early[k] = e
 	if e.fresh(now) {
 		n.mu.Unlock()
 		return
 	}
-	if n.early == nil {
-		n.early = map[string]earlyProvide{}
-	}
 	for kk, ee := range n.early {
-		if !ee.fresh(now) {
+		if !ee.fresh(now) && now.Sub(ee.opened) >= openingGrace {
 			delete(n.early, kk)
 		}
 	}
-	n.early[k] = earlyProvide{running: true, done: make(chan struct{}), ok: e.ok}
+	n.early[k] = earlyProvide{running: true, done: make(chan struct{}), ok: e.ok, opened: now}
 	n.mu.Unlock()
 	if !n.spawn(func() { n.provideEarly(key) }) {
 		n.endEarlyProvide(k, false)
@@ -355,9 +376,9 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 		return nil, fmt.Errorf("blob %s of %s: no origin group: %w", blob, digest, ErrNoIndex)
 	}
 	// The designated fetcher over the group less the members this node
-	// found unreachable lately (LiveGroup).
+	// found unreachable, or not members of the image, lately (LiveGroup).
 	designee := func() peer.ID {
-		return Designate(id, LiveGroup(group, self, n.undesignatable()), self)
+		return Designate(id, LiveGroup(group, self, n.undesignatable(digest)), self)
 	}
 	d := designee()
 	designated := d == self || d == ""
@@ -408,6 +429,21 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 	requests, passes := 0, 0
 	var last error
 	backoff := blobBackoffMin
+	// replace puts the next member of the group in the place (cands[i]) of
+	// the designated fetcher, which is gone or not a member of the image,
+	// as every node that finds it so does — else nobody would fetch the
+	// blob for the swarm, and every node would wait OriginWait and read
+	// it from the registry itself. It reports whether cands[i] is to be
+	// asked now.
+	replace := func(i int) bool {
+		n.st.originReplanned.Add(1)
+		if d = designee(); d == self || d == "" {
+			designated, wait = true, 0 // a quick pass, then the registry
+			return false
+		}
+		cands[i], dropped[i] = n.host.Peerstore().PeerInfo(d), false
+		return true
+	}
 	for {
 		passes++
 		for k := 0; k < len(cands); k++ {
@@ -432,31 +468,32 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 			if err := n.connectWithin(wctx, ai, bound); err != nil {
 				dropped[i] = true
 				last = fmt.Errorf("connect to %s: %w", ai.ID, err)
-				if ai.ID == d && !designated && wctx.Err() == nil && !n.peers.designatable(d, n.cfg.Clock.Now()) {
+				if ai.ID == d && !designated && wctx.Err() == nil && !n.peers.designatable(d, n.cfg.Clock.Now()) && replace(i) {
 					// The designated fetcher is gone (connect marked it
-					// unreachable): the next member of the group takes
-					// its place, for every node that finds it gone —
-					// else nobody would fetch the blob for the swarm,
-					// and every node would wait OriginWait and read it
-					// from the registry itself.
-					n.st.originReplanned.Add(1)
-					if d = designee(); d == self || d == "" {
-						designated, wait = true, 0 // a quick pass, then the registry
-					} else {
-						cands[i], dropped[i] = n.host.Peerstore().PeerInfo(d), false
-						k-- // ask it now
-					}
+					// unreachable).
+					k-- // ask the next member now
 				}
 				continue
 			}
 			asked[ai.ID] = true
 			requests++
 			// One block, requested and booked as a blob's blocks are.
-			got, err := n.FetchBlobBlocks(wctx, ai.ID, digest, blk)
+			got, notMember, err := n.fetchBlob(wctx, ai.ID, digest, blk, flagMember)
 			if data, ok := got[id]; ok {
 				n.log.Debug("image blob from a peer", "image", digest, "blob", blob, "peer", ai.ID.String(),
 					"designated", ai.ID == d, "pass", passes, "requests", requests, "took", time.Since(start))
 				return data, nil
+			}
+			if notMember {
+				// It left the image (or restarted) and does not hold the
+				// blob: no use asking it again.
+				n.markNotMember(digest, ai.ID)
+				dropped[i] = true
+				last = fmt.Errorf("peer %s is not a member of the image", ai.ID)
+				if ai.ID == d && !designated && wctx.Err() == nil && replace(i) {
+					k--
+				}
+				continue
 			}
 			if errors.Is(err, ErrBadBlock) {
 				dropped[i] = true

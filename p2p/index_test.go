@@ -86,9 +86,13 @@ func startBlobSwarm(t *testing.T, name string, k int, tweak func(c *Config)) *bl
 		n := startNode(t, cfg)
 		bs.nodes, bs.stores, bs.ids = append(bs.nodes, n), append(bs.stores, st), append(bs.ids, n.ID())
 	}
+	// Each node opens the image as ImageBlob does: it provides the
+	// image's record early and counts as a member of the swarm (opening)
+	// though it has not joined it.
 	for i, n := range bs.nodes {
 		eventually(t, 10*time.Second, fmt.Sprintf("node %d to provide the image", i), func() bool {
-			return n.Provide(ctx, bs.key) == nil
+			n.startEarlyProvide(bs.key)
+			return n.recentlyProvided(ctx, bs.key)
 		})
 	}
 	for i, n := range bs.nodes {
@@ -326,60 +330,79 @@ func TestImageBlobNobodyHolds(t *testing.T) {
 	}
 }
 
-// The index's designated fetcher is gone: the member next in the index's
-// rendezvous order takes its place for every node that finds it gone. That
-// member hears at once that it is the designated fetcher now (it reads the
-// registry and keeps the blob), and the others get the index from it long
-// before OriginWait — not each from the registry after it, as when nobody
-// took the gone fetcher's place.
+// The index's designated fetcher is gone, or is up but left the image
+// (it answers NOT_MEMBER): the member next in the index's rendezvous order
+// takes its place for every node that finds it so. That member hears at
+// once that it is the designated fetcher now (it reads the registry and
+// keeps the blob), and the others get the index from it long before
+// OriginWait — not each from the registry after it, as when nobody took
+// the designated fetcher's place.
 func TestImageBlobDesignatedGone(t *testing.T) {
 	t.Parallel()
-	const wait = 3 * time.Second
-	bs := startBlobSwarm(t, "designated-gone", 4, func(c *Config) { c.OriginWait = wait })
-	id := flat.Sum(bs.index)
-	d := bs.designated(id)
-	if err := bs.nodes[d].Close(); err != nil {
-		t.Logf("close: %v", err)
-	}
-	var live []int
-	for i := range bs.nodes {
-		if i != d {
-			live = append(live, i)
-		}
-	}
-	eventually(t, 10*time.Second, "the others to see the gone node's connections close", func() bool {
-		for _, i := range live {
-			if bs.nodes[i].host.Network().Connectedness(bs.ids[d]) == network.Connected {
-				return false
+	for _, mode := range []string{"gone", "left"} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			const wait = 3 * time.Second
+			bs := startBlobSwarm(t, "designated-"+mode, 4, func(c *Config) { c.OriginWait = wait })
+			id := flat.Sum(bs.index)
+			d := bs.designated(id)
+			var live []int
+			for i := range bs.nodes {
+				if i != d {
+					live = append(live, i)
+				}
 			}
-		}
-		return true
-	})
-	rest := slices.DeleteFunc(slices.Clone(bs.ids), func(p peer.ID) bool { return p == bs.ids[d] })
-	next := slices.Index(bs.ids, Designate(id, OriginGroup(bs.image, rest, "", OriginGroupSize), ""))
+			if mode == "left" {
+				bs.nodes[d].LeaveImage(bs.digest)
+			} else {
+				if err := bs.nodes[d].Close(); err != nil {
+					t.Logf("close: %v", err)
+				}
+				eventually(t, 10*time.Second, "the others to see the gone node's connections close", func() bool {
+					for _, i := range live {
+						if bs.nodes[i].host.Network().Connectedness(bs.ids[d]) == network.Connected {
+							return false
+						}
+					}
+					return true
+				})
+			}
+			rest := slices.DeleteFunc(slices.Clone(bs.ids), func(p peer.ID) bool { return p == bs.ids[d] })
+			next := slices.Index(bs.ids, Designate(id, OriginGroup(bs.image, rest, "", OriginGroupSize), ""))
 
-	start := time.Now()
-	x, err := bs.nodes[next].ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
-	took := time.Since(start)
-	t.Logf("next member, node %d: %v after %v", next, err, took)
-	if x != nil || !errors.Is(err, ErrNoIndex) || took > wait/2 {
-		t.Fatalf("next member: %d bytes, %v after %v; want ErrNoIndex (designated now) at once", len(x), err, took)
-	}
-	bs.put(t, next, bs.index) // it read the registry, and keeps the blob
+			start := time.Now()
+			x, err := bs.nodes[next].ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
+			took := time.Since(start)
+			t.Logf("next member, node %d: %v after %v", next, err, took)
+			if x != nil || !errors.Is(err, ErrNoIndex) || took > wait/2 {
+				t.Fatalf("next member: %d bytes, %v after %v; want ErrNoIndex (designated now) at once", len(x), err, took)
+			}
+			bs.put(t, next, bs.index) // it read the registry, and keeps the blob
 
-	for _, i := range live {
-		if i == next {
-			continue
-		}
-		start := time.Now()
-		x, err := bs.nodes[i].ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
-		took := time.Since(start)
-		t.Logf("node %d: %d bytes, %v after %v", i, len(x), err, took)
-		if err != nil || !bytes.Equal(x, bs.index) || took > wait/2 {
-			t.Errorf("node %d: %d bytes, %v after %v; want the index from node %d at once", i, len(x), err, took, next)
-		}
-		if st := bs.nodes[i].Stats(); st.IndexesFetched != 1 || st.OriginReplanned != 1 {
-			t.Errorf("node %d: %d indexes fetched, %d replanned; want 1 and 1", i, st.IndexesFetched, st.OriginReplanned)
-		}
+			for _, i := range live {
+				if i == next {
+					continue
+				}
+				start := time.Now()
+				x, err := bs.nodes[i].ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
+				took := time.Since(start)
+				t.Logf("node %d: %d bytes, %v after %v", i, len(x), err, took)
+				if err != nil || !bytes.Equal(x, bs.index) || took > wait/2 {
+					t.Errorf("node %d: %d bytes, %v after %v; want the index from node %d at once", i, len(x), err, took, next)
+				}
+				st := bs.nodes[i].Stats()
+				if st.IndexesFetched != 1 || st.OriginReplanned != 1 {
+					t.Errorf("node %d: %d indexes fetched, %d replanned; want 1 and 1", i, st.IndexesFetched, st.OriginReplanned)
+				}
+				if mode == "left" && st.NotMemberReceived != 1 {
+					t.Errorf("node %d: %d NOT_MEMBER answers, want 1", i, st.NotMemberReceived)
+				}
+			}
+			if mode == "left" {
+				if st := bs.nodes[d].Stats(); st.NotMemberSent != int64(len(live)) {
+					t.Errorf("the node that left answered NOT_MEMBER %d times, want %d", st.NotMemberSent, len(live))
+				}
+			}
+		})
 	}
 }

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -84,7 +85,10 @@ type Node struct {
 	found    map[string]foundProviders // recent image lookups, by key (index.go)
 	groups   map[string][]peer.ID      // origin group per image digest, from the latest lookup (index.go)
 	early    map[string]earlyProvide   // early provides of image records, by key (index.go)
-	wg       sync.WaitGroup            // goroutines the node started; Add only under mu, while !closed
+	// notMembers are, per image digest, the peers that answered NOT_MEMBER
+	// for it and when they may be designated for it again.
+	notMembers map[string]map[peer.ID]time.Time
+	wg         sync.WaitGroup // goroutines the node started; Add only under mu, while !closed
 
 	closeOnce sync.Once
 	closeErr  error
@@ -450,6 +454,11 @@ type Stats struct {
 	// was such a peer, planned again for the next member of the group.
 	Unreachable     int64 `json:"unreachable"`
 	OriginReplanned int64 `json:"origin_replanned"`
+	// NotMemberSent counts requests this node answered NOT_MEMBER (it was
+	// asked about an image it has left); NotMemberReceived, the NOT_MEMBER
+	// answers it got (a member of an origin group had left the image).
+	NotMemberSent     int64 `json:"not_member_sent"`
+	NotMemberReceived int64 `json:"not_member_received"`
 	// Waiting for the swarm: COMING answers from designated fetchers, and
 	// rounds planned again because holders appeared while blocks were
 	// awaited.
@@ -486,46 +495,49 @@ type counters struct {
 	indexesFetched, comingRecv, awaitRounds, shareBusy        atomic.Int64
 	manifestsFetched, spreadSent, spreadRecv, forced          atomic.Int64
 	firstCopyPassed, hintsRecv, unreachable, originReplanned  atomic.Int64
+	notMemberSent, notMemberRecv                              atomic.Int64
 }
 
 // Stats returns the node's counters.
 func (n *Node) Stats() Stats {
 	st := Stats{
-		Peers:            len(n.host.Network().Peers()),
-		AvoidedPeers:     n.peers.avoided(time.Now()),
-		BytesUploaded:    n.st.bytesUp.Load(),
-		BytesDownloaded:  n.st.bytesDown.Load(),
-		BlocksServed:     n.st.blocksServed.Load(),
-		BlocksFetched:    n.st.blocksFetched.Load(),
-		NotFoundServed:   n.st.notFound.Load(),
-		BusyAnswers:      n.st.busySent.Load(),
-		BusyReceived:     n.st.busyRecv.Load(),
-		BadBlocks:        n.st.badBlocks.Load(),
-		FailedRequests:   n.st.failedReqs.Load(),
-		ActiveUploads:    n.st.activeUploads.Load(),
-		HaveUpdatesSent:  n.st.updatesSent.Load(),
-		DHTLookups:       n.st.lookups.Load(),
-		DHTProvides:      n.st.provides.Load(),
-		HedgedRequests:   n.st.hedged.Load(),
-		HedgeWins:        n.st.hedgeWins.Load(),
-		OriginRequests:   n.st.originAsked.Load(),
-		OriginBlocks:     n.st.originGot.Load(),
-		OriginFetches:    n.st.originFetches.Load(),
-		OriginServed:     n.st.originServed.Load(),
-		OriginBusy:       n.st.originBusy.Load(),
-		OriginWaiting:    n.st.originWaiting.Load(),
-		IndexesFetched:   n.st.indexesFetched.Load(),
-		ManifestsFetched: n.st.manifestsFetched.Load(),
-		ComingReceived:   n.st.comingRecv.Load(),
-		AwaitRounds:      n.st.awaitRounds.Load(),
-		ShareBusy:        n.st.shareBusy.Load(),
-		SpreadSent:       n.st.spreadSent.Load(),
-		SpreadReceived:   n.st.spreadRecv.Load(),
-		ForcedRequests:   n.st.forced.Load(),
-		FirstCopyPassed:  n.st.firstCopyPassed.Load(),
-		HintsReceived:    n.st.hintsRecv.Load(),
-		Unreachable:      n.st.unreachable.Load(),
-		OriginReplanned:  n.st.originReplanned.Load(),
+		Peers:             len(n.host.Network().Peers()),
+		AvoidedPeers:      n.peers.avoided(time.Now()),
+		BytesUploaded:     n.st.bytesUp.Load(),
+		BytesDownloaded:   n.st.bytesDown.Load(),
+		BlocksServed:      n.st.blocksServed.Load(),
+		BlocksFetched:     n.st.blocksFetched.Load(),
+		NotFoundServed:    n.st.notFound.Load(),
+		BusyAnswers:       n.st.busySent.Load(),
+		BusyReceived:      n.st.busyRecv.Load(),
+		BadBlocks:         n.st.badBlocks.Load(),
+		FailedRequests:    n.st.failedReqs.Load(),
+		ActiveUploads:     n.st.activeUploads.Load(),
+		HaveUpdatesSent:   n.st.updatesSent.Load(),
+		DHTLookups:        n.st.lookups.Load(),
+		DHTProvides:       n.st.provides.Load(),
+		HedgedRequests:    n.st.hedged.Load(),
+		HedgeWins:         n.st.hedgeWins.Load(),
+		OriginRequests:    n.st.originAsked.Load(),
+		OriginBlocks:      n.st.originGot.Load(),
+		OriginFetches:     n.st.originFetches.Load(),
+		OriginServed:      n.st.originServed.Load(),
+		OriginBusy:        n.st.originBusy.Load(),
+		OriginWaiting:     n.st.originWaiting.Load(),
+		IndexesFetched:    n.st.indexesFetched.Load(),
+		ManifestsFetched:  n.st.manifestsFetched.Load(),
+		ComingReceived:    n.st.comingRecv.Load(),
+		AwaitRounds:       n.st.awaitRounds.Load(),
+		ShareBusy:         n.st.shareBusy.Load(),
+		SpreadSent:        n.st.spreadSent.Load(),
+		SpreadReceived:    n.st.spreadRecv.Load(),
+		ForcedRequests:    n.st.forced.Load(),
+		FirstCopyPassed:   n.st.firstCopyPassed.Load(),
+		HintsReceived:     n.st.hintsRecv.Load(),
+		Unreachable:       n.st.unreachable.Load(),
+		OriginReplanned:   n.st.originReplanned.Load(),
+		NotMemberSent:     n.st.notMemberSent.Load(),
+		NotMemberReceived: n.st.notMemberRecv.Load(),
 	}
 	for _, s := range n.swarmList() {
 		st.Images++
@@ -559,10 +571,47 @@ func (n *Node) connectWithin(ctx context.Context, ai peer.AddrInfo, bound time.D
 }
 
 // undesignatable reports, for LiveGroup, the peers this node may not
-// designate now (peerTable.designatable).
-func (n *Node) undesignatable() func(peer.ID) bool {
+// designate for image now: not designatable (peerTable.designatable), or
+// not a member of the image's swarm (they answered NOT_MEMBER within
+// NotMemberRest).
+func (n *Node) undesignatable(image string) func(peer.ID) bool {
 	now := n.cfg.Clock.Now()
-	return func(p peer.ID) bool { return !n.peers.designatable(p, now) }
+	var left []peer.ID
+	n.mu.Lock()
+	for p, until := range n.notMembers[image] {
+		if now.Before(until) {
+			left = append(left, p)
+		}
+	}
+	n.mu.Unlock()
+	return func(p peer.ID) bool { return slices.Contains(left, p) || !n.peers.designatable(p, now) }
+}
+
+// markNotMember records that p answered NOT_MEMBER for image: it is left
+// out of the image's origin designation for NotMemberRest (LiveGroup).
+// Expired entries, of every image, go on the way.
+func (n *Node) markNotMember(image string, p peer.ID) {
+	n.st.notMemberRecv.Add(1)
+	now := n.cfg.Clock.Now()
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	for im, m := range n.notMembers {
+		for q, until := range m {
+			if !now.Before(until) {
+				delete(m, q)
+			}
+		}
+		if len(m) == 0 {
+			delete(n.notMembers, im)
+		}
+	}
+	if n.notMembers == nil {
+		n.notMembers = map[string]map[peer.ID]time.Time{}
+	}
+	if n.notMembers[image] == nil {
+		n.notMembers[image] = map[peer.ID]time.Time{}
+	}
+	n.notMembers[image][p] = now.Add(NotMemberRest)
 }
 
 // markUnreachable records that no connection to p could be made: it is

@@ -246,11 +246,13 @@ func TestOriginCoalescing(t *testing.T) {
 // A designated node that is gone (no connection to it can be made) is
 // left out of the designation at once: its blocks go to the next member
 // of the group, which fetches each from the registry once for everybody,
-// and nobody waits. One that hangs makes the others wait no longer than
-// OriginWait, then read its blocks from the registry themselves.
+// and nobody waits. So is one that is up but left the image (its record
+// still names it): it answers NOT_MEMBER. One that hangs makes the others
+// wait no longer than OriginWait, then read its blocks from the registry
+// themselves.
 func TestOriginDesignatedDead(t *testing.T) {
 	t.Parallel()
-	for _, mode := range []string{"gone", "hung"} {
+	for _, mode := range []string{"gone", "left", "hung"} {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
 			const k, delay, wait = 4, 100 * time.Millisecond, time.Second
@@ -261,10 +263,15 @@ func TestOriginDesignatedDead(t *testing.T) {
 			all := ids(nodes)
 			// The node designated for the first block is the one that dies.
 			dead := slices.Index(all, Designated(im.index.Blocks[0].ID, all, all[0]))
-			if mode == "hung" {
+			switch mode {
+			case "hung":
 				dead = hung
-			} else if err := nodes[dead].n.Close(); err != nil {
-				t.Logf("close: %v", err)
+			case "left":
+				nodes[dead].n.LeaveImage(im.digest)
+			default:
+				if err := nodes[dead].n.Close(); err != nil {
+					t.Logf("close: %v", err)
+				}
 			}
 			var live []int
 			for i := range nodes {
@@ -296,7 +303,7 @@ func TestOriginDesignatedDead(t *testing.T) {
 					t.Errorf("node %d took %v with the designated node %s (limit %v)", i, took[i], mode, limit)
 				}
 			}
-			if mode == "gone" {
+			if mode != "hung" {
 				// Each of its blocks came from the registry once, at the
 				// member next in the block's rendezvous order.
 				var rest []peer.ID
@@ -316,7 +323,7 @@ func TestOriginDesignatedDead(t *testing.T) {
 							want = 1
 						}
 						if c := nodes[i].reg.count(b.ID); c != want {
-							t.Errorf("node %d fetched block %s of the gone node from the registry %d times, want %d (next: node %d)", i, b.ID, c, want, next)
+							t.Errorf("node %d fetched block %s of the %s node from the registry %d times, want %d (next: node %d)", i, b.ID, mode, c, want, next)
 						}
 					}
 				}
@@ -326,12 +333,19 @@ func TestOriginDesignatedDead(t *testing.T) {
 					unreachable += st.Unreachable
 					replanned += st.OriginReplanned
 				}
-				t.Logf("%d blocks of the gone node; %d unreachable requests, %d blocks planned again", moved, unreachable, replanned)
+				t.Logf("%d blocks of the %s node; %d unreachable requests, %d blocks planned again", moved, mode, unreachable, replanned)
 				// A node whose view of the group lost the gone node
 				// (its session closed, and its lookup missed it) never
 				// asks it; the counts are not asserted.
 				if moved == 0 {
-					t.Error("the gone node was designated for no block: the fixture tests nothing")
+					t.Errorf("the %s node was designated for no block: the fixture tests nothing", mode)
+				}
+			}
+			if mode == "left" {
+				left := nodes[dead].n.Stats()
+				t.Logf("the left node answered NOT_MEMBER %d times, ran %d origin fetches", left.NotMemberSent, nodes[dead].origin.calls.Load())
+				if c := nodes[dead].origin.calls.Load(); c != 0 {
+					t.Errorf("the node that left the image ran %d origin fetches for it", c)
 				}
 			}
 			if mode == "hung" {

@@ -332,6 +332,15 @@ func Designate(block flat.BlockID, group []peer.ID, self peer.ID) peer.ID {
 // a second registry copy of them.
 const UnreachableRest = time.Minute
 
+// NotMemberRest is how long a peer that answered NOT_MEMBER for an image
+// (it left the image, or restarted, while its provider record lives on)
+// is left out of the image's origin designation. Every node that asks it
+// hears the same answer, so all move its blocks to the same next member;
+// a node that joins the image again within the rest is asked again after
+// it, and until then fetches for itself what the others take from the
+// next member: at most a second registry copy of its share.
+const NotMemberRest = time.Minute
+
 // DesignatedDial bounds a dial to a designated fetcher this node is not
 // connected to: one that does not answer within it is taken for gone
 // (unreachable). Its blocks then go to the next member of the group; were

@@ -416,7 +416,7 @@ func (ps *PeerSource) runBatch(ctx context.Context, p peer.ID, batch []flat.Bloc
 	launch := func(q peer.ID, bs []flat.Block, hedge bool, onAnswer func()) {
 		go func() {
 			start := time.Now()
-			o := n.request(bctx, q, ps.image, bs, reqOpts{flags: flags | flagHints, onAnswer: onAnswer, deliver: deliver})
+			o := n.request(bctx, q, ps.image, bs, reqOpts{flags: flags | flagHints | flagMember, onAnswer: onAnswer, deliver: deliver})
 			results <- result{p: q, o: o, hedge: hedge, took: time.Since(start)}
 		}()
 	}
@@ -516,6 +516,11 @@ func (ps *PeerSource) record(ctx context.Context, r result, complete bool, f *fe
 		}
 	}
 	switch {
+	case o.notMember:
+		// It left the image: not a holder of any of its blocks.
+		f.excluded[p] = true
+		n.markNotMember(ps.image, p)
+		return false
 	case o.bad:
 		f.excluded[p] = true
 		n.st.badBlocks.Add(1)
@@ -588,17 +593,20 @@ func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, 
 		}()
 		for _, batch := range batches(bs) {
 			n.st.originAsked.Add(1)
-			o := n.request(wctx, p, ps.image, batch, reqOpts{flags: flagOrigin, firstByte: n.cfg.OriginWait})
+			o := n.request(wctx, p, ps.image, batch, reqOpts{flags: flagOrigin | flagMember, firstByte: n.cfg.OriginWait})
 			for id, d := range o.got {
 				f.deliver(id, d)
 			}
 			n.st.originGot.Add(int64(len(o.got)))
 			more := ps.recordOrigin(ctx, p, batch, o, f)
-			if o.unreachable && wctx.Err() == nil && !n.peers.designatable(p, n.cfg.Clock.Now()) {
-				// Gone: request marked it undesignatable, so planning
-				// again cannot pick it. Its blocks (pending still, so
-				// await keeps waiting) go to the next member of the
-				// group.
+			if o.notMember {
+				n.markNotMember(ps.image, p)
+			}
+			if wctx.Err() == nil && (o.notMember || o.unreachable && !n.peers.designatable(p, n.cfg.Clock.Now())) {
+				// Gone (request marked it undesignatable), or not a
+				// member of the image: planning again cannot pick it.
+				// Its blocks (pending still, so await keeps waiting) go
+				// to the next member of the group.
 				n.st.originReplanned.Add(int64(len(bs) - done))
 				for q, qbs := range ps.planOrigin(bs[done:], f) {
 					wg.Go(func() { askPeer(q, qbs) })
@@ -634,7 +642,7 @@ func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, 
 // await sees the blocks pending from the start.
 func (ps *PeerSource) planOrigin(blocks []flat.Block, f *fetchState) map[peer.ID][]flat.Block {
 	n := ps.n
-	ask, own := PlanOrigin(blocks, n.originView(ps.image), n.ID(), n.undesignatable())
+	ask, own := PlanOrigin(blocks, n.originView(ps.image), n.ID(), n.undesignatable(ps.image))
 	if n.cfg.OriginWait <= 0 {
 		own, ask = blocks, nil
 	}
@@ -691,12 +699,18 @@ func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, batch []flat.
 		f.errBusy = cmp.Or(f.errBusy, fmt.Errorf("designated fetcher %s: %w", p, ErrBusy))
 		return false
 	case o.err != nil:
+		n.log.Debug("ORIGIN request failed", "peer", p.String(), "image", ps.image, "blocks", asked,
+			"got", len(o.got), "unreachable", o.unreachable, "err", o.err)
 		if o.firstByte == 0 && ctx.Err() == nil {
 			// No answer at all within the wait: gone, or hung.
 			n.st.failedReqs.Add(1)
 			n.peers.failure(p, n.cfg.FirstByteTimeout, now)
 		}
 		f.errOrigin = cmp.Or(f.errOrigin, fmt.Errorf("designated fetcher %s: %w", p, o.err))
+		return false
+	case o.notMember:
+		// Its blocks are planned again (origin); no use asking it more.
+		f.errOrigin = cmp.Or(f.errOrigin, fmt.Errorf("designated fetcher %s is not a member of the image", p))
 		return false
 	case len(o.notFound) > 0:
 		f.errOrigin = cmp.Or(f.errOrigin, fmt.Errorf("designated fetcher %s could not fetch %d of %d blocks", p, len(o.notFound), asked))
