@@ -38,8 +38,19 @@ var daemons atomic.Int32
 
 func startDaemon(t *testing.T, cfg Config) (*Daemon, *Client) {
 	t.Helper()
+	d, c, _ := startStoppableDaemon(t, cfg)
+	return d, c
+}
+
+// startStoppableDaemon is startDaemon with a stop function, which ends the
+// daemon and waits for it (at most once; the test's cleanup calls it too).
+// A config with P2P.Listen set keeps it (a restart on the same address).
+func startStoppableDaemon(t *testing.T, cfg Config) (*Daemon, *Client, func()) {
+	t.Helper()
 	cfg.PlainHTTP = true
-	cfg.P2P.Listen = []string{"/ip4/127.0.0.1/tcp/0"}
+	if len(cfg.P2P.Listen) == 0 {
+		cfg.P2P.Listen = []string{"/ip4/127.0.0.1/tcp/0"}
+	}
 	d, err := New(cfg, testenv.Logger(t, fmt.Sprintf("daemon %d", daemons.Add(1))))
 	if err != nil {
 		t.Fatal(err)
@@ -47,16 +58,17 @@ func startDaemon(t *testing.T, cfg Config) (*Daemon, *Client) {
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan error, 1)
 	go func() { done <- d.Run(ctx) }()
-	t.Cleanup(func() {
+	stop := sync.OnceFunc(func() {
 		cancel()
 		if err := <-done; err != nil {
 			t.Errorf("daemon exit: %v", err)
 		}
 	})
+	t.Cleanup(stop)
 	for deadline := time.Now().Add(20 * time.Second); ; {
 		c, err := Dial(t.Context(), SocketPath(cfg.StateDir))
 		if err == nil {
-			return d, c
+			return d, c, stop
 		}
 		if time.Now().After(deadline) {
 			t.Fatalf("daemon did not come up: %v", err)
@@ -330,6 +342,135 @@ func TestOriginCoalescingDaemons(t *testing.T) {
 		}
 	}
 	if ratio > 1.3 {
+		t.Errorf("the registry served %.2f copies of the blocks read, want about one", ratio)
+	}
+}
+
+// TestOriginRestartedMember: four daemons mount an image; one restarts (same
+// identity, same address) and does not mount it again, so the image's
+// records still name it but it is not in the swarm. The other three read
+// the same file at once. The restarted daemon answers their ORIGIN requests
+// NOT_MEMBER, and its share of the blocks is fetched from the registry once,
+// by the next member of the group, not once by each reader.
+func TestOriginRestartedMember(t *testing.T) {
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for FUSE")
+	}
+	host, blobBytes := countingRegistry(t)
+	body := make([]byte, 6<<20)
+	_, _ = rand.NewChaCha8([32]byte{8}).Read(body)
+	ref := pushAndConvertFile(t, host+"/restarted:v1", "data/big", body)
+	flatRef, err := fetch.FlatRef(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := fetch.OpenImage(t.Context(), flatRef, fetch.WithPlainHTTP(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var compressed int64
+	for _, b := range im.Index().Blocks {
+		compressed += int64(b.CLen)
+	}
+
+	const restarted = 1
+	cfgs := make([]Config, 4)
+	clients := make([]*Client, len(cfgs))
+	stops := make([]func(), len(cfgs))
+	var boot []string
+	for i := range cfgs {
+		cfgs[i] = Config{StateDir: t.TempDir(), P2P: P2PConfig{Bootstrap: boot}}
+		_, clients[i], stops[i] = startStoppableDaemon(t, cfgs[i])
+		if i == 0 {
+			st, err := clients[0].Status(t.Context())
+			if err != nil || len(st.Addrs) == 0 {
+				t.Fatalf("status of node 0: %+v %v", st, err)
+			}
+			boot = st.Addrs[:1]
+		}
+	}
+	dirs := make([]string, len(clients))
+	mount := func(i int) {
+		t.Helper()
+		dir := filepath.Join(t.TempDir(), fmt.Sprintf("m%d", i))
+		if _, err := clients[i].Mount(t.Context(), MountRequest{Ref: ref, Dir: dir}); err != nil {
+			t.Fatal(err)
+		}
+		dirs[i] = dir
+	}
+	for i := range clients {
+		mount(i)
+	}
+	for deadline := time.Now().Add(30 * time.Second); ; {
+		var lonely []int
+		for i, c := range clients {
+			if st, err := c.Status(t.Context()); err != nil || st.Swarm == nil || st.Swarm.ImagePeers < len(clients)-1 {
+				lonely = append(lonely, i)
+			}
+		}
+		if len(lonely) == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("nodes %v do not see all others", lonely)
+		}
+		time.Sleep(500 * time.Millisecond)
+		for _, i := range lonely {
+			mount(i)
+		}
+	}
+
+	// The restart: same state directory (identity), same address.
+	st, err := clients[restarted].Status(t.Context())
+	if err != nil || len(st.Addrs) == 0 {
+		t.Fatalf("status of node %d: %+v %v", restarted, st, err)
+	}
+	listen, _, _ := strings.Cut(st.Addrs[0], "/p2p/")
+	stops[restarted]()
+	cfg := cfgs[restarted]
+	cfg.P2P.Listen = []string{listen}
+	_, clients[restarted], _ = startStoppableDaemon(t, cfg)
+	readers := []int{0, 2, 3}
+
+	before := blobBytes.Load()
+	var wg sync.WaitGroup
+	start := make(chan struct{})
+	for _, i := range readers {
+		wg.Go(func() {
+			<-start
+			got, err := os.ReadFile(filepath.Join(dirs[i], "data/big"))
+			if err != nil || !bytes.Equal(got, body) {
+				t.Errorf("node %d: read %d bytes (want %d), equal %v, err %v", i, len(got), len(body), bytes.Equal(got, body), err)
+			}
+		})
+	}
+	close(start)
+	wg.Wait()
+	served := blobBytes.Load() - before
+	ratio := float64(served) / float64(compressed)
+	var notMemberRecv int64
+	for _, i := range readers {
+		st, err := clients[i].Status(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		notMemberRecv += st.Swarm.NotMemberReceived
+		t.Logf("node %d: %d NOT_MEMBER answers received, %d unreachable, %d blocks planned again, %d origin fetches",
+			i, st.Swarm.NotMemberReceived, st.Swarm.Unreachable, st.Swarm.OriginReplanned, st.Swarm.OriginFetches)
+	}
+	rs, err := clients[restarted].Status(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the registry served %.3f copies of the %d blocks; the restarted node answered NOT_MEMBER %d times, ran %d origin fetches",
+		ratio, len(im.Index().Blocks), rs.Swarm.NotMemberSent, rs.Swarm.OriginFetches)
+	if rs.Swarm.NotMemberSent == 0 || notMemberRecv == 0 {
+		t.Errorf("NOT_MEMBER sent %d, received %d: the restarted node was never asked", rs.Swarm.NotMemberSent, notMemberRecv)
+	}
+	if rs.Swarm.OriginFetches != 0 {
+		t.Errorf("the restarted node, not in the swarm, ran %d origin fetches", rs.Swarm.OriginFetches)
+	}
+	if ratio > 1.1 {
 		t.Errorf("the registry served %.2f copies of the blocks read, want about one", ratio)
 	}
 }
