@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"log/slog"
 	"math/rand/v2"
 	"slices"
 	"sync"
@@ -134,6 +135,19 @@ func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[f
 	reason := errors.Join(f.errBad, f.errBusy, f.errFail, f.errOrigin)
 	if reason == nil {
 		reason = ErrNoHolder
+	}
+	if n := ps.n; n.log.Enabled(ctx, slog.LevelDebug) {
+		f.mu.Lock()
+		own, coming := 0, 0
+		for _, b := range all {
+			if _, ok := f.out[b.ID]; !ok {
+				own += btoi(f.own[b.ID])
+				coming += btoi(f.coming[b.ID])
+			}
+		}
+		f.mu.Unlock()
+		n.log.Debug("blocks left to the next source", "image", ps.image, "missing", missing, "of", len(all),
+			"designated_here", own, "coming", coming, "reason", reason)
 	}
 	return f.out, fmt.Errorf("%d of %d blocks not fetched from peers: %w", missing, len(all), reason)
 }
@@ -794,4 +808,11 @@ func batches(bs []flat.Block) [][]flat.Block {
 		bs = bs[n:]
 	}
 	return out
+}
+
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
 }
