@@ -238,23 +238,7 @@ func TestOriginCoalescingDaemons(t *testing.T) {
 		t.Skip("needs root for FUSE")
 	}
 	host, blobBytes := countingRegistry(t)
-	// Incompressible, so that blocks are far apart in their blob and no
-	// registry request reads past the blocks it wants.
-	body := make([]byte, 6<<20)
-	_, _ = rand.NewChaCha8([32]byte{7}).Read(body)
-	ref := pushAndConvertFile(t, host+"/big:v1", "data/big", body)
-	flatRef, err := fetch.FlatRef(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	im, err := fetch.OpenImage(t.Context(), flatRef, fetch.WithPlainHTTP(true))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var compressed int64
-	for _, b := range im.Index().Blocks {
-		compressed += int64(b.CLen)
-	}
+	ref, body, compressed, blocks := randomFileImage(t, host+"/big:v1", 7)
 
 	_, ca := startDaemon(t, Config{StateDir: t.TempDir()})
 	sa, err := ca.Status(t.Context())
@@ -266,61 +250,14 @@ func TestOriginCoalescingDaemons(t *testing.T) {
 		_, c := startDaemon(t, Config{StateDir: t.TempDir(), P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
 		clients = append(clients, c)
 	}
-	dirs := make([]string, len(clients))
-	mount := func(i int) {
-		t.Helper()
-		dir := filepath.Join(t.TempDir(), fmt.Sprintf("m%d", i))
-		if _, err := clients[i].Mount(t.Context(), MountRequest{Ref: ref, Dir: dir}); err != nil {
-			t.Fatal(err)
-		}
-		dirs[i] = dir
-	}
-	for i := range clients {
-		mount(i)
-	}
-	// Every node must see the other two before the reads, or they would
-	// not agree on the designated nodes. A node that has not found all its
-	// peers yet looks again when it mounts the image again.
-	for deadline := time.Now().Add(30 * time.Second); ; {
-		var lonely []int
-		for i, c := range clients {
-			if st, err := c.Status(t.Context()); err != nil || st.Swarm == nil || st.Swarm.ImagePeers < 2 {
-				lonely = append(lonely, i)
-			}
-		}
-		if len(lonely) == 0 {
-			break
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("nodes %v do not see both others", lonely)
-		}
-		time.Sleep(500 * time.Millisecond)
-		for _, i := range lonely {
-			mount(i)
-		}
-	}
+	dirs := mountSeeingAll(t, clients, ref)
 
 	before := blobBytes.Load()
-	var wg sync.WaitGroup
-	start := make(chan struct{})
-	took := make([]time.Duration, len(clients))
-	for i := range clients {
-		wg.Go(func() {
-			<-start
-			t0 := time.Now()
-			got, err := os.ReadFile(filepath.Join(dirs[i], "data/big"))
-			took[i] = time.Since(t0)
-			if err != nil || !bytes.Equal(got, body) {
-				t.Errorf("node %d: read %d bytes (want %d), equal %v, err %v", i, len(got), len(body), bytes.Equal(got, body), err)
-			}
-		})
-	}
-	close(start)
-	wg.Wait()
+	took := readAtOnce(t, dirs, []int{0, 1, 2}, body)
 	served := blobBytes.Load() - before
 	ratio := float64(served) / float64(compressed)
 	t.Logf("%d blocks, %d compressed bytes; the registry served %d bytes of blocks: %.3f copies; read times %v",
-		len(im.Index().Blocks), compressed, served, ratio, took)
+		blocks, compressed, served, ratio, took)
 	for i, c := range clients {
 		st, err := c.Status(t.Context())
 		if err != nil {
@@ -357,21 +294,7 @@ func TestOriginRestartedMember(t *testing.T) {
 		t.Skip("needs root for FUSE")
 	}
 	host, blobBytes := countingRegistry(t)
-	body := make([]byte, 6<<20)
-	_, _ = rand.NewChaCha8([32]byte{8}).Read(body)
-	ref := pushAndConvertFile(t, host+"/restarted:v1", "data/big", body)
-	flatRef, err := fetch.FlatRef(ref)
-	if err != nil {
-		t.Fatal(err)
-	}
-	im, err := fetch.OpenImage(t.Context(), flatRef, fetch.WithPlainHTTP(true))
-	if err != nil {
-		t.Fatal(err)
-	}
-	var compressed int64
-	for _, b := range im.Index().Blocks {
-		compressed += int64(b.CLen)
-	}
+	ref, body, compressed, blocks := randomFileImage(t, host+"/restarted:v1", 8)
 
 	const restarted = 1
 	cfgs := make([]Config, 4)
@@ -389,6 +312,83 @@ func TestOriginRestartedMember(t *testing.T) {
 			boot = st.Addrs[:1]
 		}
 	}
+	dirs := mountSeeingAll(t, clients, ref)
+
+	// The restart: same state directory (identity), same address.
+	st, err := clients[restarted].Status(t.Context())
+	if err != nil || len(st.Addrs) == 0 {
+		t.Fatalf("status of node %d: %+v %v", restarted, st, err)
+	}
+	listen, _, _ := strings.Cut(st.Addrs[0], "/p2p/")
+	stops[restarted]()
+	cfg := cfgs[restarted]
+	cfg.P2P.Listen = []string{listen}
+	_, clients[restarted], _ = startStoppableDaemon(t, cfg)
+	readers := []int{0, 2, 3}
+
+	before := blobBytes.Load()
+	readAtOnce(t, dirs, readers, body)
+	served := blobBytes.Load() - before
+	ratio := float64(served) / float64(compressed)
+	var notMemberRecv int64
+	for _, i := range readers {
+		st, err := clients[i].Status(t.Context())
+		if err != nil {
+			t.Fatal(err)
+		}
+		notMemberRecv += st.Swarm.NotMemberReceived
+		t.Logf("node %d: %d NOT_MEMBER answers received, %d unreachable, %d blocks planned again, %d origin fetches",
+			i, st.Swarm.NotMemberReceived, st.Swarm.Unreachable, st.Swarm.OriginReplanned, st.Swarm.OriginFetches)
+	}
+	rs, err := clients[restarted].Status(t.Context())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("the registry served %.3f copies of the %d blocks; the restarted node answered NOT_MEMBER %d times, ran %d origin fetches",
+		ratio, blocks, rs.Swarm.NotMemberSent, rs.Swarm.OriginFetches)
+	if rs.Swarm.NotMemberSent == 0 || notMemberRecv == 0 {
+		t.Errorf("NOT_MEMBER sent %d, received %d: the restarted node was never asked", rs.Swarm.NotMemberSent, notMemberRecv)
+	}
+	if rs.Swarm.OriginFetches != 0 {
+		t.Errorf("the restarted node, not in the swarm, ran %d origin fetches", rs.Swarm.OriginFetches)
+	}
+	if ratio > 1.1 {
+		t.Errorf("the registry served %.2f copies of the blocks read, want about one", ratio)
+	}
+}
+
+// randomFileImage pushes an image of one 6 MiB file, data/big, of random
+// bytes from seed, converts it, and returns the image's reference, the
+// file, and the compressed size and number of its flat image's blocks.
+// The bytes are incompressible, so that blocks are far apart in their blob
+// and no registry request reads past the blocks it wants.
+func randomFileImage(t *testing.T, ref string, seed byte) (string, []byte, int64, int) {
+	t.Helper()
+	body := make([]byte, 6<<20)
+	_, _ = rand.NewChaCha8([32]byte{seed}).Read(body)
+	ref = pushAndConvertFile(t, ref, "data/big", body)
+	flatRef, err := fetch.FlatRef(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	im, err := fetch.OpenImage(t.Context(), flatRef, fetch.WithPlainHTTP(true))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var compressed int64
+	for _, b := range im.Index().Blocks {
+		compressed += int64(b.CLen)
+	}
+	return ref, body, compressed, len(im.Index().Blocks)
+}
+
+// mountSeeingAll mounts ref on every client and returns the mount
+// directories once every node sees all the others as image peers: they
+// must, before reads, or they would not agree on the designated nodes. A
+// node that has not found all its peers yet looks again when it mounts the
+// image again.
+func mountSeeingAll(t *testing.T, clients []*Client, ref string) []string {
+	t.Helper()
 	dirs := make([]string, len(clients))
 	mount := func(i int) {
 		t.Helper()
@@ -409,36 +409,32 @@ func TestOriginRestartedMember(t *testing.T) {
 			}
 		}
 		if len(lonely) == 0 {
-			break
+			return dirs
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("nodes %v do not see all others", lonely)
+			t.Fatalf("nodes %v do not see all %d others", lonely, len(clients)-1)
 		}
 		time.Sleep(500 * time.Millisecond)
 		for _, i := range lonely {
 			mount(i)
 		}
 	}
+}
 
-	// The restart: same state directory (identity), same address.
-	st, err := clients[restarted].Status(t.Context())
-	if err != nil || len(st.Addrs) == 0 {
-		t.Fatalf("status of node %d: %+v %v", restarted, st, err)
-	}
-	listen, _, _ := strings.Cut(st.Addrs[0], "/p2p/")
-	stops[restarted]()
-	cfg := cfgs[restarted]
-	cfg.P2P.Listen = []string{listen}
-	_, clients[restarted], _ = startStoppableDaemon(t, cfg)
-	readers := []int{0, 2, 3}
-
-	before := blobBytes.Load()
+// readAtOnce has the nodes in readers read data/big from their mounts
+// (dirs) at the same moment, checks the bytes against body, and returns
+// how long each read took.
+func readAtOnce(t *testing.T, dirs []string, readers []int, body []byte) []time.Duration {
+	t.Helper()
 	var wg sync.WaitGroup
 	start := make(chan struct{})
+	took := make([]time.Duration, len(dirs))
 	for _, i := range readers {
 		wg.Go(func() {
 			<-start
+			t0 := time.Now()
 			got, err := os.ReadFile(filepath.Join(dirs[i], "data/big"))
+			took[i] = time.Since(t0)
 			if err != nil || !bytes.Equal(got, body) {
 				t.Errorf("node %d: read %d bytes (want %d), equal %v, err %v", i, len(got), len(body), bytes.Equal(got, body), err)
 			}
@@ -446,31 +442,5 @@ func TestOriginRestartedMember(t *testing.T) {
 	}
 	close(start)
 	wg.Wait()
-	served := blobBytes.Load() - before
-	ratio := float64(served) / float64(compressed)
-	var notMemberRecv int64
-	for _, i := range readers {
-		st, err := clients[i].Status(t.Context())
-		if err != nil {
-			t.Fatal(err)
-		}
-		notMemberRecv += st.Swarm.NotMemberReceived
-		t.Logf("node %d: %d NOT_MEMBER answers received, %d unreachable, %d blocks planned again, %d origin fetches",
-			i, st.Swarm.NotMemberReceived, st.Swarm.Unreachable, st.Swarm.OriginReplanned, st.Swarm.OriginFetches)
-	}
-	rs, err := clients[restarted].Status(t.Context())
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Logf("the registry served %.3f copies of the %d blocks; the restarted node answered NOT_MEMBER %d times, ran %d origin fetches",
-		ratio, len(im.Index().Blocks), rs.Swarm.NotMemberSent, rs.Swarm.OriginFetches)
-	if rs.Swarm.NotMemberSent == 0 || notMemberRecv == 0 {
-		t.Errorf("NOT_MEMBER sent %d, received %d: the restarted node was never asked", rs.Swarm.NotMemberSent, notMemberRecv)
-	}
-	if rs.Swarm.OriginFetches != 0 {
-		t.Errorf("the restarted node, not in the swarm, ran %d origin fetches", rs.Swarm.OriginFetches)
-	}
-	if ratio > 1.1 {
-		t.Errorf("the registry served %.2f copies of the blocks read, want about one", ratio)
-	}
+	return took
 }

@@ -613,9 +613,6 @@ func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, 
 			}
 			n.st.originGot.Add(int64(len(o.got)))
 			more := ps.recordOrigin(ctx, p, batch, o, f)
-			if o.notMember {
-				n.markNotMember(ps.image, p)
-			}
 			if wctx.Err() == nil && (o.notMember || o.unreachable && !n.peers.designatable(p, n.cfg.Clock.Now())) {
 				// Gone (request marked it undesignatable), or not a
 				// member of the image: planning again cannot pick it.
@@ -724,6 +721,7 @@ func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, batch []flat.
 		return false
 	case o.notMember:
 		// Its blocks are planned again (origin); no use asking it more.
+		n.markNotMember(ps.image, p)
 		f.errOrigin = cmp.Or(f.errOrigin, fmt.Errorf("designated fetcher %s is not a member of the image", p))
 		return false
 	case len(o.notFound) > 0:
