@@ -3,7 +3,6 @@
 GO       ?= go
 BIN      := bin/shoal
 PKGS     := ./...
-FUZZTIME ?= 30s
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
 .PHONY: all build deps test test-short fuzz lint bench demo ci clean
@@ -27,15 +26,22 @@ test-short:
 	$(GO) test -short -count=1 $(PKGS)
 
 # Bounded fuzzing of everything that decodes untrusted bytes: the index, tar
-# entries, p2p frames, traces from registries, blob recipes from peers. The
-# minimize budget is small: the default (60 s per new input) starves a short run.
+# entries, p2p frames, traces from registries, blob recipes from peers.
+# Budgets are execution counts (Nx), each about 30 s here with an empty fuzz
+# cache, not durations: with a duration, Go's fuzz coordinator before Go 1.27
+# (golang/go#75804) can fail a target at the end of its window with a bare
+# "context deadline exceeded", having found nothing (it did so in CI once). A
+# count sets no deadline. FUZZTIME=10s (or 1000x) overrides every budget. The
+# minimize budget is small: the default (60 s per new input) starves a short
+# run.
+FUZZ := $(GO) test -run '^$$' -fuzzminimizetime 50x
 fuzz:
-	$(GO) test -run '^$$' -fuzz '^FuzzDecode$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./flat/
-	$(GO) test -run '^$$' -fuzz '^FuzzDecodeBlob$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./flat/
-	$(GO) test -run '^$$' -fuzz '^FuzzLayerTar$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./converter/
-	$(GO) test -run '^$$' -fuzz '^FuzzReadFrame$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./p2p/
-	$(GO) test -run '^$$' -fuzz '^FuzzUnmarshal$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./trace/
-	$(GO) test -run '^$$' -fuzz '^FuzzDecodeRecipe$$' -fuzztime $(FUZZTIME) -fuzzminimizetime 50x ./mirror/
+	$(FUZZ) -fuzz '^FuzzDecode$$' -fuzztime $(or $(FUZZTIME),600000x) ./flat/
+	$(FUZZ) -fuzz '^FuzzDecodeBlob$$' -fuzztime $(or $(FUZZTIME),330000x) ./flat/
+	$(FUZZ) -fuzz '^FuzzLayerTar$$' -fuzztime $(or $(FUZZTIME),40000x) ./converter/
+	$(FUZZ) -fuzz '^FuzzReadFrame$$' -fuzztime $(or $(FUZZTIME),70000x) ./p2p/
+	$(FUZZ) -fuzz '^FuzzUnmarshal$$' -fuzztime $(or $(FUZZTIME),200000x) ./trace/
+	$(FUZZ) -fuzz '^FuzzDecodeRecipe$$' -fuzztime $(or $(FUZZTIME),80000x) ./mirror/
 
 lint:
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
