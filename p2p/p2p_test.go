@@ -215,10 +215,17 @@ func TestPeerKilledMidTransfer(t *testing.T) {
 
 // With one upload slot, a second concurrent request gets BUSY and its
 // blocks fall through to the next source of the chain.
+//
+// 16 blocks, not a few: the second fetcher does not wait for the blocks it
+// is itself the designated fetcher of (the registry source has them). Its
+// origin group holds A and itself at least, so with 4 blocks it was
+// designated for all of them in about one run in 16, and the read ended a
+// third of OriginWait in (found under load, when the DHT lookup returns
+// fewer members).
 func TestBusy(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	im := newTestImage("busy", 4, 16<<10)
+	im := newTestImage("busy", 16, 16<<10)
 	gate := make(chan struct{})
 	var once sync.Once
 	openGate := func() { once.Do(func() { close(gate) }) }

@@ -272,9 +272,12 @@ func TestSpreadHints(t *testing.T) {
 	checkBlocks(t, im, got)
 	hs, cs := h.Stats(), c.Stats()
 	served := outside[0].Stats().BlocksServed + outside[1].Stats().BlocksServed
-	t.Logf("took %v; H served %d (COMING %d); outside nodes served %d; C: hints %d, forced %d", took, hs.BlocksServed, hs.SpreadSent, served, cs.HintsReceived, cs.ForcedRequests)
-	if hs.BlocksServed != 2 || served != 1 || cs.ForcedRequests != 0 || cs.HintsReceived != 2 {
-		t.Errorf("H served %d, the outside nodes %d, C forced %d and kept %d hints; want 2, 1, 0, 2", hs.BlocksServed, served, cs.ForcedRequests, cs.HintsReceived)
+	t.Logf("took %v; H served %d (COMING %d); outside nodes served %d; C: hints %d, forced %d, hedged %d", took, hs.BlocksServed, hs.SpreadSent, served, cs.HintsReceived, cs.ForcedRequests, cs.HedgedRequests)
+	// One outside node serves x; a second one only if C hedged to it
+	// (the first was slow to answer: a new connection, under load).
+	if hs.BlocksServed != 2 || served < 1 || served > 1+cs.HedgedRequests || cs.ForcedRequests != 0 || cs.HintsReceived != 2 {
+		t.Errorf("H served %d, the outside nodes %d (C hedged %d), C forced %d and kept %d hints; want 2, 1 (plus hedges), 0, 2",
+			hs.BlocksServed, served, cs.HedgedRequests, cs.ForcedRequests, cs.HintsReceived)
 	}
 	if took >= cfg.SpreadWait {
 		t.Errorf("the read took %v, SpreadWait or more", took)
