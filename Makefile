@@ -69,8 +69,10 @@ simulate:
 # provider records live on): the swarm at 1,000 and 10,000 nodes with one
 # gone member whose host resets dials, and with two whose addresses are
 # silent (a dial fails after 2 s), each beside the what-if of the daemon
-# before it left them out (--designate-gone). JSON under
-# simulation/results/gone/; about 10 minutes on 2 cores.
+# before it left them out (--designate-gone); and with one member that is up
+# but left the image (a restarted daemon: it answers NOT_MEMBER), beside the
+# what-if of the daemon before NOT_MEMBER (--not-member-off). JSON under
+# simulation/results/gone/; about 15 minutes on 2 cores.
 GONE_FLAGS := --trace $(SIM_TRACE) --nodes 1000,10000 --zones 4 --racks 4 --registry-mbps 10000 --seed 1 --strategies lazy-swarm --log-level info
 simulate-gone:
 	mkdir -p simulation/results/gone
@@ -78,6 +80,8 @@ simulate-gone:
 	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 1 --designate-gone > simulation/results/gone/reset-before.json
 	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 2 --gone-dial 2s > simulation/results/gone/silent.json
 	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 2 --gone-dial 2s --designate-gone > simulation/results/gone/silent-before.json
+	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --left 1 > simulation/results/gone/left.json
+	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --left 1 --not-member-off > simulation/results/gone/left-before.json
 
 # The simulator against the real network-namespace rollout: first against
 # the committed bench/results/rollout.json (fast), then a fresh real run of

@@ -114,6 +114,16 @@ type Config struct {
 	// at the caller's bound (p2p's FirstByteTimeout for a block request, 5
 	// s for a connect) when GoneDial is longer.
 	GoneDial time.Duration
+	// Left (swarm strategies only) are members of the image's origin
+	// group that are up but not in the image's swarm: daemons restarted
+	// on the same identity (kept in their state dir) that do not run the
+	// image again, their records still in the DHT. They rank first in the
+	// group after the gone ones. They accept connections, turn have
+	// sessions away, hold none of the image (the worst case: their cache
+	// evicted it), and answer every request for it NOT_MEMBER: the asker
+	// leaves them out of the image's designation for p2p.NotMemberRest and
+	// plans their blocks again for the next member, as for a gone one.
+	Left int
 	// Zones and RacksPerZone label the nodes round-robin (zone i%Zones).
 	Zones, RacksPerZone int
 	// Seed makes a run reproducible: the same Config gives the same Result.
@@ -176,6 +186,11 @@ type Config struct {
 	// A designated fetcher found gone is not asked, and its blocks go to
 	// the registry, per node.
 	DesignateGone bool
+	// NotMemberOff is a what-if, not the daemon: the daemon before
+	// NOT_MEMBER. A left member answers NOT_FOUND and stays designated; the
+	// blocks it is designated for go to the registry, per node, and a
+	// node waits OriginWait for a blob it is designated for.
+	NotMemberOff bool
 
 	// Swarm is the p2p configuration every node runs; zero fields take the
 	// daemon's defaults (p2p.Defaults).
@@ -285,8 +300,8 @@ func (c Config) validate() error {
 	if c.Seeds < 0 || (c.Seeds > 0 && c.Strategy != SwarmSeeded) {
 		errs = append(errs, fmt.Errorf("%d seeds: only %s has seeds", c.Seeds, SwarmSeeded))
 	}
-	if c.Gone < 0 || c.Gone > p2p.OriginGroupSize || c.GoneDial < 0 {
-		errs = append(errs, fmt.Errorf("%d gone nodes (dial %v): at most %d, and the dial not negative", c.Gone, c.GoneDial, p2p.OriginGroupSize))
+	if c.Gone < 0 || c.Left < 0 || c.Gone+c.Left > p2p.OriginGroupSize || c.GoneDial < 0 {
+		errs = append(errs, fmt.Errorf("%d gone and %d left nodes (dial %v): at most %d in all, and the dial not negative", c.Gone, c.Left, c.GoneDial, p2p.OriginGroupSize))
 	}
 	if c.Strategy == SwarmSeeded && c.Seeds < 1 {
 		errs = append(errs, fmt.Errorf("%s needs at least one seed", SwarmSeeded))

@@ -58,7 +58,7 @@ type counters struct {
 	// block fetched from the registry.
 	peerDiscarded, dupPeer, dupRegistry, registryRaw float64
 	dhtLookups                                       int64
-	unreachable, originReplanned                     int64
+	unreachable, originReplanned, notMember          int64
 }
 
 // simNode is one node: its daemon's state (cache, have bitmap, sessions,
@@ -71,6 +71,7 @@ type simNode struct {
 	labels p2p.Labels
 	seed   bool
 	gone   bool // a member of the origin group that is gone (Config.Gone)
+	left   bool // one that is up but not in the image's swarm (Config.Left)
 	start  time.Duration
 	up     link
 	down   link
@@ -102,6 +103,7 @@ type simNode struct {
 	sessions   []int32 // peers that sent this node their have bitmap
 	sessionSet map[int32]bool
 	scores     *p2p.PeerScores
+	notMembers map[peer.ID]time.Time // peers that answered NOT_MEMBER, until (wall clock)
 	slots      *p2p.UploadSlots
 	originFree int
 	phase      time.Duration // of the announce ticker
@@ -128,7 +130,8 @@ func newWorld(cfg Config) *world {
 		w.hostCPU = newPSServer(e, float64(cfg.HostCores), 1)
 	}
 	nb := len(w.im.blocks)
-	total := cfg.Nodes + cfg.Seeds + cfg.Gone
+	firstAway := cfg.Nodes + cfg.Seeds // the gone, then the left members
+	total := firstAway + cfg.Gone + cfg.Left
 	for i := range total {
 		n := &simNode{
 			i:            int32(i),
@@ -136,7 +139,8 @@ func newWorld(cfg Config) *world {
 			zone:         i % cfg.Zones,
 			rack:         (i / cfg.Zones) % cfg.RacksPerZone,
 			seed:         i >= cfg.Nodes && i < cfg.Nodes+cfg.Seeds,
-			gone:         i >= cfg.Nodes+cfg.Seeds,
+			gone:         i >= firstAway && i < firstAway+cfg.Gone,
+			left:         i >= firstAway+cfg.Gone,
 			up:           link{capacity: cfg.NodeUpBytesPerSec},
 			down:         link{capacity: cfg.NodeDownBytesPerSec},
 			rng:          rand.New(rand.NewPCG(cfg.Seed, uint64(i))),
@@ -166,13 +170,13 @@ func newWorld(cfg Config) *world {
 		}
 		w.nodes = append(w.nodes, n)
 	}
-	if cfg.Gone > 0 {
-		ids := make([]peer.ID, cfg.Nodes+cfg.Seeds)
+	if cfg.Gone+cfg.Left > 0 {
+		ids := make([]peer.ID, firstAway)
 		for i := range ids {
 			ids[i] = w.nodes[i].pid
 		}
-		for j, id := range goneIDs(w.im.id, ids, cfg.Gone) {
-			w.nodes[cfg.Nodes+cfg.Seeds+j].pid = id
+		for j, id := range goneIDs(w.im.id, ids, cfg.Gone+cfg.Left) {
+			w.nodes[firstAway+j].pid = id
 		}
 	}
 	for _, n := range w.nodes {
@@ -200,19 +204,39 @@ func (w *world) unreachable(n, q *simNode) {
 	}
 }
 
-// goneAll puts the gone nodes' records in the DHT before anybody else's:
-// they provided the image before the rollout.
+// notMember is markNotMember: q answered n NOT_MEMBER, and n leaves it out
+// of the image's designation for NotMemberRest.
+func (w *world) notMember(n, q *simNode) {
+	w.st.notMember++
+	if n.notMembers == nil {
+		n.notMembers = map[peer.ID]time.Time{}
+	}
+	n.notMembers[q.pid] = w.e.wall().Add(p2p.NotMemberRest)
+}
+
+// isNotMember reports whether p answered n NOT_MEMBER within NotMemberRest.
+func (w *world) isNotMember(n *simNode, p peer.ID) bool {
+	until, ok := n.notMembers[p]
+	return ok && w.e.wall().Before(until)
+}
+
+// away reports whether n is a member of the origin group that runs no part
+// of the rollout: gone, or left.
+func (n *simNode) away() bool { return n.gone || n.left }
+
+// goneAll puts the gone and left nodes' records in the DHT before anybody
+// else's: they provided the image before the rollout.
 func (w *world) goneAll() {
 	for _, n := range w.nodes {
-		if n.gone {
+		if n.away() {
 			w.providers = append(w.providers, n.i)
 		}
 	}
 }
 
 // goneIDs returns k peer IDs that each rank before every one of ids in the
-// image's origin group (p2p.OriginGroup): the gone nodes are members of
-// the group whatever else the lookups find.
+// image's origin group (p2p.OriginGroup): the gone and left nodes are
+// members of the group whatever else the lookups find.
 func goneIDs(image flat.BlockID, ids []peer.ID, k int) []peer.ID {
 	if k == 0 {
 		return nil
@@ -728,8 +752,27 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 	deadline := w.e.now + wait
 	pass := 1
 	backoff := 10 * time.Millisecond
-	dropped := map[int32]bool{} // could not connect: not asked again
+	dropped := map[int32]bool{} // could not connect, or not a member: not asked again
 	var ask func(k int)
+	// lost drops cands[i], found gone or not a member, and goes on with
+	// the next candidate. If it was the designated fetcher, the next
+	// member of the group takes its place (ImageBlob's replace).
+	lost := func(i, k int) {
+		q := w.nodes[cands[i]]
+		dropped[q.i] = true
+		if q.pid == d && !designated && w.e.now < deadline && (!n.scores.Designatable(d, w.e.wall()) || w.isNotMember(n, d)) {
+			w.st.originReplanned++
+			if d = designee(); d == n.pid || d == "" {
+				designated, wait, deadline = true, 0, w.e.now
+			} else {
+				cands[i] = w.byID[d]
+				delete(dropped, cands[i])
+				ask(k)
+				return
+			}
+		}
+		ask(k + 1)
+	}
 	ask = func(k int) {
 		if k == len(cands) {
 			if !slices.ContainsFunc(cands, func(c int32) bool { return !dropped[c] }) {
@@ -774,21 +817,7 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 				if wait == 0 || w.e.now < deadline {
 					w.unreachable(n, q)
 				}
-				dropped[q.i] = true
-				if q.pid == d && !designated && w.e.now < deadline && !n.scores.Designatable(d, w.e.wall()) {
-					// ImageBlob: the next member of the group takes the
-					// gone fetcher's place.
-					w.st.originReplanned++
-					if d = designee(); d == n.pid || d == "" {
-						designated, wait, deadline = true, 0, w.e.now
-					} else {
-						cands[i] = w.byID[d]
-						delete(dropped, cands[i])
-						ask(k)
-						return
-					}
-				}
-				ask(k + 1)
+				lost(i, k)
 			})
 			return
 		}
@@ -800,6 +829,13 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 		}
 		w.st.blobRequests++
 		w.e.after(there, func() {
+			if q.left && !w.cfg.NotMemberOff {
+				w.e.after(ow, func() {
+					w.notMember(n, q)
+					lost(i, k)
+				})
+				return
+			}
 			if !q.hasBlob[kind] {
 				w.e.after(ow, func() { ask(k + 1) })
 				return
@@ -859,6 +895,9 @@ func (w *world) joinSessions(n *simNode, cb func()) {
 				n.conn[q.i], q.conn[n.i] = true, true
 			}
 			wait = max(wait, cost)
+			if q.left {
+				continue // it resets the hello: not a member
+			}
 			w.e.after(cost, func() { w.session(n, q) })
 		}
 		w.e.after(wait, cb)

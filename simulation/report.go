@@ -53,6 +53,7 @@ type Params struct {
 	Prefetch            int     `json:"prefetch_blocks"`
 	DHTRandomProviders  bool    `json:"dht_random_providers,omitempty"`
 	DesignateGone       bool    `json:"designate_gone,omitempty"`
+	NotMemberOff        bool    `json:"not_member_off,omitempty"`
 	MaxUploadStreams    int     `json:"max_upload_streams"`
 	SpreadCopies        int     `json:"spread_copies"`
 	SpreadWaitMS        float64 `json:"spread_wait_ms"`
@@ -85,6 +86,7 @@ func ParamsOf(cfg Config) Params {
 		Prefetch:           c.Prefetch,
 		DHTRandomProviders: c.DHTRandomProviders,
 		DesignateGone:      c.DesignateGone,
+		NotMemberOff:       c.NotMemberOff,
 		MaxUploadStreams:   c.Swarm.MaxUploadStreams, MaxImagePeers: c.Swarm.MaxImagePeers,
 		SpreadCopies: c.Swarm.SpreadCopies, SpreadWaitMS: ms(c.Swarm.SpreadWait),
 		OriginWaitS: c.Swarm.OriginWait.Seconds(), AnnounceIntervalMS: ms(c.Swarm.AnnounceInterval),

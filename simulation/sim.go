@@ -17,8 +17,12 @@ type Result struct {
 	// to one took to fail (0: one round trip).
 	Gone      int     `json:"gone,omitempty"`
 	GoneDialS float64 `json:"gone_dial_s,omitempty"`
-	Zones     int     `json:"zones"`
-	Seed      uint64  `json:"seed"`
+	// Members of the group that are up but left the image (Config.Left),
+	// and whether NOT_MEMBER was off (the what-if Config.NotMemberOff).
+	Left         int    `json:"left,omitempty"`
+	NotMemberOff bool   `json:"not_member_off,omitempty"`
+	Zones        int    `json:"zones"`
+	Seed         uint64 `json:"seed"`
 
 	// Time to ready: from a node's start to the end of its last traced
 	// read (the bench's "ok" line), over the Nodes (not the seeds).
@@ -93,7 +97,9 @@ type Result struct {
 	// Dials that failed because the peer was gone, and blocks whose
 	// designated fetcher was found gone, planned again for the next
 	// member of the group.
-	UnreachableDials int64   `json:"unreachable_dials,omitempty"`
+	UnreachableDials int64 `json:"unreachable_dials,omitempty"`
+	// NOT_MEMBER answers the nodes received (Config.Left).
+	NotMemberAnswers int64   `json:"not_member_answers,omitempty"`
 	OriginReplanned  int64   `json:"origin_replanned,omitempty"`
 	SessionsMean     float64 `json:"have_sessions_mean,omitempty"`
 
@@ -117,7 +123,7 @@ func simulate(cfg Config) (*world, error) {
 		return nil, fmt.Errorf("simulation: %w", err)
 	}
 	if cfg.Strategy != Swarm && cfg.Strategy != SwarmSeeded {
-		cfg.Gone = 0 // nobody asks peers
+		cfg.Gone, cfg.Left = 0, 0 // nobody asks peers
 	}
 	w := newWorld(cfg)
 	w.goneAll()
@@ -125,7 +131,7 @@ func simulate(cfg Config) (*world, error) {
 		w.seedAll()
 	}
 	for _, n := range w.nodes {
-		if !n.seed && !n.gone {
+		if !n.seed && !n.away() {
 			w.start(n)
 		}
 	}
@@ -138,8 +144,9 @@ func (w *world) result() *Result {
 	wl := cfg.Workload
 	r := &Result{
 		Strategy: cfg.Strategy, Nodes: cfg.Nodes, Seeds: cfg.Seeds, Zones: cfg.Zones, Seed: cfg.Seed,
-		Gone: cfg.Gone, GoneDialS: cfg.GoneDial.Seconds(),
+		Gone: cfg.Gone, GoneDialS: cfg.GoneDial.Seconds(), Left: cfg.Left, NotMemberOff: cfg.NotMemberOff,
 		UnreachableDials:    w.st.unreachable,
+		NotMemberAnswers:    w.st.notMember,
 		OriginReplanned:     w.st.originReplanned,
 		UniqueBytes:         wl.ManifestBytes + wl.IndexBytes + w.im.traceStored,
 		RegistryMetaBytes:   int64(w.st.registryMetaBytes),
@@ -182,7 +189,7 @@ func (w *world) result() *Result {
 	var upMax, upNodeMax float64
 	var sessions int
 	for _, n := range w.nodes {
-		if n.gone {
+		if n.away() {
 			continue
 		}
 		fromPeers += n.fromPeers
@@ -205,7 +212,7 @@ func (w *world) result() *Result {
 	if fromPeers+fromReg > 0 {
 		r.PeerShare = fromPeers / (fromPeers + fromReg)
 	}
-	all := float64(len(w.nodes) - cfg.Gone)
+	all := float64(len(w.nodes) - cfg.Gone - cfg.Left)
 	r.UploadMeanBytes = upSum / all
 	r.UploadMaxBytes = int64(upMax)
 	if upSum > 0 {

@@ -55,8 +55,11 @@ func TestDeterminism(t *testing.T) {
 	for _, s := range Strategies {
 		cfg := Config{Strategy: s, Workload: wl, Nodes: 100, Zones: 3, RacksPerZone: 2, Seed: 7, RegistryBytesPerSec: 1e9 / 8,
 			DHTRandomProviders: true}
-		if s == SwarmSeeded {
+		switch s {
+		case SwarmSeeded:
 			cfg.Seeds = 3
+		case Swarm: // with a gone and a left member of the origin group
+			cfg.Gone, cfg.Left = 1, 1
 		}
 		a, b := enc(cfg), enc(cfg)
 		if !bytes.Equal(a, b) {
@@ -215,6 +218,32 @@ func TestSanity(t *testing.T) {
 				t.Errorf("what-if DesignateGone: block egress ÷ unique %.3f, want well over 1 (the fixture does not test the change)", old.BlockEgressPerUnique)
 			}
 			t.Logf("block egress ÷ unique: %.3f, kept designated %.3f; p99 %.3fs, %.3fs", r.BlockEgressPerUnique, old.BlockEgressPerUnique, r.P99ReadyS, old.P99ReadyS)
+		}},
+		// Members that are up but left the image (restarted daemons)
+		// answer NOT_MEMBER: their blocks, and the blobs they were
+		// designated for, go to the next member, once. Before NOT_MEMBER
+		// they answered NOT_FOUND and every node read their share from
+		// the registry itself, after waiting OriginWait for the blobs.
+		// With 4 of them, one is the index's designated fetcher.
+		{"members that left the image cost no registry copies", Config{Strategy: Swarm, Nodes: 200, Zones: 2, Left: 4}, func(t *testing.T, r *Result) {
+			if r.Left != 4 || r.NotMemberAnswers == 0 || r.OriginReplanned == 0 || r.UnreachableDials != 0 {
+				t.Errorf("left %d: %d NOT_MEMBER answers, %d blocks planned again, %d unreachable dials; want some, some, none",
+					r.Left, r.NotMemberAnswers, r.OriginReplanned, r.UnreachableDials)
+			}
+			if r.BlockEgressPerUnique < 1 || r.BlockEgressPerUnique > 1.01 || r.RegistryMetaBytes != r.UniqueBytes-r.RegistryBlockBytes || r.IndexesFromPeers != 199 {
+				t.Errorf("registry block bytes ÷ unique blocks %.3f, meta bytes %d, %d indexes from peers: want 1, one copy of the manifest and the index, 199",
+					r.BlockEgressPerUnique, r.RegistryMetaBytes, r.IndexesFromPeers)
+			}
+			old, err := Run(Config{Strategy: Swarm, Nodes: 200, Zones: 2, Left: 4, NotMemberOff: true, Workload: wl})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if old.NotMemberAnswers != 0 || old.BlockEgressPerUnique < 1.5 || old.IndexesFromPeers != 0 {
+				t.Errorf("what-if NotMemberOff: %d NOT_MEMBER answers, block egress ÷ unique %.3f, %d indexes from peers: want none, well over 1, none (the fixture does not test the change)",
+					old.NotMemberAnswers, old.BlockEgressPerUnique, old.IndexesFromPeers)
+			}
+			t.Logf("block egress ÷ unique: %.3f, without NOT_MEMBER %.3f; meta bytes %d, %d; p50 %.3fs, %.3fs",
+				r.BlockEgressPerUnique, old.BlockEgressPerUnique, r.RegistryMetaBytes, old.RegistryMetaBytes, r.P50ReadyS, old.P50ReadyS)
 		}},
 		{"a faster registry link is never slower", Config{Strategy: LazyNoPeers, Nodes: 10, RegistryBytesPerSec: 1e9 / 8}, func(t *testing.T, r *Result) {
 			slow, err := Run(Config{Strategy: LazyNoPeers, Nodes: 10, Workload: wl})

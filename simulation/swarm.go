@@ -461,8 +461,8 @@ func (c *pcall) origin(none []uint32) {
 			}
 			w.st.originAsks++
 			bs := w.positions(batches[k], w.im.pos)
-			r := w.originRequest(n, q, bs, deadline, func(more, coming, unreachable bool) {
-				if unreachable && !w.cfg.DesignateGone && w.e.now < deadline && !c.thenCalled && !n.scores.Designatable(q.pid, w.e.wall()) {
+			r := w.originRequest(n, q, bs, deadline, func(more, coming, lost bool) {
+				if lost && w.e.now < deadline && !c.thenCalled && (w.isNotMember(n, q.pid) || !w.cfg.DesignateGone && !n.scores.Designatable(q.pid, w.e.wall())) {
 					var rest []flat.Block
 					for _, bt := range batches[k:] {
 						rest = append(rest, bt...)
@@ -504,14 +504,15 @@ func (w *world) designatedDial() time.Duration {
 	return min(w.cfg.Swarm.FirstByteTimeout, p2p.DesignatedDial)
 }
 
-// down is what n's PlanOrigin leaves out of the designation: the peers it
-// may not designate now (nil under the what-if DesignateGone).
+// down is Node.undesignatable, what n's PlanOrigin leaves out of the
+// designation: the peers that answered NOT_MEMBER lately, and those it may
+// not designate now (gone, failing or avoided; not under the what-if
+// DesignateGone).
 func (w *world) down(n *simNode) func(peer.ID) bool {
-	if w.cfg.DesignateGone {
-		return nil
-	}
 	now := w.e.wall()
-	return func(p peer.ID) bool { return !n.scores.Designatable(p, now) }
+	return func(p peer.ID) bool {
+		return w.isNotMember(n, p) || !w.cfg.DesignateGone && !n.scores.Designatable(p, now)
+	}
 }
 
 // sortedPeers returns ask's peers in ID order: map order must not decide
@@ -669,19 +670,21 @@ type originReq struct {
 // (else serves what it can join, NOT_FOUND for the rest, or BUSY if it can
 // join nothing), waits for the blocks, then sends them if one of its
 // upload slots is free, else answers COMING (they spread from it through
-// the swarm; n awaits them). n gives up at deadline.
-func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Duration, cb func(more, coming, unreachable bool)) *originReq {
+// the swarm; n awaits them). n gives up at deadline. cb's lost: q could not
+// be reached, or answered NOT_MEMBER (a left member; under the what-if
+// NotMemberOff it answers NOT_FOUND instead, and lost stays false).
+func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Duration, cb func(more, coming, lost bool)) *originReq {
 	r := &originReq{}
 	n.scores.Begin(q.pid)
 	ow := w.oneWay(n, q)
-	unreachable := false
+	lost := false
 	end := func(more, coming bool) {
 		if r.done {
 			return
 		}
 		r.done = true
 		n.scores.End(q.pid)
-		cb(more, coming, unreachable)
+		cb(more, coming, lost)
 	}
 	cancel := func() {
 		r.cancelled = true
@@ -724,10 +727,34 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 				now := w.e.wall()
 				n.scores.Failure(q.pid, w.cfg.Swarm.FirstByteTimeout, now)
 				w.unreachable(n, q)
-				unreachable = true
+				lost = true
 				end(false, false)
 			})
 		}
+		return r
+	}
+	if q.left {
+		// Up, but not in the image's swarm: it answers NOT_MEMBER for
+		// every block (the asker plans them again for the next member),
+		// or, the daemon before, NOT_FOUND (they fall to the registry).
+		there := ow
+		if !n.conn[q.i] {
+			there += 6 * ow // no have session: a new connection
+			n.conn[q.i], q.conn[n.i] = true, true
+		}
+		w.e.after(there+ow, func() {
+			if r.done || r.cancelled {
+				return
+			}
+			r.firstByte = w.e.now
+			if w.cfg.NotMemberOff {
+				end(true, false)
+				return
+			}
+			w.notMember(n, q)
+			lost = true
+			end(false, false)
+		})
 		return r
 	}
 	w.e.after(ow, func() {

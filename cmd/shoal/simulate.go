@@ -39,6 +39,8 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		gone       = fs.Int("gone", 0, "members of the image's origin group that are gone: their records are in the DHT from before the rollout, they answer nothing (swarm strategies; at most 8)")
 		goneDial   = fs.Duration("gone-dial", 0, "how long a dial to a gone node takes to fail (0: one round trip, a reset; longer: a silent address, bounded by the caller's timeout)")
 		desGone    = fs.Bool("designate-gone", false, "what-if: keep designating group members found unreachable, their blocks going to the registry per node (the daemon before it left them out)")
+		left       = fs.Int("left", 0, "members of the image's origin group that are up but left the image (restarted daemons): their records are in the DHT from before the rollout, they answer NOT_MEMBER (swarm strategies; gone + left at most 8)")
+		notMember  = fs.Bool("not-member-off", false, "what-if: left members answer NOT_FOUND and stay designated, their blocks going to the registry per node (the daemon before NOT_MEMBER)")
 		out        = fs.String("out", "", "directory for <name>.json and the SVG plots (default: JSON on stdout only)")
 		name       = fs.String("name", "rollout", "file name prefix of the results in --out")
 	)
@@ -91,7 +93,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			Workload: wl, Zones: *zones, RacksPerZone: *racks, Seeds: *seeds, Seed: *seed,
 			RegistryBytesPerSec: *regMbps * 1e6 / 8, NodeUpBytesPerSec: *nodeMbps * 1e6 / 8, NodeDownBytesPerSec: *nodeMbps * 1e6 / 8,
 			Waves: *waves, WaveInterval: *waveIv, HostCores: *hostCores, Prefetch: *prefetch, DHTRandomProviders: *randomDHT,
-			Gone: *gone, GoneDial: *goneDial, DesignateGone: *desGone,
+			Gone: *gone, GoneDial: *goneDial, DesignateGone: *desGone, Left: *left, NotMemberOff: *notMember,
 			Limit: 72 * time.Hour,
 			Swarm: p2p.Config{SpreadCopies: *spreadN, SpreadWait: *spreadWait, UploadShare: *share},
 		},
