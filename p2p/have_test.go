@@ -1,15 +1,11 @@
 package p2p
 
 import (
-	"net"
 	"slices"
 	"testing"
 	"time"
 
-	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
-	lpswarm "github.com/libp2p/go-libp2p/p2p/net/swarm"
-	manet "github.com/multiformats/go-multiaddr/net"
 )
 
 // A provider whose address is silent (it takes the TCP connection and then
@@ -45,28 +41,7 @@ func TestJoinImageSilentProvider(t *testing.T) {
 		return err == nil && len(provs) == 2
 	})
 	// X goes; its address now takes connections and answers nothing.
-	xi, err := peer.AddrInfoFromString(x.Addrs()[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	hostPort, err := manet.ToNetAddr(xi.Addrs[0])
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := x.Close(); err != nil {
-		t.Logf("close X: %v", err)
-	}
-	ln, err := net.Listen("tcp", hostPort.String())
-	if err != nil {
-		t.Skipf("cannot take X's port for a silent listener: %v", err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	eventually(t, 10*time.Second, "J to see X's connections close", func() bool {
-		return j.host.Network().Connectedness(x.ID()) != network.Connected
-	})
-	if sw, ok := j.host.Network().(*lpswarm.Swarm); ok {
-		sw.Backoff().Clear(x.ID()) // a dial now reaches the silent listener
-	}
+	silence(t, x, []*Node{j})
 
 	start := time.Now()
 	if err := j.JoinImage(t.Context(), im.digest, im.index); err != nil {

@@ -9,13 +9,17 @@ import (
 	"io"
 	"log/slog"
 	"math/rand/v2"
+	"net"
 	"os"
 	"slices"
 	"sync"
 	"testing"
 	"time"
 
+	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
+	lpswarm "github.com/libp2p/go-libp2p/p2p/net/swarm"
+	manet "github.com/multiformats/go-multiaddr/net"
 
 	"github.com/shoal-project/shoal/blockstore"
 	"github.com/shoal-project/shoal/fetch"
@@ -252,4 +256,43 @@ func (m mapSource) FetchMany(_ context.Context, blocks []flat.Block) (map[flat.B
 		return out, errors.New("not in the stand-in registry")
 	}
 	return out, nil
+}
+
+// silence closes x and takes its TCP address with a listener that accepts
+// connections and says nothing, as a drained node's reassigned or
+// firewalled address may: a dial to x then hangs until its bound. It
+// returns once observers see x's connections closed, with their dial
+// backoffs for x cleared (a dial then reaches the listener). It skips the
+// test if the port cannot be taken.
+func silence(t *testing.T, x *Node, observers []*Node) {
+	t.Helper()
+	xi, err := peer.AddrInfoFromString(x.Addrs()[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	hostPort, err := manet.ToNetAddr(xi.Addrs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := x.Close(); err != nil {
+		t.Logf("close %s: %v", x.ID(), err)
+	}
+	ln, err := net.Listen("tcp", hostPort.String())
+	if err != nil {
+		t.Skipf("cannot take %s's port for a silent listener: %v", x.ID(), err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	eventually(t, 10*time.Second, "the others to see the silenced node's connections close", func() bool {
+		for _, o := range observers {
+			if o.host.Network().Connectedness(x.ID()) == network.Connected {
+				return false
+			}
+		}
+		return true
+	})
+	for _, o := range observers {
+		if sw, ok := o.host.Network().(*lpswarm.Swarm); ok {
+			sw.Backoff().Clear(x.ID())
+		}
+	}
 }

@@ -376,7 +376,8 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 		return nil, fmt.Errorf("blob %s of %s: no origin group: %w", blob, digest, ErrNoIndex)
 	}
 	// The designated fetcher over the group less the members this node
-	// found unreachable, or not members of the image, lately (LiveGroup).
+	// found unreachable, not members of the image, or slow to connect,
+	// lately (LiveGroup).
 	designee := func() peer.ID {
 		return Designate(id, LiveGroup(group, self, n.undesignatable(digest)), self)
 	}
@@ -461,18 +462,20 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 			if !n.peers.usable(ai.ID, n.cfg.Clock.Now()) {
 				continue
 			}
-			bound := 5 * time.Second
 			if ai.ID == d && !designated {
-				bound = DesignatedDial
-			}
-			if err := n.connectWithin(wctx, ai, bound); err != nil {
+				if !n.dialDesignated(wctx, ai) {
+					dropped[i] = true
+					last = fmt.Errorf("designated fetcher %s: no connection within %v", ai.ID, DesignatedHedge)
+					// Gone, or slow to connect: the next member takes its
+					// place, as in every node that finds it so.
+					if wctx.Err() == nil && n.undesignatable(digest)(d) && replace(i) {
+						k-- // ask the next member now
+					}
+					continue
+				}
+			} else if err := n.connectWithin(wctx, ai, 5*time.Second); err != nil {
 				dropped[i] = true
 				last = fmt.Errorf("connect to %s: %w", ai.ID, err)
-				if ai.ID == d && !designated && wctx.Err() == nil && !n.peers.designatable(d, n.cfg.Clock.Now()) && replace(i) {
-					// The designated fetcher is gone (connect marked it
-					// unreachable).
-					k-- // ask the next member now
-				}
 				continue
 			}
 			asked[ai.ID] = true

@@ -88,7 +88,10 @@ type Node struct {
 	// notMembers are, per image digest, the peers that answered NOT_MEMBER
 	// for it and when they may be designated for it again.
 	notMembers map[string]map[peer.ID]time.Time
-	wg         sync.WaitGroup // goroutines the node started; Add only under mu, while !closed
+	// slowDials counts, per peer, the dials to it as a designated fetcher
+	// that have gone on longer than DesignatedHedge (dialDesignated).
+	slowDials map[peer.ID]int
+	wg        sync.WaitGroup // goroutines the node started; Add only under mu, while !closed
 
 	closeOnce sync.Once
 	closeErr  error
@@ -454,6 +457,9 @@ type Stats struct {
 	// was such a peer, planned again for the next member of the group.
 	Unreachable     int64 `json:"unreachable"`
 	OriginReplanned int64 `json:"origin_replanned"`
+	// DesignatedSlow counts designated fetchers not connected within
+	// DesignatedHedge, taken for gone in the call at hand.
+	DesignatedSlow int64 `json:"designated_slow"`
 	// NotMemberSent counts requests this node answered NOT_MEMBER (it was
 	// asked about an image it has left); NotMemberReceived, the NOT_MEMBER
 	// answers it got (a member of an origin group had left the image).
@@ -495,7 +501,7 @@ type counters struct {
 	indexesFetched, comingRecv, awaitRounds, shareBusy        atomic.Int64
 	manifestsFetched, spreadSent, spreadRecv, forced          atomic.Int64
 	firstCopyPassed, hintsRecv, unreachable, originReplanned  atomic.Int64
-	notMemberSent, notMemberRecv                              atomic.Int64
+	notMemberSent, notMemberRecv, designatedSlow              atomic.Int64
 }
 
 // Stats returns the node's counters.
@@ -538,6 +544,7 @@ func (n *Node) Stats() Stats {
 		OriginReplanned:   n.st.originReplanned.Load(),
 		NotMemberSent:     n.st.notMemberSent.Load(),
 		NotMemberReceived: n.st.notMemberRecv.Load(),
+		DesignatedSlow:    n.st.designatedSlow.Load(),
 	}
 	for _, s := range n.swarmList() {
 		st.Images++
@@ -570,21 +577,76 @@ func (n *Node) connectWithin(ctx context.Context, ai peer.AddrInfo, bound time.D
 	return err
 }
 
+// dialDesignated connects to ai, a designated fetcher, and reports whether
+// a connection is up within DesignatedHedge. A dial still running then goes
+// on in the background, up to DesignatedDial and the node's life (not
+// ctx's), and marks the peer unreachable if it fails (connectWithin); until
+// it ends, the peer is slow, and not designated (undesignatable), so that
+// no other read waits on it meanwhile.
+func (n *Node) dialDesignated(ctx context.Context, ai peer.AddrInfo) bool {
+	if n.host.Network().Connectedness(ai.ID) == network.Connected {
+		return true
+	}
+	// state: 0 dialing, 1 slow (the waiter gave up on it), 2 ended first.
+	var state atomic.Int32
+	done := make(chan error, 1)
+	if !n.spawn(func() {
+		err := n.connectWithin(n.life, ai, DesignatedDial)
+		if !state.CompareAndSwap(0, 2) {
+			n.markSlow(ai.ID, -1)
+		}
+		done <- err
+	}) {
+		return false // closed
+	}
+	select {
+	case err := <-done:
+		return err == nil
+	case <-n.cfg.Clock.After(DesignatedHedge):
+	case <-ctx.Done():
+		return false
+	}
+	n.markSlow(ai.ID, 1) // before the dial can end as slow and unmark it
+	if state.CompareAndSwap(0, 1) {
+		n.st.designatedSlow.Add(1)
+		return false
+	}
+	n.markSlow(ai.ID, -1) // it ended in between
+	return <-done == nil
+}
+
+// markSlow counts a dial to p that has gone on longer than DesignatedHedge
+// (delta 1), or ended (-1).
+func (n *Node) markSlow(p peer.ID, delta int) {
+	n.mu.Lock()
+	defer n.mu.Unlock()
+	if n.slowDials == nil {
+		n.slowDials = map[peer.ID]int{}
+	}
+	if n.slowDials[p] += delta; n.slowDials[p] <= 0 {
+		delete(n.slowDials, p)
+	}
+}
+
 // undesignatable reports, for LiveGroup, the peers this node may not
-// designate for image now: not designatable (peerTable.designatable), or
-// not a member of the image's swarm (they answered NOT_MEMBER within
-// NotMemberRest).
+// designate for image now: not designatable (peerTable.designatable), not
+// a member of the image's swarm (they answered NOT_MEMBER within
+// NotMemberRest), or slow: a dial to them has gone on longer than
+// DesignatedHedge (dialDesignated).
 func (n *Node) undesignatable(image string) func(peer.ID) bool {
 	now := n.cfg.Clock.Now()
-	var left []peer.ID
+	var out []peer.ID
 	n.mu.Lock()
 	for p, until := range n.notMembers[image] {
 		if now.Before(until) {
-			left = append(left, p)
+			out = append(out, p)
 		}
 	}
+	for p := range n.slowDials {
+		out = append(out, p)
+	}
 	n.mu.Unlock()
-	return func(p peer.ID) bool { return slices.Contains(left, p) || !n.peers.designatable(p, now) }
+	return func(p peer.ID) bool { return slices.Contains(out, p) || !n.peers.designatable(p, now) }
 }
 
 // markNotMember records that p answered NOT_MEMBER for image: it is left

@@ -246,13 +246,15 @@ func TestOriginCoalescing(t *testing.T) {
 // A designated node that is gone (no connection to it can be made) is
 // left out of the designation at once: its blocks go to the next member
 // of the group, which fetches each from the registry once for everybody,
-// and nobody waits. So is one that is up but left the image (its record
-// still names it): it answers NOT_MEMBER. One that hangs makes the others
-// wait no longer than OriginWait, then read its blocks from the registry
-// themselves.
+// and nobody waits. So is one whose address is silent (a dial hangs): each
+// node waits DesignatedHedge for it, not its whole dial (DesignatedDial,
+// which is the wait here). So is one that is up but left the image (its
+// record still names it): it answers NOT_MEMBER. One that hangs makes the
+// others wait no longer than OriginWait, then read its blocks from the
+// registry themselves.
 func TestOriginDesignatedDead(t *testing.T) {
 	t.Parallel()
-	for _, mode := range []string{"gone", "left", "hung"} {
+	for _, mode := range []string{"gone", "silent", "left", "hung"} {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
 			const k, delay, wait = 4, 100 * time.Millisecond, time.Second
@@ -268,6 +270,25 @@ func TestOriginDesignatedDead(t *testing.T) {
 				dead = hung
 			case "left":
 				nodes[dead].n.LeaveImage(im.digest)
+			case "silent":
+				// The others' origin groups name it from their lookups,
+				// not only from their sessions with it, which close.
+				key, err := ImageKey(im.digest)
+				if err != nil {
+					t.Fatal(err)
+				}
+				var others []*Node
+				for i, sn := range nodes {
+					if i == dead {
+						continue
+					}
+					eventually(t, 10*time.Second, fmt.Sprintf("node %d to find every provider", i), func() bool {
+						provs, err := sn.n.providers(t.Context(), key, k-1)
+						return err == nil && len(provs) == k-1
+					})
+					others = append(others, sn.n)
+				}
+				silence(t, nodes[dead].n, others)
 			default:
 				if err := nodes[dead].n.Close(); err != nil {
 					t.Logf("close: %v", err)
@@ -295,8 +316,16 @@ func TestOriginDesignatedDead(t *testing.T) {
 			took := fetchAll(t, im, nodes, live)
 			t.Logf("node %d %s; read times %v", dead, mode, took)
 			for _, i := range live {
-				limit := wait / 2 // gone: no waiting at all
-				if mode == "hung" {
+				// Gone or left: no waiting (about 150 ms here, up to 560
+				// ms on a loaded machine), where a node that waited out
+				// OriginWait would take more than wait. Silent:
+				// DesignatedHedge more, where one that waited out its dial
+				// would take DesignatedDial (= wait) more.
+				limit := wait * 3 / 4
+				switch mode {
+				case "silent":
+					limit = wait
+				case "hung":
 					limit = wait + time.Second
 				}
 				if took[i] > limit {
@@ -333,7 +362,14 @@ func TestOriginDesignatedDead(t *testing.T) {
 					unreachable += st.Unreachable
 					replanned += st.OriginReplanned
 				}
-				t.Logf("%d blocks of the %s node; %d unreachable requests, %d blocks planned again", moved, mode, unreachable, replanned)
+				var slow int64
+				for _, i := range live {
+					slow += nodes[i].n.Stats().DesignatedSlow
+				}
+				t.Logf("%d blocks of the %s node; %d unreachable requests, %d blocks planned again, %d slow dials", moved, mode, unreachable, replanned, slow)
+				if mode == "silent" && slow == 0 {
+					t.Error("no dial to the silent node was taken for slow")
+				}
 				// A node whose view of the group lost the gone node
 				// (its session closed, and its lookup missed it) never
 				// asks it; the counts are not asserted.

@@ -352,6 +352,21 @@ const NotMemberRest = time.Minute
 // about 300 ms.
 const DesignatedDial = time.Second
 
+// DesignatedHedge is how long a node waits for a connection to a
+// designated fetcher it is not connected to before it takes the member for
+// gone in the call at hand: it plans the member's blocks again for the next
+// member of the group (ImageBlob puts the next member in its place), while
+// the dial goes on in the background up to DesignatedDial. Only a dial that
+// fails marks the member unreachable (UnreachableRest). A connection within
+// a data centre takes three round trips, a few milliseconds. Waiting out
+// DesignatedDial instead cost every node a second per gone member at a
+// silent address that it met, one after another when the next member was
+// gone too. Every node that finds a member slow picks the same next member,
+// so a gone member's blocks still come from the registry once. One that is
+// merely slow to connect costs a registry copy, at the next member, of the
+// blocks planned away from it.
+const DesignatedHedge = 200 * time.Millisecond
+
 // LiveGroup is group without the members down reports (self is never
 // left out). Designating over it moves only the blocks a down member was
 // designated for, each to the member next in its rendezvous order — the

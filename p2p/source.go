@@ -605,6 +605,19 @@ func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, 
 			f.notifyLocked()
 			f.mu.Unlock()
 		}()
+		if !n.dialDesignated(wctx, peer.AddrInfo{ID: p}) {
+			if wctx.Err() != nil || !n.undesignatable(ps.image)(p) {
+				return
+			}
+			// Gone (the dial failed), or slow (not connected within
+			// DesignatedHedge): not designated while so. Its blocks
+			// (pending still) go to the next member of the group at once.
+			n.st.originReplanned.Add(int64(len(bs)))
+			for q, qbs := range ps.planOrigin(bs, f) {
+				wg.Go(func() { askPeer(q, qbs) })
+			}
+			return
+		}
 		for _, batch := range batches(bs) {
 			n.st.originAsked.Add(1)
 			o := n.request(wctx, p, ps.image, batch, reqOpts{flags: flagOrigin | flagMember, firstByte: n.cfg.OriginWait})
@@ -647,8 +660,8 @@ func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, 
 // this node (left to the registry source, which joins it), and returns
 // the others by designated peer, each counted pending until its ORIGIN
 // request is answered. Members of the group that are not designatable
-// (unreachable lately, failing, or avoided) are left out of the
-// designation (LiveGroup): their blocks go to the next member in each
+// (unreachable lately, failing, avoided, not members of the image, or slow
+// to connect: DesignatedHedge) are left out of the designation (LiveGroup): their blocks go to the next member in each
 // block's rendezvous order. It runs before the requests are sent, so that
 // await sees the blocks pending from the start.
 func (ps *PeerSource) planOrigin(blocks []flat.Block, f *fetchState) map[peer.ID][]flat.Block {
