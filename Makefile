@@ -69,10 +69,13 @@ simulate:
 # provider records live on): the swarm at 1,000 and 10,000 nodes with one
 # gone member whose host resets dials, and with two whose addresses are
 # silent (a dial fails after 2 s), each beside the what-if of the daemon
-# before it left them out (--designate-gone); and with one member that is up
-# but left the image (a restarted daemon: it answers NOT_MEMBER), beside the
-# what-if of the daemon before NOT_MEMBER (--not-member-off). JSON under
-# simulation/results/gone/; about 15 minutes on 2 cores.
+# before it left them out (--designate-gone); with two and with four silent
+# ones (3 s), beside the what-if of the daemon before it stopped waiting
+# for a designated fetcher's dial after 200 ms (--no-designated-hedge); and
+# with one member that is up but left the image (a restarted daemon: it
+# answers NOT_MEMBER), beside the what-if of the daemon before NOT_MEMBER
+# (--not-member-off). JSON under simulation/results/gone/; about 35 minutes
+# on 2 cores.
 GONE_FLAGS := --trace $(SIM_TRACE) --nodes 1000,10000 --zones 4 --racks 4 --registry-mbps 10000 --seed 1 --strategies lazy-swarm --log-level info
 simulate-gone:
 	mkdir -p simulation/results/gone
@@ -80,6 +83,9 @@ simulate-gone:
 	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 1 --designate-gone > simulation/results/gone/reset-before.json
 	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 2 --gone-dial 2s > simulation/results/gone/silent.json
 	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 2 --gone-dial 2s --designate-gone > simulation/results/gone/silent-before.json
+	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 2 --gone-dial 2s --no-designated-hedge > simulation/results/gone/silent-nohedge.json
+	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 4 --gone-dial 3s > simulation/results/gone/silent4.json
+	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --gone 4 --gone-dial 3s --no-designated-hedge > simulation/results/gone/silent4-nohedge.json
 	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --left 1 > simulation/results/gone/left.json
 	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --left 1 --not-member-off > simulation/results/gone/left-before.json
 

@@ -191,6 +191,12 @@ type Config struct {
 	// blocks it is designated for go to the registry, per node, and a
 	// node waits OriginWait for a blob it is designated for.
 	NotMemberOff bool
+	// NoDesignatedHedge is a what-if, not the daemon: the daemon before
+	// p2p.DesignatedHedge. A node waits for its dial to a designated
+	// fetcher at a silent address (GoneDial) until the dial fails, at most
+	// p2p.DesignatedDial, before it plans the member's blocks for the next
+	// member. DesignateGone implies it.
+	NoDesignatedHedge bool
 
 	// Swarm is the p2p configuration every node runs; zero fields take the
 	// daemon's defaults (p2p.Defaults).

@@ -59,6 +59,7 @@ type counters struct {
 	peerDiscarded, dupPeer, dupRegistry, registryRaw float64
 	dhtLookups                                       int64
 	unreachable, originReplanned, notMember          int64
+	designatedSlow                                   int64
 }
 
 // simNode is one node: its daemon's state (cache, have bitmap, sessions,
@@ -103,7 +104,8 @@ type simNode struct {
 	sessions   []int32 // peers that sent this node their have bitmap
 	sessionSet map[int32]bool
 	scores     *p2p.PeerScores
-	notMembers map[peer.ID]time.Time // peers that answered NOT_MEMBER, until (wall clock)
+	notMembers map[peer.ID]time.Time     // peers that answered NOT_MEMBER, until (wall clock)
+	slowUntil  map[peer.ID]time.Duration // designated fetchers whose dial outlasted DesignatedHedge, until it ends
 	slots      *p2p.UploadSlots
 	originFree int
 	phase      time.Duration // of the announce ticker
@@ -760,7 +762,7 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 	lost := func(i, k int) {
 		q := w.nodes[cands[i]]
 		dropped[q.i] = true
-		if q.pid == d && !designated && w.e.now < deadline && (!n.scores.Designatable(d, w.e.wall()) || w.isNotMember(n, d)) {
+		if q.pid == d && !designated && w.e.now < deadline && (w.down(n)(d) || !n.scores.Designatable(d, w.e.wall())) {
 			w.st.originReplanned++
 			if d = designee(); d == n.pid || d == "" {
 				designated, wait, deadline = true, 0, w.e.now
@@ -810,6 +812,17 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 				bound = p2p.DesignatedDial
 			}
 			fail := w.dialFail(n, q, bound)
+			if q.pid == d && !designated && w.hedge() && fail > p2p.DesignatedHedge {
+				// dialDesignated: the dial goes on in the background; the
+				// next member takes its place now.
+				dialEnd := w.e.now + fail
+				w.e.after(fail, func() { w.unreachable(n, q) })
+				w.e.after(min(p2p.DesignatedHedge, max(deadline-w.e.now, 0)), func() {
+					w.slowDial(n, q, dialEnd)
+					lost(i, k)
+				})
+				return
+			}
 			if wait > 0 {
 				fail = min(fail, max(deadline-w.e.now, 0))
 			}

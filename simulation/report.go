@@ -54,6 +54,7 @@ type Params struct {
 	DHTRandomProviders  bool    `json:"dht_random_providers,omitempty"`
 	DesignateGone       bool    `json:"designate_gone,omitempty"`
 	NotMemberOff        bool    `json:"not_member_off,omitempty"`
+	NoDesignatedHedge   bool    `json:"no_designated_hedge,omitempty"`
 	MaxUploadStreams    int     `json:"max_upload_streams"`
 	SpreadCopies        int     `json:"spread_copies"`
 	SpreadWaitMS        float64 `json:"spread_wait_ms"`
@@ -87,6 +88,7 @@ func ParamsOf(cfg Config) Params {
 		DHTRandomProviders: c.DHTRandomProviders,
 		DesignateGone:      c.DesignateGone,
 		NotMemberOff:       c.NotMemberOff,
+		NoDesignatedHedge:  c.NoDesignatedHedge,
 		MaxUploadStreams:   c.Swarm.MaxUploadStreams, MaxImagePeers: c.Swarm.MaxImagePeers,
 		SpreadCopies: c.Swarm.SpreadCopies, SpreadWaitMS: ms(c.Swarm.SpreadWait),
 		OriginWaitS: c.Swarm.OriginWait.Seconds(), AnnounceIntervalMS: ms(c.Swarm.AnnounceInterval),

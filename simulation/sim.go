@@ -99,9 +99,11 @@ type Result struct {
 	// member of the group.
 	UnreachableDials int64 `json:"unreachable_dials,omitempty"`
 	// NOT_MEMBER answers the nodes received (Config.Left).
-	NotMemberAnswers int64   `json:"not_member_answers,omitempty"`
-	OriginReplanned  int64   `json:"origin_replanned,omitempty"`
-	SessionsMean     float64 `json:"have_sessions_mean,omitempty"`
+	NotMemberAnswers int64 `json:"not_member_answers,omitempty"`
+	// Dials to designated fetchers given up on at p2p.DesignatedHedge.
+	DesignatedSlow  int64   `json:"designated_slow,omitempty"`
+	OriginReplanned int64   `json:"origin_replanned,omitempty"`
+	SessionsMean    float64 `json:"have_sessions_mean,omitempty"`
 
 	SimulatedS float64 `json:"simulated_s"`
 	Events     int64   `json:"events"`
@@ -147,6 +149,7 @@ func (w *world) result() *Result {
 		Gone: cfg.Gone, GoneDialS: cfg.GoneDial.Seconds(), Left: cfg.Left, NotMemberOff: cfg.NotMemberOff,
 		UnreachableDials:    w.st.unreachable,
 		NotMemberAnswers:    w.st.notMember,
+		DesignatedSlow:      w.st.designatedSlow,
 		OriginReplanned:     w.st.originReplanned,
 		UniqueBytes:         wl.ManifestBytes + wl.IndexBytes + w.im.traceStored,
 		RegistryMetaBytes:   int64(w.st.registryMetaBytes),

@@ -219,6 +219,23 @@ func TestSanity(t *testing.T) {
 			}
 			t.Logf("block egress ÷ unique: %.3f, kept designated %.3f; p99 %.3fs, %.3fs", r.BlockEgressPerUnique, old.BlockEgressPerUnique, r.P99ReadyS, old.P99ReadyS)
 		}},
+		// Gone members at silent addresses cost each node that meets one
+		// DesignatedHedge, not the whole dial (DesignatedDial), once: the
+		// node leaves it out while its dial goes on.
+		{"silent gone members cost a hedge, not a dial", Config{Strategy: Swarm, Nodes: 200, Zones: 2, Gone: 4, GoneDial: 3 * time.Second}, func(t *testing.T, r *Result) {
+			if r.DesignatedSlow == 0 || r.BlockEgressPerUnique < 1 || r.BlockEgressPerUnique > 1.01 {
+				t.Errorf("%d dials given up on at the hedge, block egress ÷ unique %.3f: want some, and 1", r.DesignatedSlow, r.BlockEgressPerUnique)
+			}
+			old, err := Run(Config{Strategy: Swarm, Nodes: 200, Zones: 2, Gone: 4, GoneDial: 3 * time.Second, NoDesignatedHedge: true, Workload: wl})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if old.DesignatedSlow != 0 || r.P50ReadyS > old.P50ReadyS-0.5 {
+				t.Errorf("p50 %.3fs with the hedge, %.3fs without (%d slow dials): want at least 0.5 s less", r.P50ReadyS, old.P50ReadyS, old.DesignatedSlow)
+			}
+			t.Logf("p50 %.3fs, p99 %.3fs, block egress ÷ unique %.3f; without the hedge %.3fs, %.3fs, %.3f",
+				r.P50ReadyS, r.P99ReadyS, r.BlockEgressPerUnique, old.P50ReadyS, old.P99ReadyS, old.BlockEgressPerUnique)
+		}},
 		// Members that are up but left the image (restarted daemons)
 		// answer NOT_MEMBER: their blocks, and the blobs they were
 		// designated for, go to the next member, once. Before NOT_MEMBER

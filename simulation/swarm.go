@@ -462,7 +462,7 @@ func (c *pcall) origin(none []uint32) {
 			w.st.originAsks++
 			bs := w.positions(batches[k], w.im.pos)
 			r := w.originRequest(n, q, bs, deadline, func(more, coming, lost bool) {
-				if lost && w.e.now < deadline && !c.thenCalled && (w.isNotMember(n, q.pid) || !w.cfg.DesignateGone && !n.scores.Designatable(q.pid, w.e.wall())) {
+				if lost && w.e.now < deadline && !c.thenCalled && w.down(n)(q.pid) {
 					var rest []flat.Block
 					for _, bt := range batches[k:] {
 						rest = append(rest, bt...)
@@ -505,15 +505,31 @@ func (w *world) designatedDial() time.Duration {
 }
 
 // down is Node.undesignatable, what n's PlanOrigin leaves out of the
-// designation: the peers that answered NOT_MEMBER lately, and those it may
-// not designate now (gone, failing or avoided; not under the what-if
-// DesignateGone).
+// designation: the peers that answered NOT_MEMBER lately, those a dial to
+// has gone on longer than DesignatedHedge, and those it may not designate
+// now (gone, failing or avoided; not under the what-if DesignateGone).
 func (w *world) down(n *simNode) func(peer.ID) bool {
 	now := w.e.wall()
 	return func(p peer.ID) bool {
-		return w.isNotMember(n, p) || !w.cfg.DesignateGone && !n.scores.Designatable(p, now)
+		return w.isNotMember(n, p) || n.slowUntil[p] > w.e.now || !w.cfg.DesignateGone && !n.scores.Designatable(p, now)
 	}
 }
+
+// slowDial is dialDesignated giving up on q, at DesignatedHedge: n does
+// not designate q until its dial ends, at end (and it is unreachable
+// then).
+func (w *world) slowDial(n, q *simNode, end time.Duration) {
+	w.st.designatedSlow++
+	if n.slowUntil == nil {
+		n.slowUntil = map[peer.ID]time.Duration{}
+	}
+	n.slowUntil[q.pid] = max(n.slowUntil[q.pid], end)
+}
+
+// hedge reports whether a node takes a designated fetcher it cannot
+// connect to within p2p.DesignatedHedge for gone in the call at hand (not
+// under the what-ifs of the daemon before).
+func (w *world) hedge() bool { return !w.cfg.DesignateGone && !w.cfg.NoDesignatedHedge }
 
 // sortedPeers returns ask's peers in ID order: map order must not decide
 // anything.
@@ -717,15 +733,32 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 		end(false, false)
 	})
 	if q.gone {
-		// No connection can be made (p2p's request: the stream does not
-		// open): q is marked unreachable, unless the wait ended first.
-		if fail := w.dialFail(n, q, w.designatedDial()); w.e.now+fail < deadline {
+		// No connection can be made (p2p's dialDesignated, or request's
+		// stream that does not open): q is marked unreachable, unless the
+		// wait ended first. A dial still running after DesignatedHedge
+		// goes on in the background; the call takes q for gone then.
+		fail := w.dialFail(n, q, w.designatedDial())
+		if w.hedge() && fail > p2p.DesignatedHedge {
+			dialEnd := w.e.now + fail
+			w.e.after(fail, func() { w.unreachable(n, q) })
+			w.e.after(p2p.DesignatedHedge, func() {
+				w.slowDial(n, q, dialEnd)
+				if r.done || w.e.now >= deadline {
+					return
+				}
+				lost = true
+				end(false, false)
+			})
+			return r
+		}
+		if w.e.now+fail < deadline {
 			w.e.after(fail, func() {
 				if r.done {
 					return
 				}
-				now := w.e.wall()
-				n.scores.Failure(q.pid, w.cfg.Swarm.FirstByteTimeout, now)
+				if !w.hedge() { // request's stream did not open: a failure
+					n.scores.Failure(q.pid, w.cfg.Swarm.FirstByteTimeout, w.e.wall())
+				}
 				w.unreachable(n, q)
 				lost = true
 				end(false, false)
