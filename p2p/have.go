@@ -334,11 +334,13 @@ func (n *Node) provideImage(ctx context.Context, s *swarm) {
 
 // discover finds providers of the image, opens have sessions to those it
 // has none with, and waits (up to FirstByteTimeout) for their bitmaps. It
-// waits at most FirstByteTimeout for the dials too: a provider that is gone
-// at a silent address (a drained node whose record lives on) would hold a
-// dial for its 5 s bound, and one in 32 sampled is common in a cluster
-// that churns. Dials still running then go on in the background, bounded
-// by the swarm's life, and open their sessions when they connect.
+// waits at most FirstByteTimeout for the dials too, and once
+// DesignatedHedge has passed, only until half of them have ended: a
+// provider that is gone at a silent address (a drained node whose record
+// lives on) would hold a dial for its 5 s bound, and one in 32 sampled is
+// common in a cluster that churns, while a dial within a data centre takes
+// a few milliseconds. Dials still running then go on in the background,
+// bounded by the swarm's life, and open their sessions when they connect.
 func (n *Node) discover(ctx context.Context, s *swarm) {
 	// A lookup made moments ago for the image's index (ImageIndex) is
 	// reused if it found a full set: then a node start costs one lookup.
@@ -351,7 +353,8 @@ func (n *Node) discover(ctx context.Context, s *swarm) {
 		mu     sync.Mutex
 		opened []peer.ID
 		left   = len(provs)
-		dialed = make(chan struct{})
+		dialed = make(chan struct{}) // closed when every dial has ended
+		half   = make(chan struct{}) // closed when half of them have
 		slots  = make(chan struct{}, 8)
 	)
 	if left == 0 {
@@ -363,6 +366,9 @@ func (n *Node) discover(ctx context.Context, s *swarm) {
 				mu.Lock()
 				if left--; left == 0 {
 					close(dialed)
+				}
+				if left == len(provs)/2 {
+					close(half)
 				}
 				mu.Unlock()
 			}()
@@ -389,12 +395,24 @@ func (n *Node) discover(ctx context.Context, s *swarm) {
 		}
 	}
 	dt := time.NewTimer(n.cfg.FirstByteTimeout)
-	select {
-	case <-dialed:
-	case <-dt.C:
-	case <-ctx.Done():
+	ht := time.NewTimer(DesignatedHedge)
+	var halfC <-chan struct{} // half, once DesignatedHedge has passed
+	for wait := true; wait; {
+		select {
+		case <-ht.C:
+			halfC = half
+		case <-halfC:
+			wait = false
+		case <-dialed:
+			wait = false
+		case <-dt.C:
+			wait = false
+		case <-ctx.Done():
+			wait = false
+		}
 	}
 	dt.Stop()
+	ht.Stop()
 	// The sessions opened by now (dials still running append to opened
 	// later, under mu: this is a copy).
 	mu.Lock()

@@ -195,7 +195,8 @@ type Config struct {
 	// p2p.DesignatedHedge. A node waits for its dial to a designated
 	// fetcher at a silent address (GoneDial) until the dial fails, at most
 	// p2p.DesignatedDial, before it plans the member's blocks for the next
-	// member. DesignateGone implies it.
+	// member, and JoinImage waits for all its dials, at most
+	// FirstByteTimeout. DesignateGone implies it.
 	NoDesignatedHedge bool
 
 	// Swarm is the p2p configuration every node runs; zero fields take the

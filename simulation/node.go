@@ -884,19 +884,14 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 func (w *world) joinSessions(n *simNode, cb func()) {
 	n.joined = true
 	sessions := func(pool []int32) {
-		var wait time.Duration
+		var ends []time.Duration // when each dial (and hello) ends
 		for _, p := range p2p.SampleProviders(pool, w.cfg.Swarm.MaxImagePeers, n.rng) {
 			q := w.nodes[p]
 			if q.gone {
-				// The connect fails; JoinImage waits for its dials at
-				// most FirstByteTimeout (they go on in the background;
-				// the daemon before waited for every one).
+				// The connect fails (a dial that outlasts JoinImage's
+				// wait goes on in the background).
 				fail := w.dialFail(n, q, 5*time.Second)
-				if w.cfg.DesignateGone {
-					wait = max(wait, fail)
-				} else {
-					wait = max(wait, min(fail, w.cfg.Swarm.FirstByteTimeout))
-				}
+				ends = append(ends, fail)
 				w.e.after(fail, func() { w.unreachable(n, q) })
 				continue
 			}
@@ -907,13 +902,13 @@ func (w *world) joinSessions(n *simNode, cb func()) {
 				cost += 3 * rtt
 				n.conn[q.i], q.conn[n.i] = true, true
 			}
-			wait = max(wait, cost)
+			ends = append(ends, cost)
 			if q.left {
 				continue // it resets the hello: not a member
 			}
 			w.e.after(cost, func() { w.session(n, q) })
 		}
-		w.e.after(wait, cb)
+		w.e.after(w.joinWait(ends), cb)
 	}
 	if len(n.pool) >= w.cfg.Swarm.MaxImagePeers {
 		sessions(n.pool) // the blob lookup's answer, reused
@@ -924,6 +919,27 @@ func (w *world) joinSessions(n *simNode, cb func()) {
 		n.pool, _ = w.pool(n)
 		sessions(n.pool)
 	})
+}
+
+// joinWait is how long discover waits for dials that end after ends:
+// for all of them, at most FirstByteTimeout, and once DesignatedHedge has
+// passed, until half of them have ended. The what-ifs of the daemon
+// before: DesignateGone waits for every dial, NoDesignatedHedge at most
+// FirstByteTimeout.
+func (w *world) joinWait(ends []time.Duration) time.Duration {
+	if len(ends) == 0 {
+		return 0
+	}
+	s := slices.Sorted(slices.Values(ends))
+	wait := s[len(s)-1]
+	if w.cfg.DesignateGone {
+		return wait
+	}
+	wait = min(wait, w.cfg.Swarm.FirstByteTimeout)
+	if !w.hedge() {
+		return wait
+	}
+	return min(wait, max(p2p.DesignatedHedge, s[len(s)-len(s)/2-1]))
 }
 
 // session opens a have session from n to q: q takes it if it has room,

@@ -40,7 +40,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		goneDial   = fs.Duration("gone-dial", 0, "how long a dial to a gone node takes to fail (0: one round trip, a reset; longer: a silent address, bounded by the caller's timeout)")
 		desGone    = fs.Bool("designate-gone", false, "what-if: keep designating group members found unreachable, their blocks going to the registry per node (the daemon before it left them out)")
 		left       = fs.Int("left", 0, "members of the image's origin group that are up but left the image (restarted daemons): their records are in the DHT from before the rollout, they answer NOT_MEMBER (swarm strategies; gone + left at most 8)")
-		noHedge    = fs.Bool("no-designated-hedge", false, "what-if: wait for a dial to a designated fetcher until it fails (at most 1 s), instead of taking it for gone after 200 ms (the daemon before p2p.DesignatedHedge)")
+		noHedge    = fs.Bool("no-designated-hedge", false, "what-if: wait for a dial to a designated fetcher until it fails (at most 1 s), instead of taking it for gone after 200 ms, and JoinImage for all its dials (at most 2 s), not half of them after 200 ms (the daemon before p2p.DesignatedHedge)")
 		notMember  = fs.Bool("not-member-off", false, "what-if: left members answer NOT_FOUND and stay designated, their blocks going to the registry per node (the daemon before NOT_MEMBER)")
 		out        = fs.String("out", "", "directory for <name>.json and the SVG plots (default: JSON on stdout only)")
 		name       = fs.String("name", "rollout", "file name prefix of the results in --out")
