@@ -661,9 +661,10 @@ func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, 
 // the others by designated peer, each counted pending until its ORIGIN
 // request is answered. Members of the group that are not designatable
 // (unreachable lately, failing, avoided, not members of the image, or slow
-// to connect: DesignatedHedge) are left out of the designation (LiveGroup): their blocks go to the next member in each
-// block's rendezvous order. It runs before the requests are sent, so that
-// await sees the blocks pending from the start.
+// to connect: DesignatedHedge) are left out of the designation
+// (LiveGroup): their blocks go to the next member in each block's
+// rendezvous order. It runs before the requests are sent, so that await
+// sees the blocks pending from the start.
 func (ps *PeerSource) planOrigin(blocks []flat.Block, f *fetchState) map[peer.ID][]flat.Block {
 	n := ps.n
 	ask, own := PlanOrigin(blocks, n.originView(ps.image), n.ID(), n.undesignatable(ps.image))
