@@ -325,10 +325,11 @@
 // a member not connected by then is slow, left out of the designation
 // until its dial ends, and unreachable if the dial fails. A gone member at
 // a silent address (a drained node's address that nobody answers on) so
-// costs each node that meets it 200 ms once, not a second per read, and
-// not a second for each gone member in a row. A member that is merely
-// slow to connect costs a registry copy, at the next member, of the blocks
-// planned away from it. Its blocks are planned again at once, in the same
+// costs each node that meets it 200 ms, not a second; a block whose next
+// members are gone too costs 200 ms for each, where three seconds in a row
+// used up OriginWait (3 s) before. A member that is merely slow to connect
+// costs a registry copy, at the next member, of the blocks planned away
+// from it. Its blocks are planned again at once, in the same
 // call, for the member next in each block's rendezvous order (LiveGroup):
 // the same member for every node that found it gone, so each of those
 // blocks still comes from the registry once; ImageBlob puts that member
