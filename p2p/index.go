@@ -462,20 +462,19 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 			if !n.peers.usable(ai.ID, n.cfg.Clock.Now()) {
 				continue
 			}
-			if ai.ID == d && !designated {
-				if !n.dialDesignated(wctx, ai) {
-					dropped[i] = true
-					last = fmt.Errorf("designated fetcher %s: no connection within %v", ai.ID, DesignatedHedge)
-					// Gone, or slow to connect: the next member takes its
-					// place, as in every node that finds it so.
-					if wctx.Err() == nil && n.undesignatable(digest)(d) && replace(i) {
-						k-- // ask the next member now
-					}
-					continue
-				}
-			} else if err := n.connectWithin(wctx, ai, 5*time.Second); err != nil {
+			// One pass asks the candidates one after another: a provider
+			// at a silent address held it for its whole dial (5 s, cut
+			// short by OriginWait), and the node then read the blob from
+			// the registry.
+			if !n.dialHedged(wctx, ai) {
 				dropped[i] = true
-				last = fmt.Errorf("connect to %s: %w", ai.ID, err)
+				last = fmt.Errorf("peer %s: no connection within %v", ai.ID, DesignatedHedge)
+				// The designated fetcher gone, or slow to connect: the
+				// next member takes its place, as in every node that
+				// finds it so.
+				if ai.ID == d && !designated && wctx.Err() == nil && n.undesignatable(digest)(d) && replace(i) {
+					k-- // ask the next member now
+				}
 				continue
 			}
 			asked[ai.ID] = true

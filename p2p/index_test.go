@@ -111,6 +111,29 @@ func (bs *blobSwarm) designated(id flat.BlockID) int {
 	return slices.Index(bs.ids, Designate(id, group, ""))
 }
 
+// indexRoles returns the index's ID, its designated node, and the others.
+func (bs *blobSwarm) indexRoles() (id flat.BlockID, d int, others []int) {
+	id = flat.Sum(bs.index)
+	d = bs.designated(id)
+	for i := range bs.nodes {
+		if i != d {
+			others = append(others, i)
+		}
+	}
+	return id, d, others
+}
+
+// lookUp has node i look the image up now, while every node is there: a
+// DHT lookup with a silent peer in its path waits out its dial (5 s;
+// kad-dht's, not ImageBlob's), and ImageBlob reuses a recent lookup's
+// answer.
+func (bs *blobSwarm) lookUp(t *testing.T, i int) {
+	t.Helper()
+	if provs, err := bs.nodes[i].providers(t.Context(), bs.key, len(bs.nodes)-1); err != nil || len(provs) != len(bs.nodes)-1 {
+		t.Fatalf("node %d found %d providers, %v", i, len(provs), err)
+	}
+}
+
 func (bs *blobSwarm) put(t *testing.T, i int, blob []byte) {
 	t.Helper()
 	if err := bs.stores[i].Put(context.Background(), flat.Sum(blob), blob); err != nil {
@@ -277,6 +300,38 @@ func TestImageBlobPolling(t *testing.T) {
 	}
 }
 
+// A provider at a silent address among the candidates does not hold a
+// pass for its dial: ImageBlob drops it after DesignatedHedge and goes on
+// polling the others. Here nobody holds the index at first (the designated
+// node never fetches it); a holder has it after late, and the reader gets
+// it from the holder soon after. Before, the reader's first pass stuck on
+// the silent provider until OriginWait ran out.
+func TestImageBlobSilentProvider(t *testing.T) {
+	t.Parallel()
+	const late, wait = 300 * time.Millisecond, 3 * time.Second
+	bs := startBlobSwarm(t, "silent-provider", 4, func(c *Config) { c.OriginWait = wait })
+	id, _, others := bs.indexRoles()
+	reader, holder, silent := others[0], others[1], others[2]
+	bs.lookUp(t, reader)
+	silence(t, bs.nodes[silent], []*Node{bs.nodes[reader]})
+	time.AfterFunc(late, func() { bs.put(t, holder, bs.index) })
+
+	start := time.Now()
+	x, err := bs.nodes[reader].ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
+	took := time.Since(start)
+	st := bs.nodes[reader].Stats()
+	t.Logf("reader: %d bytes, %v after %v; %d slow dials", len(x), err, took, st.DesignatedSlow)
+	if err != nil || !bytes.Equal(x, bs.index) {
+		t.Fatalf("reader: %d bytes, %v after %v; want the index from the holder", len(x), err, took)
+	}
+	if limit := late + DesignatedDial; took > limit {
+		t.Errorf("the reader had the index after %v (limit %v): a pass waited on the silent provider", took, limit)
+	}
+	if st.DesignatedSlow == 0 {
+		t.Error("no dial was taken for slow: the reader never asked the silent provider")
+	}
+}
+
 // The designated node lies: it serves the manifest with a byte flipped.
 // Every asker catches it, strikes it, and gets the manifest from an honest
 // holder.
@@ -350,27 +405,14 @@ func TestImageBlobDesignatedGone(t *testing.T) {
 				limit = DesignatedDial * 3 / 4
 			}
 			bs := startBlobSwarm(t, "designated-"+mode, 4, func(c *Config) { c.OriginWait = wait })
-			id := flat.Sum(bs.index)
-			d := bs.designated(id)
-			var live []int
-			for i := range bs.nodes {
-				if i != d {
-					live = append(live, i)
-				}
-			}
+			id, d, live := bs.indexRoles()
 			switch mode {
 			case "left":
 				bs.nodes[d].LeaveImage(bs.digest)
 			case "silent":
-				// The others look the image up while the node is there:
-				// a DHT lookup with a silent peer in its path waits out
-				// its dial (5 s; kad-dht's, not ImageBlob's), and
-				// ImageBlob reuses a lookup's answer for a while.
 				var others []*Node
 				for _, i := range live {
-					if provs, err := bs.nodes[i].providers(t.Context(), bs.key, len(bs.nodes)-1); err != nil || len(provs) != len(bs.nodes)-1 {
-						t.Fatalf("node %d found %d providers, %v", i, len(provs), err)
-					}
+					bs.lookUp(t, i)
 					others = append(others, bs.nodes[i])
 				}
 				silence(t, bs.nodes[d], others)

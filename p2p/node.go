@@ -89,7 +89,7 @@ type Node struct {
 	// for it and when they may be designated for it again.
 	notMembers map[string]map[peer.ID]time.Time
 	// slowDials counts, per peer, the dials to it as a designated fetcher
-	// that have gone on longer than DesignatedHedge (dialDesignated).
+	// that have gone on longer than DesignatedHedge (dialHedged).
 	slowDials map[peer.ID]int
 	wg        sync.WaitGroup // goroutines the node started; Add only under mu, while !closed
 
@@ -577,13 +577,14 @@ func (n *Node) connectWithin(ctx context.Context, ai peer.AddrInfo, bound time.D
 	return err
 }
 
-// dialDesignated connects to ai, a designated fetcher, and reports whether
-// a connection is up within DesignatedHedge. A dial still running then goes
-// on in the background, up to DesignatedDial and the node's life (not
-// ctx's), and marks the peer unreachable if it fails (connectWithin); until
-// it ends, the peer is slow, and not designated (undesignatable), so that
-// no other read waits on it meanwhile.
-func (n *Node) dialDesignated(ctx context.Context, ai peer.AddrInfo) bool {
+// dialHedged connects to ai, a designated fetcher or a provider ImageBlob
+// asks, and reports whether a connection is up within DesignatedHedge. A
+// dial still running then goes on in the background, up to DesignatedDial
+// and the node's life (not ctx's), and marks the peer unreachable if it
+// fails (connectWithin); until it ends, the peer is slow, and not
+// designated (undesignatable), so that no other read waits on it
+// meanwhile.
+func (n *Node) dialHedged(ctx context.Context, ai peer.AddrInfo) bool {
 	if n.host.Network().Connectedness(ai.ID) == network.Connected {
 		return true
 	}
@@ -632,7 +633,7 @@ func (n *Node) markSlow(p peer.ID, delta int) {
 // designate for image now: not designatable (peerTable.designatable), not
 // a member of the image's swarm (they answered NOT_MEMBER within
 // NotMemberRest), or slow: a dial to them has gone on longer than
-// DesignatedHedge (dialDesignated).
+// DesignatedHedge (dialHedged).
 func (n *Node) undesignatable(image string) func(peer.ID) bool {
 	now := n.cfg.Clock.Now()
 	var out []peer.ID

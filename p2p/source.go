@@ -605,7 +605,7 @@ func (ps *PeerSource) origin(ctx context.Context, ask map[peer.ID][]flat.Block, 
 			f.notifyLocked()
 			f.mu.Unlock()
 		}()
-		if !n.dialDesignated(wctx, peer.AddrInfo{ID: p}) {
+		if !n.dialHedged(wctx, peer.AddrInfo{ID: p}) {
 			if wctx.Err() != nil || !n.undesignatable(ps.image)(p) {
 				return
 			}
