@@ -339,9 +339,9 @@
 // whose host resets dials, at 10,000 nodes, 1.00× the unique bytes from
 // the registry and p50 2.80 s, against 36.5× and 5.94 s before (every
 // node waited OriginWait for the index, then read it from the registry);
-// two at silent addresses, 1.00× and 3.25 s against 29.1× and 17.3 s
+// two at silent addresses, 1.00× and 3.24 s against 29.1× and 17.3 s
 // (4.83 s without DesignatedHedge); four at silent addresses, at 1,000
-// nodes, 1.00× the unique block bytes and p50 3.18 s, against 8.19× and
+// nodes, 1.00× the unique block bytes and p50 3.07 s, against 8.19× and
 // 6.67 s without DesignatedHedge. TestOriginDesignatedDead and
 // TestImageBlobDesignatedGone check it on real hosts, also with a silent
 // address.

@@ -805,16 +805,18 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 			return
 		}
 		if q.gone {
-			// The connect fails (at most 5 s, DesignatedDial for the
-			// designated fetcher, and the wait bounds it).
+			// The connect fails (at most DesignatedDial, dialHedged's
+			// bound; the daemons before: 5 s for a provider that is not
+			// the designated fetcher; and the wait bounds it).
 			bound := 5 * time.Second
-			if q.pid == d && !designated && !w.cfg.DesignateGone {
+			if w.hedge() || q.pid == d && !designated && !w.cfg.DesignateGone {
 				bound = p2p.DesignatedDial
 			}
 			fail := w.dialFail(n, q, bound)
-			if q.pid == d && !designated && w.hedge() && fail > p2p.DesignatedHedge {
-				// dialDesignated: the dial goes on in the background; the
-				// next member takes its place now.
+			if w.hedge() && fail > p2p.DesignatedHedge {
+				// dialHedged: the dial goes on in the background; the
+				// pass goes on now (and if q was the designated fetcher,
+				// the next member takes its place).
 				dialEnd := w.e.now + fail
 				w.e.after(fail, func() { w.unreachable(n, q) })
 				w.e.after(min(p2p.DesignatedHedge, max(deadline-w.e.now, 0)), func() {

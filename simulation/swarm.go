@@ -515,7 +515,7 @@ func (w *world) down(n *simNode) func(peer.ID) bool {
 	}
 }
 
-// slowDial is dialDesignated giving up on q, at DesignatedHedge: n does
+// slowDial is dialHedged giving up on q, at DesignatedHedge: n does
 // not designate q until its dial ends, at end (and it is unreachable
 // then).
 func (w *world) slowDial(n, q *simNode, end time.Duration) {
@@ -733,7 +733,7 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 		end(false, false)
 	})
 	if q.gone {
-		// No connection can be made (p2p's dialDesignated, or request's
+		// No connection can be made (p2p's dialHedged, or request's
 		// stream that does not open): q is marked unreachable, unless the
 		// wait ended first. A dial still running after DesignatedHedge
 		// goes on in the background; the call takes q for gone then.
