@@ -201,8 +201,12 @@ func TestImageBlobFromHolder(t *testing.T) {
 			mtook := time.Since(start)
 			x, xerr := n.ImageIndex(t.Context(), bs.digest, indexID, int64(len(bs.index)))
 			took := time.Since(start)
-			if i == d && mtook > 500*time.Millisecond {
-				t.Errorf("designated node %d: manifest after %v; want one quick pass", i, mtook)
+			// A third of OriginWait (3 s): one quick pass takes tens of
+			// milliseconds, up to about 500 on a loaded machine (the other
+			// nodes then take as long), where waiting out OriginWait
+			// would take 3 s.
+			if limit := time.Second; i == d && mtook > limit {
+				t.Errorf("designated node %d: manifest after %v (limit %v); want one quick pass", i, mtook, limit)
 			}
 			// The designated fetcher of a blob asks 3 of the 4 others: it
 			// may miss the holder, and then reads the registry.

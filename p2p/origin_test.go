@@ -367,8 +367,12 @@ func TestOriginDesignatedDead(t *testing.T) {
 					slow += nodes[i].n.Stats().DesignatedSlow
 				}
 				t.Logf("%d blocks of the %s node; %d unreachable requests, %d blocks planned again, %d slow dials", moved, mode, unreachable, replanned, slow)
-				if mode == "silent" && slow == 0 {
-					t.Error("no dial to the silent node was taken for slow")
+				// A dial to the silent node is taken for slow at
+				// DesignatedHedge, or fails: one another component (the
+				// DHT) started to it, and that a read's dial joined, can
+				// time out at any moment.
+				if mode == "silent" && slow+unreachable == 0 {
+					t.Error("no dial to the silent node was taken for slow, and none failed")
 				}
 				// A node whose view of the group lost the gone node
 				// (its session closed, and its lookup missed it) never
