@@ -88,8 +88,8 @@ type Node struct {
 	// notMembers are, per image digest, the peers that answered NOT_MEMBER
 	// for it and when they may be designated for it again.
 	notMembers map[string]map[peer.ID]time.Time
-	// slowDials counts, per peer, the dials to it as a designated fetcher
-	// that have gone on longer than DesignatedHedge (dialHedged).
+	// slowDials counts, per peer, the dials to it (dialHedged) that have
+	// gone on longer than DesignatedHedge and not ended yet.
 	slowDials map[peer.ID]int
 	wg        sync.WaitGroup // goroutines the node started; Add only under mu, while !closed
 
@@ -457,8 +457,9 @@ type Stats struct {
 	// was such a peer, planned again for the next member of the group.
 	Unreachable     int64 `json:"unreachable"`
 	OriginReplanned int64 `json:"origin_replanned"`
-	// DesignatedSlow counts designated fetchers not connected within
-	// DesignatedHedge, taken for gone in the call at hand.
+	// DesignatedSlow counts dials to designated fetchers and ImageBlob's
+	// candidates not connected within DesignatedHedge: the peer was left
+	// out of the designation until its dial ended.
 	DesignatedSlow int64 `json:"designated_slow"`
 	// NotMemberSent counts requests this node answered NOT_MEMBER (it was
 	// asked about an image it has left); NotMemberReceived, the NOT_MEMBER

@@ -352,12 +352,14 @@ const NotMemberRest = time.Minute
 // about 300 ms.
 const DesignatedDial = time.Second
 
-// DesignatedHedge is how long a node waits for a connection to a
-// designated fetcher it is not connected to before it takes the member for
-// gone in the call at hand: it plans the member's blocks again for the next
-// member of the group (ImageBlob puts the next member in its place), while
-// the dial goes on in the background up to DesignatedDial. Only a dial that
-// fails marks the member unreachable (UnreachableRest). A connection within
+// DesignatedHedge is how long a node waits for a connection to a peer it is
+// not connected to (dialHedged: a designated fetcher, or a candidate
+// ImageBlob asks; JoinImage waits this long for all its dials, then for
+// half) before it goes on without it: the peer is slow, and left out of
+// the designation until its dial, which goes on in the background up to
+// DesignatedDial, ends. The member's blocks go to the next member of the
+// group at once (ImageBlob puts the next member in its place). Only a dial
+// that fails marks the member unreachable (UnreachableRest). A connection within
 // a data centre takes three round trips, a few milliseconds. Waiting out
 // DesignatedDial instead cost every node a second per gone member at a
 // silent address that it met, one after another when the next member was
