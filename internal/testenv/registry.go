@@ -21,6 +21,9 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/google/go-containerregistry/pkg/authn"
+	"golang.org/x/crypto/bcrypt"
 )
 
 // RegistryBinary is where Debian's docker-registry package installs the
@@ -49,6 +52,10 @@ type Registry struct {
 	Host string
 	// Dir holds the config file, the storage (Dir/data) and the logs.
 	Dir string
+	// User and Password are the one account of a registry started
+	// WithBasicAuth ("" otherwise): every request, reads included, needs
+	// them, as with any registry behind htpasswd.
+	User, Password string
 
 	tb testing.TB
 
@@ -63,15 +70,37 @@ type Process struct {
 	Err  error         // Cmd.Wait's result, valid after Done
 }
 
+// RegistryOption configures StartRegistry.
+type RegistryOption func(*Registry)
+
+// WithBasicAuth puts the registry behind distribution's htpasswd
+// authentication with one account (a bcrypt entry): anonymous requests get
+// 401 with a Basic challenge, as from a private registry.
+func WithBasicAuth(user, password string) RegistryOption {
+	return func(r *Registry) { r.User, r.Password = user, password }
+}
+
 // StartRegistry starts the real docker-registry on a free 127.0.0.1 port and
 // returns once GET /v2/ answers. It stops the registry when the test ends.
 // Without the binary the test is skipped, or fails in CI.
-func StartRegistry(tb testing.TB) *Registry {
+func StartRegistry(tb testing.TB, opts ...RegistryOption) *Registry {
 	tb.Helper()
 	if _, err := exec.LookPath(registryBinary()); err != nil {
 		SkipOrFatal(tb, "testenv: real registry not available: %v (apt-get install docker-registry)", err)
 	}
 	r := &Registry{Dir: tb.TempDir(), tb: tb}
+	for _, o := range opts {
+		o(r)
+	}
+	if r.User != "" {
+		hash, err := bcrypt.GenerateFromPassword([]byte(r.Password), bcrypt.MinCost)
+		if err != nil {
+			tb.Fatalf("testenv: htpasswd entry: %v", err)
+		}
+		if err := os.WriteFile(r.htpasswdPath(), []byte(r.User+":"+string(hash)+"\n"), 0o600); err != nil {
+			tb.Fatalf("testenv: write htpasswd: %v", err)
+		}
+	}
 	tb.Cleanup(func() {
 		if tb.Failed() {
 			r.logTail()
@@ -96,6 +125,17 @@ func StartRegistry(tb testing.TB) *Registry {
 	tb.Fatalf("testenv: start registry: %v", lastErr)
 	return nil
 }
+
+// Auth returns the registry's account as go-containerregistry credentials
+// (authn.Anonymous for a registry without auth).
+func (r *Registry) Auth() authn.Authenticator {
+	if r.User == "" {
+		return authn.Anonymous
+	}
+	return &authn.Basic{Username: r.User, Password: r.Password}
+}
+
+func (r *Registry) htpasswdPath() string { return filepath.Join(r.Dir, "htpasswd") }
 
 // Ref returns the reference of repoTag ("repo:tag" or "repo@sha256:…") in
 // this registry.
@@ -210,7 +250,11 @@ func (r *Registry) start() error {
 		return errors.New("already running")
 	}
 	cfg := filepath.Join(r.Dir, "config.yml")
-	if err := os.WriteFile(cfg, []byte(RegistryConfig(r.Host, filepath.Join(r.Dir, "data"))), 0o644); err != nil {
+	conf := RegistryConfig(r.Host, filepath.Join(r.Dir, "data"))
+	if r.User != "" {
+		conf += fmt.Sprintf("auth:\n  htpasswd:\n    realm: shoal-test\n    path: %s\n", r.htpasswdPath())
+	}
+	if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
 		return fmt.Errorf("write config: %w", err)
 	}
 	// The access log goes to stdout and everything else to stderr; both are

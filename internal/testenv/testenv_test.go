@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
@@ -102,6 +103,44 @@ func TestRegistryStopRestart(t *testing.T) {
 	}
 	if puts != 1 || heads < 1 {
 		t.Errorf("access log: %d manifest PUTs and %d HEADs, want 1 and at least 1", puts, heads)
+	}
+}
+
+// TestRegistryBasicAuth: a registry started WithBasicAuth refuses
+// anonymous reads with a Basic challenge and serves its account.
+func TestRegistryBasicAuth(t *testing.T) {
+	t.Parallel()
+	reg := StartRegistry(t, WithBasicAuth("alice", "s3cret"))
+	ref, err := name.ParseReference(reg.Ref("private/app:v1"), name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := random.Image(16<<10, 1)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(ref, img, remote.WithContext(t.Context())); err == nil {
+		t.Fatal("anonymous push succeeded")
+	}
+	if err := remote.Write(ref, img, remote.WithContext(t.Context()), remote.WithAuth(reg.Auth())); err != nil {
+		t.Fatalf("push with the account: %v", err)
+	}
+	resp, _, err := get(t, reg.URL()+"/v2/private/app/manifests/v1", "")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if resp.StatusCode != http.StatusUnauthorized || !strings.HasPrefix(resp.Header.Get("WWW-Authenticate"), "Basic ") {
+		t.Errorf("anonymous GET: %s, WWW-Authenticate %q; want 401 with a Basic challenge", resp.Status, resp.Header.Get("WWW-Authenticate"))
+	}
+	if _, err := remote.Head(ref, remote.WithContext(t.Context()), remote.WithAuth(&authn.Basic{Username: "alice", Password: "wrong"})); err == nil {
+		t.Error("HEAD with a wrong password succeeded")
+	}
+	desc, err := remote.Head(ref, remote.WithContext(t.Context()), remote.WithAuth(reg.Auth()))
+	if err != nil {
+		t.Fatalf("HEAD with the account: %v", err)
+	}
+	if want, _ := img.Digest(); desc.Digest != want {
+		t.Errorf("digest %s, want %s", desc.Digest, want)
 	}
 }
 
