@@ -33,6 +33,12 @@ type Image struct {
 	Registry *fetch.Registry // nil for a local conversion
 	Config   *v1.ConfigFile  // the source image's config (Env, WorkingDir, ...), if it could be read
 	Digest   string          // the flat image's manifest digest; "" for a local conversion
+	// Private says the image's repository is not public: its registry
+	// refuses anonymous reads (or the configuration does not list it as
+	// public), so peers share it only with nodes that prove they could
+	// read it themselves, and it is never shown to unauthenticated
+	// viewers.
+	Private bool
 	Trace    *trace.Trace    // the newest start-up trace published for it, if any
 }
 
