@@ -522,6 +522,7 @@ func TestUploadShareImageBlob(t *testing.T) {
 		t.Fatal(err)
 	}
 	u := startNode(t, Config{Blocks: store, UploadShare: float64(24<<10) / ShareFloor})
+	u.addImageBlob(im.digest, flat.Sum(index)) // as ImageIndex records it
 	if err := u.JoinImage(ctx, im.digest, im.index); err != nil {
 		t.Fatal(err)
 	}

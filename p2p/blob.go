@@ -59,6 +59,9 @@ type RecipeGetter interface {
 // ServeRecipes makes the node answer /shoal/recipe/1 requests from g. Until
 // it is called, such requests are reset.
 func (n *Node) ServeRecipes(g RecipeGetter) {
+	n.mu.Lock()
+	n.recipes = g
+	n.mu.Unlock()
 	n.host.SetStreamHandler(ProtocolRecipe, func(st network.Stream) { n.handleRecipe(st, g) })
 }
 
@@ -83,8 +86,11 @@ func (n *Node) handleRecipe(st network.Stream, g RecipeGetter) {
 	ctx, cancel := context.WithTimeout(n.life, recipeTimeout)
 	defer cancel()
 	answer := []byte{statusNotFound}
-	if r, err := g.Recipe(ctx, digest); err == nil && len(r) <= MaxRecipeSize {
-		answer = append([]byte{statusOK}, r...)
+	// A private blob's recipe goes only to a peer with a proof of access.
+	if n.admitted(ctx, st.Conn().RemotePeer(), digest) {
+		if r, err := g.Recipe(ctx, digest); err == nil && len(r) <= MaxRecipeSize {
+			answer = append([]byte{statusOK}, r...)
+		}
 	}
 	if _, err := st.Write(appendFrame(nil, answer)); err != nil {
 		st.Reset()
@@ -149,6 +155,12 @@ func (n *Node) BlobProviders(ctx context.Context, digest string, limit int) ([]p
 func (n *Node) FetchRecipe(ctx context.Context, p peer.ID, digest string) ([]byte, error) {
 	ctx, cancel := context.WithTimeout(ctx, recipeTimeout)
 	defer cancel()
+	if _, err := n.prove(ctx, p, digest); err != nil {
+		if errors.Is(err, errAccessUnknown) || errors.Is(err, ErrBadProof) {
+			err = fmt.Errorf("%w: %w", ErrNoRecipe, err)
+		}
+		return nil, fmt.Errorf("recipe of %s from %s: %w", digest, p, err)
+	}
 	st, err := n.host.NewStream(ctx, p, ProtocolRecipe)
 	if err != nil {
 		return nil, fmt.Errorf("recipe of %s from %s: open stream: %w", digest, p, err)

@@ -14,14 +14,33 @@ import (
 	"github.com/shoal-project/shoal/flat"
 )
 
-// recipeMap serves fixed recipes.
-type recipeMap map[string][]byte
+// recipeMap serves fixed recipes, and says which blocks each blob is cut
+// into (RecipeBlocks).
+type recipeMap map[string]testRecipe
+
+type testRecipe struct {
+	raw    []byte
+	blocks []flat.BlockID
+}
 
 func (m recipeMap) Recipe(_ context.Context, d string) ([]byte, error) {
 	if r, ok := m[d]; ok {
-		return r, nil
+		return r.raw, nil
 	}
 	return nil, errors.New("no such blob")
+}
+
+func (m recipeMap) BlobBlocks(_ context.Context, d string) ([]flat.BlockID, bool) {
+	r, ok := m[d]
+	return r.blocks, ok
+}
+
+func blockIDs(bs []flat.Block) []flat.BlockID {
+	ids := make([]flat.BlockID, len(bs))
+	for i, b := range bs {
+		ids[i] = b.ID
+	}
+	return ids
 }
 
 // TestBlobExchange: a blob's provider is found by its digest, serves its
@@ -33,8 +52,9 @@ func TestBlobExchange(t *testing.T) {
 	other := "sha256:" + strings.Repeat("cd", 32)
 	recipe := []byte("opaque recipe bytes")
 
+	recipes := recipeMap{digest: {raw: recipe, blocks: blockIDs(im.index.Blocks[1:])}}
 	a := startNode(t, Config{Blocks: openStore(t, im, nil)})
-	a.ServeRecipes(recipeMap{digest: recipe})
+	a.ServeRecipes(recipes)
 	b := startNode(t, Config{BootstrapPeers: a.Addrs()})
 	eventually(t, 10*time.Second, "B to connect to A", func() bool { return len(b.host.Network().Peers()) > 0 })
 
@@ -59,16 +79,22 @@ func TestBlobExchange(t *testing.T) {
 		t.Error("a node that serves no recipes answered")
 	}
 
-	blocks := im.index.Blocks
-	data, err := b.FetchBlobBlocks(t.Context(), a.ID(), digest, blocks)
-	if err != nil || len(data) != len(blocks) {
-		t.Fatalf("blocks: %d of %d, %v", len(data), len(blocks), err)
+	// The blob's blocks are served under it; a block A holds that is not
+	// in the blob's recipe is not.
+	blocks := im.index.Blocks[1:]
+	data, err := b.FetchBlobBlocks(t.Context(), a.ID(), digest, im.index.Blocks)
+	if err != nil || len(data) != len(blocks) || data[im.index.Blocks[0].ID] != nil {
+		t.Fatalf("blocks: %d of %d, %v; want all but the first, which is not the blob's", len(data), len(blocks), err)
 	}
 	checkBlocks(t, im, data)
+	if data, err := b.FetchBlobBlocks(t.Context(), a.ID(), other, blocks); err != nil || len(data) != 0 {
+		t.Errorf("blocks under a blob A does not keep: %d, %v; want none", len(data), err)
+	}
 
 	// A node whose store returns wrong bytes: the block is refused and
 	// the node struck.
 	c := startNode(t, Config{Blocks: corruptGetter{openStore(t, im, nil)}})
+	c.ServeRecipes(recipes)
 	if err := b.Connect(t.Context(), c.Addrs()[0]); err != nil {
 		t.Fatal(err)
 	}

@@ -122,6 +122,17 @@ func (n *Node) handleBlock(st network.Stream) {
 	}
 	ctx, cancel := context.WithCancel(n.life)
 	defer cancel()
+	if !n.admitted(ctx, p, q.image) {
+		// A private image, and no proof of access from p: it proves
+		// (ProtocolAccess), then asks again.
+		n.st.deniedSent.Add(1)
+		only(statusDenied)
+		return
+	}
+	// Only blocks of images p may read here are answered with data; the
+	// others get NOT_FOUND, held or not (written with the answer, below).
+	var denied [][]byte
+	q.cids, denied = n.servable(ctx, p, q.image, q.cids)
 	get := func(c []byte) []byte { return n.lookup(ctx, c) }
 	s := n.swarm(q.image)
 	if q.flags&flagMember != 0 && s == nil && !n.opening(q.image) &&
@@ -227,6 +238,16 @@ func (n *Node) handleBlock(st network.Stream) {
 		release = func() {} // nothing to send, or only COMING answers
 	}
 	defer release()
+	for _, c := range denied {
+		n.st.notFound.Add(1)
+		if err := write(appendBlockHeader(nil, statusNotFound, c, 0)); err != nil {
+			if copied {
+				n.origin.unreserve(cids)
+			}
+			st.Reset()
+			return
+		}
+	}
 	if len(spread) > 0 {
 		n.st.spreadSent.Add(int64(len(spread)))
 		for i, c := range spread {
@@ -405,6 +426,9 @@ type outcome struct {
 	// notMember: the server answered NOT_MEMBER (statusNotMember), which
 	// is NOT_FOUND for every block (all are in notFound).
 	notMember bool
+	// denied: the server answered DENIED (statusDenied): it holds no
+	// proof of access from this node for the image.
+	denied bool
 	// hints are, for blocks of spread, the peers the server's copies
 	// reached (flagHints), not including this node or the server.
 	hints map[flat.BlockID][]peer.AddrInfo
@@ -435,11 +459,31 @@ func (n *Node) lost(ctx context.Context, p peer.ID) bool {
 	return n.connectWithin(ctx, peer.AddrInfo{ID: p}, DesignatedDial) != nil && ctx.Err() == nil
 }
 
-// request asks p for blocks (at most MaxRequestBlocks) and reads the
-// answers, verifying each block against its ID. It returns when every block
-// is answered, the peer ends the stream, a deadline passes, a block fails
-// verification, or ctx ends.
-func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []flat.Block, o reqOpts) (out outcome) {
+// request asks p for blocks (at most MaxRequestBlocks) of image and reads
+// the answers, verifying each block against its ID. For a private image it
+// proves access first (prove), and once more if p answers DENIED to a
+// proof made earlier (p forgot it: it restarted, or its table was full).
+// It returns when every block is answered, the peer ends the stream, a
+// deadline passes, a block fails verification, or ctx ends.
+func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []flat.Block, o reqOpts) outcome {
+	fresh, err := n.prove(ctx, p, image)
+	if err != nil {
+		return n.accessOutcome(p, blocks, err)
+	}
+	out := n.requestOnce(ctx, p, image, blocks, o)
+	if out.denied && !fresh && ctx.Err() == nil {
+		n.access.forget(p, image)
+		if _, err := n.prove(ctx, p, image); err != nil {
+			return n.accessOutcome(p, blocks, err)
+		}
+		out = n.requestOnce(ctx, p, image, blocks, o)
+	}
+	return out
+}
+
+// requestOnce is one request of request, with access proven (or not
+// needed).
+func (n *Node) requestOnce(ctx context.Context, p peer.ID, image string, blocks []flat.Block, o reqOpts) (out outcome) {
 	n.peers.begin(p)
 	defer n.peers.end(p)
 	firstByte := cmp.Or(o.firstByte, n.cfg.FirstByteTimeout)
@@ -539,6 +583,17 @@ func (n *Node) request(ctx context.Context, p peer.ID, image string, blocks []fl
 			out.notMember = true
 			out.notFound = append(out.notFound, blocks...)
 			ok = true
+			return out
+		}
+		if h.status == statusDenied {
+			if len(h.cid) != 0 || left != len(blocks) {
+				out.err = fmt.Errorf("%w: DENIED frame out of place", ErrMalformed)
+				return out
+			}
+			n.st.deniedRecv.Add(1)
+			n.access.forget(p, image)
+			out.denied = true
+			out.err = fmt.Errorf("%w (%s)", ErrDenied, image)
 			return out
 		}
 		if h.status == statusBusy || (h.status == statusComing && len(h.cid) == 0) {

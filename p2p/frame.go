@@ -63,6 +63,10 @@ const (
 	// NOT_FOUND for every block, and: do not designate this node for the
 	// image.
 	statusNotMember byte = 4
+	// statusDenied, with no CID, is the single frame of an answer to a
+	// request for a private image from a peer that holds no proof of
+	// access for it here (ProtocolAccess): prove, then ask again.
+	statusDenied byte = 5
 )
 
 // Have message types.
@@ -213,8 +217,9 @@ const (
 )
 
 // request is a /shoal/block/1 request: the image the blocks are wanted for
-// (the server serves any block it holds; an ORIGIN request needs the image
-// to find the blocks in its index), their CIDs in binary form, and flags.
+// (its name in the swarm: an ORIGIN request needs it to find the blocks in
+// the image's index, and the server serves only blocks of images the asker
+// may read there), their CIDs in binary form, and flags.
 type request struct {
 	image string
 	cids  [][]byte
@@ -284,7 +289,7 @@ func readBlockHeader(r frameReader, scratch []byte) (blockHeader, error) {
 	if err != nil {
 		return h, err // io.EOF: the server is done
 	}
-	if st > statusNotMember {
+	if st > statusDenied {
 		return h, fmt.Errorf("%w: status %d", ErrMalformed, st)
 	}
 	h.status = st

@@ -431,6 +431,9 @@ func TestBlockHeaderHints(t *testing.T) {
 	if h, err := read(appendBlockHeader(nil, statusNotMember, nil, 0)); err != nil || h.status != statusNotMember {
 		t.Errorf("NOT_MEMBER: %+v, %v", h, err)
 	}
+	if h, err := read(appendBlockHeader(nil, statusDenied, nil, 0)); err != nil || h.status != statusDenied {
+		t.Errorf("DENIED: %+v, %v", h, err)
+	}
 	if _, err := read(appendBlockHeader(nil, statusComing, c, maxHintFrame+1)); !errors.Is(err, ErrFrameTooLarge) {
 		t.Errorf("COMING with %d bytes: %v, want ErrFrameTooLarge", maxHintFrame+1, err)
 	}
@@ -439,7 +442,8 @@ func TestBlockHeaderHints(t *testing.T) {
 		"NOT_FOUND with data":  appendBlockHeader(nil, statusNotFound, c, 10),
 		"BUSY with data":       appendBlockHeader(nil, statusBusy, nil, 10),
 		"NOT_MEMBER with data": appendBlockHeader(nil, statusNotMember, nil, 10),
-		"status 5":             appendBlockHeader(nil, statusNotMember+1, nil, 0),
+		"DENIED with data":     appendBlockHeader(nil, statusDenied, nil, 10),
+		"status 6":             appendBlockHeader(nil, statusDenied+1, nil, 0),
 	} {
 		if _, err := read(b); !errors.Is(err, ErrMalformed) {
 			t.Errorf("%s: %v, want ErrMalformed", name, err)

@@ -151,6 +151,13 @@ func (s *swarm) overShare(share float64) bool {
 	return OverShare(s.uploaded.Load(), held, share)
 }
 
+// hasRemote reports whether p sent a have bitmap for the image.
+func (s *swarm) hasRemote(p peer.ID) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.remotes[p] != nil
+}
+
 func (s *swarm) peerCount() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -269,10 +276,12 @@ func (n *Node) addSwarm(digest string, key cid.Cid, index *flat.Index) (*swarm, 
 // and answered NOT_MEMBER when it asks this node to fetch blocks of the
 // image (or for blocks of it this node no longer holds).
 func (n *Node) LeaveImage(digest string) {
+	n.access.drop(digest)
 	n.mu.Lock()
 	s := n.swarms[digest]
 	delete(n.swarms, digest)
 	delete(n.origins, digest)
+	delete(n.blobs, digest)
 	if key, err := ImageKey(digest); err == nil {
 		if e, ok := n.early[key.KeyString()]; ok {
 			// Not opening it either: NOT_MEMBER from now on, until it
@@ -469,7 +478,13 @@ func (n *Node) openSession(ctx context.Context, s *swarm, p peer.ID) (bool, erro
 	}
 
 	octx, cancel := context.WithTimeout(ctx, 5*time.Second)
-	st, err := n.host.NewStream(octx, p, ProtocolHave)
+	// A private image's bitmap goes only to a peer that proved it can
+	// read the image (and its hello is taken only from one).
+	_, err := n.prove(octx, p, s.digest)
+	var st network.Stream
+	if err == nil {
+		st, err = n.host.NewStream(octx, p, ProtocolHave)
+	}
 	cancel()
 	if err != nil {
 		abandon()
@@ -578,6 +593,13 @@ func (n *Node) handleHave(st network.Stream) {
 	s := n.swarm(h.image)
 	if s == nil || h.nblocks != len(s.blocks) {
 		st.Reset() // not joined (or a different index): not a peer of ours
+		return
+	}
+	ctx, cancel := context.WithTimeout(s.ctx, accessTimeout)
+	ok := n.admitted(ctx, p, h.image)
+	cancel()
+	if !ok {
+		st.Reset() // a private image, and no proof of access from p
 		return
 	}
 	n.peers.setLabels(p, h.zone, h.rack)

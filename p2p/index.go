@@ -280,6 +280,11 @@ func (n *Node) ImageManifest(ctx context.Context, digest string, size int64) ([]
 	if err != nil {
 		return nil, err
 	}
+	if n.Private(digest) {
+		// Holding the manifest is the proof of access: each node reads
+		// it from the registry itself.
+		return nil, fmt.Errorf("manifest of private image %s: %w: read it from the registry", digest, ErrNoIndex)
+	}
 	_, id, _ := imageOfKey(key)
 	data, err := n.ImageBlob(ctx, digest, id, size)
 	if err != nil {
@@ -361,6 +366,8 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 	if err != nil {
 		return nil, err
 	}
+	// Served under the image from here on, once this node has it.
+	n.addImageBlob(digest, id)
 	n.startEarlyProvide(key)
 	if len(n.host.Network().Peers()) == 0 {
 		n.bootstrap(ctx)

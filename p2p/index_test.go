@@ -134,11 +134,14 @@ func (bs *blobSwarm) lookUp(t *testing.T, i int) {
 	}
 }
 
+// put gives node i a blob of the image, as ImageBlob (or the registry
+// read after it) does: in its store, and served under the image.
 func (bs *blobSwarm) put(t *testing.T, i int, blob []byte) {
 	t.Helper()
 	if err := bs.stores[i].Put(context.Background(), flat.Sum(blob), blob); err != nil {
 		t.Error(err)
 	}
+	bs.nodes[i].addImageBlob(bs.digest, flat.Sum(blob))
 }
 
 // A node alone is its own designated fetcher: it hears so at once and

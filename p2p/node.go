@@ -24,6 +24,8 @@ import (
 	"github.com/libp2p/go-libp2p/p2p/transport/tcp"
 	"github.com/multiformats/go-multihash"
 	"golang.org/x/sync/errgroup"
+
+	"github.com/shoal-project/shoal/flat"
 )
 
 // Protocol IDs.
@@ -69,6 +71,7 @@ type Node struct {
 	peers  *peerTable
 	up     *uploader
 	origin *originGroup
+	access *access
 	st     counters
 
 	// life is the node's lifetime: sessions and background provides run
@@ -85,6 +88,11 @@ type Node struct {
 	found    map[string]foundProviders // recent image lookups, by key (index.go)
 	groups   map[string][]peer.ID      // origin group per image digest, from the latest lookup (index.go)
 	early    map[string]earlyProvide   // early provides of image records, by key (index.go)
+	// blobs are, per image, the blobs ImageBlob fetched for it (its
+	// manifest and index): the node serves them under the image while it
+	// opens or holds it (servable).
+	blobs   map[string][]flat.BlockID
+	recipes RecipeGetter // what ServeRecipes set; nil before
 	// notMembers are, per image digest, the peers that answered NOT_MEMBER
 	// for it and when they may be designated for it again.
 	notMembers map[string]map[peer.ID]time.Time
@@ -169,12 +177,14 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		peers:   newPeerTable(),
 		up:      newUploader(cfg.MaxUploadStreams, cfg.UploadBytesPerSec),
 		origin:  newOriginGroup(cfg.MaxOriginFetches),
+		access:  newAccess(),
 		swarms:  map[string]*swarm{},
 		origins: map[string]ImageFetcher{},
 	}
 	n.life, n.cancel = context.WithCancel(context.Background())
 	h.SetStreamHandler(ProtocolBlock, n.handleBlock)
 	h.SetStreamHandler(ProtocolHave, n.handleHave)
+	h.SetStreamHandler(ProtocolAccess, n.handleAccess)
 	log.Info("p2p node started", "peer", h.ID().String(), "addrs", fmt.Sprint(h.Addrs()),
 		"private_network", len(psk) != 0, "zone", cfg.Zone, "rack", cfg.Rack)
 	return n, nil
@@ -486,6 +496,17 @@ type Stats struct {
 	// FirstCopyPassed counts ORIGIN requests answered COMING because
 	// other askers of the same fetch were picked for the first copies.
 	FirstCopyPassed int64 `json:"first_copy_passed"`
+	// Proofs of access (private images): handshakes this node ran as
+	// client (ProofsSent), proofs from peers it accepted and refused
+	// (ProofsAccepted, ProofsFailed), handshakes it refused because the
+	// peer had failed too many (ProofsLimited), and requests it answered
+	// DENIED (no proof held) or got DENIED for.
+	ProofsSent     int64 `json:"proofs_sent"`
+	ProofsAccepted int64 `json:"proofs_accepted"`
+	ProofsFailed   int64 `json:"proofs_failed"`
+	ProofsLimited  int64 `json:"proofs_limited"`
+	DeniedSent     int64 `json:"denied_sent"`
+	DeniedReceived int64 `json:"denied_received"`
 	// IndexesFetched counts image indexes had from peers (not the registry).
 	IndexesFetched int64 `json:"indexes_fetched"`
 	// ManifestsFetched counts flat manifests had from peers (not the
@@ -503,6 +524,8 @@ type counters struct {
 	manifestsFetched, spreadSent, spreadRecv, forced          atomic.Int64
 	firstCopyPassed, hintsRecv, unreachable, originReplanned  atomic.Int64
 	notMemberSent, notMemberRecv, designatedSlow              atomic.Int64
+	proofsSent, proofsAccepted, proofsFailed, proofsLimited   atomic.Int64
+	deniedSent, deniedRecv                                    atomic.Int64
 }
 
 // Stats returns the node's counters.
@@ -546,6 +569,12 @@ func (n *Node) Stats() Stats {
 		NotMemberSent:     n.st.notMemberSent.Load(),
 		NotMemberReceived: n.st.notMemberRecv.Load(),
 		DesignatedSlow:    n.st.designatedSlow.Load(),
+		ProofsSent:        n.st.proofsSent.Load(),
+		ProofsAccepted:    n.st.proofsAccepted.Load(),
+		ProofsFailed:      n.st.proofsFailed.Load(),
+		ProofsLimited:     n.st.proofsLimited.Load(),
+		DeniedSent:        n.st.deniedSent.Load(),
+		DeniedReceived:    n.st.deniedRecv.Load(),
 	}
 	for _, s := range n.swarmList() {
 		st.Images++

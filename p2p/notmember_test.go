@@ -7,9 +7,10 @@ import (
 )
 
 // A node asked about an image it is not a member of answers NOT_MEMBER
-// only to an asker that reads it (flagMember), and only for an ORIGIN
-// request or blocks it holds none of; blocks it still holds are served.
-// Opening the image (ImageBlob) or joining it makes it a member again.
+// only to an asker that reads it (flagMember), NOT_FOUND to others; it
+// serves nothing of the image, not even blocks its cache still holds
+// (it serves only blocks of images it holds). Opening the image
+// (ImageBlob) or joining it makes it a member again.
 func TestNotMemberAnswers(t *testing.T) {
 	t.Parallel()
 	im := newTestImage("not-member", 4, 16<<10)
@@ -30,14 +31,16 @@ func TestNotMemberAnswers(t *testing.T) {
 				what, o.notMember, len(o.got), len(o.notFound), o.err, wantNotMember, wantGot)
 		}
 	}
-	ask("left, a block it holds", []flat.Block{held}, flagMember, false, 1)
-	ask("left, blocks it holds one of", []flat.Block{held, other}, flagMember, false, 1)
+	// A node serves only blocks of images it holds: once it left, not
+	// even those its cache keeps.
+	ask("left, a block it holds", []flat.Block{held}, flagMember, true, 0)
+	ask("left, blocks it holds one of", []flat.Block{held, other}, flagMember, true, 0)
 	ask("left, a block it lacks", []flat.Block{other}, flagMember, true, 0)
 	ask("left, ORIGIN", []flat.Block{held, other}, flagOrigin|flagMember, true, 0)
-	ask("left, an asker without flagMember", []flat.Block{other}, 0, false, 0)
+	ask("left, an asker without flagMember", []flat.Block{held}, 0, false, 0)
 	ask("left, ORIGIN from an asker without flagMember", []flat.Block{other}, flagOrigin, false, 0)
-	if st := b.Stats(); st.NotMemberSent != 2 || st.OriginFetches != before.OriginFetches {
-		t.Errorf("node 1: %d NOT_MEMBER answers, %d origin fetches since it left; want 2 and 0", st.NotMemberSent, st.OriginFetches-before.OriginFetches)
+	if st := b.Stats(); st.NotMemberSent != 4 || st.OriginFetches != before.OriginFetches {
+		t.Errorf("node 1: %d NOT_MEMBER answers, %d origin fetches since it left; want 4 and 0", st.NotMemberSent, st.OriginFetches-before.OriginFetches)
 	}
 
 	key, err := ImageKey(im.digest)

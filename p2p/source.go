@@ -430,7 +430,7 @@ func (ps *PeerSource) runBatch(ctx context.Context, p peer.ID, batch []flat.Bloc
 	launch := func(q peer.ID, bs []flat.Block, hedge bool, onAnswer func()) {
 		go func() {
 			start := time.Now()
-			o := n.request(bctx, q, ps.image, bs, reqOpts{flags: flags | flagHints | flagMember, onAnswer: onAnswer, deliver: deliver})
+			o := n.request(bctx, q, ps.nameFor(q), bs, reqOpts{flags: flags | flagHints | flagMember, onAnswer: onAnswer, deliver: deliver})
 			results <- result{p: q, o: o, hedge: hedge, took: time.Since(start)}
 		}()
 	}
@@ -479,6 +479,28 @@ func (ps *PeerSource) runBatch(ctx context.Context, p peer.ID, batch []flat.Bloc
 		}
 	}
 	return more
+}
+
+// nameFor is the image a request to holder q names: the call's image,
+// unless that is private here and q is a peer of another joined image's
+// swarm but not of its own (the blocks are shared with that image): that
+// image, then, for which q and this node are verified to each other
+// already. Naming the call's image would make q, which does not serve it,
+// answer as a stranger.
+func (ps *PeerSource) nameFor(q peer.ID) string {
+	n := ps.n
+	if !n.Private(ps.image) {
+		return ps.image
+	}
+	if s := n.swarm(ps.image); s == nil || s.hasRemote(q) {
+		return ps.image
+	}
+	for _, s := range n.swarmList() {
+		if s.digest != ps.image && s.hasRemote(q) {
+			return s.digest
+		}
+	}
+	return ps.image
 }
 
 // record books a request's outcome: NOT_FOUND answers, penalties, latency.

@@ -246,6 +246,12 @@ func TestSpreadHints(t *testing.T) {
 		if err := store.Put(ctx, x.ID, o.got[x.ID]); err != nil {
 			t.Fatal(err)
 		}
+		// A member of the image (it serves only blocks of images it
+		// holds), with no have session to C.
+		key, _ := ImageKey(im.digest)
+		if _, _, err := e.addSwarm(im.digest, key, im.index); err != nil {
+			t.Fatal(err)
+		}
 		outside = append(outside, e)
 	}
 	// C may have met them through the DHT (its routing table refresh):
