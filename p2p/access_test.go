@@ -249,18 +249,10 @@ func TestPrivateImageOutsiders(t *testing.T) {
 		t.Fatal(err)
 	}
 	_ = st.SetReadDeadline(time.Now().Add(5 * time.Second))
-	if _, err := st.Read(make([]byte, 1)); err == nil || strings.Contains(err.Error(), "timeout") {
+	if _, err := st.Read(make([]byte, 1)); err == nil || isTimeout(err) {
 		t.Errorf("A kept the outsider's have stream open: %v", err)
 	}
 	st.Reset()
-	eventually(t, 5*time.Second, "A to have no have session from E", func() bool {
-		for _, p := range a.ImagePeers(im.digest) {
-			if p == e.ID() {
-				return false
-			}
-		}
-		return true
-	})
 
 	// Forged proofs: refused, and after proofFailLimit the peer is
 	// rate-limited.
