@@ -140,6 +140,50 @@ func TestConvertIsDeterministic(t *testing.T) {
 	}
 }
 
+// The manifest carries the index's access salt, so its bytes cannot be
+// rebuilt from the digests it names.
+func TestConvertAccessSalt(t *testing.T) {
+	t.Parallel()
+	reg := memRegistry(t)
+	push(t, reg+"/salt:v1", imageOf(t, oracleLayers()...))
+	res, err := Convert(t.Context(), reg+"/salt:v1", "", WithPlainHTTP(true), WithAvgBlockSize(16<<10), quiet())
+	if err != nil {
+		t.Fatal(err)
+	}
+	ref, err := name.ParseReference(res.Ref, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := remote.Image(ref, remote.WithContext(t.Context()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := img.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	idx, err := img.LayerByDigest(m.Layers[0].Digest)
+	if err != nil {
+		t.Fatal(err)
+	}
+	rc, err := idx.Compressed()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer rc.Close()
+	blob, err := io.ReadAll(rc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	salt := m.Annotations[flat.AnnotationAccessSalt]
+	if salt != flat.AccessSalt(blob) || len(salt) != 64 {
+		t.Errorf("access salt %q, want %q", salt, flat.AccessSalt(blob))
+	}
+	if strings.Contains(salt, m.Layers[0].Digest.Hex) || salt == m.Config.Digest.Hex {
+		t.Errorf("the salt is a digest the manifest names")
+	}
+}
+
 func TestConvertRejectsUnsafeEntries(t *testing.T) {
 	t.Parallel()
 	reg := memRegistry(t)

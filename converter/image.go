@@ -91,8 +91,9 @@ func newFlatImage(cfg Config, indexBlob []byte, blobs []blobFile) (v1.Image, err
 		ArtifactType:  flat.ArtifactType,
 		Config:        v1.Descriptor{MediaType: flat.MediaTypeConfig, Digest: cfgHash, Size: cfgSize},
 		Annotations: map[string]string{
-			flat.AnnotationSource: cfg.Source,
-			flat.AnnotationFormat: strconv.Itoa(flat.Version),
+			flat.AnnotationSource:     cfg.Source,
+			flat.AnnotationFormat:     strconv.Itoa(flat.Version),
+			flat.AnnotationAccessSalt: flat.AccessSalt(indexBlob),
 		},
 	}
 	add := func(l *blobLayer) {

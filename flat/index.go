@@ -1,6 +1,9 @@
 package flat
 
 import (
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"slices"
 	"strings"
@@ -24,6 +27,11 @@ const (
 	AnnotationSource = "dev.shoal.source.digest"
 	// AnnotationFormat is the flat format version, as a decimal string.
 	AnnotationFormat = "dev.shoal.format.version"
+	// AnnotationAccessSalt is AccessSalt of the index blob, in hex. It
+	// makes the manifest's bytes depend on the index's content, which the
+	// manifest's digests do not reveal: a private image's proof of access
+	// rests on holding those bytes (p2p.PrivateImage).
+	AnnotationAccessSalt = "dev.shoal.access.salt"
 	// TagSuffix is appended to a source tag to name its flat form.
 	TagSuffix = "-shoal"
 )
@@ -228,4 +236,14 @@ func (x *Index) Resolve(i int) int {
 		return i // Validate guarantees this cannot happen for decoded indexes.
 	}
 	return j
+}
+
+// AccessSalt is the value of AnnotationAccessSalt for an index blob: an
+// HMAC-SHA256 of the blob under a fixed label, deterministic (the same
+// source gives the same manifest anywhere) but not computable from any
+// digest the manifest or the index names.
+func AccessSalt(indexBlob []byte) string {
+	m := hmac.New(sha256.New, []byte("shoal/access-salt/v1"))
+	m.Write(indexBlob)
+	return hex.EncodeToString(m.Sum(nil))
 }
