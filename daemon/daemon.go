@@ -24,6 +24,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"golang.org/x/sync/errgroup"
 	"gopkg.in/yaml.v3"
 
@@ -41,7 +42,8 @@ type Config struct {
 	MetricsAddr string            `yaml:"metrics_addr"` // "" disables; e.g. 127.0.0.1:9464
 	PlainHTTP   bool              `yaml:"plain_http"`
 	CacheQuota  int64             `yaml:"cache_quota"`
-	Labels      map[string]string `yaml:"labels"` // zone, rack: used to prefer near peers
+	Labels      map[string]string `yaml:"labels"`   // zone, rack: used to prefer near peers
+	Registry    RegistryConfig    `yaml:"registry"` // credentials, public repositories (credentials.go)
 	P2P         P2PConfig         `yaml:"p2p"`
 	Seeding     SeedingConfig     `yaml:"seeding"`     // trace prefetch, fill, recording, keep-warm (seeding.go)
 	Snapshotter SnapshotterConfig `yaml:"snapshotter"` // containerd remote snapshotter (snapshotter.go)
@@ -89,6 +91,10 @@ type Daemon struct {
 	log     *slog.Logger
 	metrics *metrics
 
+	// keychain holds the registry credentials the daemon reads images
+	// with (Config.Registry), set by Run.
+	keychain authn.Keychain
+
 	mu         sync.Mutex
 	node       *node.Node
 	swarm      *p2p.Node              // nil with p2p disabled
@@ -124,9 +130,16 @@ func New(cfg Config, log *slog.Logger) (*Daemon, error) {
 // Run opens the state directory, serves the API and metrics until ctx is
 // done, then unmounts everything and closes the cache.
 func (d *Daemon) Run(ctx context.Context) (err error) {
+	if d.keychain, err = d.cfg.Registry.keychain(); err != nil {
+		return err
+	}
+	vis, err := d.cfg.Registry.visibility()
+	if err != nil {
+		return err
+	}
 	opts := []node.Option{node.WithLogger(d.base), node.WithPlainHTTP(d.cfg.PlainHTTP),
 		node.WithCacheQuota(d.cfg.CacheQuota), node.WithFetchObserver(d.metrics),
-		node.WithSeeding(d.cfg.Seeding.nodeSeeding())}
+		node.WithSeeding(d.cfg.Seeding.nodeSeeding()), node.WithKeychain(d.keychain), node.WithVisibility(vis)}
 	if !d.cfg.Seeding.nodeSeeding().Trace {
 		opts = append(opts, node.WithoutTraceLookup())
 	}

@@ -69,8 +69,12 @@ func startSwarmNode(t *testing.T, boot []string) (*node.Node, *p2p.Node) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	vis, err := RegistryConfig{}.visibility()
+	if err != nil {
+		t.Fatal(err)
+	}
 	n, err := node.Open(t.Context(), t.TempDir(), node.WithPlainHTTP(true), node.WithLogger(quiet),
-		node.WithPeers(swarm{sw}), node.WithoutTraceLookup())
+		node.WithPeers(swarm{sw}), node.WithoutTraceLookup(), node.WithVisibility(vis))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -9,7 +9,6 @@ import (
 	"net/http"
 	"path/filepath"
 
-	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -93,7 +92,7 @@ func (r snapshotRemote) Lookup(ctx context.Context, ref, manifest string) (snaps
 	if err != nil {
 		return img, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain)}
+	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuthFromKeychain(r.d.keychain)}
 	if manifest == "" {
 		desc, err := remote.Head(src, ropts...)
 		if err != nil {
@@ -138,7 +137,7 @@ func (r snapshotRemote) SourceLayers(ctx context.Context, ref, manifest string) 
 	if err != nil {
 		return nil, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	sd, err := remote.Get(src.Context().Digest(manifest), remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain))
+	sd, err := remote.Get(src.Context().Digest(manifest), remote.WithContext(ctx), remote.WithAuthFromKeychain(r.d.keychain))
 	if err != nil {
 		return nil, converter.RegistryError("read", ref, err)
 	}
@@ -160,7 +159,7 @@ func (r snapshotRemote) FetchLayer(ctx context.Context, ref, layer string) (io.R
 	if err != nil {
 		return nil, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	l, err := remote.Layer(src.Context().Digest(layer), remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain))
+	l, err := remote.Layer(src.Context().Digest(layer), remote.WithContext(ctx), remote.WithAuthFromKeychain(r.d.keychain))
 	if err != nil {
 		return nil, converter.RegistryError("read", ref, err)
 	}

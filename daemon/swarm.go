@@ -34,14 +34,26 @@ var (
 
 func (s swarm) PeerSource(image string) fetch.Source { return s.Source(image) }
 
+// ImageName implements node.Peers: a public image is named by its
+// manifest digest; a private one by what its manifest's bytes derive
+// (p2p.PrivateImage), and made private in the swarm, which then shares it
+// only with nodes that prove they hold those bytes too.
+func (s swarm) ImageName(m fetch.Manifest) string {
+	if m.Public {
+		return m.Desc.Digest.String()
+	}
+	_, secret := p2p.PrivateImage(m.Raw)
+	return s.AddPrivate(secret)
+}
+
 // FetchIndex implements fetch.IndexSource: the index blob from the image's
 // peers, which keep it in their block caches (node.Resolve puts it there).
-func (s swarm) FetchIndex(ctx context.Context, digest string, index v1.Descriptor) ([]byte, error) {
+func (s swarm) FetchIndex(ctx context.Context, m fetch.Manifest, index v1.Descriptor) ([]byte, error) {
 	raw, err := hex.DecodeString(index.Digest.Hex)
 	if index.Digest.Algorithm != "sha256" || err != nil || len(raw) != len(flat.BlockID{}) {
 		return nil, fmt.Errorf("index digest %s: not sha256", index.Digest)
 	}
-	return s.ImageIndex(ctx, digest, flat.BlockID(raw), index.Size)
+	return s.ImageIndex(ctx, s.ImageName(m), flat.BlockID(raw), index.Size)
 }
 
 // FetchManifest implements fetch.ManifestSource: the flat manifest from

@@ -33,8 +33,19 @@ type Image struct {
 	manifestRaw       []byte
 	manifestDsc       v1.Descriptor
 	manifestFromPeers bool
+	public            bool
 	registry          *Registry
 }
+
+// Manifest returns the flat manifest as the registry served it, and
+// whether the image's repository is public.
+func (im *Image) Manifest() Manifest {
+	return Manifest{Desc: im.manifestDsc, Raw: im.manifestRaw, Public: im.public}
+}
+
+// Public reports whether the image's repository is public (Visibility):
+// its manifest may come from peers, and peers share it with anyone.
+func (im *Image) Public() bool { return im.public }
 
 // IndexBlob returns the index blob's descriptor and bytes (verified), so
 // the node can keep it where its peers can fetch it.
@@ -124,7 +135,10 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 		return fail("registry handshake", err)
 	}
 
-	mdesc, raw, fromPeers, err := resolveManifest(ctx, &cfg, ref, r, rt)
+	// Only a public image's manifest may come from peers: holding a
+	// private one's bytes is what a node proves to its peers.
+	public, head := cfg.visibility.Public(ctx, r, cfg.transport)
+	mdesc, raw, fromPeers, err := resolveManifest(ctx, &cfg, ref, r, rt, public, head)
 	if err != nil {
 		return nil, err
 	}
@@ -132,11 +146,16 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 	if err != nil {
 		return nil, err
 	}
+	if _, salted := m.Annotations[flat.AnnotationAccessSalt]; !public && !salted && cfg.indexSrc != nil {
+		cfg.log.Warn("private flat image without an access salt: a peer that knew all its digests could pass for a reader; convert it again with this version",
+			"component", "fetch", "ref", ref, "digest", mdesc.Digest.String())
+	}
+	fm := Manifest{Desc: mdesc, Raw: raw, Public: public}
 	if cfg.onManifest != nil {
-		cfg.onManifest(ctx, mdesc, raw)
+		cfg.onManifest(ctx, fm)
 	}
 
-	im := &Image{digest: mdesc.Digest.String(), manifestRaw: raw, manifestDsc: mdesc, manifestFromPeers: fromPeers}
+	im := &Image{digest: mdesc.Digest.String(), manifestRaw: raw, manifestDsc: mdesc, manifestFromPeers: fromPeers, public: public}
 	if t, ok := r.(name.Tag); ok {
 		im.ref = t.Name() + "@" + im.digest
 	} else {
@@ -160,7 +179,7 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 	// Peers of the image hold its index: one copy from the registry serves
 	// the swarm, as with blocks.
 	if src := cfg.indexSrc; src != nil {
-		blob, err := src.FetchIndex(ctx, im.digest, layer)
+		blob, err := src.FetchIndex(ctx, fm, layer)
 		if err == nil {
 			err = check(blob)
 		}
@@ -188,7 +207,7 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 	}
 	reg.blobs = im.index.Blobs
 	im.registry = reg
-	cfg.log.Info("opened flat image", "component", "fetch", "ref", im.ref,
+	cfg.log.Info("opened flat image", "component", "fetch", "ref", im.ref, "public", public,
 		"manifest_from_peers", im.manifestFromPeers, "index_bytes", layer.Size, "index_from_peers", im.indexFromPeers,
 		"blobs", len(im.index.Blobs), "blocks", len(im.index.Blocks), "entries", len(im.index.Entries))
 	return im, nil
@@ -196,25 +215,28 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 
 // resolveManifest resolves r to its manifest: its descriptor, its bytes
 // (which hash to the descriptor's digest) and whether they came from the
-// IndexSource as a ManifestSource. Without one it is one registry GET, as
-// always. With one, a HEAD (under the same retries and timeout as the
+// IndexSource as a ManifestSource. Without one, or for a private image
+// (public false), it is one registry GET. With one, a HEAD — the
+// visibility probe's (head), or one of its own, under the same retries and timeout as the
 // GET) gives the descriptor, and the source is asked for the bytes; if the
 // HEAD fails, the source fails, or its bytes are not the HEAD's, the
 // registry serves the manifest — by the HEAD's digest when there was one,
 // so that a tag moved meanwhile cannot mix two images; by r otherwise. An
 // image index (as the HEAD's media type says) is not asked of the source:
 // it has no flat form, and flatManifest says so.
-func resolveManifest(ctx context.Context, cfg *config, ref string, r name.Reference, rt http.RoundTripper) (v1.Descriptor, []byte, bool, error) {
+func resolveManifest(ctx context.Context, cfg *config, ref string, r name.Reference, rt http.RoundTripper, public bool, head *v1.Descriptor) (v1.Descriptor, []byte, bool, error) {
 	target := r
-	if src, ok := cfg.indexSrc.(ManifestSource); ok {
-		var head *v1.Descriptor
-		err := cfg.retry(ctx, "manifest head", func(ctx context.Context) error {
-			ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
-			defer cancel()
-			var err error
-			head, err = remote.Head(r, remote.WithContext(ctx), remote.WithTransport(rt))
-			return translate(err)
-		})
+	if src, ok := cfg.indexSrc.(ManifestSource); ok && public {
+		var err error
+		if head == nil {
+			err = cfg.retry(ctx, "manifest head", func(ctx context.Context) error {
+				ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
+				defer cancel()
+				var err error
+				head, err = remote.Head(r, remote.WithContext(ctx), remote.WithTransport(rt))
+				return translate(err)
+			})
+		}
 		switch {
 		case err != nil:
 			// A HEAD has no body to explain itself: the GET says why.

@@ -88,6 +88,8 @@ type peerSource struct {
 	indexAsked      int
 	keptBeforeIndex bool
 	kept            [][]byte
+	keptPublic      []bool
+	indexFor        []Manifest // the manifests FetchIndex was called with
 }
 
 func (p *peerSource) FetchManifest(_ context.Context, desc v1.Descriptor) ([]byte, error) {
@@ -97,10 +99,11 @@ func (p *peerSource) FetchManifest(_ context.Context, desc v1.Descriptor) ([]byt
 	return p.manifest(desc)
 }
 
-func (p *peerSource) FetchIndex(context.Context, string, v1.Descriptor) ([]byte, error) {
+func (p *peerSource) FetchIndex(_ context.Context, m Manifest, _ v1.Descriptor) ([]byte, error) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	p.indexAsked++
+	p.indexFor = append(p.indexFor, m)
 	p.keptBeforeIndex = len(p.kept) > 0
 	if p.index == nil {
 		return nil, errors.New("no peer holds it")
@@ -108,15 +111,26 @@ func (p *peerSource) FetchIndex(context.Context, string, v1.Descriptor) ([]byte,
 	return p.index, nil
 }
 
-func (p *peerSource) keep(_ context.Context, _ v1.Descriptor, raw []byte) {
+func (p *peerSource) keep(_ context.Context, m Manifest) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	p.kept = append(p.kept, slices.Clone(raw))
+	p.kept = append(p.kept, slices.Clone(m.Raw))
+	p.keptPublic = append(p.keptPublic, m.Public)
 }
 
+// opts opens with p as the swarm, the test registries being public (they
+// serve anonymous reads, which the visibility probe finds).
 func (p *peerSource) opts() []Option {
 	return []Option{WithPlainHTTP(true), WithLogger(quiet()), WithRetries(DefaultAttempts, 0),
-		WithIndexSource(p), WithOnManifest(p.keep)}
+		WithIndexSource(p), WithOnManifest(p.keep), WithVisibility(mustVisibility(nil, true))}
+}
+
+func mustVisibility(public []string, probe bool) *Visibility {
+	v, err := NewVisibility(public, probe, 0)
+	if err != nil {
+		panic(err)
+	}
+	return v
 }
 
 // flatBlobs opens the fixture's flat image from the registry alone and
@@ -218,8 +232,10 @@ func TestOpenImageManifestPeersFail(t *testing.T) {
 	}
 }
 
-// A registry whose manifest HEADs fail: the peers are not asked (there is
-// no digest to ask for) and the manifest comes from a GET of the tag.
+// A registry whose manifest HEADs fail: the visibility probe says nothing,
+// so the image counts as private; the peers are not asked (there is no
+// digest to ask for, and a private manifest never comes from them) and the
+// manifest comes from a GET of the tag.
 func TestOpenImageManifestHeadFails(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
@@ -233,8 +249,11 @@ func TestOpenImageManifestHeadFails(t *testing.T) {
 	if len(src.asked) != 0 || im.ManifestFromPeers() {
 		t.Errorf("the source was asked %d times (from peers %v) without a HEAD", len(src.asked), im.ManifestFromPeers())
 	}
-	if heads, gets := reg.requests(http.MethodHead), reg.requests(http.MethodGet); len(heads) != DefaultAttempts || !slices.Equal(gets, []string{"/v2/app/manifests/v1-shoal"}) {
-		t.Errorf("HEADs %v (want %d, retried), GETs %v (want the tag)", heads, DefaultAttempts, gets)
+	if heads, gets := reg.requests(http.MethodHead), reg.requests(http.MethodGet); len(heads) != 1 || !slices.Equal(gets, []string{"/v2/app/manifests/v1-shoal"}) {
+		t.Errorf("HEADs %v (want the probe's), GETs %v (want the tag)", heads, gets)
+	}
+	if im.Public() || len(src.keptPublic) != 1 || src.keptPublic[0] {
+		t.Errorf("public %v, hook saw public %v; want private", im.Public(), src.keptPublic)
 	}
 	if im.Digest() != f.res.Digest || !reflect.DeepEqual(im.Index(), f.res.Index) {
 		t.Errorf("opened %s, want %s", im.Digest(), f.res.Digest)

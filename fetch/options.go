@@ -33,7 +33,8 @@ type config struct {
 	maxBackoff time.Duration
 	parallel   int
 	indexSrc   IndexSource
-	onManifest func(ctx context.Context, desc v1.Descriptor, raw []byte)
+	onManifest func(ctx context.Context, m Manifest)
+	visibility *Visibility
 }
 
 // Defaults. See the package doc for why these values.
@@ -220,12 +221,13 @@ type Observer interface {
 func WithObserver(o Observer) Option { return func(c *config) error { c.observer = o; return nil } }
 
 // IndexSource is where OpenImage looks for a flat image's index before the
-// registry: the swarm, whose peers of the image hold it. digest is the
-// flat manifest's digest, index the index blob's descriptor. The bytes are
-// untrusted: OpenImage checks them against index's digest and falls back
-// to the registry on any error.
+// registry: the swarm, whose peers of the image hold it. m is the image's
+// manifest (a private image is addressed in the swarm by what its bytes
+// derive), index the index blob's descriptor. The bytes are untrusted:
+// OpenImage checks them against index's digest and falls back to the
+// registry on any error.
 type IndexSource interface {
-	FetchIndex(ctx context.Context, digest string, index v1.Descriptor) ([]byte, error)
+	FetchIndex(ctx context.Context, m Manifest, index v1.Descriptor) ([]byte, error)
 }
 
 // WithIndexSource makes OpenImage try s for the index before the registry,
@@ -235,8 +237,9 @@ func WithIndexSource(s IndexSource) Option {
 }
 
 // ManifestSource is an optional extension of IndexSource: where OpenImage
-// looks for the flat image's manifest before the registry (the swarm,
-// whose peers of the image keep it). OpenImage checks for it with a type
+// looks for a public flat image's manifest before the registry (the swarm,
+// whose peers of the image keep it); a private image's manifest always
+// comes from the registry (Manifest.Public). OpenImage checks for it with a type
 // assertion on the IndexSource, so that one value — the swarm — serves
 // both and a plain IndexSource keeps working unchanged. desc comes from a
 // HEAD request for the reference (digest, size, media type: no body from
@@ -247,15 +250,23 @@ type ManifestSource interface {
 	FetchManifest(ctx context.Context, desc v1.Descriptor) ([]byte, error)
 }
 
-// WithOnManifest makes OpenImage call f with the flat manifest's bytes
-// (they hash to desc.Digest) as soon as it has them and has checked they
-// are a flat image's, before it fetches the index; f must be quick. The
+// WithOnManifest makes OpenImage call f with the flat manifest (its bytes
+// hash to m.Desc.Digest) as soon as it has it and has checked it is a flat
+// image's, before it fetches the index; f must be quick. The
 // node keeps them in its block cache there, where its peers fetch them
 // (ManifestSource): kept only once OpenImage returned, the manifest of the
 // node designated to read it from the registry would stay out of the
 // swarm's reach while that node waits for the index — from a node that
 // waits for the manifest — and both would wait out their peer budget.
 // OpenImage.
-func WithOnManifest(f func(ctx context.Context, desc v1.Descriptor, raw []byte)) Option {
+func WithOnManifest(f func(ctx context.Context, m Manifest)) Option {
 	return func(c *config) error { c.onManifest = f; return nil }
+}
+
+// WithVisibility makes OpenImage ask v whether the image's repository is
+// public (Manifest.Public, Image.Public). Without it every image is
+// private: its manifest comes from the registry, and the swarm shares it
+// only with nodes that prove they could read it too. OpenImage.
+func WithVisibility(v *Visibility) Option {
+	return func(c *config) error { c.visibility = v; return nil }
 }

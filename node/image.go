@@ -11,7 +11,6 @@ import (
 	"path/filepath"
 	"strings"
 
-	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -33,17 +32,21 @@ type Image struct {
 	Registry *fetch.Registry // nil for a local conversion
 	Config   *v1.ConfigFile  // the source image's config (Env, WorkingDir, ...), if it could be read
 	Digest   string          // the flat image's manifest digest; "" for a local conversion
+	// SwarmName is the image's name in the swarm (Peers.ImageName); ""
+	// for a local conversion.
+	SwarmName string
 	// Private says the image's repository is not public: its registry
 	// refuses anonymous reads (or the configuration does not list it as
 	// public), so peers share it only with nodes that prove they could
 	// read it themselves, and it is never shown to unauthenticated
 	// viewers.
 	Private bool
-	Trace    *trace.Trace    // the newest start-up trace published for it, if any
+	Trace   *trace.Trace // the newest start-up trace published for it, if any
 }
 
 func (n *Node) fetchOpts() []fetch.Option {
-	opts := []fetch.Option{fetch.WithPlainHTTP(n.cfg.plainHTTP), fetch.WithLogger(n.cfg.log)}
+	opts := []fetch.Option{fetch.WithPlainHTTP(n.cfg.plainHTTP), fetch.WithLogger(n.cfg.log),
+		fetch.WithKeychain(n.cfg.keychain), fetch.WithVisibility(n.cfg.visibility)}
 	if src, ok := n.cfg.peers.(fetch.IndexSource); ok {
 		// The swarm is also a fetch.ManifestSource: OpenImage asks it for
 		// the manifest too.
@@ -55,18 +58,19 @@ func (n *Node) fetchOpts() []fetch.Option {
 	return opts
 }
 
-// keepManifest keeps a flat manifest in the block cache, as a block whose
-// ID is its digest, so that peers of the image can have it from here
+// keepManifest keeps a public flat manifest in the block cache, as a block
+// whose ID is its digest, so that peers of the image can have it from here
 // instead of the registry (fetch.ManifestSource). OpenImage calls it as
 // soon as it has the manifest, before it fetches the index: the swarm's
 // designated fetcher of the manifest must serve it while it waits for the
-// index, which may come from a node that waits for the manifest.
-func (n *Node) keepManifest(ctx context.Context, desc v1.Descriptor, raw []byte) {
-	if len(raw) == 0 || len(raw) > flat.MaxBlockSize {
+// index, which may come from a node that waits for the manifest. A private
+// manifest is not shared: each node reads it from the registry itself.
+func (n *Node) keepManifest(ctx context.Context, m fetch.Manifest) {
+	if !m.Public || len(m.Raw) == 0 || len(m.Raw) > flat.MaxBlockSize {
 		return
 	}
-	if err := n.store.Put(ctx, flat.Sum(raw), raw); err != nil {
-		n.log.Debug("could not keep the manifest for peers", "manifest", desc.Digest.String(), "err", err)
+	if err := n.store.Put(ctx, flat.Sum(m.Raw), m.Raw); err != nil {
+		n.log.Debug("could not keep the manifest for peers", "manifest", m.Desc.Digest.String(), "err", err)
 	}
 }
 
@@ -112,7 +116,9 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 	}
 	var cache fetch.Cache = n.store
 	sources := []fetch.Source{im.Registry()}
+	swarmName := im.Digest()
 	if p := n.cfg.peers; p != nil {
+		swarmName = p.ImageName(im.Manifest())
 		// Keep the index blob as a block, so peers of the image can have
 		// it from here instead of the registry (fetch.IndexSource). The
 		// manifest is kept already (keepManifest, during OpenImage).
@@ -136,20 +142,21 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 			if err != nil {
 				return nil, err
 			}
-			registry = registrySource{srv.ServeOrigin(im.Digest(), origin)}
+			registry = registrySource{srv.ServeOrigin(swarmName, origin)}
 		}
 		// One DHT lookup per image: the peers serving it then tell each
 		// other what they hold. A failed join only means no peers yet.
-		if err := p.JoinImage(ctx, im.Digest(), im.Index()); err != nil {
+		if err := p.JoinImage(ctx, swarmName, im.Index()); err != nil {
 			n.log.Warn("could not join the image's swarm; using the registry", "image", im.Ref(), "err", err)
 		}
-		sources = []fetch.Source{p.PeerSource(im.Digest()), registry}
+		sources = []fetch.Source{p.PeerSource(swarmName), registry}
 	}
 	chain, err := fetch.NewChain(cache, sources, n.chainOpts()...)
 	if err != nil {
 		return nil, err
 	}
-	img := &Image{Source: ref, Ref: im.Ref(), Index: im.Index(), Chain: chain, Registry: im.Registry(), Digest: im.Digest()}
+	img := &Image{Source: ref, Ref: im.Ref(), Index: im.Index(), Chain: chain, Registry: im.Registry(), Digest: im.Digest(),
+		Private: !im.Public(), SwarmName: swarmName}
 	img.Config = n.sourceConfig(ctx, im.Ref(), im.Index().Source)
 	img.Trace = n.findTrace(ctx, im.Ref(), im.Digest())
 	return img, nil
@@ -170,7 +177,7 @@ func (n *Node) sourceConfig(ctx context.Context, flatRef, srcDigest string) *v1.
 		return nil
 	}
 	src := r.Context().Digest(srcDigest)
-	img, err := remote.Image(src, remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain))
+	img, err := remote.Image(src, remote.WithContext(ctx), remote.WithAuthFromKeychain(n.cfg.keychain))
 	if err != nil {
 		n.log.Debug("source config unavailable", "ref", src.String(), "err", err)
 		return nil
@@ -192,7 +199,7 @@ func (n *Node) convertLocally(ctx context.Context, ref string) (*Image, error) {
 	if err != nil {
 		return nil, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	src, err := remote.Image(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(authn.DefaultKeychain),
+	src, err := remote.Image(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(n.cfg.keychain),
 		remote.WithPlatform(converter.HostPlatform()))
 	if err != nil {
 		return nil, converter.RegistryError("read", ref, err)

@@ -6,10 +6,16 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
+	"log"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"sync"
 	"testing"
 
+	"github.com/google/go-containerregistry/pkg/authn"
+	"github.com/google/go-containerregistry/pkg/registry"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 
 	"github.com/shoal-project/shoal/converter"
@@ -31,11 +37,33 @@ type blobPeers struct {
 	manifestAtIndex bool
 	manifestsAsked  []v1.Descriptor
 	servedFromPeers int
+	joined, sourced []string // the names JoinImage and PeerSource were called with
 }
 
-func (p *blobPeers) JoinImage(context.Context, string, *flat.Index) error { return nil }
-func (p *blobPeers) PeerSource(string) fetch.Source                       { return noPeers{} }
-func (p *blobPeers) Announce(...flat.BlockID)                             {}
+// ImageName names a public image by its digest, a private one by a name
+// that is not its digest, as the swarm does.
+func (p *blobPeers) ImageName(m fetch.Manifest) string {
+	if m.Public {
+		return m.Desc.Digest.String()
+	}
+	return "private-" + m.Desc.Digest.Hex
+}
+
+func (p *blobPeers) JoinImage(_ context.Context, image string, _ *flat.Index) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.joined = append(p.joined, image)
+	return nil
+}
+
+func (p *blobPeers) PeerSource(image string) fetch.Source {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.sourced = append(p.sourced, image)
+	return noPeers{}
+}
+
+func (p *blobPeers) Announce(...flat.BlockID) {}
 
 func (p *blobPeers) get(ctx context.Context, id flat.BlockID) ([]byte, error) {
 	if p.from == nil {
@@ -62,8 +90,8 @@ func (p *blobPeers) FetchManifest(ctx context.Context, desc v1.Descriptor) ([]by
 	return p.get(ctx, id)
 }
 
-func (p *blobPeers) FetchIndex(ctx context.Context, digest string, index v1.Descriptor) ([]byte, error) {
-	mid, err := idOf(digest)
+func (p *blobPeers) FetchIndex(ctx context.Context, m fetch.Manifest, index v1.Descriptor) ([]byte, error) {
+	mid, err := idOf(m.Desc.Digest.String())
 	if err != nil {
 		return nil, err
 	}
@@ -112,7 +140,7 @@ func TestResolveKeepsManifestForPeers(t *testing.T) {
 	}
 	open := func(p *blobPeers) *Node {
 		t.Helper()
-		n, err := Open(t.Context(), t.TempDir(), WithPlainHTTP(true), WithLogger(quiet), WithPeers(p))
+		n, err := Open(t.Context(), t.TempDir(), WithPlainHTTP(true), WithLogger(quiet), WithPeers(p), WithVisibility(probePublic(t)))
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -159,5 +187,89 @@ func TestResolveKeepsManifestForPeers(t *testing.T) {
 	}
 	if got, err := b.Store().Get(t.Context(), manifestID); err != nil || !bytes.Equal(got, manifest) {
 		t.Errorf("B does not keep the manifest it had from A: %v", err)
+	}
+}
+
+// probePublic is a Visibility that probes registries for anonymous reads.
+func probePublic(t *testing.T) *fetch.Visibility {
+	t.Helper()
+	v, err := fetch.NewVisibility(nil, true, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return v
+}
+
+// staticKeychain hands out one account for every registry.
+type staticKeychain struct{ user, pass string }
+
+func (k staticKeychain) Resolve(authn.Resource) (authn.Authenticator, error) {
+	return &authn.Basic{Username: k.user, Password: k.pass}, nil
+}
+
+// A private image (its registry refuses anonymous reads): Resolve reads
+// the manifest from the registry with the node's credentials, never asks
+// the swarm for it nor keeps it for peers, joins the image's swarm under
+// the name the swarm gives it (not its digest), and says it is private.
+func TestResolvePrivateImage(t *testing.T) {
+	t.Parallel()
+	h := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	open := httptest.NewServer(h)
+	t.Cleanup(open.Close)
+	locked := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if u, p, ok := r.BasicAuth(); !ok || u != "u" || p != "p" {
+			w.Header().Set("WWW-Authenticate", `Basic realm="shoal-test"`)
+			http.Error(w, "authentication required", http.StatusUnauthorized)
+			return
+		}
+		h.ServeHTTP(w, r)
+	}))
+	t.Cleanup(locked.Close)
+	pushImage(t, strings.TrimPrefix(open.URL, "http://")+"/app:v1", map[string]string{"hello": "private"})
+	if _, err := converter.Convert(t.Context(), strings.TrimPrefix(open.URL, "http://")+"/app:v1", "", converter.WithPlainHTTP(true), converter.WithLogger(quiet)); err != nil {
+		t.Fatal(err)
+	}
+	ref := strings.TrimPrefix(locked.URL, "http://") + "/app:v1"
+	p := &blobPeers{}
+	n, err := Open(t.Context(), t.TempDir(), WithPlainHTTP(true), WithLogger(quiet), WithPeers(p),
+		WithVisibility(probePublic(t)), WithKeychain(staticKeychain{"u", "p"}))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = n.Close() })
+	p.self = n
+	img, err := n.Resolve(t.Context(), ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "private-" + strings.TrimPrefix(img.Digest, "sha256:")
+	if !img.Private || img.SwarmName != want {
+		t.Errorf("private %v, swarm name %q; want private, %q", img.Private, img.SwarmName, want)
+	}
+	if p.manifests != 0 {
+		t.Errorf("the swarm was asked for a private manifest %d times", p.manifests)
+	}
+	if len(p.joined) != 1 || p.joined[0] != want || len(p.sourced) != 1 || p.sourced[0] != want {
+		t.Errorf("joined %v, peer source for %v; want the swarm name", p.joined, p.sourced)
+	}
+	id, _ := idOf(img.Digest)
+	if has, _ := n.Store().Has(t.Context(), id); has {
+		t.Error("the private manifest was kept for peers")
+	}
+
+	// The same image from the open registry is public, named by digest.
+	pp := &blobPeers{}
+	m, err := Open(t.Context(), t.TempDir(), WithPlainHTTP(true), WithLogger(quiet), WithPeers(pp), WithVisibility(probePublic(t)))
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = m.Close() })
+	pp.self = m
+	pub, err := m.Resolve(t.Context(), strings.TrimPrefix(open.URL, "http://")+"/app:v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if pub.Private || pub.SwarmName != pub.Digest || pub.Digest != img.Digest {
+		t.Errorf("public: private %v, swarm name %q, digest %s; want public, named %s", pub.Private, pub.SwarmName, pub.Digest, img.Digest)
 	}
 }

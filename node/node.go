@@ -28,6 +28,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"golang.org/x/sys/unix"
 
 	"github.com/shoal-project/shoal/blockstore"
@@ -69,6 +70,8 @@ type config struct {
 	noFallback bool
 	seeding    *Seeding
 	noTraces   bool
+	keychain   authn.Keychain
+	visibility *fetch.Visibility
 }
 
 // WithLogger sets the logger (default: slog.Default()).
@@ -104,6 +107,26 @@ func WithOnEvict(f func(flat.BlockID)) Option {
 	return func(c *config) error { c.onEvict = f; return nil }
 }
 
+// WithKeychain sets the registry credentials the node reads images with
+// (default authn.DefaultKeychain: the Docker config and credential helpers
+// of the user running it).
+func WithKeychain(k authn.Keychain) Option {
+	return func(c *config) error {
+		if k == nil {
+			return errors.New("keychain must not be nil")
+		}
+		c.keychain = k
+		return nil
+	}
+}
+
+// WithVisibility tells the node which repositories are public (default:
+// none; every image is private, and peers share it only with nodes that
+// prove they could read it themselves).
+func WithVisibility(v *fetch.Visibility) Option {
+	return func(c *config) error { c.visibility = v; return nil }
+}
+
 // WithoutFallback makes a missing flat form an error instead of a local
 // conversion (default: convert locally).
 func WithoutFallback() Option { return func(c *config) error { c.noFallback = true; return nil } }
@@ -119,7 +142,7 @@ type Node struct {
 // Open opens (creating) the state directory, clears what crashed runs left
 // behind, and opens the block cache.
 func Open(ctx context.Context, dir string, opts ...Option) (*Node, error) {
-	c := config{log: slog.Default()}
+	c := config{log: slog.Default(), keychain: authn.DefaultKeychain}
 	for _, o := range opts {
 		if err := o(&c); err != nil {
 			return nil, err

@@ -7,11 +7,16 @@ import (
 	"github.com/shoal-project/shoal/flat"
 )
 
-// Peers is the swarm as the node sees it (p2p.Node satisfies it): joining
-// an image's swarm, a fetch source for its blocks, and announcing blocks as
-// soon as they are verified and stored.
+// Peers is the swarm as the node sees it (the daemon's adapter of
+// p2p.Node satisfies it): naming an image in the swarm, joining its swarm,
+// a fetch source for its blocks, and announcing blocks as soon as they are
+// verified and stored. JoinImage, PeerSource and OriginServer.ServeOrigin
+// take the image's name, which ImageName gives: a public image's is its
+// manifest digest; a private one's derives from its manifest's bytes, and
+// the swarm shares it only with nodes that prove they hold them too.
 type Peers interface {
-	JoinImage(ctx context.Context, digest string, index *flat.Index) error
+	ImageName(m fetch.Manifest) string
+	JoinImage(ctx context.Context, image string, index *flat.Index) error
 	PeerSource(image string) fetch.Source
 	Announce(ids ...flat.BlockID)
 }

@@ -4,7 +4,6 @@ import (
 	"context"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/shoal-project/shoal/seeder"
@@ -46,7 +45,7 @@ func (n *Node) findTrace(ctx context.Context, ref, digest string) *trace.Trace {
 	}
 	ctx, cancel := context.WithTimeout(ctx, traceLookupTimeout)
 	defer cancel()
-	t, err := trace.Find(ctx, ref, digest, n.nameOpts(), remote.WithAuthFromKeychain(authn.DefaultKeychain))
+	t, err := trace.Find(ctx, ref, digest, n.nameOpts(), remote.WithAuthFromKeychain(n.cfg.keychain))
 	switch {
 	case err == nil:
 		n.log.Debug("start-up trace found", "image", ref, "blocks", len(t.Events))
