@@ -32,14 +32,21 @@ func basic(user, pass string) string {
 	return "Basic " + base64.StdEncoding.EncodeToString([]byte(user+":"+pass))
 }
 
-// pushRandom pushes a random image of layers × size bytes to ref in reg
-// (with its account, if it has one).
+// pushRandom pushes a random image of layers × size bytes to repoTag in
+// reg (with its account, if it has one).
 func pushRandom(t *testing.T, reg *testenv.Registry, repoTag string, layers int, size int64) v1.Image {
 	t.Helper()
 	img, err := random.Image(size, int64(layers))
 	if err != nil {
 		t.Fatal(err)
 	}
+	pushImage(t, reg, repoTag, img)
+	return img
+}
+
+// pushImage pushes img to repoTag in reg, with its account if it has one.
+func pushImage(t *testing.T, reg *testenv.Registry, repoTag string, img v1.Image) {
+	t.Helper()
 	ref, err := name.ParseReference(reg.Ref(repoTag), name.Insecure)
 	if err != nil {
 		t.Fatal(err)
@@ -47,7 +54,6 @@ func pushRandom(t *testing.T, reg *testenv.Registry, repoTag string, layers int,
 	if err := remote.Write(ref, img, remote.WithContext(t.Context()), remote.WithAuth(reg.Auth())); err != nil {
 		t.Fatalf("push %s: %v", repoTag, err)
 	}
-	return img
 }
 
 // brief is a response body for a message: an error body, or its size.
@@ -61,9 +67,8 @@ func brief(b []byte) string {
 // recordingPeers is a swarm that has nothing and records what the mirror
 // asks of it: which digests it looked up and which it announced.
 type recordingPeers struct {
-	mu                  sync.Mutex
-	looked, provided    []string
-	recipeAsked, blocks int
+	mu               sync.Mutex
+	looked, provided []string
 }
 
 func (p *recordingPeers) Providers(_ context.Context, d string) ([]string, error) {
@@ -319,18 +324,7 @@ func TestMirrorPrivateNotShared(t *testing.T) {
 	}
 	a.fetchAll(t, pubImg, "lib/pub", "v1", "?ns="+a.pub.Host, "")
 
-	blobs := func(img v1.Image) []string {
-		m, err := img.Manifest()
-		if err != nil {
-			t.Fatal(err)
-		}
-		d, _ := img.Digest()
-		out := []string{d.String(), m.Config.Digest.String()}
-		for _, l := range m.Layers {
-			out = append(out, l.Digest.String())
-		}
-		return out
-	}
+	blobs := func(img v1.Image) []string { return testenv.ImageBlobs(t, img) }
 	check := func(r *rig, when string) {
 		for _, d := range blobs(privImg) {
 			looked, provided := a.peers.saw(d)
@@ -416,8 +410,7 @@ func (a *authRig) getFrom(t *testing.T, r *rig, path string) (int, string, []byt
 // blobs are not announced either.
 func TestMirrorSharedRepositories(t *testing.T) {
 	t.Parallel()
-	var a *authRig
-	a = startAuthRig(t, func(c *Config) {
+	a := startAuthRig(t, func(c *Config) {
 		c.Keychain = staticKeychain{&authn.Basic{Username: alice, Password: alicePass}}
 		c.Upstreams[0].SharedRepositories = []string{"shared/*"}
 	})

@@ -198,6 +198,7 @@ func startMirror(t *testing.T, up *upstreamRig, store *blockstore.Store, peers P
 	if tweak != nil {
 		tweak(&cfg)
 	}
+	r.dir = cfg.Dir
 	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)

@@ -465,7 +465,9 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		m.fail(w, r, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("blob reference %q is not a digest", ref))
 		return
 	case !isDigest && !tagRE.MatchString(ref):
-		m.fail(w, r, http.StatusBadRequest, "TAG_INVALID", fmt.Sprintf("invalid tag %q", ref))
+		// No such manifest can exist: 404, as distribution answers (and
+		// the conformance suite expects), not 400.
+		m.fail(w, r, http.StatusNotFound, "MANIFEST_UNKNOWN", fmt.Sprintf("invalid tag %q", ref))
 		return
 	}
 	cred, err := m.credentialFor(r, up, repoName)

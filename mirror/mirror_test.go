@@ -183,7 +183,7 @@ func TestProtocol(t *testing.T) {
 		{name: "push refused", method: "POST", path: "/v2/lib/y/blobs/uploads/" + ns, status: 405, code: "UNSUPPORTED"},
 		{name: "bad digest", method: "GET", path: "/v2/lib/y/blobs/sha512:abc" + ns, status: 400, code: "DIGEST_INVALID"},
 		{name: "bad name", method: "GET", path: "/v2/Lib/Y/manifests/v1" + ns, status: 400, code: "NAME_INVALID"},
-		{name: "bad tag", method: "GET", path: "/v2/lib/y/manifests/-v1" + ns, status: 400, code: "TAG_INVALID"},
+		{name: "bad tag", method: "GET", path: "/v2/lib/y/manifests/-v1" + ns, status: 404, code: "MANIFEST_UNKNOWN"},
 		{name: "not the API", method: "GET", path: "/v1/_ping", status: 404, code: "UNSUPPORTED"},
 	}
 	for _, tc := range cases {
