@@ -257,7 +257,8 @@ func TestMirrorConfigDoc(t *testing.T) {
 	}
 	m := cfg.Mirror
 	if m.Listen != "127.0.0.1:5001" || len(m.Upstreams) != 2 || m.Upstreams[0].Endpoint != "registry-1.docker.io" ||
-		!m.Upstreams[1].PlainHTTP || !m.Upstreams[1].Default {
+		!m.Upstreams[1].PlainHTTP || !m.Upstreams[1].Default ||
+		fmt.Sprint(m.Upstreams[0].PublicRepositories) != "[library/*]" || fmt.Sprint(m.Upstreams[1].SharedRepositories) != "[tools/*]" {
 		t.Errorf("parsed %+v", m)
 	}
 }

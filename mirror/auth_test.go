@@ -510,3 +510,33 @@ func TestMirrorBearerForwarded(t *testing.T) {
 		}
 	}
 }
+
+// TestRepositoryPatterns: shared_repositories and public_repositories
+// accept a name, a name followed by /*, or *, and nothing else.
+func TestRepositoryPatterns(t *testing.T) {
+	t.Parallel()
+	ps, err := parsePatterns("shared repositories", []string{"team/*", "library/debian", "a/b/*"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	for repo, want := range map[string]bool{
+		"team/app": true, "team/a/b": true, "team": false, "teamx/app": false,
+		"library/debian": true, "library/debian2": false, "a/b/c": true, "a/b": false,
+	} {
+		if got := ps.match(repo); got != want {
+			t.Errorf("match(%q) = %v, want %v", repo, got, want)
+		}
+	}
+	if all, _ := parsePatterns("p", []string{"*"}); !all.match("any/thing") {
+		t.Error("* does not match everything")
+	}
+	for _, bad := range [][]string{{""}, {"Team/*"}, {"team/*/x"}, {"te*m"}, {"**"}, {"team/"}, {"/team"}, {"team/*", "team/*"}} {
+		if _, err := parsePatterns("p", bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+	_, err = New(Config{Dir: t.TempDir(), Blocks: openStore(t), Upstreams: []Upstream{{Host: "r.example", SharedRepositories: []string{"team/**"}}}})
+	if err == nil || !strings.Contains(err.Error(), `"r.example"`) || !strings.Contains(err.Error(), `"team/**"`) {
+		t.Errorf("New with a bad pattern: %v", err)
+	}
+}
