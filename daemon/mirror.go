@@ -29,6 +29,13 @@ type MirrorUpstream struct {
 	Endpoint  string `yaml:"endpoint"`   // host[:port] to contact; default host
 	PlainHTTP bool   `yaml:"plain_http"` // HTTP instead of HTTPS
 	Default   bool   `yaml:"default"`    // for requests without ?ns=
+	// SharedRepositories are read with the daemon's own credentials for
+	// every client; all others with each client's ("team/app", "team/*",
+	// "*"). See mirror.Upstream.
+	SharedRepositories []string `yaml:"shared_repositories"`
+	// PublicRepositories are declared public (same patterns): shared with
+	// peers, and served from public copies while the upstream is down.
+	PublicRepositories []string `yaml:"public_repositories"`
 }
 
 // startMirror makes the mirror and its listener when one is configured,
@@ -40,7 +47,8 @@ func (d *Daemon) startMirror(n *node.Node, sw *p2p.Node) (func(ctx context.Conte
 	}
 	cfg := mirror.Config{Dir: filepath.Join(d.cfg.StateDir, "mirror"), Blocks: n.Store(), Logger: d.base}
 	for _, u := range c.Upstreams {
-		cfg.Upstreams = append(cfg.Upstreams, mirror.Upstream{Host: u.Host, Endpoint: u.Endpoint, PlainHTTP: u.PlainHTTP, Default: u.Default})
+		cfg.Upstreams = append(cfg.Upstreams, mirror.Upstream{Host: u.Host, Endpoint: u.Endpoint, PlainHTTP: u.PlainHTTP, Default: u.Default,
+			SharedRepositories: u.SharedRepositories, PublicRepositories: u.PublicRepositories})
 	}
 	if sw != nil {
 		cfg.Peers = mirror.SwarmPeers(sw)
@@ -98,6 +106,10 @@ func (m *metrics) watchMirror(mi *mirror.Mirror) {
 	counter("shoal_mirror_bad_peer_blobs_total", "Blob recipes or assembled blobs from peers that failed verification.", nil, func(s mirror.Stats) int64 { return s.BadPeerBlobs })
 	counter("shoal_mirror_announced_total", "Blob provider records the mirror announced to the swarm (at keep, and re-provides).", nil, func(s mirror.Stats) int64 { return s.Provided })
 	counter("shoal_mirror_upstream_mismatches_total", "Upstream content that did not match its digest.", nil, func(s mirror.Stats) int64 { return s.UpstreamMismatches })
+	counter("shoal_mirror_access_checks_total", "Access checks the mirror sent upstream (HEADs with a client's credentials, and anonymous probes for public repositories).", nil, func(s mirror.Stats) int64 { return s.Checks })
+	counter("shoal_mirror_denied_total", "Mirror requests the upstream refused for the client's credentials (401, 403).", nil, func(s mirror.Stats) int64 { return s.Denied })
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_kept_blobs", Help: "Blobs and manifests the mirror keeps (recipes on disk)."},
 		func() float64 { return float64(mi.Stats().Kept) }))
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_kept_public_blobs", Help: "Kept blobs and manifests of public repositories: the only ones announced and served to peers."},
+		func() float64 { return float64(mi.Stats().KeptPublic) }))
 }

@@ -1,6 +1,7 @@
 package daemon
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -9,12 +10,14 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/crane"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/shoal-project/shoal/internal/testenv"
+	"github.com/shoal-project/shoal/p2p"
 )
 
 // mirrorMetric reads one of the daemon's registry-mirror metrics (summed
@@ -66,11 +69,18 @@ func hasLabel(m *dto.Metric, k, v string) bool {
 // as its first host (docs/mirror.md).
 func hostsDir(t *testing.T, upstream, mirrorAddr string) string {
 	t.Helper()
+	return hostsDirServer(t, upstream, mirrorAddr, upstream)
+}
+
+// hostsDirServer is hostsDir with another address as the server
+// containerd falls back to when the mirror fails.
+func hostsDirServer(t *testing.T, upstream, mirrorAddr, server string) string {
+	t.Helper()
 	dir := t.TempDir()
 	if err := os.MkdirAll(filepath.Join(dir, upstream), 0o755); err != nil {
 		t.Fatal(err)
 	}
-	toml := fmt.Sprintf("server = \"http://%s\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", upstream, mirrorAddr)
+	toml := fmt.Sprintf("server = \"http://%s\"\n\n[host.\"http://%s\"]\n  capabilities = [\"pull\", \"resolve\"]\n", server, mirrorAddr)
 	if err := os.WriteFile(filepath.Join(dir, upstream, "hosts.toml"), []byte(toml), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -122,7 +132,9 @@ func pullVia(t *testing.T, mirrorAddr, ref string) v1.Hash {
 // upstream, once); then containerd on node B pulls through B's mirror:
 // upstream serves no blob byte, every one comes from A. With upstream
 // dead, a third node still pulls by digest — manifests and blobs — from
-// the swarm, and A still resolves the tag from its kept copy.
+// the swarm (the config declares the repository public: with upstream
+// down, nothing else can tell it is), and A still resolves the tag from
+// its kept copy (anonymous reads of it passed a moment ago).
 func TestMirrorPullsFromPeers(t *testing.T) {
 	if testing.Short() {
 		t.Skip("pulls the Debian image through two mirrors with containerd")
@@ -210,7 +222,8 @@ func TestMirrorPullsFromPeers(t *testing.T) {
 
 	// Upstream dead.
 	reg.Stop()
-	dc, _ := startDaemon(t, Config{StateDir: t.TempDir(), Mirror: mcfg, P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
+	mcfgC := MirrorConfig{Listen: "127.0.0.1:0", Upstreams: []MirrorUpstream{{Host: proxy.Host, PlainHTTP: true, Default: true, PublicRepositories: []string{"debian"}}}}
+	dc, _ := startDaemon(t, Config{StateDir: t.TempDir(), Mirror: mcfgC, P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
 	if got := pullVia(t, dc.MirrorAddr(), "debian@"+want.String()); got != want {
 		t.Errorf("C by digest with upstream dead: %s, want %s", got, want)
 	}
@@ -244,7 +257,115 @@ func TestMirrorConfigDoc(t *testing.T) {
 	}
 	m := cfg.Mirror
 	if m.Listen != "127.0.0.1:5001" || len(m.Upstreams) != 2 || m.Upstreams[0].Endpoint != "registry-1.docker.io" ||
-		!m.Upstreams[1].PlainHTTP || !m.Upstreams[1].Default {
+		!m.Upstreams[1].PlainHTTP || !m.Upstreams[1].Default ||
+		fmt.Sprint(m.Upstreams[0].PublicRepositories) != "[library/*]" || fmt.Sprint(m.Upstreams[1].SharedRepositories) != "[tools/*]" {
 		t.Errorf("parsed %+v", m)
+	}
+}
+
+// TestMirrorPrivateImage: a private image (docker-registry behind
+// htpasswd) is pulled through daemon A's mirror by containerd with
+// `ctr images pull --user` and by crane with credentials, and refused
+// without them. containerd's fallback server is a closed port, so only
+// the mirror can serve it. None of its blobs is announced in the DHT or
+// given to a peer asking for its recipe, while the public image's are.
+func TestMirrorPrivateImage(t *testing.T) {
+	if testing.Short() {
+		t.Skip("pulls through the mirror with containerd")
+	}
+	if os.Geteuid() != 0 {
+		t.Skip("needs root for containerd")
+	}
+	const user, pass = "alice", "wonderland-7"
+	priv := testenv.StartRegistry(t, testenv.WithBasicAuth(user, pass))
+	pub := testenv.StartRegistry(t)
+	privImg := testenv.RandomImage(t, 2, 600_000)
+	pubImg := testenv.RandomImage(t, 1, 600_000)
+	pushTo := func(reg *testenv.Registry, repoTag string, img v1.Image) {
+		ref, err := name.ParseReference(reg.Ref(repoTag), name.Insecure)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := remote.Write(ref, img, remote.WithContext(t.Context()), remote.WithAuth(reg.Auth())); err != nil {
+			t.Fatalf("push %s: %v", repoTag, err)
+		}
+	}
+	pushTo(priv, "team/app:v1", privImg)
+	pushTo(pub, "lib/pub:v1", pubImg)
+	privDigest, _ := privImg.Digest()
+
+	mcfg := MirrorConfig{Listen: "127.0.0.1:0", Upstreams: []MirrorUpstream{
+		{Host: priv.Host, PlainHTTP: true, Default: true},
+		{Host: pub.Host, PlainHTTP: true},
+	}}
+	da, ca := startDaemon(t, Config{StateDir: t.TempDir(), Mirror: mcfg})
+	sa, err := ca.Status(t.Context())
+	if err != nil || len(sa.Addrs) == 0 {
+		t.Fatalf("status of A: %+v %v", sa, err)
+	}
+	db, _ := startDaemon(t, Config{StateDir: t.TempDir(), P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
+
+	ctx := t.Context()
+	ctr := testenv.StartContainerd(t)
+	const dead = "127.0.0.1:1" // containerd's fallback: nothing listens
+	privHosts := hostsDirServer(t, priv.Host, da.MirrorAddr(), dead)
+	if out, err := ctr.Ctr(ctx, "images", "pull", "--hosts-dir", privHosts, priv.Ref("team/app:v1")).CombinedOutput(); err == nil {
+		t.Fatalf("ctr pulled the private image through the mirror without credentials:\n%s", out)
+	} else if !strings.Contains(string(out), "401") && !strings.Contains(strings.ToLower(string(out)), "unauthorized") {
+		t.Errorf("ctr without credentials failed, but not for want of them:\n%s", out)
+	}
+	start := time.Now()
+	ctr.CtrOutput(ctx, "images", "pull", "--user", user+":"+pass, "--hosts-dir", privHosts, priv.Ref("team/app:v1"))
+	if out := ctr.CtrOutput(ctx, "images", "ls"); !strings.Contains(out, privDigest.String()) {
+		t.Fatalf("containerd does not list %s:\n%s", privDigest, out)
+	}
+	t.Logf("ctr images pull --user through the mirror in %v", time.Since(start).Round(time.Millisecond))
+	ctr.CtrOutput(ctx, "images", "pull", "--hosts-dir", hostsDirServer(t, pub.Host, da.MirrorAddr(), dead), pub.Ref("lib/pub:v1"))
+
+	// crane with credentials, the mirror as its registry (the default
+	// upstream); without them it is refused.
+	img, err := crane.Pull(da.MirrorAddr()+"/team/app:v1", crane.Insecure, crane.WithAuth(priv.Auth()), crane.WithContext(ctx))
+	if err != nil {
+		t.Fatalf("crane pull with credentials: %v", err)
+	}
+	if d, _ := img.Digest(); d != privDigest {
+		t.Errorf("crane pulled %s, want %s", d, privDigest)
+	}
+	if _, err := crane.Pull(da.MirrorAddr()+"/team/app:v1", crane.Insecure, crane.WithContext(ctx)); err == nil {
+		t.Error("crane pulled the private image without credentials")
+	}
+
+	// Peers get the public blobs and none of the private ones.
+	blobs := func(img v1.Image) []string { return testenv.ImageBlobs(t, img) }
+	waitMetric(t, da, "shoal_mirror_kept_blobs", "", 7)
+	waitMetric(t, da, "shoal_mirror_kept_public_blobs", "", 3)
+	if got := mirrorMetric(t, da, "shoal_mirror_kept_public_blobs", ""); got != 3 {
+		t.Errorf("A keeps %v public blobs, want the public image's 3", got)
+	}
+	for _, d := range blobs(pubImg) {
+		for deadline := time.Now().Add(20 * time.Second); ; {
+			ps, _ := db.swarm.BlobProviders(ctx, d, 4)
+			if len(ps) > 0 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("B finds no provider of public %s", d)
+			}
+			time.Sleep(100 * time.Millisecond)
+		}
+		if _, err := db.swarm.FetchRecipe(ctx, da.swarm.ID(), d); err != nil {
+			t.Errorf("A refused B the recipe of public %s: %v", d, err)
+		}
+	}
+	if got := mirrorMetric(t, da, "shoal_mirror_announced_total", ""); got != 3 {
+		t.Errorf("A announced %v records, want the public image's 3", got)
+	}
+	for _, d := range blobs(privImg) {
+		if ps, _ := db.swarm.BlobProviders(ctx, d, 4); len(ps) != 0 {
+			t.Errorf("private %s has providers in the DHT: %v", d, ps)
+		}
+		if _, err := db.swarm.FetchRecipe(ctx, da.swarm.ID(), d); !errors.Is(err, p2p.ErrNoRecipe) {
+			t.Errorf("A's answer to B's recipe request for private %s: %v, want ErrNoRecipe", d, err)
+		}
 	}
 }

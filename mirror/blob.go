@@ -17,8 +17,6 @@ import (
 	"sync"
 	"time"
 
-	"github.com/google/go-containerregistry/pkg/name"
-
 	"github.com/shoal-project/shoal/flat"
 )
 
@@ -39,15 +37,45 @@ type Peers interface {
 	Provide(ctx context.Context, digest string) error
 }
 
-// local returns the recipe of a kept blob whose blocks are all cached.
-func (m *Mirror) local(ctx context.Context, digest string, maxSize int64) (*recipe, bool) {
+// local returns the recipe of a kept blob whose blocks are all cached, if
+// a request allowed by g may be served it: with upstream unreachable and
+// only a declaration of the repository as public (grantPublicOnly), only a
+// blob kept as public may. A blob served to a request whose repository is
+// known public becomes public (and is announced).
+func (m *Mirror) local(ctx context.Context, a *access, g grant, digest string, maxSize int64) (*recipe, bool) {
 	r, _, ok := m.keep.recipe(ctx, digest, maxSize)
-	return r, ok
+	if !ok {
+		return nil, false
+	}
+	c := m.keep.class(digest)
+	if g == grantPublicOnly && c != classPublic {
+		return nil, false
+	}
+	if c != classPublic && g == grantChecked && m.knownPublic(a) {
+		if raised, err := m.keep.raise(digest, classPublic); err != nil {
+			m.log.Warn("could not record blob as public", "blob", digest, "err", err)
+		} else if raised {
+			m.announce(digest, classPublic)
+		}
+	}
+	return r, true
+}
+
+// knownPublic reports whether a's repository is known to serve anonymous
+// reads (a's own anonymous check counts), or is declared public.
+func (m *Mirror) knownPublic(a *access) bool {
+	if a.cred.anonymous() || a.up.public.match(a.repo.RepositoryStr()) {
+		return true
+	}
+	public, known := m.checks.isPublic(a.repoKey(), m.cfg.CheckTTL, time.Now())
+	return known && public
 }
 
 // join returns the flight for digest, starting the fetch if there is none,
-// with a reference the caller releases.
-func (m *Mirror) join(digest string, repo name.Repository, manifest bool) (*flight, error) {
+// with a reference the caller releases. A fetch started here acts as a's
+// client upstream, asks peers only for a public blob (c), and keeps the
+// blob as c.
+func (m *Mirror) join(digest string, a *access, manifest bool, c class) (*flight, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
 	if f := m.flights[digest]; f != nil {
@@ -65,21 +93,25 @@ func (m *Mirror) join(digest string, repo name.Repository, manifest bool) (*flig
 	f.refs++ // the caller's
 	m.flights[digest] = f
 	m.st.fetches.Add(1)
-	m.wg.Go(func() { m.fetch(f, repo, manifest) })
+	m.wg.Go(func() { m.fetch(f, a, manifest, c) })
 	return f, nil
 }
 
-// fetch fills f: peers first, then upstream; keeps the verified blob and
-// announces it. It runs to the end even if the requests that started it
-// are gone, so what was fetched is kept.
-func (m *Mirror) fetch(f *flight, repo name.Repository, manifest bool) {
+// fetch fills f: peers first (public blobs only), then upstream as a's
+// client; keeps the verified blob as class c and announces it if public.
+// It runs to the end even if the requests that started it are gone, so
+// what was fetched is kept.
+func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 	ctx, cancel := context.WithTimeout(m.life, m.cfg.FetchTimeout)
 	defer cancel()
 	limit := m.cfg.MaxBlobSize
 	if manifest {
 		limit = maxManifestSize
 	}
-	r, err := m.fromPeers(ctx, f, limit)
+	r, err := (*recipe)(nil), error(ErrNoPeers)
+	if c == classPublic {
+		r, err = m.fromPeers(ctx, f, limit)
+	}
 	if err != nil {
 		if !errors.Is(err, ErrNoPeers) {
 			m.log.Info("swarm could not serve blob; asking upstream", "blob", f.digest, "err", err)
@@ -87,14 +119,14 @@ func (m *Mirror) fetch(f *flight, repo name.Repository, manifest bool) {
 		if rerr := f.restart(); rerr != nil {
 			err = rerr
 		} else {
-			r, err = m.fromUpstream(ctx, f, repo, manifest, limit)
+			r, err = m.fromUpstream(ctx, f, a, manifest, limit)
 		}
 	}
 	if err == nil {
-		if kerr := m.keep.keep(ctx, r, f.file); kerr != nil {
+		if kept, kerr := m.keep.keep(ctx, r, f.file, c); kerr != nil {
 			m.log.Warn("could not keep blob", "blob", f.digest, "err", kerr)
 		} else {
-			m.announce(f.digest)
+			m.announce(f.digest, kept)
 		}
 	} else if errors.Is(err, ErrNotFound) {
 		m.log.Info("blob not found", "blob", f.digest, "err", err)
@@ -327,7 +359,8 @@ func verifyFile(f *flight, digest string, size int64) error {
 // fromUpstream streams the blob from upstream into f's file, cutting it
 // into blocks and hashing it as it comes. Blobs of known size are readable
 // as they arrive except for their last byte (see readableLocked).
-func (m *Mirror) fromUpstream(ctx context.Context, f *flight, repo name.Repository, manifest bool, limit int64) (*recipe, error) {
+func (m *Mirror) fromUpstream(ctx context.Context, f *flight, a *access, manifest bool, limit int64) (*recipe, error) {
+	repo := a.repo
 	ctx, stop := context.WithCancelCause(ctx)
 	defer stop(nil)
 	stall := time.AfterFunc(m.cfg.StallTimeout, func() {
@@ -338,7 +371,7 @@ func (m *Mirror) fromUpstream(ctx context.Context, f *flight, repo name.Reposito
 	if manifest {
 		kind, accept = "manifests", manifestAccept
 	}
-	resp, err := m.get(ctx, repo, kind, f.digest, accept)
+	resp, err := m.get(ctx, a, kind, f.digest, accept)
 	if err != nil {
 		if c := context.Cause(ctx); c != nil && ctx.Err() != nil {
 			err = fmt.Errorf("%w: %w", err, c)
@@ -415,24 +448,30 @@ func sumID(h hash.Hash) flat.BlockID {
 	return id
 }
 
-// serveBlob answers GET/HEAD of a blob: kept copy, else the (shared) fetch.
-func (m *Mirror) serveBlob(w http.ResponseWriter, r *http.Request, repo name.Repository, digest string) {
+// serveBlob answers GET/HEAD of a blob once the client may read it from
+// its repository (authorize): kept copy, else the (shared) fetch.
+func (m *Mirror) serveBlob(w http.ResponseWriter, r *http.Request, a *access, digest string) {
 	ctx := r.Context()
-	if rc, ok := m.local(ctx, digest, m.cfg.MaxBlobSize); ok {
+	g, err := m.authorize(ctx, a, "blobs", digest)
+	if err != nil {
+		m.failErr(w, r, a, "BLOB_UNKNOWN", err)
+		return
+	}
+	if rc, ok := m.local(ctx, a, g, digest, m.cfg.MaxBlobSize); ok {
 		m.serveRange(w, r, digest, rc.size, func(off int64) io.Reader {
 			return &blockReader{ctx: ctx, blocks: m.cfg.Blocks, r: rc, off: off, cur: -1}
 		}, func() string { return SourceLocal })
 		return
 	}
-	f, err := m.join(digest, repo, false)
+	f, err := m.join(digest, a, false, m.classFor(ctx, a, "blobs", digest))
 	if err != nil {
-		m.failErr(w, r, "BLOB_UNKNOWN", err)
+		m.failErr(w, r, a, "BLOB_UNKNOWN", err)
 		return
 	}
 	defer f.release()
 	size, err := f.waitSize(ctx)
 	if err != nil {
-		m.failErr(w, r, "BLOB_UNKNOWN", err)
+		m.failErr(w, r, a, "BLOB_UNKNOWN", err)
 		return
 	}
 	m.serveRange(w, r, digest, size, func(off int64) io.Reader {
@@ -522,16 +561,17 @@ func parseRange(h string, size int64) (start, n int64, ok, satisfiable bool) {
 	return s, e - s + 1, true, true
 }
 
-// manifestBytes returns a manifest by digest: kept copy, else the shared
-// fetch (peers, then upstream), verified either way.
-func (m *Mirror) manifestBytes(ctx context.Context, repo name.Repository, digest string) ([]byte, string, error) {
-	if rc, ok := m.local(ctx, digest, maxManifestSize); ok {
+// manifestBytes returns a manifest by digest to a request allowed by g:
+// kept copy, else the shared fetch (peers, then upstream), verified either
+// way.
+func (m *Mirror) manifestBytes(ctx context.Context, a *access, g grant, digest string) ([]byte, string, error) {
+	if rc, ok := m.local(ctx, a, g, digest, maxManifestSize); ok {
 		b, err := io.ReadAll(&blockReader{ctx: ctx, blocks: m.cfg.Blocks, r: rc, cur: -1})
 		if err == nil && "sha256:"+hex.EncodeToString(sha256Sum(b)) == digest {
 			return b, SourceLocal, nil
 		}
 	}
-	f, err := m.join(digest, repo, true)
+	f, err := m.join(digest, a, true, m.classFor(ctx, a, "manifests", digest))
 	if err != nil {
 		return nil, "", err
 	}
@@ -548,27 +588,37 @@ func sha256Sum(b []byte) []byte {
 	return s[:]
 }
 
-func (m *Mirror) serveManifestDigest(w http.ResponseWriter, r *http.Request, repo name.Repository, digest string) {
-	b, source, err := m.manifestBytes(r.Context(), repo, digest)
+func (m *Mirror) serveManifestDigest(w http.ResponseWriter, r *http.Request, a *access, digest string) {
+	g, err := m.authorize(r.Context(), a, "manifests", digest)
 	if err != nil {
-		m.failErr(w, r, "MANIFEST_UNKNOWN", err)
+		m.failErr(w, r, a, "MANIFEST_UNKNOWN", err)
+		return
+	}
+	b, source, err := m.manifestBytes(r.Context(), a, g, digest)
+	if err != nil {
+		m.failErr(w, r, a, "MANIFEST_UNKNOWN", err)
 		return
 	}
 	m.writeManifest(w, r, b, digest, source)
 }
 
-// serveTag resolves a tag upstream — always: a mirror must not serve a
-// stale tag — keeps the manifest and the tag, and serves it. Only when
-// upstream cannot be reached does the tag's kept manifest answer.
-func (m *Mirror) serveTag(w http.ResponseWriter, r *http.Request, up *Upstream, repo name.Repository, tag string) {
+// serveTag resolves a tag upstream with the client's credentials —
+// always: a mirror must not serve a stale tag, and the answer is the
+// client's access check — keeps the manifest and the tag, and serves it.
+// Only when upstream cannot be reached does the tag's kept manifest
+// answer, to a client the upstream gave it within OfflineGrace (or, for a
+// repository declared public, if it is kept as public).
+func (m *Mirror) serveTag(w http.ResponseWriter, r *http.Request, a *access, tag string) {
 	ctx, cancel := context.WithTimeout(r.Context(), m.cfg.TagTimeout)
 	defer cancel()
-	b, digest, err := m.resolveTag(ctx, repo, tag, r.Header.Get("Accept"))
+	repo, up := a.repo, a.up
+	b, digest, err := m.resolveTag(ctx, a, tag, r.Header.Get("Accept"))
 	if err == nil {
-		if _, kerr := m.keep.keepBytes(ctx, digest, b); kerr != nil {
+		m.passed(a, digest)
+		if kept, kerr := m.keep.keepBytes(ctx, digest, b, m.classFor(ctx, a, "manifests", tag)); kerr != nil {
 			m.log.Warn("could not keep manifest", "ref", repo.Name()+":"+tag, "err", kerr)
 		} else {
-			m.announce(digest)
+			m.announce(digest, kept)
 		}
 		if terr := m.keep.setTag(up.Host, repo.RepositoryStr(), tag, digest); terr != nil {
 			m.log.Warn("could not keep tag", "ref", repo.Name()+":"+tag, "err", terr)
@@ -576,25 +626,33 @@ func (m *Mirror) serveTag(w http.ResponseWriter, r *http.Request, up *Upstream, 
 		m.writeManifest(w, r, b, digest, SourceUpstream)
 		return
 	}
+	m.refused(a, err)
 	if unreachable(err) && r.Context().Err() == nil {
 		if digest, ok := m.keep.tag(up.Host, repo.RepositoryStr(), tag); ok {
-			if b, _, kerr := m.manifestBytes(r.Context(), repo, digest); kerr == nil {
-				m.log.Warn("upstream unreachable: serving the tag's kept manifest", "ref", repo.Name()+":"+tag, "digest", digest, "err", err)
-				m.writeManifest(w, r, b, digest, SourceLocal)
-				return
+			g := grantPublicOnly
+			if m.checks.passed(a.checkKey(digest), m.cfg.OfflineGrace, time.Now()) {
+				g = grantRecent
+			}
+			if g == grantRecent || up.public.match(repo.RepositoryStr()) {
+				if b, _, kerr := m.manifestBytes(r.Context(), a, g, digest); kerr == nil {
+					m.log.Warn("upstream unreachable: serving the tag's kept manifest", "ref", repo.Name()+":"+tag, "digest", digest, "err", err)
+					m.writeManifest(w, r, b, digest, SourceLocal)
+					return
+				}
 			}
 		}
 	}
-	m.failErr(w, r, "MANIFEST_UNKNOWN", err)
+	m.failErr(w, r, a, "MANIFEST_UNKNOWN", err)
 }
 
 // resolveTag fetches a tag's manifest upstream and checks it against the
 // digest upstream states, if any.
-func (m *Mirror) resolveTag(ctx context.Context, repo name.Repository, tag, accept string) ([]byte, string, error) {
+func (m *Mirror) resolveTag(ctx context.Context, a *access, tag, accept string) ([]byte, string, error) {
+	repo := a.repo
 	if accept == "" {
 		accept = manifestAccept
 	}
-	resp, err := m.get(ctx, repo, "manifests", tag, accept)
+	resp, err := m.get(ctx, a, "manifests", tag, accept)
 	if err != nil {
 		return nil, "", err
 	}

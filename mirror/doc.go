@@ -22,14 +22,45 @@
 // containerd sends mirror requests with ?ns=<the registry's host>. The
 // mirror serves only the upstreams configured (Config.Upstreams: host,
 // endpoint, plain HTTP); any other ns is 403 DENIED, and a request without
-// ns goes to the one upstream marked Default, or is refused. Upstream
-// credentials come from the daemon user's Docker config (ggcr's keychain
-// and token transport, one cached client per repository).
+// ns goes to the one upstream marked Default, or is refused. Run the
+// mirror on loopback: clients send it their registry credentials.
 //
-// Kept content is content-addressed and served to anyone who asks for its
-// digest, whichever repository it was first fetched for, as distribution
-// itself does across repositories of one registry and as peer-to-peer
-// mirrors do. Run the mirror on loopback (the default in docs/mirror.md).
+// # Who may read what (access.go)
+//
+// Content addressing proves what a blob is, not who may have it, so the
+// mirror acts with each client's own credentials and serves what the
+// upstream would serve that client, never more:
+//
+//   - A request's credential is its Authorization header: Basic is used
+//     upstream as the client's username and password (ggcr's transport
+//     trades them for a token where the registry has a token service),
+//     Bearer is forwarded as a registry token, none is anonymous. The
+//     daemon's keychain is used only for Upstream.SharedRepositories, for
+//     every client. Upstream clients are cached per (keyed hash of the
+//     credential, repository): a transport holds one credential only.
+//   - A manifest or blob by digest is served — kept or not — after the
+//     upstream answered 200 to a HEAD of it in the request's repository
+//     with the request's credential (authorize); the answer is remembered
+//     for CheckTTL (5 min) per credential, repository and digest. A tag's
+//     GET upstream is its own check. A kept blob is thus never served
+//     under a repository the upstream would 404 it in, nor to a client
+//     the upstream would refuse. An upstream 401 becomes a 401 with a
+//     Basic challenge (and /v2/ challenges clients without credentials),
+//     which containerd, crane and CRI answer with the credentials they
+//     hold for the registry.
+//   - With the upstream unreachable, a positive answer up to OfflineGrace
+//     (1 h) old still admits that credential; a repository declared
+//     public (Upstream.PublicRepositories) admits anyone to public
+//     content only (grantPublicOnly). Nothing else is served.
+//
+// Each kept blob has a class, recorded beside its recipe so that it
+// survives restarts: public (its repository serves anonymous reads — the
+// client's own anonymous check, or one anonymous HEAD per repository and
+// CheckTTL — or is declared public), shared (daemon credentials), private
+// (a client's credentials; also a recipe with no record, kept before
+// classes existed). The class only rises. Only public blobs are announced,
+// re-provided, returned by Recipe and fetched from peers: the swarm holds
+// no proof yet that a peer may read a private repository.
 //
 // # Manifests and tags
 //
@@ -57,10 +88,10 @@
 // block; the blob is then fetched again). The blocks are verified by the
 // cache on every read.
 //
-// A request for a blob is served from, in order:
+// A request for a blob, once authorized, is served from, in order:
 //
 //  1. the kept copy (blocks read and verified as they are sent);
-//  2. peers that announced the blob: its digest is a DHT provider record
+//  2. for a public blob, peers that announced it: its digest is a DHT provider record
 //     (p2p.Node.ProvideBlob, published when the blob is kept and every
 //     12 h; a provide that could not reach the DHT is retried every
 //     minute). A provider sends the recipe over /shoal/recipe/1 and the
@@ -100,13 +131,14 @@
 // go into the cache after the whole blob matched, from the spool file.
 // Manifests are never streamed.
 //
-// After a blob is kept its provider record is announced, so the next node
-// finds it here.
+// After a public blob is kept its provider record is announced, so the
+// next node finds it here.
 //
 // # Metrics
 //
 // Stats counts body bytes served by source (local, peers, upstream), bytes
 // fetched from peers and upstream, requests, errors, fetches, bad peer
-// blobs, upstream digest mismatches, announcements and kept blobs; the
-// daemon exports them as shoal_mirror_* metrics.
+// blobs, upstream digest mismatches, announcements, access checks,
+// refusals, and kept blobs (all, public); the daemon exports them as
+// shoal_mirror_* metrics.
 package mirror

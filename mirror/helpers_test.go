@@ -31,9 +31,10 @@ type upstreamRig struct {
 	host string
 
 	blobGets, blobBytes, manifestGets atomic.Int64
-	corrupt                           atomic.Bool // flip a byte of every blob body
-	lieDigest                         atomic.Bool // state a wrong Docker-Content-Digest for manifests
-	down                              atomic.Bool // 503 for everything
+	corrupt                           atomic.Bool            // flip a byte of every blob body
+	lieDigest                         atomic.Bool            // state a wrong Docker-Content-Digest for manifests
+	down                              atomic.Bool            // 503 for everything
+	token                             atomic.Pointer[string] // non-nil: every request needs "Bearer <token>"
 
 	mu   sync.Mutex
 	gate chan struct{} // non-nil: blob GETs wait for it to close
@@ -47,6 +48,17 @@ func startUpstream(t *testing.T) *upstreamRig {
 		if u.down.Load() {
 			w.WriteHeader(http.StatusServiceUnavailable)
 			return
+		}
+		if tok := u.token.Load(); tok != nil {
+			if r.URL.Path == "/token" { // anonymous clients' token: it opens nothing
+				_, _ = w.Write([]byte(`{"token":"anonymous"}`))
+				return
+			}
+			if r.Header.Get("Authorization") != "Bearer "+*tok {
+				w.Header().Set("WWW-Authenticate", `Bearer realm="`+u.srv.URL+`/token",service="rig"`)
+				w.WriteHeader(http.StatusUnauthorized)
+				return
+			}
 		}
 		blob := r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/sha256:")
 		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/manifests/") {
@@ -179,13 +191,14 @@ func startMirror(t *testing.T, up *upstreamRig, store *blockstore.Store, peers P
 		store = openStore(t)
 	}
 	r := &rig{store: store, dir: t.TempDir()}
-	cfg := Config{
-		Dir: r.dir, Blocks: r.store, Peers: peers, Logger: testLogger(t),
-		Upstreams: []Upstream{{Host: up.host, PlainHTTP: true, Default: true}},
+	cfg := Config{Dir: r.dir, Blocks: r.store, Peers: peers, Logger: testLogger(t)}
+	if up != nil {
+		cfg.Upstreams = []Upstream{{Host: up.host, PlainHTTP: true, Default: true}}
 	}
 	if tweak != nil {
 		tweak(&cfg)
 	}
+	r.dir = cfg.Dir
 	m, err := New(cfg)
 	if err != nil {
 		t.Fatal(err)

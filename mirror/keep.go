@@ -27,18 +27,22 @@ type Blocks interface {
 
 // keeper is the mirror's state on disk, beside the block cache:
 //
-//	<dir>/recipes/<hex>  the recipe of each kept blob (and manifest), by digest
-//	<dir>/tags/<hex>     the digest a tag last resolved to, by sha256(host/repo:tag)
-//	<dir>/tmp/           spool files of fetches in progress (unlinked at once)
+//	<dir>/recipes/<hex>         the recipe of each kept blob (and manifest), by digest
+//	<dir>/recipes/<hex>.access  its class, "public" or "shared"; absent: private
+//	<dir>/tags/<hex>            the digest a tag last resolved to, by sha256(host/repo:tag)
+//	<dir>/tmp/                  spool files of fetches in progress (unlinked at once)
 //
 // A blob counts as kept while its recipe is on disk and every one of its
-// blocks is in the cache; the cache may evict blocks at any time.
+// blocks is in the cache; the cache may evict blocks at any time. The class
+// is written before the recipe, so a recipe is never seen with a class
+// lower than the one it was kept with; recipes kept before classes existed
+// have none and count as private.
 type keeper struct {
 	dir    string
 	blocks Blocks
 
 	mu   sync.Mutex
-	kept map[string]struct{} // digests with a recipe on disk
+	kept map[string]class // digests with a recipe on disk
 }
 
 func openKeeper(dir string, blocks Blocks) (*keeper, error) {
@@ -54,7 +58,7 @@ func openKeeper(dir string, blocks Blocks) (*keeper, error) {
 			_ = os.RemoveAll(filepath.Join(dir, "tmp", e.Name()))
 		}
 	}
-	k := &keeper{dir: dir, blocks: blocks, kept: map[string]struct{}{}}
+	k := &keeper{dir: dir, blocks: blocks, kept: map[string]class{}}
 	ents, err := os.ReadDir(filepath.Join(dir, "recipes"))
 	if err != nil {
 		return nil, fmt.Errorf("mirror state: %w", err)
@@ -62,7 +66,7 @@ func openKeeper(dir string, blocks Blocks) (*keeper, error) {
 	for _, e := range ents {
 		if d := "sha256:" + e.Name(); !strings.Contains(e.Name(), ".") {
 			if _, ok := parseDigest(d); ok {
-				k.kept[d] = struct{}{}
+				k.kept[d] = k.readClass(d)
 			}
 		}
 	}
@@ -71,6 +75,47 @@ func openKeeper(dir string, blocks Blocks) (*keeper, error) {
 
 func (k *keeper) recipePath(digest string) string {
 	return filepath.Join(k.dir, "recipes", strings.TrimPrefix(digest, "sha256:"))
+}
+
+func (k *keeper) classPath(digest string) string { return k.recipePath(digest) + ".access" }
+
+// readClass reads a kept blob's class from disk: private unless a valid
+// record says otherwise.
+func (k *keeper) readClass(digest string) class {
+	b, err := os.ReadFile(k.classPath(digest))
+	if err != nil {
+		return classPrivate
+	}
+	switch strings.TrimSpace(string(b)) {
+	case "public":
+		return classPublic
+	case "shared":
+		return classShared
+	}
+	return classPrivate
+}
+
+// class returns a kept blob's class (private when not kept).
+func (k *keeper) class(digest string) class {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	return k.kept[digest]
+}
+
+// raise records c for a kept blob if it is higher than its class; it
+// reports whether the class rose.
+func (k *keeper) raise(digest string, c class) (bool, error) {
+	k.mu.Lock()
+	defer k.mu.Unlock()
+	old, ok := k.kept[digest]
+	if !ok || c <= old {
+		return false, nil
+	}
+	if err := writeAtomic(k.classPath(digest), []byte(c.String()+"\n")); err != nil {
+		return false, fmt.Errorf("record %s as %s: %w", digest, c, err)
+	}
+	k.kept[digest] = c
+	return true, nil
 }
 
 func (k *keeper) tagPath(host, repo, tag string) string {
@@ -115,41 +160,51 @@ func (k *keeper) recipe(ctx context.Context, digest string, maxSize int64) (*rec
 
 func (k *keeper) forget(digest string) {
 	_ = os.Remove(k.recipePath(digest))
+	_ = os.Remove(k.classPath(digest))
 	k.mu.Lock()
 	delete(k.kept, digest)
 	k.mu.Unlock()
 }
 
 // keep stores a verified blob, read from src, as blocks cut by r, then
-// writes r. The blob must already have been checked against r's digest.
-func (k *keeper) keep(ctx context.Context, r *recipe, src io.ReaderAt) error {
+// writes its class (the higher of c and what was recorded before) and r.
+// The blob must already have been checked against r's digest. It returns
+// the class recorded.
+func (k *keeper) keep(ctx context.Context, r *recipe, src io.ReaderAt, c class) (class, error) {
 	buf := make([]byte, r.chunk)
 	for i := range r.ids {
 		id, off, n := r.block(i)
 		b := buf[:n]
 		if _, err := src.ReadAt(b, off); err != nil && !(errors.Is(err, io.EOF) && int64(len(b)) == n) {
-			return fmt.Errorf("keep %s: read block %d: %w", r.digestString(), i, err)
+			return 0, fmt.Errorf("keep %s: read block %d: %w", r.digestString(), i, err)
 		}
 		if err := k.blocks.Put(ctx, id, b); err != nil {
-			return fmt.Errorf("keep %s: %w", r.digestString(), err)
+			return 0, fmt.Errorf("keep %s: %w", r.digestString(), err)
 		}
 	}
-	if err := writeAtomic(k.recipePath(r.digestString()), r.encode()); err != nil {
-		return fmt.Errorf("keep %s: %w", r.digestString(), err)
-	}
+	d := r.digestString()
 	k.mu.Lock()
-	k.kept[r.digestString()] = struct{}{}
-	k.mu.Unlock()
-	return nil
+	defer k.mu.Unlock()
+	c = max(c, k.readClass(d))
+	if c > classPrivate {
+		if err := writeAtomic(k.classPath(d), []byte(c.String()+"\n")); err != nil {
+			return 0, fmt.Errorf("keep %s: %w", d, err)
+		}
+	}
+	if err := writeAtomic(k.recipePath(d), r.encode()); err != nil {
+		return 0, fmt.Errorf("keep %s: %w", d, err)
+	}
+	k.kept[d] = c
+	return c, nil
 }
 
 // keepBytes keeps a small verified blob held in memory (a manifest).
-func (k *keeper) keepBytes(ctx context.Context, digest string, data []byte) (*recipe, error) {
+func (k *keeper) keepBytes(ctx context.Context, digest string, data []byte, c class) (class, error) {
 	r, err := cut(digest, data)
 	if err != nil {
-		return nil, err
+		return 0, err
 	}
-	return r, k.keep(ctx, r, bytes.NewReader(data))
+	return k.keep(ctx, r, bytes.NewReader(data), c)
 }
 
 // cut makes the recipe of data, whose digest is digest.
@@ -165,13 +220,15 @@ func cut(digest string, data []byte) (*recipe, error) {
 	return r, nil
 }
 
-// keptDigests lists the kept blobs (recipes on disk).
-func (k *keeper) keptDigests() []string {
+// keptDigests lists the kept blobs (recipes on disk) of class c or above.
+func (k *keeper) keptDigests(c class) []string {
 	k.mu.Lock()
 	defer k.mu.Unlock()
 	out := make([]string, 0, len(k.kept))
-	for d := range k.kept {
-		out = append(out, d)
+	for d, dc := range k.kept {
+		if dc >= c {
+			out = append(out, d)
+		}
 	}
 	return out
 }

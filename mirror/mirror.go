@@ -52,6 +52,22 @@ type Upstream struct {
 	// Default makes this the upstream of requests without ?ns= (clients
 	// that use the mirror as their registry). At most one.
 	Default bool
+	// SharedRepositories are the repositories read with the daemon's own
+	// credentials (Config.Keychain) for every client of the mirror, with
+	// or without credentials of its own. Patterns: a repository name as
+	// clients send it ("team/app"; "library/debian" for docker.io's
+	// official images), a name followed by "/*" (every repository below
+	// it), or "*" (all). Every other repository is read with each client's
+	// own credentials, or anonymously.
+	SharedRepositories []string
+	// PublicRepositories are repositories declared public (same patterns):
+	// their content is shared with peers, and when the upstream cannot be
+	// reached, public content of theirs (kept public, or from peers) is
+	// served to anyone. A repository the upstream serves anonymously is
+	// public without being listed.
+	PublicRepositories []string
+
+	shared, public patterns
 }
 
 // Config configures a Mirror. Zero values mean the documented defaults.
@@ -66,8 +82,9 @@ type Config struct {
 	// Upstreams are the registries the mirror serves; requests for any
 	// other are refused, so the mirror is never an open proxy.
 	Upstreams []Upstream
-	// Keychain supplies upstream credentials. Default authn.DefaultKeychain
-	// (the Docker config of the user running the daemon).
+	// Keychain supplies the daemon's own upstream credentials, used only
+	// for Upstream.SharedRepositories. Default authn.DefaultKeychain (the
+	// Docker config of the user running the daemon).
 	Keychain authn.Keychain
 	// Transport is the base HTTP transport to upstreams. Default: a clone
 	// of http.DefaultTransport.
@@ -85,6 +102,13 @@ type Config struct {
 	PeerTimeout time.Duration
 	// MaxBlobSize bounds a blob. Default 64 GiB.
 	MaxBlobSize int64
+	// CheckTTL is how long an upstream's positive answer (this credential
+	// may read this digest of this repository), and whether a repository
+	// is public, are trusted without asking again. Default 5 min.
+	CheckTTL time.Duration
+	// OfflineGrace is how old a positive answer may be and still let kept
+	// content be served while the upstream cannot be reached. Default 1 h.
+	OfflineGrace time.Duration
 	// Logger gets the mirror's logs, with component=mirror. Default
 	// slog.Default().
 	Logger *slog.Logger
@@ -108,6 +132,8 @@ type Mirror struct {
 	log     *slog.Logger
 	keep    *keeper
 	clients *clients
+	checks  *checks
+	salt    []byte // keys the hashes that name client credentials
 	ups     map[string]*Upstream
 	def     *Upstream
 
@@ -152,10 +178,18 @@ func New(cfg Config) (*Mirror, error) {
 	if cfg.MaxBlobSize <= 0 {
 		cfg.MaxBlobSize = 64 << 30
 	}
+	if cfg.CheckTTL <= 0 {
+		cfg.CheckTTL = 5 * time.Minute
+	}
+	if cfg.OfflineGrace <= 0 {
+		cfg.OfflineGrace = time.Hour
+	}
+	cfg.OfflineGrace = max(cfg.OfflineGrace, cfg.CheckTTL)
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	m := &Mirror{cfg: cfg, log: cfg.Logger.With("component", "mirror"), ups: map[string]*Upstream{}, flights: map[string]*flight{}, failed: map[string]struct{}{}}
+	m := &Mirror{cfg: cfg, log: cfg.Logger.With("component", "mirror"), ups: map[string]*Upstream{}, flights: map[string]*flight{}, failed: map[string]struct{}{},
+		checks: newChecks(), salt: newSalt()}
 	for i := range cfg.Upstreams {
 		u := cfg.Upstreams[i]
 		if u.Host == "" {
@@ -170,6 +204,13 @@ func New(cfg Config) (*Mirror, error) {
 		if m.ups[u.Host] != nil {
 			return nil, fmt.Errorf("mirror: upstream %q listed twice", u.Host)
 		}
+		var err error
+		if u.shared, err = parsePatterns("shared repositories", u.SharedRepositories); err != nil {
+			return nil, fmt.Errorf("mirror: upstream %q: %w", u.Host, err)
+		}
+		if u.public, err = parsePatterns("public repositories", u.PublicRepositories); err != nil {
+			return nil, fmt.Errorf("mirror: upstream %q: %w", u.Host, err)
+		}
 		m.ups[u.Host] = &u
 		if u.Default {
 			if m.def != nil {
@@ -183,21 +224,21 @@ func New(cfg Config) (*Mirror, error) {
 		return nil, err
 	}
 	m.keep = k
-	m.clients = &clients{keychain: cfg.Keychain, base: cfg.Transport, m: map[string]*http.Client{}}
+	m.clients = &clients{keychain: cfg.Keychain, base: cfg.Transport, m: map[clientKey]*http.Client{}}
 	m.life, m.cancel = context.WithCancel(context.Background())
 	return m, nil
 }
 
-// Run re-provides the kept blobs to the swarm at start and every 12 hours,
-// retries failed provides every minute, until ctx ends; then it closes the
-// mirror.
+// Run re-provides the kept public blobs to the swarm at start and every
+// 12 hours, retries failed provides every minute, until ctx ends; then it
+// closes the mirror.
 func (m *Mirror) Run(ctx context.Context) error {
 	defer m.Close()
 	if m.cfg.Peers == nil {
 		<-ctx.Done()
 		return nil
 	}
-	all := m.keep.keptDigests()
+	all := m.keep.keptDigests(classPublic)
 	full := time.NewTicker(reprovideInterval)
 	defer full.Stop()
 	retry := time.NewTicker(provideRetry)
@@ -215,7 +256,7 @@ func (m *Mirror) Run(ctx context.Context) error {
 		case <-ctx.Done():
 			return nil
 		case <-full.C:
-			all = m.keep.keptDigests()
+			all = m.keep.keptDigests(classPublic)
 		case <-retry.C:
 			m.mu.Lock()
 			all = slices.Collect(maps.Keys(m.failed))
@@ -266,17 +307,21 @@ func (m *Mirror) provide(ctx context.Context, digest string) {
 	}
 }
 
-// announce publishes a newly kept blob's record in the background.
-func (m *Mirror) announce(digest string) {
-	if m.cfg.Peers != nil {
+// announce publishes the record of a blob newly kept (or newly known) as
+// public, in the background. Blobs of other classes are never announced:
+// until peers prove they may read a private repository, its blobs stay on
+// this node.
+func (m *Mirror) announce(digest string, c class) {
+	if m.cfg.Peers != nil && c == classPublic {
 		m.spawn(func() { m.provide(m.life, digest) })
 	}
 }
 
-// Recipe returns the recipe of a blob kept whole, for peers
-// (p2p.RecipeGetter).
+// Recipe returns the recipe of a public blob kept whole, for peers
+// (p2p.RecipeGetter). Blobs of other classes are not found: peers cannot
+// yet prove they may read them.
 func (m *Mirror) Recipe(ctx context.Context, digest string) ([]byte, error) {
-	if _, ok := parseDigest(digest); !ok {
+	if _, ok := parseDigest(digest); !ok || m.keep.class(digest) != classPublic {
 		return nil, ErrNotFound
 	}
 	_, raw, ok := m.keep.recipe(ctx, digest, m.cfg.MaxBlobSize)
@@ -299,7 +344,10 @@ type Stats struct {
 	BadPeerBlobs                  int64 // peer recipes or blobs that failed verification
 	UpstreamMismatches            int64 // upstream content that failed its digest
 	Provided                      int64 // provider records announced (held locally; published to the DHT or retried)
+	Checks                        int64 // access checks sent upstream (HEADs with a client's credentials, and public probes)
+	Denied                        int64 // requests the upstream refused for the client's credentials (401, 403)
 	Kept                          int   // blobs with a recipe on disk
+	KeptPublic                    int   // of those, public (announced, served to peers)
 }
 
 type counters struct {
@@ -307,6 +355,7 @@ type counters struct {
 	fetchedPeers, fetchedUpstream            atomic.Int64
 	requests, errors, fetches                atomic.Int64
 	badPeer, mismatch, provided              atomic.Int64
+	checks, denied                           atomic.Int64
 }
 
 // Stats returns the mirror's counters.
@@ -323,7 +372,10 @@ func (m *Mirror) Stats() Stats {
 		BadPeerBlobs:       m.st.badPeer.Load(),
 		UpstreamMismatches: m.st.mismatch.Load(),
 		Provided:           m.st.provided.Load(),
-		Kept:               len(m.keep.keptDigests()),
+		Checks:             m.st.checks.Load(),
+		Denied:             m.st.denied.Load(),
+		Kept:               len(m.keep.keptDigests(classPrivate)),
+		KeptPublic:         len(m.keep.keptDigests(classPublic)),
 	}
 }
 
@@ -355,6 +407,14 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	if r.URL.Path == "/v2/" || r.URL.Path == "/v2" {
+		// Without credentials: a challenge, so that clients that ping
+		// first (ggcr, crane) know to send the credentials they have.
+		// Anonymous clients go on without, as from any registry that
+		// answers 401 here.
+		if r.Header.Get("Authorization") == "" {
+			m.fail(w, r, http.StatusUnauthorized, "UNAUTHORIZED", "authentication possible: send the upstream registry's credentials, or none for public repositories")
+			return
+		}
 		w.Header().Set("Content-Type", "application/json")
 		w.Header().Set("Content-Length", "2")
 		if r.Method == http.MethodGet {
@@ -403,14 +463,27 @@ func (m *Mirror) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	switch {
 	case kind == "blobs" && !isDigest:
 		m.fail(w, r, http.StatusBadRequest, "DIGEST_INVALID", fmt.Sprintf("blob reference %q is not a digest", ref))
+		return
+	case !isDigest && !tagRE.MatchString(ref):
+		// No such manifest can exist: 404, as distribution answers (and
+		// the conformance suite expects), not 400.
+		m.fail(w, r, http.StatusNotFound, "MANIFEST_UNKNOWN", fmt.Sprintf("invalid tag %q", ref))
+		return
+	}
+	cred, err := m.credentialFor(r, up, repoName)
+	if err != nil {
+		w.Header().Set("WWW-Authenticate", challenge(up))
+		m.fail(w, r, http.StatusUnauthorized, "UNAUTHORIZED", err.Error())
+		return
+	}
+	a := &access{up: up, repo: repo, cred: cred}
+	switch {
 	case kind == "blobs":
-		m.serveBlob(w, r, repo, ref)
+		m.serveBlob(w, r, a, ref)
 	case isDigest:
-		m.serveManifestDigest(w, r, repo, ref)
-	case !tagRE.MatchString(ref):
-		m.fail(w, r, http.StatusBadRequest, "TAG_INVALID", fmt.Sprintf("invalid tag %q", ref))
+		m.serveManifestDigest(w, r, a, ref)
 	default:
-		m.serveTag(w, r, up, repo, ref)
+		m.serveTag(w, r, a, ref)
 	}
 }
 
@@ -428,7 +501,7 @@ func (m *Mirror) upstream(ns string) (*Upstream, error) {
 	return nil, fmt.Errorf("%w: %q is not one of the mirror's upstreams", ErrUpstreamRefused, ns)
 }
 
-// fail writes an OCI error body.
+// fail writes an OCI error body. A 401 carries the mirror's challenge.
 func (m *Mirror) fail(w http.ResponseWriter, r *http.Request, status int, code, msg string) {
 	m.st.errors.Add(1)
 	m.log.Debug("request failed", "method", r.Method, "path", r.URL.Path, "status", status, "code", code, "msg", msg)
@@ -436,14 +509,18 @@ func (m *Mirror) fail(w http.ResponseWriter, r *http.Request, status int, code, 
 	h := w.Header()
 	h.Set("Content-Type", "application/json")
 	h.Set("Content-Length", strconv.Itoa(len(body)))
+	if status == http.StatusUnauthorized && h.Get("WWW-Authenticate") == "" {
+		h.Set("WWW-Authenticate", challenge(nil))
+	}
 	w.WriteHeader(status)
 	if r.Method != http.MethodHead {
 		_, _ = w.Write(body)
 	}
 }
 
-// failErr maps an error from a source to its OCI error.
-func (m *Mirror) failErr(w http.ResponseWriter, r *http.Request, unknownCode string, err error) {
+// failErr maps an error from a source to its OCI error; a 401 challenges
+// for the credentials of a's upstream.
+func (m *Mirror) failErr(w http.ResponseWriter, r *http.Request, a *access, unknownCode string, err error) {
 	var ue *upstreamError
 	switch {
 	case errors.Is(err, ErrNotFound):
@@ -451,6 +528,7 @@ func (m *Mirror) failErr(w http.ResponseWriter, r *http.Request, unknownCode str
 	case errors.Is(err, ErrDigestMismatch), errors.Is(err, ErrTooLarge):
 		m.fail(w, r, http.StatusBadGateway, "UNKNOWN", err.Error())
 	case errors.As(err, &ue) && ue.status == http.StatusUnauthorized:
+		w.Header().Set("WWW-Authenticate", challenge(a.up))
 		m.fail(w, r, http.StatusUnauthorized, "UNAUTHORIZED", err.Error())
 	case errors.As(err, &ue) && ue.status == http.StatusForbidden:
 		m.fail(w, r, http.StatusForbidden, "DENIED", err.Error())

@@ -149,8 +149,14 @@ func TestProtocol(t *testing.T) {
 		headers            map[string]string // expected headers
 		body               func([]byte) bool
 	}{
-		{name: "base", method: "GET", path: "/v2/", status: 200,
+		{name: "base", method: "GET", path: "/v2/", status: 401, code: "UNAUTHORIZED",
+			headers: map[string]string{"Docker-Distribution-API-Version": "registry/2.0", "WWW-Authenticate": `Basic realm="shoal mirror"`}},
+		{name: "base with credentials", method: "GET", path: "/v2/", hdr: map[string]string{"Authorization": "Basic dTpw"}, status: 200,
 			headers: map[string]string{"Docker-Distribution-API-Version": "registry/2.0"}},
+		{name: "malformed credentials", method: "GET", path: "/v2/lib/y/blobs/" + d + ns, hdr: map[string]string{"Authorization": "Basic !!"}, status: 401, code: "UNAUTHORIZED",
+			headers: map[string]string{"WWW-Authenticate": `Basic realm="` + up.host + ` via shoal mirror"`}},
+		{name: "unknown scheme", method: "GET", path: "/v2/lib/y/blobs/" + d + ns, hdr: map[string]string{"Authorization": "Negotiate abc"}, status: 401, code: "UNAUTHORIZED",
+			body: func(b []byte) bool { return strings.Contains(string(b), "Negotiate") }},
 		{name: "head blob", method: "HEAD", path: "/v2/lib/y/blobs/" + d + ns, status: 200,
 			headers: map[string]string{"Content-Length": fmt.Sprint(size), "Docker-Content-Digest": d, "Content-Type": "application/octet-stream"},
 			body:    func(b []byte) bool { return len(b) == 0 }},
@@ -177,7 +183,7 @@ func TestProtocol(t *testing.T) {
 		{name: "push refused", method: "POST", path: "/v2/lib/y/blobs/uploads/" + ns, status: 405, code: "UNSUPPORTED"},
 		{name: "bad digest", method: "GET", path: "/v2/lib/y/blobs/sha512:abc" + ns, status: 400, code: "DIGEST_INVALID"},
 		{name: "bad name", method: "GET", path: "/v2/Lib/Y/manifests/v1" + ns, status: 400, code: "NAME_INVALID"},
-		{name: "bad tag", method: "GET", path: "/v2/lib/y/manifests/-v1" + ns, status: 400, code: "TAG_INVALID"},
+		{name: "bad tag", method: "GET", path: "/v2/lib/y/manifests/-v1" + ns, status: 404, code: "MANIFEST_UNKNOWN"},
 		{name: "not the API", method: "GET", path: "/v1/_ping", status: 404, code: "UNSUPPORTED"},
 	}
 	for _, tc := range cases {
@@ -328,9 +334,11 @@ func TestUpstreamDown(t *testing.T) {
 }
 
 // TestPeersServeBlobs: node B pulls after node A (real p2p nodes on
-// loopback): every blob byte comes from A, none from upstream; with
-// upstream down, node C still pulls by digest — manifests included — from
-// the swarm.
+// loopback): every blob byte comes from A, none from upstream. With
+// upstream down, node C, which never reached the upstream, cannot tell
+// whether the repository is public and serves nothing; once the config
+// declares it public, C pulls by digest — manifests included — from the
+// swarm.
 func TestPeersServeBlobs(t *testing.T) {
 	t.Parallel()
 	up := startUpstream(t)
@@ -338,15 +346,15 @@ func TestPeersServeBlobs(t *testing.T) {
 	want, _ := img.Digest()
 	total := layerBytes(t, img)
 
-	start := func(boot []string) (*rig, []string) {
+	start := func(boot []string, tweak func(*Config)) (*rig, []string) {
 		store := openStore(t)
 		n := swarmNode(t, store, boot)
-		r := startMirror(t, up, store, SwarmPeers(n), nil)
+		r := startMirror(t, up, store, SwarmPeers(n), tweak)
 		n.ServeRecipes(r.m)
 		return r, n.Addrs()
 	}
-	a, addrA := start(nil)
-	b, _ := start(addrA)
+	a, addrA := start(nil, nil)
+	b, _ := start(addrA, nil)
 
 	a.pull(t, "p/q:v1")
 	eventually(t, 30e9, "A to announce what it kept", func() bool {
@@ -366,7 +374,12 @@ func TestPeersServeBlobs(t *testing.T) {
 	}
 
 	up.down.Store(true)
-	c, _ := start(addrA)
+	undeclared, _ := start(addrA, nil)
+	resp, body, _ := do(t, "GET", undeclared.srv.URL+"/v2/p/q/manifests/"+want.String(), nil)
+	if resp.StatusCode != http.StatusServiceUnavailable {
+		t.Errorf("upstream down, repository not declared public: %d %s, want 503", resp.StatusCode, body)
+	}
+	c, _ := start(addrA, func(c *Config) { c.Upstreams[0].PublicRepositories = []string{"p/*"} })
 	if got := c.pull(t, "p/q@"+want.String()); got != want {
 		t.Fatalf("C pulled %s, want %s", got, want)
 	}

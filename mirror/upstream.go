@@ -12,7 +12,6 @@ import (
 	"sync"
 
 	"github.com/google/go-containerregistry/pkg/authn"
-	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 )
 
@@ -43,33 +42,43 @@ func unreachable(err error) bool {
 	return errors.As(err, &ne) || errors.Is(err, context.DeadlineExceeded)
 }
 
-// clients caches one authenticated HTTP client per upstream repository
-// (ggcr's transport does the token dance and refreshes expired tokens).
+// clients caches one authenticated HTTP client per credential and
+// upstream repository (ggcr's transport does the token dance and refreshes
+// expired tokens). A client is never shared between credentials: the key
+// is the credential's key, and a client's own credentials are in its
+// transport only.
 type clients struct {
 	keychain authn.Keychain
 	base     http.RoundTripper
 
 	mu sync.Mutex
-	m  map[string]*http.Client
+	m  map[clientKey]*http.Client
 }
 
+type clientKey struct{ cred, repo string }
+
+// maxClients bounds the cache; when full it is emptied (clients are cheap
+// to make again: one ping of the registry, one token).
 const maxClients = 512
 
-func (c *clients) get(ctx context.Context, repo name.Repository) (*http.Client, error) {
-	key := repo.Name()
+func (c *clients) get(ctx context.Context, a *access) (*http.Client, error) {
+	key := clientKey{cred: a.cred.key, repo: a.repo.Name()}
 	c.mu.Lock()
 	cl := c.m[key]
 	c.mu.Unlock()
 	if cl != nil {
 		return cl, nil
 	}
-	auth, err := c.keychain.Resolve(repo.Registry)
-	if err != nil {
-		return nil, &upstreamError{status: http.StatusUnauthorized, err: fmt.Errorf("credentials for %s: %w", repo.RegistryStr(), err)}
+	auth := a.cred.auth
+	if auth == nil { // the daemon's own, for a shared repository
+		var err error
+		if auth, err = c.keychain.Resolve(a.repo.Registry); err != nil {
+			return nil, &upstreamError{status: http.StatusUnauthorized, err: fmt.Errorf("the daemon's credentials for %s: %w", a.repo.RegistryStr(), err)}
+		}
 	}
-	rt, err := transport.NewWithContext(ctx, repo.Registry, auth, c.base, []string{repo.Scope(transport.PullScope)})
+	rt, err := transport.NewWithContext(ctx, a.repo.Registry, auth, c.base, []string{a.repo.Scope(transport.PullScope)})
 	if err != nil {
-		return nil, classify(repo.RegistryStr(), err)
+		return nil, classify(a.repo.RegistryStr(), err)
 	}
 	cl = &http.Client{Transport: rt}
 	c.mu.Lock()
@@ -91,16 +100,37 @@ func classify(host string, err error) error {
 	return &upstreamError{err: fmt.Errorf("upstream %s unreachable: %w", host, err)}
 }
 
-// get sends GET /v2/<repo>/<kind>/<ref> upstream and returns the response
-// if it is a 200; any other answer is an upstreamError (404 wraps
-// ErrNotFound). The caller closes the body.
-func (m *Mirror) get(ctx context.Context, repo name.Repository, kind, ref, accept string) (*http.Response, error) {
-	cl, err := m.clients.get(ctx, repo)
+// get sends GET /v2/<repo>/<kind>/<ref> upstream as a's client and
+// returns the response if it is a 200; any other answer is an
+// upstreamError (404 wraps ErrNotFound). The caller closes the body.
+func (m *Mirror) get(ctx context.Context, a *access, kind, ref, accept string) (*http.Response, error) {
+	return m.send(ctx, http.MethodGet, a, kind, ref, accept)
+}
+
+// head asks upstream, as a's client, whether it would serve kind/ref: nil
+// for a 200, an upstreamError otherwise (404 wraps ErrNotFound).
+func (m *Mirror) head(ctx context.Context, a *access, kind, ref string) error {
+	m.st.checks.Add(1)
+	accept := ""
+	if kind == "manifests" {
+		accept = manifestAccept
+	}
+	resp, err := m.send(ctx, http.MethodHead, a, kind, ref, accept)
+	if err != nil {
+		return err
+	}
+	resp.Body.Close()
+	return nil
+}
+
+func (m *Mirror) send(ctx context.Context, method string, a *access, kind, ref, accept string) (*http.Response, error) {
+	repo := a.repo
+	cl, err := m.clients.get(ctx, a)
 	if err != nil {
 		return nil, err
 	}
 	u := url.URL{Scheme: repo.Scheme(), Host: repo.RegistryStr(), Path: "/v2/" + repo.RepositoryStr() + "/" + kind + "/" + ref}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u.String(), nil)
+	req, err := http.NewRequestWithContext(ctx, method, u.String(), nil)
 	if err != nil {
 		return nil, err
 	}
@@ -118,7 +148,7 @@ func (m *Mirror) get(ctx context.Context, repo name.Repository, kind, ref, accep
 	}
 	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
 	resp.Body.Close()
-	err = fmt.Errorf("upstream %s: GET %s/%s/%s: %s: %s", repo.RegistryStr(), repo.RepositoryStr(), kind, ref, resp.Status, strings.TrimSpace(string(msg)))
+	err = fmt.Errorf("upstream %s: %s %s/%s/%s: %s: %s", repo.RegistryStr(), method, repo.RepositoryStr(), kind, ref, resp.Status, strings.TrimSpace(string(msg)))
 	if resp.StatusCode == http.StatusNotFound {
 		err = fmt.Errorf("%w: %w", ErrNotFound, err)
 	}
