@@ -39,7 +39,7 @@ type Image struct {
 	// read it themselves, and it is never shown to unauthenticated
 	// viewers.
 	Private bool
-	Trace    *trace.Trace    // the newest start-up trace published for it, if any
+	Trace   *trace.Trace // the newest start-up trace published for it, if any
 }
 
 func (n *Node) fetchOpts() []fetch.Option {
