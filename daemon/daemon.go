@@ -91,6 +91,7 @@ type Daemon struct {
 	// swarmKey is the private-network key read from p2p.psk_file; nil
 	// for an open network.
 	swarmKey []byte
+	public   *publicNames // hides private images on the TCP port's views
 
 	mu         sync.Mutex
 	node       *node.Node
@@ -123,7 +124,7 @@ func New(cfg Config, log *slog.Logger) (*Daemon, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	d := &Daemon{cfg: cfg, base: log, log: log.With("component", "daemon"), metrics: newMetrics(), mounts: map[string]*mountEntry{}, jobs: newJobs()}
+	d := &Daemon{cfg: cfg, base: log, log: log.With("component", "daemon"), metrics: newMetrics(), mounts: map[string]*mountEntry{}, jobs: newJobs(), public: newPublicNames()}
 	if !cfg.P2P.Disabled {
 		k, err := loadSwarmKey(cfg.P2P.PSKFile, d.log)
 		if err != nil {
