@@ -158,7 +158,7 @@ func TestPublicNames(t *testing.T) {
 	t.Parallel()
 	a, b := newPublicNames(), newPublicNames()
 	const ref = "registry.example/team/app:v1"
-	if a.tag(ref) != a.tag(ref) || a.tag(ref) == a.tag(ref+"x") {
+	if tag := a.tag(ref); a.tag(ref) != tag || len(tag) != 8 || tag == a.tag(ref+"x") {
 		t.Error("a daemon's tag is not a function of the reference")
 	}
 	if a.tag(ref) == b.tag(ref) {
