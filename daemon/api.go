@@ -51,6 +51,9 @@ type MountInfo struct {
 	DemandLocal  int64        `json:"demand_local_blocks"`
 	DemandRemote int64        `json:"demand_remote_blocks"`
 	Trace        *trace.Trace `json:"trace,omitempty"` // on Unmount of a recording mount
+	// Private is the image's node.Image.Private: the status page shows
+	// it without its reference (publicview.go).
+	Private bool `json:"private,omitempty"`
 }
 
 // Status is the daemon's state.
@@ -142,7 +145,7 @@ func (d *Daemon) Mount(ctx context.Context, req MountRequest) (MountInfo, error)
 func (e *mountEntry) info() MountInfo {
 	img := e.m.Image
 	mi := MountInfo{
-		ID: e.id, Source: img.Source, Ref: img.Ref, Dir: e.m.Dir, RunDir: e.m.RunDir, Local: img.Local,
+		ID: e.id, Source: img.Source, Ref: img.Ref, Dir: e.m.Dir, RunDir: e.m.RunDir, Local: img.Local, Private: img.Private,
 		ImageBytes: int64(img.Index.ImageBytes()), Entries: len(img.Index.Entries), MountMS: e.m.Elapsed.Milliseconds(),
 		Fetch: img.Chain.Stats(), FS: e.m.FS.Stats(), UpSeconds: time.Since(e.started).Seconds(),
 	}

@@ -90,6 +90,10 @@ type Daemon struct {
 	base    *slog.Logger // for the packages below, which add their own component
 	log     *slog.Logger
 	metrics *metrics
+	// swarmKey is the private-network key read from p2p.psk_file; nil
+	// for an open network.
+	swarmKey []byte
+	public   *publicNames // hides private images on the TCP port's views
 
 	// keychain holds the registry credentials the daemon reads images
 	// with (Config.Registry), set by Run.
@@ -113,7 +117,9 @@ type mountEntry struct {
 	saveTimer *time.Timer
 }
 
-// New checks the configuration and wires the daemon; it starts nothing.
+// New checks the configuration, reads the swarm's key, and wires the
+// daemon; it starts nothing. It logs a warning when the swarm would listen
+// beyond loopback without a key.
 func New(cfg Config, log *slog.Logger) (*Daemon, error) {
 	if cfg.StateDir == "" {
 		cfg.StateDir = node.DefaultStateDir()
@@ -124,7 +130,16 @@ func New(cfg Config, log *slog.Logger) (*Daemon, error) {
 	if log == nil {
 		log = slog.Default()
 	}
-	return &Daemon{cfg: cfg, base: log, log: log.With("component", "daemon"), metrics: newMetrics(), mounts: map[string]*mountEntry{}, jobs: newJobs()}, nil
+	d := &Daemon{cfg: cfg, base: log, log: log.With("component", "daemon"), metrics: newMetrics(), mounts: map[string]*mountEntry{}, jobs: newJobs(), public: newPublicNames()}
+	if !cfg.P2P.Disabled {
+		k, err := loadSwarmKey(cfg.P2P.PSKFile, d.log)
+		if err != nil {
+			return nil, err
+		}
+		d.swarmKey = k
+		warnOpenNetwork(d.log, cfg.P2P.Listen, k)
+	}
+	return d, nil
 }
 
 // Run opens the state directory, serves the API and metrics until ctx is

@@ -69,6 +69,10 @@ type Job struct {
 	Started  time.Time       `json:"started"`
 	Finished *time.Time      `json:"finished,omitempty"`
 	Error    string          `json:"error,omitempty"`
+	// Private is the resolved image's node.Image.Private; resolved says
+	// whether it is known yet.
+	Private  bool `json:"private,omitempty"`
+	resolved bool
 }
 
 // jobs runs the daemon's own prefetches.
@@ -98,7 +102,11 @@ func (d *Daemon) startJob(ref string, keepWarm bool) *Job {
 	job := &Job{Ref: ref, KeepWarm: keepWarm, Started: time.Now()}
 	j.byRef[ref] = job
 	j.wg.Go(func() {
-		p, err := d.prefetch(j.ctx, ref, func(p seeder.Progress) {
+		p, err := d.prefetch(j.ctx, ref, func(img *node.Image) {
+			j.mu.Lock()
+			job.Private, job.resolved = img.Private, true
+			j.mu.Unlock()
+		}, func(p seeder.Progress) {
 			j.mu.Lock()
 			job.Progress = p
 			j.mu.Unlock()
@@ -119,8 +127,9 @@ func (d *Daemon) startJob(ref string, keepWarm bool) *Job {
 	return job
 }
 
-// prefetch resolves ref and fills the cache with it.
-func (d *Daemon) prefetch(ctx context.Context, ref string, report func(seeder.Progress)) (seeder.Progress, error) {
+// prefetch resolves ref, tells resolved the image, and fills the cache
+// with it.
+func (d *Daemon) prefetch(ctx context.Context, ref string, resolved func(*node.Image), report func(seeder.Progress)) (seeder.Progress, error) {
 	d.mu.Lock()
 	n := d.node
 	d.mu.Unlock()
@@ -131,6 +140,7 @@ func (d *Daemon) prefetch(ctx context.Context, ref string, report func(seeder.Pr
 	if err != nil {
 		return seeder.Progress{}, err
 	}
+	resolved(img)
 	return n.Prefetch(ctx, img, report)
 }
 

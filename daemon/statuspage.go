@@ -132,10 +132,20 @@ func (d *Daemon) sample() Sample {
 func (d *Daemon) pageStatus(s *series) PageStatus {
 	st := d.Status()
 	sort.Slice(st.Mounts, func(i, j int) bool { return st.Mounts[i].ID < st.Mounts[j].ID })
-	// This is served on a TCP port: not the images' environments, which
-	// can hold credentials. The unix socket's status has them.
+	var digests []string
+	for _, m := range st.Mounts {
+		if _, digest, ok := strings.Cut(m.Ref, "@"); ok {
+			digests = append(digests, digest)
+		}
+	}
+	// This is served on a TCP port, to anyone: no private image's
+	// reference, no environment (publicview.go). The unix socket's status
+	// has them.
 	for i := range st.Mounts {
-		st.Mounts[i].Env = nil
+		st.Mounts[i] = d.public.mount(st.Mounts[i])
+	}
+	for i := range st.Jobs {
+		st.Jobs[i] = d.public.job(st.Jobs[i])
 	}
 	ps := PageStatus{
 		Time: time.Now().UnixMilli(), Status: st, Labels: d.cfg.Labels, Bytes: d.metrics.sourceBytes(),
@@ -148,11 +158,9 @@ func (d *Daemon) pageStatus(s *series) PageStatus {
 		return ps
 	}
 	images := map[peer.ID]int{}
-	for _, m := range st.Mounts {
-		if _, digest, ok := strings.Cut(m.Ref, "@"); ok {
-			for _, p := range sw.ImagePeers(digest) {
-				images[p]++
-			}
+	for _, digest := range digests {
+		for _, p := range sw.ImagePeers(digest) {
+			images[p]++
 		}
 	}
 	now := time.Now()

@@ -97,7 +97,7 @@ func (d *Daemon) newSwarm(ctx context.Context, blocks *lateStore) (*p2p.Node, er
 		ListenAddrs:       c.Listen,
 		IdentityDir:       filepath.Join(d.cfg.StateDir, "identity"),
 		BootstrapPeers:    c.Bootstrap,
-		PSKFile:           c.PSKFile,
+		PSK:               d.swarmKey,
 		Zone:              d.cfg.Labels["zone"],
 		Rack:              d.cfg.Labels["rack"],
 		Blocks:            blocks,

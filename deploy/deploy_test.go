@@ -31,6 +31,7 @@ import (
 
 	"github.com/shoal-project/shoal/daemon"
 	"github.com/shoal-project/shoal/internal/testenv"
+	"github.com/shoal-project/shoal/p2p"
 )
 
 // kinds are the Kubernetes objects the manifests may hold, by
@@ -210,7 +211,7 @@ func TestKubernetes(t *testing.T) {
 		t.Fatalf("container args %q do not run `shoal daemon`", c.Args)
 	}
 	args := flagArgs(t, c.Args[1:])
-	checkFlags(t, "daemon set", args)
+	checkFlags(t, "daemon set", "runDaemon", args)
 
 	// --kube-node gets the node's name from the downward API.
 	if args["kube-node"] != "$(NODE_NAME)" {
@@ -264,24 +265,105 @@ func TestKubernetes(t *testing.T) {
 		t.Errorf("state dir %s: mounted at %s with propagation %v, want the same path, Bidirectional (mounts must reach containerd)",
 			cfg.StateDir, vm.MountPath, deref(vm.MountPropagation))
 	}
-	// Ports: the container's agree with the config's, and the probes use
-	// them.
+	// Ports: the container's agree with the config's. Metrics are on
+	// loopback (checkDeployConfig): a container port for them would
+	// advertise what only the node itself can reach.
 	ports := map[string]int32{}
 	for _, p := range c.Ports {
 		ports[p.Name] = p.ContainerPort
 	}
-	if _, port, err := net.SplitHostPort(cfg.MetricsAddr); err != nil || strconv.Itoa(int(ports["metrics"])) != port {
-		t.Errorf("metrics_addr %q, container port metrics %d", cfg.MetricsAddr, ports["metrics"])
-	}
 	if len(cfg.P2P.Listen) == 0 || multiaddrPort(t, cfg.P2P.Listen[0]) != ports["p2p"] {
 		t.Errorf("p2p listen %q, container port p2p %d", cfg.P2P.Listen, ports["p2p"])
 	}
-	for _, p := range []*corev1.Probe{c.ReadinessProbe, c.LivenessProbe} {
-		if p == nil || p.HTTPGet == nil || ports[p.HTTPGet.Port.String()] == 0 {
-			t.Errorf("probe %+v does not probe a named container port", p)
+	if p, ok := ports["metrics"]; ok {
+		t.Errorf("container port metrics %d: metrics_addr %q is loopback, not reachable on the node's address", p, cfg.MetricsAddr)
+	}
+	checkProbes(t, c, cfg)
+	checkSwarmKeySecret(t, ns, c, vols, cfg)
+	checkDeployConfig(t, "config map", cfg)
+}
+
+// checkProbes: both probes run `shoal status` on the daemon's API socket,
+// with the image's binary. In the host network an HTTP probe would dial
+// the node's IP, and the status page listens on loopback only.
+func checkProbes(t *testing.T, c corev1.Container, cfg daemon.Config) {
+	t.Helper()
+	dockerfile, err := os.ReadFile("Dockerfile")
+	if err != nil {
+		t.Fatal(err)
+	}
+	m := regexp.MustCompile(`(?m)^ENTRYPOINT \["([^"]+)"\]`).FindSubmatch(dockerfile)
+	if m == nil {
+		t.Fatal("Dockerfile: no ENTRYPOINT [\"<binary>\"]")
+	}
+	bin := string(m[1])
+	sock := cfg.Socket
+	if sock == "" {
+		sock = daemon.SocketPath(cfg.StateDir)
+	}
+	for name, p := range map[string]*corev1.Probe{"readiness": c.ReadinessProbe, "liveness": c.LivenessProbe} {
+		if p == nil || p.Exec == nil || len(p.Exec.Command) < 2 || p.Exec.Command[0] != bin || p.Exec.Command[1] != "status" {
+			t.Errorf("%s probe %+v does not run %s status", name, p, bin)
+			continue
+		}
+		args := flagArgs(t, p.Exec.Command[2:])
+		checkFlags(t, name+" probe", "runStatus", args)
+		if args["socket"] != sock {
+			t.Errorf("%s probe asks socket %q, the daemon serves %q", name, args["socket"], sock)
+		}
+		if p.TimeoutSeconds < 2 {
+			t.Errorf("%s probe times out after %d s: too short for a process start on a busy node", name, p.TimeoutSeconds)
 		}
 	}
-	checkDeployConfig(t, "config map", cfg)
+}
+
+// checkSwarmKeySecret: the config's p2p.psk_file is a key of a Secret the
+// container mounts read-only, readable by its owner alone, and
+// docs/deploy.md makes that Secret, in the manifests' namespace, with that
+// key.
+func checkSwarmKeySecret(t *testing.T, ns string, c corev1.Container, vols map[string]corev1.Volume, cfg daemon.Config) {
+	t.Helper()
+	if cfg.P2P.PSKFile == "" {
+		return // checkDeployConfig says so
+	}
+	dir, key := path.Split(cfg.P2P.PSKFile)
+	var secret *corev1.SecretVolumeSource
+	for _, vm := range c.VolumeMounts {
+		if v := vols[vm.Name]; v.Secret != nil && vm.MountPath == path.Clean(dir) {
+			secret = v.Secret
+			if !vm.ReadOnly || vm.SubPath != "" {
+				t.Errorf("the key's Secret is mounted with readOnly %v, subPath %q: want read-only, whole", vm.ReadOnly, vm.SubPath)
+			}
+		}
+	}
+	if secret == nil {
+		t.Fatalf("p2p.psk_file %s is not in a Secret the container mounts", cfg.P2P.PSKFile)
+	}
+	if secret.DefaultMode == nil || *secret.DefaultMode&0o077 != 0 {
+		t.Errorf("Secret %s mounted with mode %o: others than root could read the key", secret.SecretName, deref(secret.DefaultMode))
+	}
+	if secret.Optional != nil && *secret.Optional {
+		t.Errorf("Secret %s is optional: without it the daemon must not start", secret.SecretName)
+	}
+	for _, it := range secret.Items {
+		if it.Path == key {
+			key = it.Key
+		}
+	}
+	doc, err := os.ReadFile("../docs/deploy.md")
+	if err != nil {
+		t.Fatal(err)
+	}
+	text := strings.ReplaceAll(string(doc), "\\\n", " ")
+	cmds := regexp.MustCompile(`kubectl -n (\S+) create secret generic (\S+)\s+--from-file=([^=\s]+)=`).FindAllStringSubmatch(text, -1)
+	if len(cmds) == 0 {
+		t.Error("docs/deploy.md shows no `kubectl -n NS create secret generic NAME --from-file=KEY=...`")
+	}
+	for _, m := range cmds {
+		if m[1] != ns || m[2] != secret.SecretName || m[3] != key {
+			t.Errorf("docs/deploy.md makes Secret %s/%s with key %s; the daemon set reads %s/%s, key %s", m[1], m[2], m[3], ns, secret.SecretName, key)
+		}
+	}
 }
 
 func deref[T any](p *T) (v T) {
@@ -312,6 +394,14 @@ func multiaddrPort(t *testing.T, s string) int32 {
 func checkDeployConfig(t *testing.T, name string, cfg daemon.Config) {
 	t.Helper()
 	cc := loadContainerdConfig(t)
+	// Secure defaults: nothing unauthenticated beyond loopback, and a
+	// private swarm.
+	if host, _, err := net.SplitHostPort(cfg.MetricsAddr); cfg.MetricsAddr != "" && (err != nil || !isLoopback(host)) {
+		t.Errorf("%s: metrics_addr %q is not on loopback: nobody authenticates on the status page and metrics", name, cfg.MetricsAddr)
+	}
+	if cfg.P2P.PSKFile == "" && !cfg.P2P.Disabled {
+		t.Errorf("%s: no p2p.psk_file: any host that reaches the p2p port could join the swarm", name)
+	}
 	sock := cfg.Snapshotter.Socket
 	if sock == "" {
 		sock = daemon.SnapshotterSocketPath(cfg.StateDir)
@@ -334,6 +424,11 @@ func checkDeployConfig(t *testing.T, name string, cfg daemon.Config) {
 			}
 		}
 	}
+}
+
+func isLoopback(host string) bool {
+	ip := net.ParseIP(host)
+	return host == "localhost" || ip != nil && ip.IsLoopback()
 }
 
 func TestSystemdConfig(t *testing.T) {
@@ -577,7 +672,7 @@ func TestSystemdUnit(t *testing.T) {
 		t.Fatalf("ExecStart %q does not run /usr/local/bin/shoal daemon", exec0)
 	}
 	args := flagArgs(t, exec0[2:])
-	checkFlags(t, "systemd unit", args)
+	checkFlags(t, "systemd unit", "runDaemon", args)
 	cfgData, err := os.ReadFile("systemd/config.yaml")
 	if err != nil {
 		t.Fatal(err)
@@ -588,6 +683,9 @@ func TestSystemdUnit(t *testing.T) {
 	}
 	if want := "/var/lib/" + strings.Join(unit["StateDirectory"], ""); cfg.StateDir != want {
 		t.Errorf("state_dir %s, the unit's StateDirectory is %s", cfg.StateDir, want)
+	}
+	if dir := "/etc/" + strings.Join(unit["ConfigurationDirectory"], ""); path.Dir(cfg.P2P.PSKFile) != dir {
+		t.Errorf("p2p.psk_file %q is not in the unit's ConfigurationDirectory %s, beside the config", cfg.P2P.PSKFile, dir)
 	}
 
 	// systemd's own check: unknown keys, bad values. It wants ExecStart's
@@ -629,21 +727,22 @@ func flagArgs(t *testing.T, args []string) map[string]string {
 	return out
 }
 
-// checkFlags checks that every flag is one `shoal daemon` defines, as read
-// from its source (cmd/shoal): a misspelt flag would stop the daemon.
-func checkFlags(t *testing.T, where string, args map[string]string) {
+// checkFlags checks that every flag is one the command run by function fn
+// of cmd/shoal (runDaemon, runStatus) defines, as read from its source: a
+// misspelt flag would stop the command.
+func checkFlags(t *testing.T, where, fn string, args map[string]string) {
 	t.Helper()
-	known := daemonFlags(t)
+	known := commandFlags(t, fn)
 	for name := range args {
 		if !known[name] {
-			t.Errorf("%s: shoal daemon has no flag --%s (it has %s)", where, name, strings.Join(slices.Sorted(maps.Keys(known)), ", "))
+			t.Errorf("%s: %s has no flag --%s (it has %s)", where, fn, name, strings.Join(slices.Sorted(maps.Keys(known)), ", "))
 		}
 	}
 }
 
-// daemonFlags reads the flag names runDaemon and newFlags define in
-// cmd/shoal: the first string argument of fs.String, fs.Bool, fs.Var, ...
-func daemonFlags(t *testing.T) map[string]bool {
+// commandFlags reads the flag names fn and newFlags define in cmd/shoal:
+// the first string argument of fs.String, fs.Bool, fs.Var, ...
+func commandFlags(t *testing.T, fn string) map[string]bool {
 	t.Helper()
 	fset := token.NewFileSet()
 	files, err := filepath.Glob("../cmd/shoal/*.go")
@@ -661,7 +760,7 @@ func daemonFlags(t *testing.T) map[string]bool {
 		}
 		for _, d := range af.Decls {
 			fd, ok := d.(*ast.FuncDecl)
-			if !ok || (fd.Name.Name != "runDaemon" && fd.Name.Name != "newFlags") {
+			if !ok || (fd.Name.Name != fn && fd.Name.Name != "newFlags") {
 				continue
 			}
 			ast.Inspect(fd, func(n ast.Node) bool {
@@ -685,8 +784,8 @@ func daemonFlags(t *testing.T) map[string]bool {
 			})
 		}
 	}
-	if !known["config"] || !known["log-level"] {
-		t.Fatalf("found no daemon flags in cmd/shoal (have %v): has the code moved?", known)
+	if len(known) < 2 || !known["log-level"] {
+		t.Fatalf("found no flags of %s in cmd/shoal (have %v): has the code moved?", fn, known)
 	}
 	return known
 }
@@ -694,4 +793,73 @@ func daemonFlags(t *testing.T) map[string]bool {
 func isFlagSet(e ast.Expr) bool {
 	id, ok := e.(*ast.Ident)
 	return ok && id.Name == "fs"
+}
+
+// TestSystemdInstall runs systemd/install.sh into a directory, with the
+// real binary: the first node gets a new key (mode 0600, one the daemon
+// reads) where the config's p2p.psk_file says, a second run keeps it, and
+// a second node given that file holds the same key and refuses another.
+func TestSystemdInstall(t *testing.T) {
+	if testing.Short() {
+		t.Skip("builds cmd/shoal")
+	}
+	t.Parallel()
+	bin := filepath.Join(t.TempDir(), "shoal")
+	if out, err := exec.CommandContext(t.Context(), "go", "build", "-o", bin, "../cmd/shoal").CombinedOutput(); err != nil {
+		t.Fatalf("go build: %v\n%s", err, out)
+	}
+	install := func(root string, args ...string) error {
+		t.Helper()
+		out, err := exec.CommandContext(t.Context(), "bash", append([]string{"systemd/install.sh", "--bin", bin, "--root", root}, args...)...).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("install.sh %s: %w\n%s", strings.Join(args, " "), err, out)
+		}
+		return nil
+	}
+	// key reads the swarm key as the installed daemon would, checks its
+	// mode and returns its bytes.
+	key := func(root string) []byte {
+		t.Helper()
+		cfg, err := daemon.LoadConfig(filepath.Join(root, "etc/shoal/config.yaml"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		f := filepath.Join(root, cfg.P2P.PSKFile)
+		st, err := os.Stat(f)
+		if err != nil {
+			t.Fatalf("p2p.psk_file: %v", err)
+		}
+		if st.Mode().Perm() != 0o600 {
+			t.Errorf("p2p.psk_file %s has mode %v, want 0600", cfg.P2P.PSKFile, st.Mode().Perm())
+		}
+		if _, err := p2p.LoadPSK(f); err != nil {
+			t.Fatal(err)
+		}
+		b, _ := os.ReadFile(f)
+		return b
+	}
+	first, second := t.TempDir(), t.TempDir()
+	if err := install(first); err != nil {
+		t.Fatal(err)
+	}
+	k := key(first)
+	for _, f := range []string{"usr/local/bin/shoal", "etc/systemd/system/shoal.service"} {
+		if _, err := os.Stat(filepath.Join(first, f)); err != nil {
+			t.Error(err)
+		}
+	}
+	if err := install(first); err != nil || !bytes.Equal(key(first), k) {
+		t.Errorf("a second run changed the key (%v)", err)
+	}
+	keyFile := filepath.Join(first, "etc/shoal/swarm.key")
+	if err := install(second, "--key", keyFile); err != nil || !bytes.Equal(key(second), k) {
+		t.Errorf("the second node does not hold the first node's key (%v)", err)
+	}
+	other := filepath.Join(t.TempDir(), "other.key")
+	if out, err := exec.CommandContext(t.Context(), bin, "keygen", other).CombinedOutput(); err != nil {
+		t.Fatalf("keygen: %v\n%s", err, out)
+	}
+	if err := install(second, "--key", other); err == nil || !bytes.Equal(key(second), k) {
+		t.Errorf("install.sh --key with another key over an installed one: %v; want an error and the key kept", err)
+	}
 }

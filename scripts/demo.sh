@@ -7,9 +7,10 @@
 #   4. converts again to show the result is deterministic;
 #   5. runs python3 from the image with `shoal run`, mounted lazily: only the
 #      blocks python touches leave the registry; a second run needs none;
-#   6. starts a three-node cluster of daemons on loopback (libp2p, DHT) and
-#      runs the same command on each: the first node's blocks come from the
-#      registry, the others' from their peers.
+#   6. starts a three-node cluster of daemons on loopback (libp2p, DHT, a
+#      private network whose key `shoal keygen` makes) and runs the same
+#      command on each: the first node's blocks come from the registry,
+#      the others' from their peers.
 # Everything it starts is stopped and removed on exit, also on failure.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -64,10 +65,12 @@ step "the same again (warm: blocks come from the local cache)"
 "$bin" run --plain-http --state-dir "$state" --stats "$work/warm.json" "$host/demo/debian:bookworm" -- python3 -c 'import json, http.server; print("ok")'
 stat "$work/warm.json"
 
-step "a three-node cluster: one daemon per node, peers on loopback"
+step "a three-node cluster: one daemon per node, peers on loopback, one private-network key"
+"$bin" keygen "$work/swarm.key"
+echo "made the swarm's key: $work/swarm.key (only nodes holding it can connect)"
 boot=""
 for i in 1 2 3; do
-	args=(daemon --state-dir "$work/node$i" --plain-http --listen /ip4/127.0.0.1/tcp/0 --log-level warn)
+	args=(daemon --state-dir "$work/node$i" --plain-http --listen /ip4/127.0.0.1/tcp/0 --psk-file "$work/swarm.key" --log-level warn)
 	[ -n "$boot" ] && args+=(--bootstrap "$boot")
 	"$bin" "${args[@]}" 2>"$work/node$i.log" &
 	pids+=($!)

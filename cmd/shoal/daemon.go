@@ -30,7 +30,7 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	config := fs.String("config", "", "YAML config file (keys: state_dir, socket, metrics_addr, plain_http, cache_quota, labels); flags override it")
 	stateDir := fs.String("state-dir", "", "state directory (default "+node.DefaultStateDir()+")")
 	socket := fs.String("socket", "", "API socket (default <state-dir>/shoal.sock)")
-	metrics := fs.String("metrics-addr", "", "serve Prometheus metrics (/metrics) and the status page (/) on this address, e.g. 127.0.0.1:9464")
+	metrics := fs.String("metrics-addr", "", "serve Prometheus metrics (/metrics) and the status page (/) on this address, unauthenticated: keep it on loopback, e.g. 127.0.0.1:9464 (default: off)")
 	plain := fs.Bool("plain-http", false, "talk plain HTTP to registries")
 	quota := fs.Int64("cache-quota", -1, "block cache size limit in bytes (0: unlimited)")
 	lbl := labels{}
@@ -40,7 +40,7 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	var listen, bootstrap multi
 	fs.Var(&listen, "listen", "p2p listen multiaddr, repeatable (default /ip4/0.0.0.0/tcp/4701)")
 	fs.Var(&bootstrap, "bootstrap", "p2p bootstrap peer multiaddr ending in /p2p/<id>, repeatable")
-	pskFile := fs.String("psk-file", "", "private network key file: only nodes with the same key can join")
+	pskFile := fs.String("psk-file", "", "private network key file (shoal keygen): only nodes with the same key can connect; a missing file stops the daemon")
 	noP2P := fs.Bool("no-p2p", false, "no swarm: fetch from the registry only")
 	uploads := fs.Int("upload-streams", 0, "concurrent block uploads to peers (default 4)")
 	uploadRate := fs.Int64("upload-bytes-per-sec", 0, "cap on bytes/s uploaded to peers (0: unlimited)")

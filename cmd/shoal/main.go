@@ -34,6 +34,7 @@ var commands = []command{
 	{"pull", "pull [flags] REF", "pull an image into containerd as lazy Shoal snapshots", runPull},
 	{"daemon", "daemon [flags]", "run the node daemon (cache, mounts, API socket, metrics)", runDaemon},
 	{"status", "status [flags]", "show the daemon's cache and mounts as JSON", runStatus},
+	{"keygen", "keygen [--force] [FILE|-]", "make a private-network key for the swarm (p2p.psk_file)", runKeygen},
 	{"simulate", "simulate [flags] --trace FILE", "simulate a rollout to many nodes and compare strategies", runSimulate},
 }
 

@@ -188,7 +188,7 @@ function renderImages(mounts) {
       "cache " + fmtBytes(f.bytes_from_cache) + " · peers " + fmtBytes(f.bytes_from_peers) + " · registry " + fmtBytes(f.bytes_from_registry));
     const tr = el("tr", { "data-ref": m.source },
       el("td", { class: "ref", title: m.ref }, m.source),
-      el("td", { class: "ref" }, m.dir),
+      el("td", { class: "ref" }, m.private ? "(hidden)" : m.dir),
       el("td", { class: "num" }, fmtBytes(m.image_bytes)),
       el("td", { class: "num", "data-value": m.fs.read_bytes }, fmtBytes(m.fs.read_bytes)),
       el("td", {}, mix, mixLabel),
