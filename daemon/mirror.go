@@ -45,7 +45,7 @@ func (d *Daemon) startMirror(n *node.Node, sw *p2p.Node) (func(ctx context.Conte
 	if c.Listen == "" {
 		return nil, nil
 	}
-	cfg := mirror.Config{Dir: filepath.Join(d.cfg.StateDir, "mirror"), Blocks: n.Store(), Logger: d.base}
+	cfg := mirror.Config{Dir: filepath.Join(d.cfg.StateDir, "mirror"), Blocks: n.Store(), Keychain: d.keychain, Logger: d.base}
 	for _, u := range c.Upstreams {
 		cfg.Upstreams = append(cfg.Upstreams, mirror.Upstream{Host: u.Host, Endpoint: u.Endpoint, PlainHTTP: u.PlainHTTP, Default: u.Default,
 			SharedRepositories: u.SharedRepositories, PublicRepositories: u.PublicRepositories})

@@ -137,6 +137,21 @@ func (k *keeper) spool() (*os.File, error) {
 // recipe returns the kept recipe of digest if every block is still in the
 // cache; ok is false otherwise.
 func (k *keeper) recipe(ctx context.Context, digest string, maxSize int64) (*recipe, []byte, bool) {
+	r, raw, ok := k.recipeOnDisk(digest, maxSize)
+	if !ok {
+		return nil, nil, false
+	}
+	for _, id := range r.ids {
+		if has, err := k.blocks.Has(ctx, id); err != nil || !has {
+			return nil, nil, false
+		}
+	}
+	return r, raw, true
+}
+
+// recipeOnDisk returns the kept recipe of digest without checking that its
+// blocks are still cached.
+func (k *keeper) recipeOnDisk(digest string, maxSize int64) (*recipe, []byte, bool) {
 	raw, err := os.ReadFile(k.recipePath(digest))
 	if err != nil {
 		return nil, nil, false
@@ -149,11 +164,6 @@ func (k *keeper) recipe(ctx context.Context, digest string, maxSize int64) (*rec
 	}
 	if r.size > maxSize {
 		return nil, nil, false // kept, but not what this request may get
-	}
-	for _, id := range r.ids {
-		if has, err := k.blocks.Has(ctx, id); err != nil || !has {
-			return nil, nil, false
-		}
 	}
 	return r, raw, true
 }

@@ -21,7 +21,24 @@ func SwarmPeers(n *p2p.Node) Peers { return swarmPeers{n} }
 
 type swarmPeers struct{ n *p2p.Node }
 
-var _ p2p.RecipeGetter = (*Mirror)(nil)
+var (
+	_ p2p.RecipeGetter = (*Mirror)(nil)
+	_ p2p.RecipeBlocks = (*Mirror)(nil)
+)
+
+// BlobBlocks returns the blocks a public blob kept whole is cut into: what
+// the node serves peers that ask for blocks under the blob's digest
+// (p2p.RecipeBlocks). Blobs that are not public have none to give.
+func (m *Mirror) BlobBlocks(_ context.Context, digest string) ([]flat.BlockID, bool) {
+	if _, ok := parseDigest(digest); !ok || m.keep.class(digest) != classPublic {
+		return nil, false
+	}
+	r, _, ok := m.keep.recipeOnDisk(digest, m.cfg.MaxBlobSize)
+	if !ok {
+		return nil, false
+	}
+	return r.ids, true
+}
 
 func (s swarmPeers) Providers(ctx context.Context, digest string) ([]string, error) {
 	ids, err := s.n.BlobProviders(ctx, digest, maxProviders)
