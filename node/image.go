@@ -99,7 +99,7 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 	if flatRef, ferr := fetch.FlatRef(ref); ferr == nil && !strings.HasSuffix(refTag(ref), flat.TagSuffix) {
 		im, err = fetch.OpenImage(ctx, flatRef, n.fetchOpts()...)
 		if err != nil && !errors.Is(err, fetch.ErrNotFound) && !errors.Is(err, fetch.ErrNotFlat) {
-			return nil, converter.RegistryError("open", flatRef, err)
+			return nil, openError(flatRef, err)
 		}
 	}
 	if im == nil {
@@ -111,7 +111,7 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 			}
 			return n.convertLocally(ctx, ref)
 		case err != nil:
-			return nil, converter.RegistryError("open", ref, err)
+			return nil, openError(ref, err)
 		}
 	}
 	var cache fetch.Cache = n.store
@@ -160,6 +160,16 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 	img.Config = n.sourceConfig(ctx, im.Ref(), im.Index().Source)
 	img.Trace = n.findTrace(ctx, im.Ref(), im.Digest())
 	return img, nil
+}
+
+// openError is fetch.OpenImage's error for ref as the user sees it. One the
+// registry answered (denied, not found, timed out) already names the
+// reference and what failed; others get RegistryError's one line.
+func openError(ref string, err error) error {
+	if errors.Is(err, fetch.ErrDenied) || errors.Is(err, fetch.ErrNotFound) || errors.Is(err, fetch.ErrTimeout) {
+		return err
+	}
+	return converter.RegistryError("open", ref, err)
 }
 
 func refTag(ref string) string {
