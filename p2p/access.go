@@ -465,9 +465,12 @@ func (n *Node) handleAccess(st network.Stream) {
 	now := n.cfg.Clock.Now()
 	a.mu.Lock()
 	s, private := a.secrets[image]
-	pa := a.peerLocked(p, now)
+	var pa *peerAccess
+	if private { // an entry only for a handshake that will run
+		pa = a.peerLocked(p, now)
+	}
 	switch {
-	case pa == nil || now.Before(pa.blocked) || len(pa.pending) >= maxAccessImages:
+	case private && (pa == nil || now.Before(pa.blocked) || len(pa.pending) >= maxAccessImages):
 		a.mu.Unlock()
 		n.st.proofsLimited.Add(1)
 		answer(accessLimited)
