@@ -128,6 +128,20 @@ func PrivateImage(manifest []byte) (name string, secret Secret) {
 	return secret.name(), secret
 }
 
+// PrivateBlob derives the secret and the swarm name of a registry blob
+// of a private repository (the mirror's blobs) from its digest and window,
+// a stretch of its bytes that only a reader of the blob holds: the asker
+// reads it from the registry with its own credentials, the holder from its
+// copy. The window must be high in entropy (from a compressed layer) for
+// the proof to mean anything; the caller chooses where it lies.
+func PrivateBlob(digest string, window []byte) (name string, secret Secret) {
+	m := hmac.New(sha256.New, []byte("shoal/access/v1 blob secret"))
+	writeLP(m, []byte(digest))
+	m.Write(window)
+	copy(secret.k[:], m.Sum(nil))
+	return secret.name(), secret
+}
+
 func (s Secret) name() string {
 	m := hmac.New(sha256.New, s.k[:])
 	m.Write([]byte("shoal/access/v1 name"))
@@ -617,7 +631,8 @@ func (n *Node) servable(ctx context.Context, p peer.ID, image string, cids [][]b
 		scopes = append(scopes, sc)
 	}
 	add(image)
-	if rb, isRB := n.recipeGetter().(RecipeBlocks); isRB && !n.access.private(image) && n.swarm(image) == nil {
+	admittedHere := !n.access.private(image) || n.access.verified(p, image, now)
+	if rb, isRB := n.recipeGetter().(RecipeBlocks); isRB && admittedHere && n.swarm(image) == nil {
 		if ids, found := rb.BlobBlocks(ctx, image); found {
 			pos := make(map[flat.BlockID]int, len(ids))
 			for i, id := range ids {
