@@ -8,8 +8,9 @@ package p2p
 // the holder also serves its "recipe" over /shoal/recipe/1 — the ordered
 // block IDs the blob is cut into, in a format package mirror defines and
 // verifies; here it is opaque bytes of at most MaxRecipeSize. The blocks
-// themselves travel over /shoal/block/1 like any image block (the server
-// looks blocks up by ID alone). There are no have bitmaps for blobs: a
+// themselves travel over /shoal/block/1 like any image block, under the
+// blob's name (the server serves the blocks of that blob's recipe,
+// RecipeBlocks, and no others). There are no have bitmaps for blobs: a
 // provider holds the whole blob when it publishes its record, and a block
 // it lost since is answered NOT_FOUND and asked of the next provider.
 // Blob records share the key space of image records (both are sha256

@@ -83,7 +83,8 @@
 // (with the same block count) keeps the bitmap, answers with its own
 // session if it has none to the sender, and applies updates until the
 // stream ends, when the peer's bitmap is dropped. A hello for an image not
-// joined is answered with a stream reset. Announce (after a block is
+// joined, or for a private image from a peer not verified for it, is
+// answered with a stream reset. Announce (after a block is
 // verified and stored) and Withdraw (on eviction, from the blockstore's
 // OnEvict hook) change the node's own bitmap; the changed positions go out
 // every AnnounceInterval (10 ms; a block spreads through a swarm from
@@ -126,6 +127,15 @@
 //	         4 NOT_MEMBER (empty CID, len 0; the only frame), to requests that
 //	           set MEMBER only: the server is not a member of the image's
 //	           swarm (see Origin coalescing); NOT_FOUND for every block
+//	         5 DENIED (empty CID, len 0; the only frame): the image is private
+//	           and the asker holds no proof of access for it here (see
+//	           Private images)
+//
+// A server answers with data only blocks of images the asker may read
+// there: those of a public image it holds or opens, and of private images
+// the asker proved it can read; every other CID is NOT_FOUND, whether the
+// server holds it or not (servable). The image a request names comes
+// first, then the server's other images: blocks are shared across images.
 //
 // Blocks travel uncompressed, as the blockstore keeps them. Every length is
 // checked against its limit before anything is allocated for it
@@ -402,6 +412,18 @@
 // registry (fetch.OpenImage falls back on any error). fetch.OpenImage
 // resolves a tag with a HEAD (no body) and takes the manifest from peers
 // by digest, checked against it.
+//
+// # Private images
+//
+// A private image (its registry refuses anonymous reads) is named in the
+// swarm by what its manifest's bytes derive (PrivateImage): each node
+// reads those bytes from the registry with its own credentials, so
+// holding them is the proof that it may read the image. AddPrivate
+// registers the image; from then on two nodes exchange nothing of it —
+// blocks, the index, have bitmaps, ORIGIN fetches — before one handshake
+// (/shoal/access/1, one round trip per peer and image) has proven each to
+// the other. access.go describes the handshake; docs/security.md the
+// threat model.
 //
 // # Private networks
 //
