@@ -168,6 +168,7 @@ type daemonStatus struct {
 		BytesUploaded int64 `json:"bytes_uploaded"`
 		DHTLookups    int64 `json:"dht_lookups"`
 		Unreachable   int64 `json:"unreachable"`
+		ProofsSent    int64 `json:"proofs_sent"`
 	} `json:"swarm"`
 }
 

@@ -42,7 +42,7 @@ func registryBinary() string {
 // bridge and any shaped links), otherwise from the host itself. The registry
 // is stopped when tb ends, before the lab closes. Without the binary the test
 // is skipped, or fails in CI.
-func (h *Host) StartRegistry(tb testing.TB) string {
+func (h *Host) StartRegistry(tb testing.TB, opts ...testenv.RegistryOption) string {
 	tb.Helper()
 	bin := registryBinary()
 	if _, err := exec.LookPath(bin); err != nil {
@@ -51,7 +51,16 @@ func (h *Host) StartRegistry(tb testing.TB) string {
 	dir := tb.TempDir()
 	addr := h.HostPort(RegistryPort)
 	cfg := filepath.Join(dir, "config.yml")
-	if err := os.WriteFile(cfg, []byte(testenv.RegistryConfig(addr, filepath.Join(dir, "data"))), 0o644); err != nil {
+	conf := testenv.RegistryConfig(addr, filepath.Join(dir, "data"))
+	if user, password := testenv.RegistryAuth(opts...); user != "" {
+		// Behind htpasswd, as testenv.WithBasicAuth: anonymous reads get 401.
+		htpasswd := filepath.Join(dir, "htpasswd")
+		if err := testenv.WriteHtpasswd(htpasswd, user, password); err != nil {
+			tb.Fatalf("netlab: %v", err)
+		}
+		conf += testenv.HtpasswdConfig(htpasswd)
+	}
+	if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
 		tb.Fatalf("netlab: registry config: %v", err)
 	}
 	accessLog, err := os.Create(filepath.Join(dir, "access.log"))

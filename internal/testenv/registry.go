@@ -93,12 +93,8 @@ func StartRegistry(tb testing.TB, opts ...RegistryOption) *Registry {
 		o(r)
 	}
 	if r.User != "" {
-		hash, err := bcrypt.GenerateFromPassword([]byte(r.Password), bcrypt.MinCost)
-		if err != nil {
-			tb.Fatalf("testenv: htpasswd entry: %v", err)
-		}
-		if err := os.WriteFile(r.htpasswdPath(), []byte(r.User+":"+string(hash)+"\n"), 0o600); err != nil {
-			tb.Fatalf("testenv: write htpasswd: %v", err)
+		if err := WriteHtpasswd(r.htpasswdPath(), r.User, r.Password); err != nil {
+			tb.Fatalf("testenv: %v", err)
 		}
 	}
 	tb.Cleanup(func() {
@@ -136,6 +132,34 @@ func (r *Registry) Auth() authn.Authenticator {
 }
 
 func (r *Registry) htpasswdPath() string { return filepath.Join(r.Dir, "htpasswd") }
+
+// RegistryAuth returns the account opts set (WithBasicAuth), "" if none.
+func RegistryAuth(opts ...RegistryOption) (user, password string) {
+	var r Registry
+	for _, o := range opts {
+		o(&r)
+	}
+	return r.User, r.Password
+}
+
+// WriteHtpasswd writes an htpasswd file of one bcrypt entry, as
+// distribution's htpasswd auth reads it.
+func WriteHtpasswd(path, user, password string) error {
+	hash, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.MinCost)
+	if err != nil {
+		return fmt.Errorf("htpasswd entry: %w", err)
+	}
+	if err := os.WriteFile(path, []byte(user+":"+string(hash)+"\n"), 0o600); err != nil {
+		return fmt.Errorf("write htpasswd: %w", err)
+	}
+	return nil
+}
+
+// HtpasswdConfig is the distribution config section that puts a registry
+// behind the htpasswd file at path (appended to RegistryConfig).
+func HtpasswdConfig(path string) string {
+	return fmt.Sprintf("auth:\n  htpasswd:\n    realm: shoal-test\n    path: %s\n", path)
+}
 
 // Ref returns the reference of repoTag ("repo:tag" or "repo@sha256:…") in
 // this registry.
@@ -252,7 +276,7 @@ func (r *Registry) start() error {
 	cfg := filepath.Join(r.Dir, "config.yml")
 	conf := RegistryConfig(r.Host, filepath.Join(r.Dir, "data"))
 	if r.User != "" {
-		conf += fmt.Sprintf("auth:\n  htpasswd:\n    realm: shoal-test\n    path: %s\n", r.htpasswdPath())
+		conf += HtpasswdConfig(r.htpasswdPath())
 	}
 	if err := os.WriteFile(cfg, []byte(conf), 0o644); err != nil {
 		return fmt.Errorf("write config: %w", err)
