@@ -360,3 +360,38 @@ func TestPrivateImageSquatter(t *testing.T) {
 		t.Errorf("the squatter got %d block or have streams; want none", n)
 	}
 }
+
+// TestPrivateImageSharedBlocks: blocks are shared across images, and a
+// block may come under any image whose proof the asker holds. C reads
+// private image X; the only holder, A, holds private image Y, which has
+// the same blocks, and not X. C, verified with A for Y, has X's blocks from
+// A under Y's name.
+func TestPrivateImageSharedBlocks(t *testing.T) {
+	t.Parallel()
+	x := startPrivateSwarm(t, "shared-blocks-y") // A holds Y; C joined Y
+	a, c := x.a, x.c
+	_, sx := PrivateImage([]byte(`{"private":"shared-blocks-x"}`))
+	nameX := c.AddPrivate(sx)
+	imX := &testImage{digest: nameX, index: x.im.index, data: x.im.data}
+	if err := c.JoinImage(t.Context(), nameX, imX.index); err != nil {
+		t.Fatal(err)
+	}
+	reg := newSlowRegistry(imX, 0)
+	chain, err := fetch.NewChain(nil, []fetch.Source{c.Source(nameX), reg})
+	if err != nil {
+		t.Fatal(err)
+	}
+	got, err := chain.FetchMany(t.Context(), imX.index.Blocks)
+	if err != nil || len(got) != len(imX.index.Blocks) {
+		t.Fatalf("C read %d of %d blocks of X: %v", len(got), len(imX.index.Blocks), err)
+	}
+	checkBlocks(t, imX, got)
+	for _, b := range imX.index.Blocks {
+		if n := reg.count(b.ID); n != 0 {
+			t.Errorf("block %s of X read from the registry %d times; want it from A under Y", b.ID, n)
+		}
+	}
+	if st := a.Stats(); st.BlocksServed < int64(len(imX.index.Blocks)) || st.DeniedSent != 0 {
+		t.Errorf("A served %d blocks, DENIED %d", st.BlocksServed, st.DeniedSent)
+	}
+}
