@@ -353,10 +353,14 @@ func (n *Node) admitted(ctx context.Context, p peer.ID, image string) bool {
 // image, by a handshake unless one is still valid; for a public image it
 // does nothing. fresh says whether a handshake ran now (a DENIED answer
 // after a cached one means the peer forgot it: prove again). Concurrent
-// calls for the same peer and image share one handshake. It returns
+// calls for the same peer and image share one handshake, which runs on
+// the node's goroutine, bounded by accessTimeout and the node's life, not
+// by the caller that started it: a hedged request cancelled a moment later
+// must not fail every request waiting on the same proof. It returns
 // errAccessUnknown if p does not serve the image, an error wrapping
-// ErrBadProof if p's proof did not verify (p is struck), or
-// errAccessLimited if p refuses this node's proofs for now.
+// ErrBadProof if p's proof did not verify (p is struck), errAccessLimited
+// if p refuses this node's proofs for now, or ctx's error if ctx ends
+// first.
 func (n *Node) prove(ctx context.Context, p peer.ID, image string) (fresh bool, err error) {
 	a := n.access
 	s, private := a.secret(image)
@@ -369,19 +373,28 @@ func (n *Node) prove(ctx context.Context, p peer.ID, image string) (fresh bool, 
 	k := accessKey{p, image}
 	a.mu.Lock()
 	c := a.calls[k]
-	lead := c == nil
-	if lead {
+	if c == nil {
 		c = &accessCall{done: make(chan struct{})}
 		a.calls[k] = c
-	}
-	a.mu.Unlock()
-	if lead {
-		c.err = n.handshake(ctx, p, image, s)
-		a.mu.Lock()
-		delete(a.calls, k)
 		a.mu.Unlock()
-		close(c.done)
-		return true, c.err
+		run := func() {
+			hctx, cancel := context.WithTimeout(n.life, accessTimeout)
+			defer cancel()
+			c.err = n.handshake(hctx, p, image, s)
+			a.mu.Lock()
+			delete(a.calls, k)
+			a.mu.Unlock()
+			close(c.done)
+		}
+		if !n.spawn(run) {
+			a.mu.Lock()
+			delete(a.calls, k)
+			a.mu.Unlock()
+			c.err = ErrClosed
+			close(c.done)
+		}
+	} else {
+		a.mu.Unlock()
 	}
 	select {
 	case <-c.done:
@@ -581,6 +594,8 @@ func (n *Node) accessOutcome(p peer.ID, blocks []flat.Block, err error) outcome 
 	case errors.Is(err, errAccessLimited):
 		out.busy = true
 		out.err = fmt.Errorf("%w: %w", ErrBusy, err)
+	case errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded):
+		out.err = err // the caller gave up (or the handshake timed out): a failed request
 	default:
 		out.err = err
 		if n.host.Network().Connectedness(p) != network.Connected {
