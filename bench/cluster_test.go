@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -22,25 +23,43 @@ import (
 	"github.com/shoal-project/shoal/internal/testenv"
 )
 
+// staticKeychain is one account for every registry.
+type staticKeychain struct{ auth authn.Authenticator }
+
+func (k staticKeychain) Resolve(authn.Resource) (authn.Authenticator, error) { return k.auth, nil }
+
 // rolloutLab is a network lab with a registry host holding the Debian +
 // python image and its flat form, its link capped at mbit.
 func rolloutLab(t *testing.T, mbit int) (lab *netlab.Lab, regHost *netlab.Host, src string, img v1.Image) {
+	t.Helper()
+	return rolloutLabAs(t, mbit, "", "")
+}
+
+// rolloutLabAs is rolloutLab with the registry behind htpasswd with one
+// account (user, password), when user is not "".
+func rolloutLabAs(t *testing.T, mbit int, user, password string) (lab *netlab.Lab, regHost *netlab.Host, src string, img v1.Image) {
 	t.Helper()
 	if err := netlab.Available(); err != nil {
 		t.Skipf("no network namespaces: %v", err)
 	}
 	lab = netlab.New(t)
 	regHost = lab.AddHost("registry")
-	regAddr := regHost.StartRegistry(t)
+	var opts []testenv.RegistryOption
+	auth := authn.Anonymous
+	if user != "" {
+		opts = append(opts, testenv.WithBasicAuth(user, password))
+		auth = &authn.Basic{Username: user, Password: password}
+	}
+	regAddr := regHost.StartRegistry(t, opts...)
 	tr := &http.Transport{DialContext: regHost.DialContext}
 	src = regAddr + "/bench/debian:v1"
 	img = testenv.DebianImage(t)
 	r, _ := name.ParseReference(src, name.Insecure)
-	if err := remote.Write(r, img, remote.WithTransport(tr)); err != nil {
+	if err := remote.Write(r, img, remote.WithTransport(tr), remote.WithAuth(auth)); err != nil {
 		t.Fatal(err)
 	}
 	if _, err := converter.Convert(t.Context(), src, "", converter.WithPlainHTTP(true), converter.WithTransport(tr),
-		converter.WithLogger(slog.New(slog.DiscardHandler))); err != nil {
+		converter.WithKeychain(staticKeychain{auth}), converter.WithLogger(slog.New(slog.DiscardHandler))); err != nil {
 		t.Fatal(err)
 	}
 	if err := regHost.SetRate(mbit); err != nil {

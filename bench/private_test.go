@@ -5,25 +5,13 @@ import (
 	"encoding/base64"
 	"encoding/json"
 	"fmt"
-	"log/slog"
-	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
-	"github.com/google/go-containerregistry/pkg/authn"
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-
-	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/internal/netlab"
-	"github.com/shoal-project/shoal/internal/testenv"
 )
-
-// staticKeychain is one account for every registry.
-type staticKeychain struct{ auth authn.Authenticator }
-
-func (k staticKeychain) Resolve(authn.Resource) (authn.Authenticator, error) { return k.auth, nil }
 
 // TestBenchPrivateRollout: what keeping an image private costs a rollout.
 // The rollout of TestBenchRollout (N daemons in network namespaces, python3
@@ -42,32 +30,12 @@ func (k staticKeychain) Resolve(authn.Resource) (authn.Authenticator, error) { r
 func TestBenchPrivateRollout(t *testing.T) {
 	needBench(t)
 	needRoot(t)
-	if err := netlab.Available(); err != nil {
-		testenv.SkipOrFatal(t, "no network namespaces: %v", err)
-	}
 	nodes := envInt("SHOAL_BENCH_NODES", 12)
 	mbit := envInt("SHOAL_BENCH_REGISTRY_MBIT", 100)
 	bin := buildShoal(t)
 	const user, password = "bench", "bench-secret"
-	auth := &authn.Basic{Username: user, Password: password}
-
-	lab := netlab.New(t)
-	regHost := lab.AddHost("registry")
-	regAddr := regHost.StartRegistry(t, testenv.WithBasicAuth(user, password))
-	tr := &http.Transport{DialContext: regHost.DialContext}
-	src := regAddr + "/bench/debian:v1"
-	img := testenv.DebianImage(t)
-	r, _ := name.ParseReference(src, name.Insecure)
-	if err := remote.Write(r, img, remote.WithTransport(tr), remote.WithAuth(auth)); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := converter.Convert(t.Context(), src, "", converter.WithPlainHTTP(true), converter.WithTransport(tr),
-		converter.WithKeychain(staticKeychain{auth}), converter.WithLogger(slog.New(slog.DiscardHandler))); err != nil {
-		t.Fatal(err)
-	}
-	if err := regHost.SetRate(mbit); err != nil {
-		t.Fatal(err)
-	}
+	lab, regHost, src, img := rolloutLabAs(t, mbit, user, password)
+	regAddr := strings.SplitN(src, "/", 2)[0]
 	hosts := make([]*netlab.Host, nodes)
 	for i := range hosts {
 		hosts[i] = lab.AddHost(fmt.Sprintf("n%d", i))

@@ -1,13 +1,11 @@
 package daemon
 
 import (
-	"archive/tar"
 	"bytes"
 	"context"
 	"encoding/base64"
 	"encoding/json"
 	"errors"
-	"io"
 	"log/slog"
 	"math/rand/v2"
 	"os"
@@ -17,14 +15,8 @@ import (
 	"time"
 
 	"github.com/google/go-containerregistry/pkg/authn"
-	"github.com/google/go-containerregistry/pkg/name"
-	"github.com/google/go-containerregistry/pkg/v1/empty"
-	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
 	"github.com/libp2p/go-libp2p/core/peer"
 
-	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/flat"
 	"github.com/shoal-project/shoal/internal/testenv"
@@ -62,26 +54,12 @@ func pushAndConvertAs(t *testing.T, ref string, auth authn.Authenticator, seed b
 	t.Helper()
 	body := make([]byte, n)
 	_, _ = rand.NewChaCha8([32]byte{seed}).Read(body)
-	var buf bytes.Buffer
-	tw := tar.NewWriter(&buf)
-	_ = tw.WriteHeader(&tar.Header{Name: "data/file", Mode: 0o644, Size: int64(len(body)), Typeflag: tar.TypeReg})
-	_, _ = tw.Write(body)
-	_ = tw.Close()
-	l, err := tarball.LayerFromOpener(func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(buf.Bytes())), nil })
+	pushAndConvertFileAs(t, ref, "data/file", body, auth)
+	flatRef, err := fetch.FlatRef(ref)
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, _ := mutate.AppendLayers(empty.Image, l)
-	r, _ := name.ParseReference(ref, name.Insecure)
-	if err := remote.Write(r, img, remote.WithAuth(auth)); err != nil {
-		t.Fatal(err)
-	}
-	quiet := slog.New(slog.DiscardHandler)
-	res, err := converter.Convert(t.Context(), ref, "", converter.WithPlainHTTP(true), converter.WithLogger(quiet), converter.WithKeychain(keychainOf{auth}))
-	if err != nil {
-		t.Fatal(err)
-	}
-	im, err := fetch.OpenImage(t.Context(), res.Ref, fetch.WithPlainHTTP(true), fetch.WithLogger(quiet), fetch.WithKeychain(keychainOf{auth}))
+	im, err := fetch.OpenImage(t.Context(), flatRef, fetch.WithPlainHTTP(true), fetch.WithLogger(slog.New(slog.DiscardHandler)), fetch.WithKeychain(keychainOf{auth}))
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -20,6 +20,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	"github.com/google/go-containerregistry/pkg/registry"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
@@ -208,6 +209,13 @@ func countingRegistry(t *testing.T) (host string, blobBytes *atomic.Int64) {
 // beside it, and returns ref.
 func pushAndConvertFile(t *testing.T, ref, path string, body []byte) string {
 	t.Helper()
+	return pushAndConvertFileAs(t, ref, path, body, authn.Anonymous)
+}
+
+// pushAndConvertFileAs is pushAndConvertFile with the registry account
+// auth, for the push and the conversion.
+func pushAndConvertFileAs(t *testing.T, ref, path string, body []byte, auth authn.Authenticator) string {
+	t.Helper()
 	var buf bytes.Buffer
 	tw := tar.NewWriter(&buf)
 	_ = tw.WriteHeader(&tar.Header{Name: path, Mode: 0o644, Size: int64(len(body)), Typeflag: tar.TypeReg})
@@ -219,10 +227,11 @@ func pushAndConvertFile(t *testing.T, ref, path string, body []byte) string {
 	}
 	img, _ := mutate.AppendLayers(empty.Image, l)
 	r, _ := name.ParseReference(ref, name.Insecure)
-	if err := remote.Write(r, img); err != nil {
+	if err := remote.Write(r, img, remote.WithAuth(auth)); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := converter.Convert(t.Context(), ref, "", converter.WithPlainHTTP(true), converter.WithLogger(slog.New(slog.DiscardHandler))); err != nil {
+	if _, err := converter.Convert(t.Context(), ref, "", converter.WithPlainHTTP(true), converter.WithLogger(slog.New(slog.DiscardHandler)),
+		converter.WithKeychain(keychainOf{auth})); err != nil {
 		t.Fatal(err)
 	}
 	return ref
