@@ -12,29 +12,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/registry"
 
 	"github.com/shoal-project/shoal/internal/testenv"
 )
-
-// markPrivate marks the image of every mount of d whose source is ref as
-// private, as node.Resolve does for a repository its registry does not
-// serve anonymously.
-func markPrivate(t *testing.T, d *Daemon, ref string) {
-	t.Helper()
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	n := 0
-	for _, e := range d.mounts {
-		if e.m.Image.Source == ref {
-			e.m.Image.Private = true
-			n++
-		}
-	}
-	if n == 0 {
-		t.Fatalf("no mount of %s", ref)
-	}
-}
 
 // TestStatusPageHidesPrivateImages mounts a private and a public image and
 // loads everything the TCP port serves without authentication (the page
@@ -51,14 +33,28 @@ func TestStatusPageHidesPrivateImages(t *testing.T) {
 	if err != nil {
 		testenv.SkipOrFatal(t, "status page test: no chromium (apt-get install chromium): %v", err)
 	}
-	srv := httptest.NewServer(registry.New(registry.Logger(log.New(io.Discard, "", 0))))
+	// One registry, two doors: the private image behind basic auth (the
+	// daemon holds the account), the public one open to all.
+	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	srv := httptest.NewServer(reg)
 	t.Cleanup(srv.Close)
-	host := strings.TrimPrefix(srv.URL, "http://")
-	private := pushAndConvertFile(t, host+"/secret-team/payroll:v7", "data/file", []byte(strings.Repeat("private ", 10000)))
+	locked := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if u, p, ok := r.BasicAuth(); !ok || u != "payroll" || p != "s3cret" {
+			w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
+			http.Error(w, "authentication required", http.StatusUnauthorized)
+			return
+		}
+		reg.ServeHTTP(w, r)
+	}))
+	t.Cleanup(locked.Close)
+	host, lockedHost := strings.TrimPrefix(srv.URL, "http://"), strings.TrimPrefix(locked.URL, "http://")
+	private := pushAndConvertFileAs(t, lockedHost+"/secret-team/payroll:v7", "data/file", []byte(strings.Repeat("private ", 10000)),
+		&authn.Basic{Username: "payroll", Password: "s3cret"})
 	public := pushAndConvertFile(t, host+"/library/tools:v1", "data/file", []byte(strings.Repeat("public ", 10000)))
 
 	addr := freeAddr(t)
-	d, c := startDaemon(t, Config{StateDir: t.TempDir(), MetricsAddr: addr})
+	d, c := startDaemon(t, Config{StateDir: t.TempDir(), MetricsAddr: addr,
+		Registry: RegistryConfig{DockerConfig: dockerConfig(t, lockedHost, "payroll", "s3cret")}})
 	privDir := filepath.Join(t.TempDir(), "payroll-mnt")
 	for ref, dir := range map[string]string{private: privDir, public: filepath.Join(t.TempDir(), "tools-mnt")} {
 		if _, err := c.Mount(t.Context(), MountRequest{Ref: ref, Dir: dir}); err != nil {
@@ -68,7 +64,6 @@ func TestStatusPageHidesPrivateImages(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	markPrivate(t, d, private)
 	// Background prefetches of the private image: one whose image was
 	// resolved as private and failed (its error names the repository),
 	// one not resolved yet.
