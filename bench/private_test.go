@@ -62,10 +62,10 @@ func TestBenchPrivateRollout(t *testing.T) {
 	}
 
 	type armResult struct {
-		ready              []float64
-		egress             float64
-		fromPeer, fromReg  float64
-		proofs, proofsPeer float64 // handshakes run, summed; per node that ran any
+		ready             []float64
+		egress            float64
+		fromPeer, fromReg float64
+		proofs            float64 // proof-of-access handshakes run, summed over nodes
 	}
 	// A first start of one node, private, before the rounds: the cold
 	// effects of a first run (the binary and image files out of the page
