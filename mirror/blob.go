@@ -142,9 +142,12 @@ func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 		if kept, kerr := m.keep.keep(ctx, r, f.file, c); kerr != nil {
 			m.log.Warn("could not keep blob", "blob", f.digest, "err", kerr)
 		} else if kept == classPublic {
+			m.unhold(f.digest) // kept before as private, public now
 			m.announce(f.digest, kept)
 		} else if !manifest {
-			m.hold(f.digest, r.size, f.file)
+			if name, ok := m.hold(f.digest, r.size, f.file); ok {
+				m.spawn(func() { m.provide(m.life, name) })
+			}
 		}
 	} else if errors.Is(err, ErrNotFound) {
 		m.log.Info("blob not found", "blob", f.digest, "err", err)

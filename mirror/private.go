@@ -135,38 +135,36 @@ func (m *Mirror) privatePeers() PrivatePeers {
 	return pp
 }
 
-// hold gives a kept private or shared blob, read from src, its swarm name,
-// and announces the name (never the digest). It does nothing for a blob
-// the window rule gives no name, one already named, or without a swarm
-// that carries private blobs.
-func (m *Mirror) hold(digest string, size int64, src io.ReaderAt) {
+// hold gives a kept private or shared blob, read from src, its swarm
+// name, which the caller announces (never the digest). ok is false for a
+// blob the window rule gives no name, one already named, or without a
+// swarm that carries private blobs.
+func (m *Mirror) hold(digest string, size int64, src io.ReaderAt) (name string, ok bool) {
 	pp := m.privatePeers()
 	if pp == nil || m.names.named(digest) {
-		return
+		return "", false
 	}
 	w, err := windowOf(src, digest, size)
 	if err != nil {
 		if !errors.Is(err, errUnnamed) {
 			m.log.Warn("could not read a private blob's window; it is not shared", "blob", digest, "err", err)
 		}
-		return
+		return "", false
 	}
 	n := m.names
 	n.mu.Lock()
-	name := pp.AddPrivate(digest, w)
-	if _, ok := n.byName[name]; ok {
-		n.mu.Unlock()
-		return
+	defer n.mu.Unlock()
+	name = pp.AddPrivate(digest, w)
+	if _, held := n.byName[name]; held {
+		return "", false
 	}
 	if len(n.byName) >= maxNames {
 		pp.RemovePrivate(name)
-		n.mu.Unlock()
 		m.log.Warn("too many private blobs named; this one is not shared", "blob", digest, "limit", maxNames)
-		return
+		return "", false
 	}
 	n.byName[name], n.byDigest[digest] = digest, name
-	n.mu.Unlock()
-	m.spawn(func() { m.provide(m.life, name) })
+	return name, true
 }
 
 // unhold forgets a blob's swarm name (forgotten, or now public).
@@ -185,8 +183,9 @@ func (m *Mirror) unhold(digest string) {
 	}
 }
 
-// holdKept names the kept private and shared blobs, from their kept
-// copies: at start, so that names survive restarts without being stored.
+// holdKept names the kept private and shared blobs whose blocks are all
+// cached, from their kept copies: at start, so that names survive
+// restarts without being stored. Run announces them.
 func (m *Mirror) holdKept(ctx context.Context) {
 	if m.privatePeers() == nil {
 		return
@@ -198,7 +197,7 @@ func (m *Mirror) holdKept(ctx context.Context) {
 		if m.keep.class(d) == classPublic || m.names.named(d) {
 			continue
 		}
-		r, _, ok := m.keep.recipeOnDisk(d, m.cfg.MaxBlobSize)
+		r, _, ok := m.keep.recipe(ctx, d, m.cfg.MaxBlobSize)
 		if !ok || r.size < minNamedSize {
 			continue
 		}
