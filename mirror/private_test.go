@@ -377,3 +377,52 @@ func TestPrivateWindowRule(t *testing.T) {
 	peers.forget()
 	check(a.restart(t, a.rig, func(c *Config) { c.Peers = peers }), "after a restart")
 }
+
+// TestWindowOf: the rule's edges (1 MiB exactly named, a byte less not;
+// gzip and zstd magic named, anything else not), and the window whole
+// inside the blob, at the same offset each time.
+func TestWindowOf(t *testing.T) {
+	t.Parallel()
+	gz := []byte{0x1f, 0x8b, 8, 0}
+	zst := []byte{0x28, 0xb5, 0x2f, 0xfd}
+	for _, tc := range []struct {
+		name  string
+		size  int
+		head  []byte
+		named bool
+	}{
+		{"gzip, 1 MiB", minNamedSize, gz, true},
+		{"gzip, a byte under 1 MiB", minNamedSize - 1, gz, false},
+		{"zstd, 5 MiB", 5 << 20, zst, true},
+		{"tar, 5 MiB", 5 << 20, []byte("bin/"), false},
+		{"zeros, 2 MiB", 2 << 20, nil, false},
+		{"gzip magic cut short", 2 << 20, gz[:1], false},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			t.Parallel()
+			b := make([]byte, tc.size)
+			for i := len(tc.head); i < len(b) && tc.head != nil; i++ {
+				b[i] = byte(i * 131)
+			}
+			copy(b, tc.head)
+			d := digestOf(b)
+			w, err := windowOf(bytes.NewReader(b), d, int64(len(b)))
+			if !tc.named {
+				if !errors.Is(err, errUnnamed) {
+					t.Fatalf("named (%v), want errUnnamed", err)
+				}
+				return
+			}
+			off := windowOffset(d, int64(len(b)))
+			if err != nil || off < 0 || off+windowLen > int64(len(b)) || !bytes.Equal(w, b[off:off+windowLen]) {
+				t.Fatalf("window at %d of %d bytes: %v", off, len(b), err)
+			}
+			if again := windowOffset(d, int64(len(b))); again != off {
+				t.Errorf("offset %d, then %d", off, again)
+			}
+		})
+	}
+	if off := windowOffset(digestOf(nil), windowLen); off != 0 {
+		t.Errorf("a blob of one window: offset %d", off)
+	}
+}
