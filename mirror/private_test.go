@@ -426,3 +426,38 @@ func TestWindowOf(t *testing.T) {
 		t.Errorf("a blob of one window: offset %d", off)
 	}
 }
+
+// TestSharedBlobNamed: a blob of a shared repository (read with the
+// daemon's credentials for every client) goes to the swarm like a private
+// one: its window is read with the daemon's credentials, and it is kept
+// as shared under its name, which alone is announced.
+func TestSharedBlobNamed(t *testing.T) {
+	t.Parallel()
+	peers := newNamingPeers()
+	a := startAuthRig(t, func(c *Config) {
+		c.Peers = peers
+		c.Keychain = staticKeychain{&authn.Basic{Username: alice, Password: alicePass}}
+		c.Upstreams[0].SharedRepositories = []string{"shared/*"}
+	})
+	img := pushRandom(t, a.priv, "shared/tools:v1", 1, 2<<20)
+	l := layerDigests(t, img)[0].Digest.String()
+	status, _, body := a.get(t, "GET", "/v2/shared/tools/blobs/"+l, "") // anonymous: the daemon's credentials
+	if status != 200 || digestOf(body) != l {
+		t.Fatalf("shared layer: %d %s", status, brief(body))
+	}
+	a.settle(t)
+	name := swarmName(t, body)
+	eventually(t, 5*time.Second, "the name to be announced", func() bool { return len(peers.provides()) == 1 })
+	if c := a.m.keep.class(l); c != classShared {
+		t.Errorf("kept as %s, want shared", c)
+	}
+	if got := peers.provides(); got[0] != name {
+		t.Errorf("announced %v, want the name %s", got, name)
+	}
+	if looked, _ := peers.saw(name); !looked || a.m.Stats().Windows != 1 {
+		t.Errorf("looked up under the name: %v; %d window reads", looked, a.m.Stats().Windows)
+	}
+	if _, err := a.m.Recipe(t.Context(), name); err != nil {
+		t.Errorf("Recipe under the name: %v", err)
+	}
+}
