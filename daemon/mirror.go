@@ -108,8 +108,11 @@ func (m *metrics) watchMirror(mi *mirror.Mirror) {
 	counter("shoal_mirror_upstream_mismatches_total", "Upstream content that did not match its digest.", nil, func(s mirror.Stats) int64 { return s.UpstreamMismatches })
 	counter("shoal_mirror_access_checks_total", "Access checks the mirror sent upstream (HEADs with a client's credentials, and anonymous probes for public repositories).", nil, func(s mirror.Stats) int64 { return s.Checks })
 	counter("shoal_mirror_denied_total", "Mirror requests the upstream refused for the client's credentials (401, 403).", nil, func(s mirror.Stats) int64 { return s.Denied })
+	counter("shoal_mirror_window_reads_total", "Windows of private blobs the mirror read upstream with a client's credentials (4 KiB Range GETs), to ask peers for the blob under its swarm name.", nil, func(s mirror.Stats) int64 { return s.Windows })
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_kept_blobs", Help: "Blobs and manifests the mirror keeps (recipes on disk)."},
 		func() float64 { return float64(mi.Stats().Kept) }))
-	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_kept_public_blobs", Help: "Kept blobs and manifests of public repositories: the only ones announced and served to peers."},
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_kept_public_blobs", Help: "Kept blobs and manifests of public repositories: announced by digest and served to any peer."},
 		func() float64 { return float64(mi.Stats().KeptPublic) }))
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_named_blobs", Help: "Kept private and shared blobs held under a swarm name: announced by that name and served only to peers that proved they read the blob."},
+		func() float64 { return float64(mi.Stats().Named) }))
 }

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/crane"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
@@ -92,11 +93,17 @@ func hostsDirServer(t *testing.T, upstream, mirrorAddr, server string) string {
 // its digest; it returns the image's digest.
 func pullVia(t *testing.T, mirrorAddr, ref string) v1.Hash {
 	t.Helper()
+	return pullViaAs(t, mirrorAddr, ref, authn.Anonymous)
+}
+
+// pullViaAs is pullVia with the registry's credentials.
+func pullViaAs(t *testing.T, mirrorAddr, ref string, auth authn.Authenticator) v1.Hash {
+	t.Helper()
 	r, err := name.ParseReference(mirrorAddr+"/"+ref, name.Insecure)
 	if err != nil {
 		t.Fatal(err)
 	}
-	img, err := remote.Image(r, remote.WithContext(t.Context()))
+	img, err := remote.Image(r, remote.WithContext(t.Context()), remote.WithAuth(auth))
 	if err != nil {
 		t.Fatalf("pull %s through %s: %v", ref, mirrorAddr, err)
 	}
@@ -123,6 +130,19 @@ func pullVia(t *testing.T, mirrorAddr, ref string) v1.Hash {
 		t.Fatal(err)
 	}
 	return d
+}
+
+// mirrorPair starts daemons A and B with the mirror configured, B
+// bootstrapped from A; boot is A's swarm address.
+func mirrorPair(t *testing.T, mcfg MirrorConfig) (da, db *Daemon, boot []string) {
+	t.Helper()
+	da, ca := startDaemon(t, Config{StateDir: t.TempDir(), Mirror: mcfg})
+	sa, err := ca.Status(t.Context())
+	if err != nil || len(sa.Addrs) == 0 {
+		t.Fatalf("status of A: %+v %v", sa, err)
+	}
+	db, _ = startDaemon(t, Config{StateDir: t.TempDir(), Mirror: mcfg, P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
+	return da, db, sa.Addrs[:1]
 }
 
 // TestMirrorPullsFromPeers is the registry mirror's acceptance test: real
@@ -165,12 +185,7 @@ func TestMirrorPullsFromPeers(t *testing.T) {
 		return n
 	}
 	mcfg := MirrorConfig{Listen: "127.0.0.1:0", Upstreams: []MirrorUpstream{{Host: proxy.Host, PlainHTTP: true, Default: true}}}
-	da, ca := startDaemon(t, Config{StateDir: t.TempDir(), Mirror: mcfg})
-	sa, err := ca.Status(t.Context())
-	if err != nil || len(sa.Addrs) == 0 {
-		t.Fatalf("status of A: %+v %v", sa, err)
-	}
-	db, _ := startDaemon(t, Config{StateDir: t.TempDir(), Mirror: mcfg, P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
+	da, db, boot := mirrorPair(t, mcfg)
 	proxy.Reset()
 
 	ctx := t.Context()
@@ -223,7 +238,7 @@ func TestMirrorPullsFromPeers(t *testing.T) {
 	// Upstream dead.
 	reg.Stop()
 	mcfgC := MirrorConfig{Listen: "127.0.0.1:0", Upstreams: []MirrorUpstream{{Host: proxy.Host, PlainHTTP: true, Default: true, PublicRepositories: []string{"debian"}}}}
-	dc, _ := startDaemon(t, Config{StateDir: t.TempDir(), Mirror: mcfgC, P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
+	dc, _ := startDaemon(t, Config{StateDir: t.TempDir(), Mirror: mcfgC, P2P: P2PConfig{Bootstrap: boot}})
 	if got := pullVia(t, dc.MirrorAddr(), "debian@"+want.String()); got != want {
 		t.Errorf("C by digest with upstream dead: %s, want %s", got, want)
 	}
@@ -367,5 +382,93 @@ func TestMirrorPrivateImage(t *testing.T) {
 		if _, err := db.swarm.FetchRecipe(ctx, da.swarm.ID(), d); !errors.Is(err, p2p.ErrNoRecipe) {
 			t.Errorf("A's answer to B's recipe request for private %s: %v, want ErrNoRecipe", d, err)
 		}
+	}
+}
+
+// TestMirrorPrivateBlobsFromPeers: two daemons' mirrors in front of a
+// real docker-registry behind htpasswd (through a byte-counting proxy),
+// go-containerregistry pulling through each with the registry's
+// credentials. A private
+// image of two 3 MiB gzip layers: after A, B's layers come from A over
+// the swarm under their names (A proves to B, B to A, that each read
+// them); the registry sends B each layer's 4 KiB window, the config whole
+// (under 1 MiB) and the manifest. Neither daemon announces a private
+// digest.
+func TestMirrorPrivateBlobsFromPeers(t *testing.T) {
+	if testing.Short() {
+		t.Skip("two daemons and a registry")
+	}
+	const user, pass = "alice", "wonderland-7"
+	reg := testenv.StartRegistry(t, testenv.WithBasicAuth(user, pass))
+	proxy := reg.Proxy(t)
+	img := testenv.RandomImage(t, 2, 3<<20)
+	ref, err := name.ParseReference(reg.Ref("team/app:v1"), name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(ref, img, remote.WithContext(t.Context()), remote.WithAuth(reg.Auth())); err != nil {
+		t.Fatal(err)
+	}
+	want, _ := img.Digest()
+	man, err := img.Manifest()
+	if err != nil {
+		t.Fatal(err)
+	}
+	var layerTotal int64
+	for _, l := range man.Layers {
+		layerTotal += l.Size
+	}
+
+	mcfg := MirrorConfig{Listen: "127.0.0.1:0", Upstreams: []MirrorUpstream{{Host: proxy.Host, PlainHTTP: true, Default: true}}}
+	da, db, _ := mirrorPair(t, mcfg)
+	pull := func(d *Daemon) {
+		t.Helper()
+		if got := pullViaAs(t, d.MirrorAddr(), "team/app:v1", reg.Auth()); got != want {
+			t.Fatalf("pulled %s, want %s", got, want)
+		}
+	}
+
+	pull(da)
+	waitMetric(t, da, "shoal_mirror_named_blobs", "", 2)
+	waitMetric(t, da, "shoal_mirror_announced_total", "", 2)
+	for _, d := range man.Layers {
+		if ps, _ := db.swarm.BlobProviders(t.Context(), d.Digest.String(), 4); len(ps) != 0 {
+			t.Errorf("private %s has providers under its digest: %v", d.Digest, ps)
+		}
+	}
+	proxy.Reset()
+	pull(db)
+	var layerUpstream, windows, other int64
+	for _, r := range proxy.Requests() {
+		if r.Method != "GET" || !strings.Contains(r.Path, "/blobs/") {
+			continue
+		}
+		isLayer := false
+		for _, l := range man.Layers {
+			isLayer = isLayer || strings.Contains(r.Path, l.Digest.String())
+		}
+		switch {
+		case isLayer && r.Range != "":
+			windows += r.Bytes
+			layerUpstream += r.Bytes
+		case isLayer:
+			layerUpstream += r.Bytes
+		default:
+			other += r.Bytes
+		}
+	}
+	peersB := mirrorMetric(t, db, "shoal_mirror_fetched_bytes_total", "peers")
+	t.Logf("B: layers %d bytes, %.0f from peers; the registry sent %d layer bytes (%d in windows) and %d bytes of other blobs (config %d)",
+		layerTotal, peersB, layerUpstream, windows, other, man.Config.Size)
+	if layerUpstream != 2*4096 || windows != 2*4096 {
+		t.Errorf("the registry sent B %d layer bytes (%d in windows), want the two 4 KiB windows only", layerUpstream, windows)
+	}
+	if peersB != float64(layerTotal) {
+		t.Errorf("B fetched %.0f bytes from peers, want both layers (%d)", peersB, layerTotal)
+	}
+	// B holds the layers now, under their names too.
+	waitMetric(t, db, "shoal_mirror_named_blobs", "", 2)
+	if got := mirrorMetric(t, db, "shoal_mirror_kept_public_blobs", ""); got != 0 {
+		t.Errorf("B keeps %v public blobs, want 0", got)
 	}
 }

@@ -166,6 +166,7 @@ type checks struct {
 	mu     sync.Mutex
 	ok     map[checkKey]time.Time
 	public map[string]publicEntry // repoKey → anonymous reads work or not
+	sizes  map[string]int64       // blob digest → size, as a HEAD upstream stated it
 }
 
 type publicEntry struct {
@@ -179,7 +180,7 @@ const (
 )
 
 func newChecks() *checks {
-	return &checks{ok: map[checkKey]time.Time{}, public: map[string]publicEntry{}}
+	return &checks{ok: map[checkKey]time.Time{}, public: map[string]publicEntry{}, sizes: map[string]int64{}}
 }
 
 // passed reports whether k was answered positively within age.
@@ -216,6 +217,24 @@ func (c *checks) isPublic(repo string, ttl time.Duration, now time.Time) (public
 		return false, false
 	}
 	return e.public, true
+}
+
+// size returns a blob's size as upstream last stated it: where a private
+// blob's window lies. A wrong size only gives a name no holder has.
+func (c *checks) size(digest string) (int64, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	n, ok := c.sizes[digest]
+	return n, ok
+}
+
+func (c *checks) setSize(digest string, n int64) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if len(c.sizes) >= maxChecks {
+		clear(c.sizes)
+	}
+	c.sizes[digest] = n
 }
 
 func (c *checks) setPublic(repo string, public bool, now time.Time) {

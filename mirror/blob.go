@@ -20,21 +20,22 @@ import (
 	"github.com/shoal-project/shoal/flat"
 )
 
-// Peers is the swarm as the mirror uses it: provider records per blob
-// digest, recipes and blocks from a given peer. Peer IDs are opaque
-// strings. SwarmPeers adapts a *p2p.Node.
+// Peers is the swarm as the mirror uses it: provider records per blob,
+// recipes and blocks from a given peer. A blob goes by its key: a public
+// blob's digest, or a private blob's swarm name (PrivatePeers). Peer IDs
+// are opaque strings. SwarmPeers adapts a *p2p.Node.
 type Peers interface {
 	// Providers returns peers that announced they hold the blob.
-	Providers(ctx context.Context, digest string) ([]string, error)
+	Providers(ctx context.Context, key string) ([]string, error)
 	// Recipe returns a peer's (untrusted) recipe of the blob.
-	Recipe(ctx context.Context, peer, digest string) ([]byte, error)
+	Recipe(ctx context.Context, peer, key string) ([]byte, error)
 	// Blocks returns the blocks the peer delivered, each verified against
 	// its ID; a missing block is not an error.
-	Blocks(ctx context.Context, peer, digest string, blocks []flat.Block) (map[flat.BlockID][]byte, error)
+	Blocks(ctx context.Context, peer, key string, blocks []flat.Block) (map[flat.BlockID][]byte, error)
 	// Strike counts bad data from a peer.
 	Strike(peer string)
 	// Provide announces that this node holds the blob.
-	Provide(ctx context.Context, digest string) error
+	Provide(ctx context.Context, key string) error
 }
 
 // local returns the recipe of a kept blob whose blocks are all cached, if
@@ -55,6 +56,7 @@ func (m *Mirror) local(ctx context.Context, a *access, g grant, digest string, m
 		if raised, err := m.keep.raise(digest, classPublic); err != nil {
 			m.log.Warn("could not record blob as public", "blob", digest, "err", err)
 		} else if raised {
+			m.unhold(digest)
 			m.announce(digest, classPublic)
 		}
 	}
@@ -73,8 +75,8 @@ func (m *Mirror) knownPublic(a *access) bool {
 
 // join returns the flight for digest, starting the fetch if there is none,
 // with a reference the caller releases. A fetch started here acts as a's
-// client upstream, asks peers only for a public blob (c), and keeps the
-// blob as c.
+// client upstream, asks peers for a public blob (c) by digest and for a
+// private or shared one by its swarm name, and keeps the blob as c.
 func (m *Mirror) join(digest string, a *access, manifest bool, c class) (*flight, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
@@ -97,10 +99,13 @@ func (m *Mirror) join(digest string, a *access, manifest bool, c class) (*flight
 	return f, nil
 }
 
-// fetch fills f: peers first (public blobs only), then upstream as a's
-// client; keeps the verified blob as class c and announces it if public.
-// It runs to the end even if the requests that started it are gone, so
-// what was fetched is kept.
+// fetch fills f: peers first, then upstream as a's client; keeps the
+// verified blob as class c and announces it: a public blob by its digest,
+// a private or shared one that the window rule names by its name. Peers
+// are asked for a public blob under its digest, for a private or shared
+// blob (not a manifest) under the name its window, read upstream as a's
+// client, gives it. It runs to the end even if the requests that started
+// it are gone, so what was fetched is kept.
 func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 	ctx, cancel := context.WithTimeout(m.life, m.cfg.FetchTimeout)
 	defer cancel()
@@ -109,8 +114,19 @@ func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 		limit = maxManifestSize
 	}
 	r, err := (*recipe)(nil), error(ErrNoPeers)
-	if c == classPublic {
-		r, err = m.fromPeers(ctx, f, limit)
+	switch {
+	case c == classPublic:
+		r, err = m.fromPeers(ctx, f, f.digest, limit)
+	case !manifest && m.privatePeers() != nil:
+		name, nerr := m.askName(ctx, a, f.digest)
+		if nerr != nil {
+			if !errors.Is(nerr, errUnnamed) {
+				m.log.Info("could not read a private blob's window; asking upstream", "blob", f.digest, "err", nerr)
+			}
+			break
+		}
+		defer m.release(name)
+		r, err = m.fromPeers(ctx, f, name, limit)
 	}
 	if err != nil {
 		if !errors.Is(err, ErrNoPeers) {
@@ -125,8 +141,13 @@ func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 	if err == nil {
 		if kept, kerr := m.keep.keep(ctx, r, f.file, c); kerr != nil {
 			m.log.Warn("could not keep blob", "blob", f.digest, "err", kerr)
-		} else {
+		} else if kept == classPublic {
+			m.unhold(f.digest) // kept before as private, public now
 			m.announce(f.digest, kept)
+		} else if !manifest {
+			if name, ok := m.hold(f.digest, r.size, f.file); ok {
+				m.spawn(func() { m.provide(m.life, name) })
+			}
 		}
 	} else if errors.Is(err, ErrNotFound) {
 		m.log.Info("blob not found", "blob", f.digest, "err", err)
@@ -139,17 +160,18 @@ func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 	f.finish(err)
 }
 
-// fromPeers assembles the blob from peers that announced it, into f's
-// file, and verifies it. Nothing is readable before it is verified.
-func (m *Mirror) fromPeers(ctx context.Context, f *flight, limit int64) (*recipe, error) {
+// fromPeers assembles the blob from peers that announced it under key
+// (its digest, or its swarm name), into f's file, and verifies it against
+// its digest. Nothing is readable before it is verified.
+func (m *Mirror) fromPeers(ctx context.Context, f *flight, key string, limit int64) (*recipe, error) {
 	if m.cfg.Peers == nil {
 		return nil, ErrNoPeers
 	}
 	pctx, cancel := context.WithTimeout(ctx, m.cfg.PeerTimeout)
-	provs, err := m.cfg.Peers.Providers(pctx, f.digest)
+	provs, err := m.cfg.Peers.Providers(pctx, key)
 	cancel()
 	if len(provs) == 0 {
-		m.log.Debug("no peer announced blob", "blob", f.digest, "err", err)
+		m.log.Debug("no peer announced blob", "blob", f.digest, "key", key, "err", err)
 		if err == nil {
 			return nil, ErrNoPeers
 		}
@@ -161,7 +183,7 @@ func (m *Mirror) fromPeers(ctx context.Context, f *flight, limit int64) (*recipe
 			break
 		}
 		pctx, cancel := context.WithTimeout(ctx, m.cfg.PeerTimeout)
-		raw, err := m.cfg.Peers.Recipe(pctx, p, f.digest)
+		raw, err := m.cfg.Peers.Recipe(pctx, p, key)
 		cancel()
 		if err != nil {
 			errs = append(errs, err)
@@ -177,7 +199,7 @@ func (m *Mirror) fromPeers(ctx context.Context, f *flight, limit int64) (*recipe
 		// Ask the recipe's sender first, then the others.
 		order := append([]string{p}, provs[:i]...)
 		order = append(order, provs[i+1:]...)
-		if err := m.assemble(ctx, f, r, order); err != nil {
+		if err := m.assemble(ctx, &assembly{f: f, r: r, key: key, peers: order}); err != nil {
 			return nil, err
 		}
 		if err := verifyFile(f, r.digestString(), r.size); err != nil {
@@ -197,26 +219,36 @@ const (
 	peerParallel = 4 // requests in flight per blob
 )
 
-// assemble fetches r's blocks from the peers in order (each batch starting
-// with a different one) and writes them into f's file.
-func (m *Mirror) assemble(ctx context.Context, f *flight, r *recipe, peers []string) error {
+// assembly is one blob being assembled from peers.
+type assembly struct {
+	f     *flight
+	r     *recipe
+	key   string   // what peers are asked under: the digest, or the swarm name
+	peers []string // in the order asked
+	where map[flat.BlockID][]int
+
+	mu  sync.Mutex
+	bad map[string]bool // peers that sent bad blocks
+}
+
+// assemble fetches the recipe's blocks from the peers in order (each
+// batch starting with a different one) and writes them into the flight's
+// file.
+func (m *Mirror) assemble(ctx context.Context, as *assembly) error {
+	f, r := as.f, as.r
 	// One request per distinct block; a block may sit at several offsets.
-	where := map[flat.BlockID][]int{}
+	as.where, as.bad = map[flat.BlockID][]int{}, map[string]bool{}
 	var uniq []flat.Block
 	for i := range r.ids {
 		id, _, n := r.block(i)
-		if where[id] == nil {
+		if as.where[id] == nil {
 			uniq = append(uniq, flat.Block{ID: id, ULen: uint32(n)})
 		}
-		where[id] = append(where[id], i)
+		as.where[id] = append(as.where[id], i)
 	}
 	if err := f.file.Truncate(r.size); err != nil {
 		return err
 	}
-	var (
-		mu  sync.Mutex
-		bad = map[string]bool{}
-	)
 	batches := make(chan []flat.Block)
 	errc := make(chan error, peerParallel)
 	ctx, cancel := context.WithCancel(ctx)
@@ -225,7 +257,7 @@ func (m *Mirror) assemble(ctx context.Context, f *flight, r *recipe, peers []str
 	for range peerParallel {
 		wg.Go(func() {
 			for batch := range batches {
-				if err := m.fetchBatch(ctx, f, r, batch, where, peers, &mu, bad); err != nil {
+				if err := m.fetchBatch(ctx, as, batch); err != nil {
 					errc <- err
 					cancel()
 					return
@@ -267,7 +299,7 @@ const (
 // fetchBatch gets one batch of blocks, asking peer after peer for what is
 // still missing, and writes each block at its offsets. Peers that answered
 // BUSY are asked again in later passes.
-func (m *Mirror) fetchBatch(ctx context.Context, f *flight, r *recipe, batch []flat.Block, where map[flat.BlockID][]int, peers []string, mu *sync.Mutex, bad map[string]bool) error {
+func (m *Mirror) fetchBatch(ctx context.Context, as *assembly, batch []flat.Block) error {
 	want := batch
 	var errs []error
 	deadline := time.Now().Add(busyBudget)
@@ -281,7 +313,7 @@ func (m *Mirror) fetchBatch(ctx context.Context, f *flight, r *recipe, batch []f
 		}
 		busy := false
 		var err error
-		if want, busy, err = m.passBatch(ctx, f, r, want, where, peers, mu, bad, &errs); err != nil {
+		if want, busy, err = m.passBatch(ctx, as, want, &errs); err != nil {
 			return err
 		}
 		if !busy {
@@ -292,7 +324,7 @@ func (m *Mirror) fetchBatch(ctx context.Context, f *flight, r *recipe, batch []f
 		if err := ctx.Err(); err != nil {
 			return err
 		}
-		return fmt.Errorf("%d blocks of %s held by no peer asked: %w", len(want), f.digest, errors.Join(errs...))
+		return fmt.Errorf("%d blocks of %s held by no peer asked: %w", len(want), as.f.digest, errors.Join(errs...))
 	}
 	return nil
 }
@@ -300,28 +332,28 @@ func (m *Mirror) fetchBatch(ctx context.Context, f *flight, r *recipe, batch []f
 // passBatch asks each peer in turn for the blocks still wanted and writes
 // what arrives; it returns what is still wanted and whether a peer
 // answered BUSY.
-func (m *Mirror) passBatch(ctx context.Context, f *flight, r *recipe, want []flat.Block, where map[flat.BlockID][]int, peers []string, mu *sync.Mutex, bad map[string]bool, errs *[]error) ([]flat.Block, bool, error) {
+func (m *Mirror) passBatch(ctx context.Context, as *assembly, want []flat.Block, errs *[]error) ([]flat.Block, bool, error) {
 	start := int(want[0].ID[0]) // spread batches over the peers
 	busy := false
-	for k := range peers {
+	for k := range as.peers {
 		if len(want) == 0 {
 			break
 		}
-		p := peers[(start+k)%len(peers)]
-		mu.Lock()
-		skip := bad[p]
-		mu.Unlock()
+		p := as.peers[(start+k)%len(as.peers)]
+		as.mu.Lock()
+		skip := as.bad[p]
+		as.mu.Unlock()
 		if skip {
 			continue
 		}
-		got, err := m.cfg.Peers.Blocks(ctx, p, f.digest, want)
+		got, err := m.cfg.Peers.Blocks(ctx, p, as.key, want)
 		if err != nil {
 			*errs = append(*errs, err)
 			busy = busy || errors.Is(err, ErrPeerBusy)
 			if errors.Is(err, ErrBadPeer) {
-				mu.Lock()
-				bad[p] = true
-				mu.Unlock()
+				as.mu.Lock()
+				as.bad[p] = true
+				as.mu.Unlock()
 			}
 		}
 		var still []flat.Block
@@ -331,9 +363,9 @@ func (m *Mirror) passBatch(ctx context.Context, f *flight, r *recipe, want []fla
 				still = append(still, b)
 				continue
 			}
-			for _, i := range where[b.ID] {
-				_, off, _ := r.block(i)
-				if _, err := f.file.WriteAt(data, off); err != nil {
+			for _, i := range as.where[b.ID] {
+				_, off, _ := as.r.block(i)
+				if _, err := as.f.file.WriteAt(data, off); err != nil {
 					return nil, false, err
 				}
 			}

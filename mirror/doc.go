@@ -58,9 +58,52 @@
 // client's own anonymous check, or one anonymous HEAD per repository and
 // CheckTTL — or is declared public), shared (daemon credentials), private
 // (a client's credentials; also a recipe with no record, kept before
-// classes existed). The class only rises. Only public blobs are announced,
-// re-provided, returned by Recipe and fetched from peers: the swarm holds
-// no proof yet that a peer may read a private repository.
+// classes existed). The class only rises. Public blobs go to any peer, by
+// digest. Private and shared blobs go only to peers that proved they read
+// the blob from the registry themselves, under a name derived from a
+// window of its bytes (below); a private blob's digest is never announced
+// and never answered.
+//
+// # Private blobs in the swarm (private.go)
+//
+// A private or shared blob's secret is p2p.PrivateBlob(digest, window),
+// and its swarm name is derived from the secret: "sha256:<hex>" like a
+// digest, of nothing a registry or DHT server sees. The window is
+// windowLen (4 KiB) of the blob's bytes at offset
+// sha256("shoal/mirror window v1\x00" ‖ digest ‖ size as 8 big-endian
+// bytes), its first 8 bytes as a big-endian integer, mod (size − 4095):
+// spread over the whole blob rather than its head, the part easiest to
+// rebuild from public files.
+//
+//   - The rule: a blob gets a name only if it is at least 1 MiB and its
+//     first bytes are gzip's (1f 8b) or zstd's (28 b5 2f fd) magic.
+//     Smaller blobs (configs, tiny layers) and manifests always come from
+//     upstream: a round trip saved is not worth a proof. An uncompressed
+//     tar is excluded because its window may fall in bytes an outsider
+//     knows (zero padding, a file of a public package). A compressed
+//     window is known only to whoever can rebuild the layer's content up
+//     to it, with the compressor's settings: a layer made only of public
+//     files gives nothing away that an outsider could not build itself.
+//   - The holder, when it keeps such a blob (and, at start, for each one
+//     it kept, from the kept copy: names are never stored), reads the
+//     window from its own verified copy, registers the secret with the
+//     swarm (PrivatePeers.AddPrivate, p2p.Node.AddPrivate), and provides
+//     the name, re-provided like public digests. Recipe and BlobBlocks
+//     answer the name; p2p answers a request under the name only for a
+//     peer that passed the proof-of-access handshake for it, and DENIED
+//     otherwise. The name map is in memory, bounded (65,536).
+//   - The asker (fetch), for a private or shared blob: the size from the
+//     access check's HEAD, then one Range GET of the window upstream with
+//     the client's credentials — which is also the client's proof that it
+//     may read the blob — the name, and the same peer path as public
+//     blobs under the name: providers, recipe, blocks, strikes, the whole
+//     blob verified against its digest before any client sees a byte,
+//     upstream on any failure (the window read included). The asker does
+//     not see the magic before it asks, so a large uncompressed blob costs
+//     one window read and a lookup that finds no holder.
+//
+// A node that once read a blob keeps its window as it keeps the blob, and
+// can prove access after its credentials are revoked.
 //
 // # Manifests and tags
 //
@@ -91,10 +134,10 @@
 // A request for a blob, once authorized, is served from, in order:
 //
 //  1. the kept copy (blocks read and verified as they are sent);
-//  2. for a public blob, peers that announced it: its digest is a DHT provider record
-//     (p2p.Node.ProvideBlob, published when the blob is kept and every
-//     12 h; a provide that could not reach the DHT is retried every
-//     minute). A provider sends the recipe over /shoal/recipe/1 and the
+//  2. peers that announced it: a public blob's digest, or a private
+//     one's name, is a DHT provider record (p2p.Node.ProvideBlob,
+//     published when the blob is kept and every 12 h; a provide that
+//     could not reach the DHT is retried every minute). A provider sends the recipe over /shoal/recipe/1 and the
 //     blocks over /shoal/block/1, 8 per request, four requests at a time,
 //     each batch asked of the providers in turn until one delivers. A
 //     provider that answered BUSY a moment ago is still asked (last): a
@@ -131,14 +174,14 @@
 // go into the cache after the whole blob matched, from the spool file.
 // Manifests are never streamed.
 //
-// After a public blob is kept its provider record is announced, so the
-// next node finds it here.
+// After a blob is kept its provider record is announced — a public blob's
+// digest, a private blob's name — so the next node finds it here.
 //
 // # Metrics
 //
 // Stats counts body bytes served by source (local, peers, upstream), bytes
 // fetched from peers and upstream, requests, errors, fetches, bad peer
 // blobs, upstream digest mismatches, announcements, access checks,
-// refusals, and kept blobs (all, public); the daemon exports them as
-// shoal_mirror_* metrics.
+// refusals, window reads, and kept blobs (all, public, named); the daemon
+// exports them as shoal_mirror_* metrics.
 package mirror

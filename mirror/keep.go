@@ -40,6 +40,8 @@ type Blocks interface {
 type keeper struct {
 	dir    string
 	blocks Blocks
+	// forgotten is told of a blob forgotten (its recipe rotted), if set.
+	forgotten func(digest string)
 
 	mu   sync.Mutex
 	kept map[string]class // digests with a recipe on disk
@@ -174,6 +176,9 @@ func (k *keeper) forget(digest string) {
 	k.mu.Lock()
 	delete(k.kept, digest)
 	k.mu.Unlock()
+	if k.forgotten != nil {
+		k.forgotten(digest)
+	}
 }
 
 // keep stores a verified blob, read from src, as blocks cut by r, then

@@ -131,6 +131,7 @@ type Mirror struct {
 	cfg     Config
 	log     *slog.Logger
 	keep    *keeper
+	names   *names // swarm names of the private blobs held
 	clients *clients
 	checks  *checks
 	salt    []byte // keys the hashes that name client credentials
@@ -189,7 +190,7 @@ func New(cfg Config) (*Mirror, error) {
 		cfg.Logger = slog.Default()
 	}
 	m := &Mirror{cfg: cfg, log: cfg.Logger.With("component", "mirror"), ups: map[string]*Upstream{}, flights: map[string]*flight{}, failed: map[string]struct{}{},
-		checks: newChecks(), salt: newSalt()}
+		checks: newChecks(), salt: newSalt(), names: newNames()}
 	for i := range cfg.Upstreams {
 		u := cfg.Upstreams[i]
 		if u.Host == "" {
@@ -224,13 +225,16 @@ func New(cfg Config) (*Mirror, error) {
 		return nil, err
 	}
 	m.keep = k
+	k.forgotten = m.unhold
 	m.clients = &clients{keychain: cfg.Keychain, base: cfg.Transport, m: map[clientKey]*http.Client{}}
 	m.life, m.cancel = context.WithCancel(context.Background())
 	return m, nil
 }
 
-// Run re-provides the kept public blobs to the swarm at start and every
-// 12 hours, retries failed provides every minute, until ctx ends; then it
+// Run names the kept private and shared blobs (from their kept copies),
+// then re-provides the kept blobs to the swarm — public ones under their
+// digests, private ones under their names — at start and every 12 hours,
+// and retries failed provides every minute, until ctx ends; then it
 // closes the mirror.
 func (m *Mirror) Run(ctx context.Context) error {
 	defer m.Close()
@@ -238,25 +242,33 @@ func (m *Mirror) Run(ctx context.Context) error {
 		<-ctx.Done()
 		return nil
 	}
-	all := m.keep.keptDigests(classPublic)
+	m.holdKept(ctx)
+	all := m.provideKeys()
 	full := time.NewTicker(reprovideInterval)
 	defer full.Stop()
 	retry := time.NewTicker(provideRetry)
 	defer retry.Stop()
 	for {
-		for _, d := range all {
+		for _, key := range all {
 			if ctx.Err() != nil {
 				return nil
 			}
+			d, ok := m.keyDigest(key)
+			if !ok { // forgotten, or no longer named
+				m.mu.Lock()
+				delete(m.failed, key)
+				m.mu.Unlock()
+				continue
+			}
 			if _, _, ok := m.keep.recipe(ctx, d, m.cfg.MaxBlobSize); ok {
-				m.provide(ctx, d)
+				m.provide(ctx, key)
 			}
 		}
 		select {
 		case <-ctx.Done():
 			return nil
 		case <-full.C:
-			all = m.keep.keptDigests(classPublic)
+			all = m.provideKeys()
 		case <-retry.C:
 			m.mu.Lock()
 			all = slices.Collect(maps.Keys(m.failed))
@@ -287,44 +299,66 @@ func (m *Mirror) spawn(fn func()) bool {
 	return true
 }
 
-// provide publishes the node's record for a kept blob. The record is
-// held locally at once (peers that ask this node find it); publishing it
-// to the DHT's closest peers may fail, and is then retried.
-func (m *Mirror) provide(ctx context.Context, digest string) {
+// provide publishes the node's record for a kept blob under key (its
+// digest, or a private blob's name). The record is held locally at once
+// (peers that ask this node find it); publishing it to the DHT's closest
+// peers may fail, and is then retried.
+func (m *Mirror) provide(ctx context.Context, key string) {
 	ctx, cancel := context.WithTimeout(ctx, time.Minute)
 	defer cancel()
-	err := m.cfg.Peers.Provide(ctx, digest)
+	err := m.cfg.Peers.Provide(ctx, key)
 	m.st.provided.Add(1)
 	m.mu.Lock()
 	if err != nil {
-		m.failed[digest] = struct{}{}
+		m.failed[key] = struct{}{}
 	} else {
-		delete(m.failed, digest)
+		delete(m.failed, key)
 	}
 	m.mu.Unlock()
 	if err != nil {
-		m.log.Debug("provide blob record; will retry", "blob", digest, "err", err)
+		m.log.Debug("provide blob record; will retry", "key", key, "err", err)
 	}
 }
 
-// announce publishes the record of a blob newly kept (or newly known) as
-// public, in the background. Blobs of other classes are never announced:
-// until peers prove they may read a private repository, its blobs stay on
-// this node.
+// announce publishes, in the background, the digest of a blob newly kept
+// (or newly known) as public. A private or shared blob's digest is never
+// announced: hold announces its name.
 func (m *Mirror) announce(digest string, c class) {
 	if m.cfg.Peers != nil && c == classPublic {
 		m.spawn(func() { m.provide(m.life, digest) })
 	}
 }
 
-// Recipe returns the recipe of a public blob kept whole, for peers
-// (p2p.RecipeGetter). Blobs of other classes are not found: peers cannot
-// yet prove they may read them.
-func (m *Mirror) Recipe(ctx context.Context, digest string) ([]byte, error) {
-	if _, ok := parseDigest(digest); !ok || m.keep.class(digest) != classPublic {
+// provideKeys lists what the node provides: the kept public blobs'
+// digests and the private blobs' names.
+func (m *Mirror) provideKeys() []string {
+	return append(m.keep.keptDigests(classPublic), m.names.all()...)
+}
+
+// keyDigest maps what peers ask for to a kept blob they may be given: a
+// private blob's name to its digest, a public blob's digest to itself.
+// A private blob's digest maps to nothing. Whether the asker proved it
+// knows a name is p2p's to check before it calls Recipe or BlobBlocks.
+func (m *Mirror) keyDigest(key string) (string, bool) {
+	if d, ok := m.names.digest(key); ok {
+		return d, true
+	}
+	if _, ok := parseDigest(key); ok && m.keep.class(key) == classPublic {
+		return key, true
+	}
+	return "", false
+}
+
+// Recipe returns, for peers (p2p.RecipeGetter), the recipe of a kept
+// blob whose blocks are all cached: a public blob asked for by digest, or
+// a private or shared one by its name. A private blob's digest is not
+// found.
+func (m *Mirror) Recipe(ctx context.Context, key string) ([]byte, error) {
+	d, ok := m.keyDigest(key)
+	if !ok {
 		return nil, ErrNotFound
 	}
-	_, raw, ok := m.keep.recipe(ctx, digest, m.cfg.MaxBlobSize)
+	_, raw, ok := m.keep.recipe(ctx, d, m.cfg.MaxBlobSize)
 	if !ok {
 		return nil, ErrNotFound
 	}
@@ -344,10 +378,13 @@ type Stats struct {
 	BadPeerBlobs                  int64 // peer recipes or blobs that failed verification
 	UpstreamMismatches            int64 // upstream content that failed its digest
 	Provided                      int64 // provider records announced (held locally; published to the DHT or retried)
+	Windows                       int64 // private blobs' windows read upstream (Range GETs)
+	WindowBytes                   int64 // their bytes
 	Checks                        int64 // access checks sent upstream (HEADs with a client's credentials, and public probes)
 	Denied                        int64 // requests the upstream refused for the client's credentials (401, 403)
 	Kept                          int   // blobs with a recipe on disk
 	KeptPublic                    int   // of those, public (announced, served to peers)
+	Named                         int   // private and shared blobs held under a swarm name (announced, served to proven peers)
 }
 
 type counters struct {
@@ -356,6 +393,7 @@ type counters struct {
 	requests, errors, fetches                atomic.Int64
 	badPeer, mismatch, provided              atomic.Int64
 	checks, denied                           atomic.Int64
+	windows, windowBytes                     atomic.Int64
 }
 
 // Stats returns the mirror's counters.
@@ -372,10 +410,13 @@ func (m *Mirror) Stats() Stats {
 		BadPeerBlobs:       m.st.badPeer.Load(),
 		UpstreamMismatches: m.st.mismatch.Load(),
 		Provided:           m.st.provided.Load(),
+		Windows:            m.st.windows.Load(),
+		WindowBytes:        m.st.windowBytes.Load(),
 		Checks:             m.st.checks.Load(),
 		Denied:             m.st.denied.Load(),
 		Kept:               len(m.keep.keptDigests(classPrivate)),
 		KeptPublic:         len(m.keep.keptDigests(classPublic)),
+		Named:              m.names.len(),
 	}
 }
 

@@ -390,10 +390,16 @@ func TestPeersServeBlobs(t *testing.T) {
 }
 
 // hostileRecipes serves, for one digest, a recipe of blocks the node
-// really holds but that do not make up the blob.
+// really holds but that do not make up the blob, and those blocks under
+// the blob's digest (p2p.RecipeBlocks).
 type hostileRecipes struct {
 	digest string
 	raw    []byte
+	ids    []flat.BlockID
+}
+
+func (h hostileRecipes) BlobBlocks(_ context.Context, d string) ([]flat.BlockID, bool) {
+	return h.ids, d == h.digest
 }
 
 func (h hostileRecipes) Recipe(_ context.Context, d string) ([]byte, error) {
@@ -430,7 +436,7 @@ func TestHostilePeer(t *testing.T) {
 		}
 	}
 	h := swarmNode(t, hstore, nil)
-	h.ServeRecipes(hostileRecipes{digest: d, raw: forged.encode()})
+	h.ServeRecipes(hostileRecipes{digest: d, raw: forged.encode(), ids: forged.ids})
 	if err := h.ProvideBlob(t.Context(), d); err != nil {
 		t.Logf("provide (local record only): %v", err)
 	}

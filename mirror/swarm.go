@@ -14,9 +14,11 @@ import (
 // maxProviders bounds the providers asked per blob.
 const maxProviders = 8
 
-// SwarmPeers adapts a p2p node to Peers: blob provider records in the DHT,
-// recipes over /shoal/recipe/1, blocks over /shoal/block/1. The node must
-// also serve the mirror's recipes (p2p.Node.ServeRecipes with the Mirror).
+// SwarmPeers adapts a p2p node to Peers and PrivatePeers: blob provider
+// records in the DHT, recipes over /shoal/recipe/1, blocks over
+// /shoal/block/1, private blobs' names and proofs of access
+// (/shoal/access/1). The node must also serve the mirror's recipes
+// (p2p.Node.ServeRecipes with the Mirror).
 func SwarmPeers(n *p2p.Node) Peers { return swarmPeers{n} }
 
 type swarmPeers struct{ n *p2p.Node }
@@ -24,24 +26,27 @@ type swarmPeers struct{ n *p2p.Node }
 var (
 	_ p2p.RecipeGetter = (*Mirror)(nil)
 	_ p2p.RecipeBlocks = (*Mirror)(nil)
+	_ PrivatePeers     = swarmPeers{}
 )
 
-// BlobBlocks returns the blocks a public blob kept whole is cut into: what
-// the node serves peers that ask for blocks under the blob's digest
-// (p2p.RecipeBlocks). Blobs that are not public have none to give.
-func (m *Mirror) BlobBlocks(_ context.Context, digest string) ([]flat.BlockID, bool) {
-	if _, ok := parseDigest(digest); !ok || m.keep.class(digest) != classPublic {
+// BlobBlocks returns the blocks a kept blob is cut into: what the node
+// serves peers that ask for blocks under a public blob's digest or a
+// private blob's name (p2p.RecipeBlocks; p2p serves a name only to peers
+// that proved they know it). A private blob's digest has none to give.
+func (m *Mirror) BlobBlocks(_ context.Context, key string) ([]flat.BlockID, bool) {
+	d, ok := m.keyDigest(key)
+	if !ok {
 		return nil, false
 	}
-	r, _, ok := m.keep.recipeOnDisk(digest, m.cfg.MaxBlobSize)
+	r, _, ok := m.keep.recipeOnDisk(d, m.cfg.MaxBlobSize)
 	if !ok {
 		return nil, false
 	}
 	return r.ids, true
 }
 
-func (s swarmPeers) Providers(ctx context.Context, digest string) ([]string, error) {
-	ids, err := s.n.BlobProviders(ctx, digest, maxProviders)
+func (s swarmPeers) Providers(ctx context.Context, key string) ([]string, error) {
+	ids, err := s.n.BlobProviders(ctx, key, maxProviders)
 	out := make([]string, len(ids))
 	for i, id := range ids {
 		out[i] = id.String()
@@ -49,20 +54,20 @@ func (s swarmPeers) Providers(ctx context.Context, digest string) ([]string, err
 	return out, err
 }
 
-func (s swarmPeers) Recipe(ctx context.Context, p, digest string) ([]byte, error) {
+func (s swarmPeers) Recipe(ctx context.Context, p, key string) ([]byte, error) {
 	id, err := peer.Decode(p)
 	if err != nil {
 		return nil, err
 	}
-	return s.n.FetchRecipe(ctx, id, digest)
+	return s.n.FetchRecipe(ctx, id, key)
 }
 
-func (s swarmPeers) Blocks(ctx context.Context, p, digest string, blocks []flat.Block) (map[flat.BlockID][]byte, error) {
+func (s swarmPeers) Blocks(ctx context.Context, p, key string, blocks []flat.Block) (map[flat.BlockID][]byte, error) {
 	id, err := peer.Decode(p)
 	if err != nil {
 		return nil, err
 	}
-	got, err := s.n.FetchBlobBlocks(ctx, id, digest, blocks)
+	got, err := s.n.FetchBlobBlocks(ctx, id, key, blocks)
 	switch {
 	case errors.Is(err, p2p.ErrBadBlock):
 		err = fmt.Errorf("%w: %w", ErrBadPeer, err)
@@ -78,6 +83,15 @@ func (s swarmPeers) Strike(p string) {
 	}
 }
 
-func (s swarmPeers) Provide(ctx context.Context, digest string) error {
-	return s.n.ProvideBlob(ctx, digest)
+func (s swarmPeers) Provide(ctx context.Context, key string) error {
+	return s.n.ProvideBlob(ctx, key)
 }
+
+// AddPrivate registers a private blob with the node under the secret its
+// digest and window give (p2p.PrivateBlob).
+func (s swarmPeers) AddPrivate(digest string, window []byte) string {
+	_, secret := p2p.PrivateBlob(digest, window)
+	return s.n.AddPrivate(secret)
+}
+
+func (s swarmPeers) RemovePrivate(name string) { s.n.RemovePrivate(name) }

@@ -104,26 +104,32 @@ func classify(host string, err error) error {
 // returns the response if it is a 200; any other answer is an
 // upstreamError (404 wraps ErrNotFound). The caller closes the body.
 func (m *Mirror) get(ctx context.Context, a *access, kind, ref, accept string) (*http.Response, error) {
-	return m.send(ctx, http.MethodGet, a, kind, ref, accept)
+	return m.send(ctx, http.MethodGet, a, kind, ref, accept, "")
 }
 
 // head asks upstream, as a's client, whether it would serve kind/ref: nil
-// for a 200, an upstreamError otherwise (404 wraps ErrNotFound).
+// for a 200, an upstreamError otherwise (404 wraps ErrNotFound). A blob's
+// size is remembered (checks.size).
 func (m *Mirror) head(ctx context.Context, a *access, kind, ref string) error {
 	m.st.checks.Add(1)
 	accept := ""
 	if kind == "manifests" {
 		accept = manifestAccept
 	}
-	resp, err := m.send(ctx, http.MethodHead, a, kind, ref, accept)
+	resp, err := m.send(ctx, http.MethodHead, a, kind, ref, accept, "")
 	if err != nil {
 		return err
 	}
 	resp.Body.Close()
+	if kind == "blobs" && resp.ContentLength >= 0 {
+		m.checks.setSize(ref, resp.ContentLength)
+	}
 	return nil
 }
 
-func (m *Mirror) send(ctx context.Context, method string, a *access, kind, ref, accept string) (*http.Response, error) {
+// send sends method /v2/<repo>/<kind>/<ref> upstream as a's client, with
+// a Range header when rng is not "" (then a 206 is a success too).
+func (m *Mirror) send(ctx context.Context, method string, a *access, kind, ref, accept, rng string) (*http.Response, error) {
 	repo := a.repo
 	cl, err := m.clients.get(ctx, a)
 	if err != nil {
@@ -139,11 +145,14 @@ func (m *Mirror) send(ctx context.Context, method string, a *access, kind, ref, 
 	}
 	// Identity: the bytes must be the blob's, not a transfer encoding of it.
 	req.Header.Set("Accept-Encoding", "identity")
+	if rng != "" {
+		req.Header.Set("Range", rng)
+	}
 	resp, err := cl.Do(req)
 	if err != nil {
 		return nil, &upstreamError{err: fmt.Errorf("upstream %s unreachable: %w", repo.RegistryStr(), err)}
 	}
-	if resp.StatusCode == http.StatusOK {
+	if resp.StatusCode == http.StatusOK || (rng != "" && resp.StatusCode == http.StatusPartialContent) {
 		return resp, nil
 	}
 	msg, _ := io.ReadAll(io.LimitReader(resp.Body, 1024))
