@@ -164,18 +164,25 @@ func TestResolveManifestAndIndexFromSwarm(t *testing.T) {
 	}
 	close(start)
 	wg.Wait()
-	var manifests, indexes int64
+	var manifests, indexes, notMember int64
 	for i, sw := range sws {
 		st := sw.Stats()
 		manifests += st.ManifestsFetched
 		indexes += st.IndexesFetched
-		t.Logf("node %d: resolved in %v; manifest from peers %d, index from peers %d", i, took[i], st.ManifestsFetched, st.IndexesFetched)
+		notMember += st.NotMemberReceived
+		t.Logf("node %d: resolved in %v; manifest from peers %d, index from peers %d, NOT_MEMBER answers %d", i, took[i], st.ManifestsFetched, st.IndexesFetched, st.NotMemberReceived)
 	}
 	m, x, h := manifestGETs()-m0, indexGETs()-i0, reg.count(http.MethodHead, "/manifests/v1-shoal")-h0
 	t.Logf("registry: %d manifest GETs, %d index GETs, %d HEADs", m, x, h)
-	if m != 1 || x != 1 || manifests != k-1 || indexes != k-1 || h != k {
-		t.Errorf("registry served %d manifests and %d indexes (want 1 and 1) and %d HEADs (want %d); peers served %d manifests and %d indexes (want %d each)",
-			m, x, h, k, manifests, indexes, k-1)
+	// The records are out before any node opens the image: a node that
+	// asks a blob's designated fetcher before that one has begun to open
+	// it is told, truthfully, NOT_MEMBER (as by a restarted daemon), and
+	// may then read the blob from the registry itself. Each such answer
+	// may cost one registry copy; without one, the registry serves each
+	// blob once.
+	if m > 1+int(notMember) || x > 1+int(notMember) || m+int(manifests) != k || x+int(indexes) != k || h != k {
+		t.Errorf("registry served %d manifests and %d indexes (want 1 each, plus one per NOT_MEMBER answer: %d) and %d HEADs (want %d); peers served %d manifests and %d indexes (want the rest of %d each)",
+			m, x, notMember, h, k, manifests, indexes, k)
 	}
 	for i, d := range took {
 		if d > 2*time.Second {
