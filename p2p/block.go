@@ -2,6 +2,7 @@ package p2p
 
 import (
 	"bufio"
+	"bytes"
 	"cmp"
 	"context"
 	"errors"
@@ -12,7 +13,6 @@ import (
 
 	"github.com/libp2p/go-libp2p/core/network"
 	"github.com/libp2p/go-libp2p/core/peer"
-	"golang.org/x/time/rate"
 
 	"github.com/shoal-project/shoal/flat"
 )
@@ -33,49 +33,6 @@ const (
 	// one failure wastes little and the deadlines stay meaningful.
 	maxRequestBytes = 32 << 20
 )
-
-// uploader enforces the upload limits: a slot per stream served, BUSY when
-// none is free, and a token bucket shared by all streams for bytes/s.
-type uploader struct {
-	slots chan struct{}
-	lim   *rate.Limiter // nil: unlimited
-}
-
-func newUploader(streams int, bytesPerSec int64) *uploader {
-	u := &uploader{slots: make(chan struct{}, streams)}
-	if bytesPerSec > 0 {
-		u.lim = rate.NewLimiter(rate.Limit(bytesPerSec), max(paceChunk, int(bytesPerSec/8)))
-	}
-	return u
-}
-
-// acquireWait takes an upload slot, waiting for one until ctx ends.
-func (u *uploader) acquireWait(ctx context.Context) (release func(), err error) {
-	select {
-	case u.slots <- struct{}{}:
-		return func() { <-u.slots }, nil
-	case <-ctx.Done():
-		return nil, ctx.Err()
-	}
-}
-
-// acquire takes an upload slot without waiting.
-func (u *uploader) acquire() (release func(), ok bool) {
-	select {
-	case u.slots <- struct{}{}:
-		return func() { <-u.slots }, true
-	default:
-		return nil, false
-	}
-}
-
-// pace waits until n more bytes may be sent.
-func (u *uploader) pace(ctx context.Context, n int) error {
-	if u.lim == nil {
-		return nil
-	}
-	return u.lim.WaitN(ctx, n)
-}
 
 // handleBlock serves a /shoal/block/1 stream: one request, then one frame
 // per CID — COMING for the blocks sent to enough peers already (Spread),
@@ -99,13 +56,30 @@ func (n *Node) handleBlock(st network.Stream) {
 		st.Reset()
 		return
 	}
-	w := bufio.NewWriterSize(st, paceChunk+64)
+	// Once the response holds an upload slot (up), its writes are timed
+	// by clock, and a write its reader stalls can cost it the slot
+	// (stallWriter, uploader.acquire).
+	var (
+		up    *upload
+		clock *responseClock
+	)
+	sw := &stallWriter{w: st}
+	w := bufio.NewWriterSize(sw, paceChunk+64)
 	var sent int64 // to p, frames included: the status page's uploads by peer
 	defer func() { n.peers.sent(p, sent) }()
+	deadline := func(k int) time.Time {
+		if clock != nil {
+			return clock.deadline(k)
+		}
+		return time.Now().Add(writeTimeout)
+	}
 	write := func(b []byte) error {
-		_ = st.SetWriteDeadline(time.Now().Add(writeTimeout))
+		_ = st.SetWriteDeadline(deadline(len(b)))
 		k, err := w.Write(b)
 		sent += int64(k)
+		if clock != nil {
+			clock.written += int64(k)
+		}
 		return err
 	}
 	// only answers with a single frame of status, and no CID.
@@ -150,12 +124,23 @@ func (n *Node) handleBlock(st network.Stream) {
 	// The share counts (and limits) the image's blocks, not its manifest
 	// or index.
 	shared := s != nil && s.inTable(q.cids)
-	var release func()
+	// hold gives the response an upload slot; from then on its writes
+	// keep to the minimum rate and the total deadline (responseClock).
+	stop := func() { st.Reset() }
+	hold := func(u, preempted *upload) {
+		if preempted != nil {
+			n.st.uploadsPreempted.Add(1)
+		}
+		up, sw.up = u, u
+		clock = newResponseClock(time.Now(), n.cfg.UploadTimeout, n.cfg.UploadMinBytesPerSec)
+	}
 	// cids are the blocks to answer with data or NOT_FOUND; spread those
 	// answered COMING (sent to enough peers already), hints the peers
-	// their copies reached; copied says a copy of each of cids was
-	// counted (take).
-	cids, spread, hints, copied := q.cids, [][]byte(nil), [][]peer.ID(nil), false
+	// their copies reached. counted are those of cids whose copies were
+	// counted (take, reserve) and have not been sent whole yet: a copy
+	// that does not reach p is taken back (unreserve).
+	cids, spread, hints := q.cids, [][]byte(nil), [][]peer.ID(nil)
+	var counted [][]byte
 	if q.flags&flagOrigin != 0 {
 		// Wait for the blocks first, without an upload slot: waiting for
 		// a fetch costs nothing, and many peers wait for the same one.
@@ -181,7 +166,6 @@ func (n *Node) handleBlock(st network.Stream) {
 			// Nothing here (no origin, or its fetch failed): NOT_FOUND
 			// for each, which needs no slot, and the asker goes to the
 			// registry at once.
-			release = func() {}
 		case lead != nil && !lead.firstCopy(p):
 			// Others that waited for the same fetch were picked for the
 			// block's first copies (FirstCopies): COMING, at once.
@@ -202,14 +186,15 @@ func (n *Node) handleBlock(st network.Stream) {
 			// for plain requests), so it queues for a slot — for at most
 			// OriginWait, which the asker waits anyway.
 			wctx, cancelWait := context.WithTimeout(ctx, max(n.cfg.OriginWait, 0))
-			var err error
-			release, err = n.up.acquireWait(wctx)
+			u, preempted, err := n.up.acquireWait(wctx, p, stop)
 			cancelWait()
 			if err != nil {
 				n.origin.unreserve(avail)
 				refuse(statusComing)
 				return
 			}
+			hold(u, preempted)
+			counted = slices.Clone(avail)
 		}
 	} else {
 		if shared && s.overShare(n.cfg.UploadShare) && !s.rare(q.cids) {
@@ -221,30 +206,49 @@ func (n *Node) handleBlock(st network.Stream) {
 			// Each block goes to at most SpreadCopies peers (unless the
 			// asker forces it); the copies' holders pass it on.
 			cids, spread, hints = n.origin.take(q.cids, n.cfg.SpreadCopies, q.flags&flagForce != 0)
-			copied = true
+			counted = slices.Clone(cids)
 		}
 		if len(cids) > 0 {
-			var ok bool
-			if release, ok = n.up.acquire(); !ok {
-				if copied {
-					n.origin.unreserve(cids)
+			u, why, preempted := n.up.acquire(p, stop)
+			if u == nil {
+				n.origin.unreserve(counted)
+				if why == peerBusy {
+					n.st.peerBusy.Add(1)
 				}
 				refuse(statusBusy)
 				return
 			}
+			hold(u, preempted)
 		}
 	}
-	if release == nil {
-		release = func() {} // nothing to send, or only COMING answers
+	if up != nil {
+		defer up.release()
+		// The response's store reads and pacing end by its deadline too
+		// (get reads ctx when it is called).
+		var cancelUp context.CancelFunc
+		ctx, cancelUp = context.WithDeadline(ctx, clock.end)
+		defer cancelUp()
 	}
-	defer release()
+	// uncount drops one c from counted, reporting whether it was there.
+	uncount := func(c []byte) bool {
+		i := slices.IndexFunc(counted, func(x []byte) bool { return bytes.Equal(x, c) })
+		if i >= 0 {
+			counted = slices.Delete(counted, i, i+1)
+		}
+		return i >= 0
+	}
+	fail := func(err error) {
+		n.origin.unreserve(counted) // not sent
+		if clock != nil && isTimeout(err) {
+			n.st.uploadsCut.Add(1)
+		}
+		n.log.Debug("serving blocks", "peer", p.String(), "image", q.image, "err", err)
+		st.Reset()
+	}
 	for _, c := range denied {
 		n.st.notFound.Add(1)
 		if err := write(appendBlockHeader(nil, statusNotFound, c, 0)); err != nil {
-			if copied {
-				n.origin.unreserve(cids)
-			}
-			st.Reset()
+			fail(err)
 			return
 		}
 	}
@@ -256,10 +260,7 @@ func (n *Node) handleBlock(st network.Stream) {
 				data = n.hintsFor(hints[i], p)
 			}
 			if err := write(append(appendBlockHeader(nil, statusComing, c, len(data)), data...)); err != nil {
-				if copied {
-					n.origin.unreserve(cids) // not sent
-				}
-				st.Reset()
+				fail(err)
 				return
 			}
 		}
@@ -279,27 +280,34 @@ func (n *Node) handleBlock(st network.Stream) {
 	if shared {
 		defer func() { s.uploaded.Add(sentBytes) }()
 	}
-	counted := get
 	var written [][]byte // blocks sent with data
-	get = func(c []byte) []byte {
-		d := counted(c)
-		if d == nil && copied {
-			n.origin.unreserve([][]byte{c}) // not sent: no copy
-		}
-		if d != nil {
-			written = append(written, c)
-		}
-		sentBytes += int64(len(d))
-		return d
+	r := response{
+		get: func(c []byte) []byte {
+			var d []byte
+			clock.exclude(func() { d = get(c) })
+			if d == nil && uncount(c) {
+				n.origin.unreserve([][]byte{c}) // not sent: no copy
+			}
+			if d != nil {
+				written = append(written, c)
+			}
+			sentBytes += int64(len(d))
+			return d
+		},
+		write: write,
+		pace: func(ctx context.Context, k int) (err error) {
+			clock.exclude(func() { err = n.up.pace(ctx, k) })
+			return err
+		},
+		sent: func(c []byte) { uncount(c) },
 	}
-	if err := n.serve(ctx, cids, get, write); err != nil {
-		n.log.Debug("serving blocks", "peer", p.String(), "image", q.image, "err", err)
-		st.Reset()
+	if err := n.serve(ctx, cids, r); err != nil {
+		fail(err)
 		return
 	}
-	_ = st.SetWriteDeadline(time.Now().Add(writeTimeout))
+	_ = st.SetWriteDeadline(deadline(0))
 	if err := w.Flush(); err != nil {
-		st.Reset()
+		fail(err)
 		return
 	}
 	_ = st.Close()
@@ -360,31 +368,41 @@ func blockIDOf(c []byte) (flat.BlockID, bool) {
 	return id, err == nil
 }
 
-// serve writes one frame per requested CID, with the bytes get returns (nil:
-// NOT_FOUND).
-func (n *Node) serve(ctx context.Context, cids [][]byte, get func([]byte) []byte, write func([]byte) error) error {
+// response is how serve answers: get returns a block's bytes (nil:
+// NOT_FOUND), write writes to the stream, pace waits for the token
+// bucket, and sent is told of each block whose bytes are all written.
+type response struct {
+	get   func(c []byte) []byte
+	write func([]byte) error
+	pace  func(ctx context.Context, n int) error
+	sent  func(c []byte)
+}
+
+// serve writes one frame per requested CID, with the bytes r.get returns.
+func (n *Node) serve(ctx context.Context, cids [][]byte, r response) error {
 	for _, c := range cids {
-		data := get(c)
+		data := r.get(c)
 		if data == nil {
 			n.st.notFound.Add(1)
-			if err := write(appendBlockHeader(nil, statusNotFound, c, 0)); err != nil {
+			if err := r.write(appendBlockHeader(nil, statusNotFound, c, 0)); err != nil {
 				return err
 			}
 			continue
 		}
-		if err := write(appendBlockHeader(nil, statusOK, c, len(data))); err != nil {
+		if err := r.write(appendBlockHeader(nil, statusOK, c, len(data))); err != nil {
 			return err
 		}
 		for off := 0; off < len(data); off += paceChunk {
 			chunk := data[off:min(off+paceChunk, len(data))]
-			if err := n.up.pace(ctx, len(chunk)); err != nil {
+			if err := r.pace(ctx, len(chunk)); err != nil {
 				return err
 			}
-			if err := write(chunk); err != nil {
+			if err := r.write(chunk); err != nil {
 				return err
 			}
 			n.st.bytesUp.Add(int64(len(chunk)))
 		}
+		r.sent(c)
 		n.st.blocksServed.Add(1)
 	}
 	return nil

@@ -83,6 +83,33 @@ type Config struct {
 	// 2.9 s to ready with 4, 4.2 s with 16) and the first holders do
 	// less of the work.
 	MaxUploadStreams int
+	// UploadStreamsPerPeer bounds the upload slots one peer holds at
+	// once: its request beyond them is answered BUSY while the node still
+	// has slots for others, so that one peer, however slowly it reads,
+	// never holds them all. Default: half of MaxUploadStreams, at least
+	// 1 (2 of 4); at most MaxUploadStreams. A reader asks at most 8 peers
+	// at once, one request each; a second slot covers its concurrent
+	// reads.
+	UploadStreamsPerPeer int
+	// UploadMinBytesPerSec is the slowest a peer may take a response:
+	// from the moment the response holds its slot, the time its writes
+	// wait on the reader may run at most 2 s ahead of bytes sent / this
+	// rate (waits for UploadBytesPerSec's token bucket and for the block
+	// store do not count), else the response is cut (its stream reset)
+	// and the slot freed; the reader asks again or elsewhere for what it
+	// missed. A write its reader leaves blocked for a second also gives
+	// the slot up to a request from another peer that finds none free.
+	// Default 256 KiB/s (a 256 KiB block per second; the asker's own
+	// frame deadlines give up near 1 MiB/s on large frames), which cut
+	// the slow readers of issue 17 (85 KB/s a stream) within 5 s.
+	// Negative: no minimum.
+	UploadMinBytesPerSec int64
+	// UploadTimeout bounds a response from the moment it holds its slot,
+	// whatever its rate: a slot is never held longer. Default 60 s: a
+	// full request (32 MiB) needs 550 KiB/s on average to finish; a
+	// slower one ends at 60 s with the blocks sent so far, and the asker
+	// plans the rest again.
+	UploadTimeout time.Duration
 	// UploadShare bounds how much of an image a node uploads, relative to
 	// what it holds of it: a node that has sent peers more than
 	// UploadShare × max(held, ShareFloor) bytes of the image's blocks
@@ -231,6 +258,10 @@ func (c Config) withDefaults() (Config, error) {
 	if c.SpreadCopies == 0 {
 		c.SpreadCopies = 2
 	}
+	c.UploadStreamsPerPeer = perPeerSlots(c.MaxUploadStreams, c.UploadStreamsPerPeer)
+	if c.UploadMinBytesPerSec == 0 {
+		c.UploadMinBytesPerSec = 256 << 10
+	}
 	setDur := func(d *time.Duration, def time.Duration) {
 		if *d == 0 {
 			*d = def
@@ -243,6 +274,7 @@ func (c Config) withDefaults() (Config, error) {
 	setDur(&c.PenaltyCoolDown, 10*time.Minute)
 	setDur(&c.BusyBackoff, 30*time.Millisecond)
 	setDur(&c.SpreadWait, 100*time.Millisecond)
+	setDur(&c.UploadTimeout, time.Minute)
 	if c.MaxImagePeers == 0 {
 		c.MaxImagePeers = 32
 	}
@@ -268,6 +300,9 @@ func (c Config) withDefaults() (Config, error) {
 	if c.MaxUploadStreams < 0 {
 		errs = append(errs, fmt.Errorf("max upload streams %d: must not be negative", c.MaxUploadStreams))
 	}
+	if c.UploadStreamsPerPeer < 0 {
+		errs = append(errs, fmt.Errorf("upload streams per peer %d: must not be negative", c.UploadStreamsPerPeer))
+	}
 	if c.UploadBytesPerSec < 0 {
 		errs = append(errs, fmt.Errorf("upload bytes/s %d: must not be negative", c.UploadBytesPerSec))
 	}
@@ -276,6 +311,7 @@ func (c Config) withDefaults() (Config, error) {
 		"announce interval": c.AnnounceInterval, "refresh interval": c.RefreshInterval,
 		"penalty cool-down": c.PenaltyCoolDown, "busy backoff": c.BusyBackoff,
 		"origin fetch timeout": c.OriginFetchTimeout, "spread wait": c.SpreadWait,
+		"upload timeout": c.UploadTimeout,
 	} {
 		if d < 0 {
 			errs = append(errs, fmt.Errorf("%s %v: must not be negative", name, d))
@@ -296,6 +332,16 @@ func (c Config) withDefaults() (Config, error) {
 		}
 	}
 	return c, errors.Join(errs...)
+}
+
+// perPeerSlots is Config.UploadStreamsPerPeer with its default applied:
+// perPeer if set, else half of streams, at least 1; at most streams. A
+// negative perPeer is left for withDefaults to refuse.
+func perPeerSlots(streams, perPeer int) int {
+	if perPeer == 0 {
+		perPeer = max(1, streams/2)
+	}
+	return min(perPeer, streams)
 }
 
 // parseBootstrap turns /p2p/ multiaddrs into peer infos, merging addresses

@@ -175,7 +175,7 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		dht:     d,
 		boot:    boot,
 		peers:   newPeerTable(),
-		up:      newUploader(cfg.MaxUploadStreams, cfg.UploadBytesPerSec),
+		up:      newUploader(cfg.MaxUploadStreams, cfg.UploadStreamsPerPeer, cfg.UploadBytesPerSec),
 		origin:  newOriginGroup(cfg.MaxOriginFetches),
 		access:  newAccess(),
 		swarms:  map[string]*swarm{},
@@ -496,6 +496,13 @@ type Stats struct {
 	// FirstCopyPassed counts ORIGIN requests answered COMING because
 	// other askers of the same fetch were picked for the first copies.
 	FirstCopyPassed int64 `json:"first_copy_passed"`
+	// Fair uploads: requests answered BUSY because their peer held its
+	// share of the upload slots (UploadStreamsPerPeer); responses cut
+	// for falling behind UploadMinBytesPerSec or past UploadTimeout; and
+	// responses whose stalled reader lost its slot to another peer.
+	PeerBusy         int64 `json:"peer_busy"`
+	UploadsCut       int64 `json:"uploads_cut"`
+	UploadsPreempted int64 `json:"uploads_preempted"`
 	// Proofs of access (private images): handshakes this node ran as
 	// client (ProofsSent), proofs from peers it accepted and refused
 	// (ProofsAccepted, ProofsFailed), handshakes it refused because the
@@ -526,6 +533,7 @@ type counters struct {
 	notMemberSent, notMemberRecv, designatedSlow              atomic.Int64
 	proofsSent, proofsAccepted, proofsFailed, proofsLimited   atomic.Int64
 	deniedSent, deniedRecv                                    atomic.Int64
+	peerBusy, uploadsCut, uploadsPreempted                    atomic.Int64
 }
 
 // Stats returns the node's counters.
@@ -575,6 +583,9 @@ func (n *Node) Stats() Stats {
 		ProofsLimited:     n.st.proofsLimited.Load(),
 		DeniedSent:        n.st.deniedSent.Load(),
 		DeniedReceived:    n.st.deniedRecv.Load(),
+		PeerBusy:          n.st.peerBusy.Load(),
+		UploadsCut:        n.st.uploadsCut.Load(),
+		UploadsPreempted:  n.st.uploadsPreempted.Load(),
 	}
 	for _, s := range n.swarmList() {
 		st.Images++

@@ -107,14 +107,33 @@ func (s *PeerScores) Latency(p peer.ID) time.Duration {
 	return pi.Latency
 }
 
-// UploadSlots is a node's upload-slot admission: a block request is served
-// only if one of the slots is free, else it is answered BUSY.
+// UploadSlots is a node's upload-slot admission: a block request from p
+// is served only if one of the slots is free and p holds fewer than its
+// share of them, else it is answered BUSY. (Preempting stalled responses
+// does not arise: simulated readers never stall.)
 type UploadSlots struct{ u *uploader }
 
-// NewUploadSlots returns the admission of a node with streams slots
-// (Config.MaxUploadStreams).
-func NewUploadSlots(streams int) *UploadSlots { return &UploadSlots{u: newUploader(streams, 0)} }
+// PerPeerSlots is Config.UploadStreamsPerPeer with its default applied,
+// for a node with streams slots (Config.MaxUploadStreams).
+func PerPeerSlots(streams, perPeer int) int { return perPeerSlots(streams, perPeer) }
 
-// TryAcquire takes a slot without waiting, as a plain request does; ok is
-// false when none is free (the request is answered BUSY).
-func (s *UploadSlots) TryAcquire() (release func(), ok bool) { return s.u.acquire() }
+// NewUploadSlots returns the admission of a node with streams slots
+// (Config.MaxUploadStreams), perPeer of them at most for one peer
+// (Config.UploadStreamsPerPeer).
+func NewUploadSlots(streams, perPeer int) *UploadSlots {
+	return &UploadSlots{u: newUploader(streams, perPeer, 0)}
+}
+
+// TryAcquire takes a slot for a response to p without waiting, as a plain
+// request does; ok is false when none may be had (the request is answered
+// BUSY).
+func (s *UploadSlots) TryAcquire(p peer.ID) (release func(), ok bool) {
+	up, _, _ := s.u.acquire(p, nil)
+	if up == nil {
+		return nil, false
+	}
+	return up.release, true
+}
+
+// Full reports whether every slot is taken.
+func (s *UploadSlots) Full() bool { return s.u.active() >= s.u.total }

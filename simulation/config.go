@@ -265,6 +265,7 @@ func (c Config) Defaults() Config {
 	d := p2p.Defaults()
 	s := &c.Swarm
 	setI(&s.MaxUploadStreams, d.MaxUploadStreams)
+	s.UploadStreamsPerPeer = p2p.PerPeerSlots(s.MaxUploadStreams, s.UploadStreamsPerPeer)
 	setD(&s.FirstByteTimeout, d.FirstByteTimeout)
 	setD(&s.AnnounceInterval, d.AnnounceInterval)
 	setI(&s.MaxImagePeers, d.MaxImagePeers)

@@ -85,21 +85,21 @@ type simNode struct {
 	regBusy []bool          // a registry fetch of the block is in flight
 	waiters map[uint32][]func()
 
-	held         float64                     // uncompressed bytes of the blocks it holds
-	blocksUp     float64                     // block bytes sent to peers (the upload share)
-	originCopies map[uint32]int              // copies sent of each block (ORIGIN and plain answers)
-	copiedTo     map[uint32][]int32          // the last p2p.MaxHints peers its copies of each block reached
-	calls        map[uint32]*fetchCall       // registry fetches ORIGIN requests wait for
-	slotQueue    []func(release func()) bool // ORIGIN first copies waiting for a slot
-	viewDirty    bool                        // sessions changed since view was computed
-	view         []peer.ID                   // originView's last answer
-	provided     bool                        // its image record is out (or on its way)
-	joined       bool                        // it has the index and takes have sessions
-	hasBlob      [nBlobs]bool                // holds the manifest, the index
-	pool         []int32                     // its lookup's providers
-	group        []peer.ID                   // the image's origin group, as it sees it
-	conn         map[int32]bool              // peers it is connected to
-	awaiters     []*awaiter                  // FetchMany calls waiting for a holder to appear
+	held         float64               // uncompressed bytes of the blocks it holds
+	blocksUp     float64               // block bytes sent to peers (the upload share)
+	originCopies map[uint32]int        // copies sent of each block (ORIGIN and plain answers)
+	copiedTo     map[uint32][]int32    // the last p2p.MaxHints peers its copies of each block reached
+	calls        map[uint32]*fetchCall // registry fetches ORIGIN requests wait for
+	slotQueue    []slotWaiter          // ORIGIN first copies waiting for a slot
+	viewDirty    bool                  // sessions changed since view was computed
+	view         []peer.ID             // originView's last answer
+	provided     bool                  // its image record is out (or on its way)
+	joined       bool                  // it has the index and takes have sessions
+	hasBlob      [nBlobs]bool          // holds the manifest, the index
+	pool         []int32               // its lookup's providers
+	group        []peer.ID             // the image's origin group, as it sees it
+	conn         map[int32]bool        // peers it is connected to
+	awaiters     []*awaiter            // FetchMany calls waiting for a holder to appear
 
 	sessions   []int32 // peers that sent this node their have bitmap
 	sessionSet map[int32]bool
@@ -157,7 +157,7 @@ func newWorld(cfg Config) *world {
 			calls:        map[uint32]*fetchCall{},
 			sessionSet:   map[int32]bool{},
 			scores:       p2p.NewPeerScores(),
-			slots:        p2p.NewUploadSlots(cfg.Swarm.MaxUploadStreams),
+			slots:        p2p.NewUploadSlots(cfg.Swarm.MaxUploadStreams, cfg.Swarm.UploadStreamsPerPeer),
 			originFree:   cfg.Swarm.MaxOriginFetches,
 		}
 		n.labels = p2p.Labels{Zone: fmt.Sprintf("z%d", n.zone), Rack: fmt.Sprintf("r%d", n.rack)}
@@ -855,7 +855,7 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 				w.e.after(ow, func() { ask(k + 1) })
 				return
 			}
-			rel, ok := q.slots.TryAcquire() // blobs are not in the upload share
+			rel, ok := q.slots.TryAcquire(n.pid) // blobs are not in the upload share
 			if !ok {
 				w.st.busyAnswers++
 				w.e.after(ow, func() {

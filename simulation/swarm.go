@@ -599,7 +599,7 @@ func (w *world) request(n, q *simNode, blocks []uint32, force bool, cb func(ok b
 			})
 			return
 		}
-		rel, ok := q.slots.TryAcquire()
+		rel, ok := q.slots.TryAcquire(n.pid)
 		if !ok {
 			for _, b := range send {
 				q.originCopies[b]--
@@ -651,18 +651,27 @@ func (w *world) serve(q, n *simNode, size float64, f **flow, done func()) {
 	w.work(q, time.Duration(float64(w.cfg.ServeCPU)*size/float64(w.cfg.BlockCPUBytes)), both)
 }
 
-// release frees one of q's upload slots and hands it to an ORIGIN request
-// queued for one (a block's first copies).
+// slotWaiter is an ORIGIN request from p queued for an upload slot; f
+// gets the slot, and reports false if the request gave up meanwhile.
+type slotWaiter struct {
+	p peer.ID
+	f func(release func()) bool
+}
+
+// release frees one of q's upload slots and hands it to the first ORIGIN
+// request queued for one (a block's first copies) whose peer is under
+// its share of q's slots.
 func (w *world) release(q *simNode, rel func()) {
 	rel()
-	for len(q.slotQueue) > 0 {
-		f := q.slotQueue[0]
-		r, ok := q.slots.TryAcquire()
+	for i := 0; i < len(q.slotQueue) && !q.slots.Full(); {
+		sw := q.slotQueue[i]
+		r, ok := q.slots.TryAcquire(sw.p)
 		if !ok {
-			return
+			i++
+			continue
 		}
-		q.slotQueue = q.slotQueue[1:]
-		if !f(r) {
+		q.slotQueue = slices.Delete(q.slotQueue, i, i+1)
+		if !sw.f(r) {
 			r() // that request gave up
 		}
 	}
@@ -915,19 +924,19 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 			for _, b := range avail {
 				q.originCopies[b]++
 			}
-			if rel, ok := q.slots.TryAcquire(); ok {
+			if rel, ok := q.slots.TryAcquire(n.pid); ok {
 				serve(rel)
 				return
 			}
 			waiting := true
-			q.slotQueue = append(q.slotQueue, func(rel func()) bool {
+			q.slotQueue = append(q.slotQueue, slotWaiter{n.pid, func(rel func()) bool {
 				if !waiting {
 					return false
 				}
 				waiting = false
 				serve(rel)
 				return true
-			})
+			}})
 			w.e.after(w.cfg.Swarm.OriginWait, func() {
 				if !waiting {
 					return
