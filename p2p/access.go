@@ -74,8 +74,9 @@ const (
 	// have a handshake in flight for) at once; the oldest go first.
 	maxAccessImages = 64
 	// maxAccessPeers bounds the peers the access table keeps; past it,
-	// peers with nothing verified, pending or penalised are dropped, and
-	// then new handshakes are refused (LIMITED) until some expire.
+	// an eighth of them are dropped, the least valuable first
+	// (evictLocked), and new handshakes are refused (LIMITED) only while
+	// every entry has one in flight.
 	maxAccessPeers = 1 << 14
 	// proofFailLimit failed proofs within proofFailWindow put a peer in
 	// the penalty box: handshakes refused for proofPenalty, doubled at
@@ -214,17 +215,14 @@ func (a *access) private(image string) bool {
 }
 
 // peerLocked returns p's entry, making one if there is room; a.mu held.
+// A full table first drops an eighth of its entries (evictLocked); only
+// if every entry has a handshake in flight is there no room.
 func (a *access) peerLocked(p peer.ID, now time.Time) *peerAccess {
 	if pa := a.peers[p]; pa != nil {
 		return pa
 	}
 	if len(a.peers) >= maxAccessPeers {
-		for q, pa := range a.peers {
-			pa.expire(now)
-			if len(pa.verified) == 0 && len(pa.pending) == 0 && now.After(pa.blocked) && now.Sub(pa.failAt) > proofFailWindow {
-				delete(a.peers, q)
-			}
-		}
+		a.evictLocked(now)
 		if len(a.peers) >= maxAccessPeers {
 			return nil
 		}
@@ -232,6 +230,53 @@ func (a *access) peerLocked(p peer.ID, now time.Time) *peerAccess {
 	pa := &peerAccess{verified: map[string]time.Time{}, pending: map[string]chan struct{}{}}
 	a.peers[p] = pa
 	return pa
+}
+
+// evictLocked drops entries until the table holds 7/8 of maxAccessPeers,
+// those that matter least first: peers with nothing verified, pending or
+// penalised; then peers verified only (the earliest verified first: a
+// peer that finds itself forgotten proves again, one round trip); then
+// penalised ones (the oldest penalty first). Entries with a handshake in
+// flight stay. Peers that can fill the table know a private image's name,
+// and can each be verified for an hour: refusing newcomers then (LIMITED)
+// would let them lock every other reader out.
+func (a *access) evictLocked(now time.Time) {
+	type cand struct {
+		p     peer.ID
+		class int
+		at    time.Time
+	}
+	var cands []cand
+	for q, pa := range a.peers {
+		pa.expire(now)
+		if len(pa.pending) > 0 {
+			continue
+		}
+		penalised := now.Before(pa.blocked) || now.Sub(pa.failAt) <= proofFailWindow
+		c := cand{p: q}
+		switch {
+		case penalised:
+			c.class, c.at = 2, pa.failAt
+		case len(pa.verified) > 0:
+			c.class = 1
+			for _, until := range pa.verified {
+				if c.at.IsZero() || until.After(c.at) {
+					c.at = until
+				}
+			}
+		}
+		cands = append(cands, c)
+	}
+	slices.SortFunc(cands, func(x, y cand) int {
+		if x.class != y.class {
+			return x.class - y.class
+		}
+		return x.at.Compare(y.at)
+	})
+	excess := len(a.peers) - maxAccessPeers*7/8
+	for _, c := range cands[:min(max(excess, 0), len(cands))] {
+		delete(a.peers, c.p)
+	}
 }
 
 // expire drops lapsed verifications.

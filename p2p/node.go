@@ -181,6 +181,7 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		swarms:  map[string]*swarm{},
 		origins: map[string]ImageFetcher{},
 	}
+	n.peers.pinned = h.Network().Peers // connected peers keep their entries
 	n.life, n.cancel = context.WithCancel(context.Background())
 	h.SetStreamHandler(ProtocolBlock, n.handleBlock)
 	h.SetStreamHandler(ProtocolHave, n.handleHave)

@@ -1,6 +1,8 @@
 package p2p
 
 import (
+	"cmp"
+	"slices"
 	"sync"
 	"time"
 
@@ -36,39 +38,120 @@ type PeerInfo struct {
 	BytesSent int64
 }
 
-// peerTable keeps per-peer labels and scores. Peers are never removed: the
-// table holds a few hundred bytes per peer ever met, and a penalty must
-// outlive a reconnect.
+// maxPeerEntries bounds the peer table. A few hundred bytes a peer: 16,384
+// entries are a few MiB, and hold every peer a node of a 10,000-node swarm
+// meets; anyone can connect with new peer IDs, and a COMING answer's hints
+// or a provider record can name any, so the table must not grow with them.
+const maxPeerEntries = 1 << 14
+
+// peerTable keeps per-peer labels and scores, for at most max peers. Past
+// that, an eighth of the table goes at once, the peers that matter least
+// first: never one with a request in flight or a connection up (pinned),
+// and those whose scores carry a penalty (wrong blocks, unreachable) after
+// those that carry none; the least recently updated first within each.
+// A penalty so outlives a reconnect, except when the table is flooded
+// with penalised peers, which then go oldest first.
 type peerTable struct {
-	mu sync.Mutex
-	m  map[peer.ID]*PeerInfo
+	mu  sync.Mutex
+	m   map[peer.ID]*peerEntry
+	seq uint64 // update counter: recency
+	max int
+	// pinned, if set, lists the peers whose entries must stay (the
+	// connected ones); it is called without mu held.
+	pinned   func() []peer.ID
+	trimming bool
 }
 
-func newPeerTable() *peerTable { return &peerTable{m: map[peer.ID]*PeerInfo{}} }
+type peerEntry struct {
+	PeerInfo
+	used uint64 // seq at the last update
+}
 
-// get returns p's entry, creating it; t.mu must be held.
+func newPeerTable() *peerTable {
+	return &peerTable{m: map[peer.ID]*peerEntry{}, max: maxPeerEntries}
+}
+
+// get returns p's entry, creating it, and marks it used; t.mu must be
+// held, and released with unlock.
 func (t *peerTable) get(p peer.ID) *PeerInfo {
-	pi := t.m[p]
-	if pi == nil {
-		pi = &PeerInfo{ID: p}
-		t.m[p] = pi
+	e := t.m[p]
+	if e == nil {
+		e = &peerEntry{PeerInfo: PeerInfo{ID: p}}
+		t.m[p] = e
 	}
-	return pi
+	t.seq++
+	e.used = t.seq
+	return &e.PeerInfo
+}
+
+// unlock releases t.mu, and trims the table if it has grown past max.
+func (t *peerTable) unlock() {
+	over := len(t.m) > t.max && !t.trimming
+	if over {
+		t.trimming = true
+	}
+	t.mu.Unlock()
+	if over {
+		t.trim(time.Now())
+	}
+}
+
+// trim drops entries, the least valuable first (see peerTable), until
+// the table holds 7/8 of max.
+func (t *peerTable) trim(now time.Time) {
+	keep := map[peer.ID]bool{}
+	if t.pinned != nil {
+		for _, p := range t.pinned() {
+			keep[p] = true
+		}
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	t.trimming = false
+	excess := len(t.m) - t.max*7/8
+	if excess <= 0 {
+		return
+	}
+	type cand struct {
+		p         peer.ID
+		penalised bool
+		used      uint64
+	}
+	var cands []cand
+	for p, e := range t.m {
+		if e.InFlight > 0 || keep[p] {
+			continue
+		}
+		penalised := e.Strikes > 0 || now.Before(e.AvoidedUntil) || now.Before(e.UnreachableUntil)
+		cands = append(cands, cand{p, penalised, e.used})
+	}
+	slices.SortFunc(cands, func(a, b cand) int {
+		if a.penalised != b.penalised {
+			if a.penalised {
+				return 1
+			}
+			return -1
+		}
+		return cmp.Compare(a.used, b.used)
+	})
+	for _, c := range cands[:min(excess, len(cands))] {
+		delete(t.m, c.p)
+	}
 }
 
 func (t *peerTable) info(p peer.ID) (PeerInfo, bool) {
 	t.mu.Lock()
 	defer t.mu.Unlock()
-	pi, ok := t.m[p]
+	e, ok := t.m[p]
 	if !ok {
 		return PeerInfo{ID: p}, false
 	}
-	return *pi, true
+	return e.PeerInfo, true
 }
 
 func (t *peerTable) setLabels(p peer.ID, zone, rack string) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	pi := t.get(p)
 	pi.Zone, pi.Rack = zone, rack
 }
@@ -79,7 +162,7 @@ func (t *peerTable) sent(p peer.ID, n int64) {
 		return
 	}
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	t.get(p).BytesSent += n
 }
 
@@ -88,7 +171,7 @@ const ewmaAlpha = 0.3
 // success records a request that answered, with its time to first byte.
 func (t *peerTable) success(p peer.ID, firstByte time.Duration, blocks int) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	pi := t.get(p)
 	pi.Failures = 0
 	pi.BlocksRecv += int64(blocks)
@@ -104,7 +187,7 @@ func (t *peerTable) success(p peer.ID, firstByte time.Duration, blocks int) {
 // order; three failures in a row also earn a short rest.
 func (t *peerTable) failure(p peer.ID, timeout time.Duration, now time.Time) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	pi := t.get(p)
 	pi.Failures++
 	pi.Latency = time.Duration(ewmaAlpha*float64(timeout) + (1-ewmaAlpha)*float64(pi.Latency))
@@ -115,14 +198,14 @@ func (t *peerTable) failure(p peer.ID, timeout time.Duration, now time.Time) {
 
 func (t *peerTable) busy(p peer.ID, until time.Time) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	t.get(p).BusyUntil = until
 }
 
 // strike records a wrong block from p and reports whether p is now avoided.
 func (t *peerTable) strike(p peer.ID, limit int, coolDown time.Duration, now time.Time) bool {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	pi := t.get(p)
 	pi.BadBlocks++
 	if !pi.AvoidedUntil.IsZero() && now.After(pi.AvoidedUntil) {
@@ -162,7 +245,7 @@ func (t *peerTable) designatable(p peer.ID, now time.Time) bool {
 // designated again until until.
 func (t *peerTable) unreachable(p peer.ID, until time.Time) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	t.get(p).UnreachableUntil = until
 }
 
@@ -198,13 +281,13 @@ func (t *peerTable) view(p peer.ID, now time.Time) (PeerView, bool) {
 // begin and end bracket a request to p, for its in-flight count.
 func (t *peerTable) begin(p peer.ID) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	t.get(p).InFlight++
 }
 
 func (t *peerTable) end(p peer.ID) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	t.get(p).InFlight--
 }
 
@@ -214,7 +297,7 @@ func (t *peerTable) end(p peer.ID) {
 // not gone.
 func (t *peerTable) slow(p peer.ID, waited time.Duration) {
 	t.mu.Lock()
-	defer t.mu.Unlock()
+	defer t.unlock()
 	pi := t.get(p)
 	switch {
 	case pi.Latency == 0:
