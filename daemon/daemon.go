@@ -62,6 +62,39 @@ type P2PConfig struct {
 	// what it holds of it (at least 16 MiB held is assumed); 0 or
 	// negative (the default): no cap. See p2p.Config.UploadShare.
 	UploadShare float64 `yaml:"upload_share"`
+	// Fair uploads (p2p.Config): the upload slots one peer may hold
+	// (0: half of upload_streams), the slowest a peer may take a
+	// response (0: 256 KiB/s; negative: no minimum), and the longest a
+	// response may hold its slot (0: 60s).
+	UploadStreamsPerPeer int           `yaml:"upload_streams_per_peer"`
+	UploadMinBytesPerSec int64         `yaml:"upload_min_bytes_per_sec"`
+	UploadTimeout        time.Duration `yaml:"upload_timeout"`
+	// Limits are libp2p's resource-manager limits; 0 means the default.
+	Limits P2PLimits `yaml:"limits"`
+}
+
+// P2PLimits are p2p.Limits, in the config file: the connections, streams
+// and stream memory peers may take of the node.
+type P2PLimits struct {
+	Connections         int   `yaml:"connections"`            // in and out (4096)
+	ConnectionsInbound  int   `yaml:"connections_inbound"`    // opened by peers (3072)
+	ConnectionsPerPeer  int   `yaml:"connections_per_peer"`   // (8)
+	StreamsPerPeer      int   `yaml:"streams_per_peer"`       // one peer's, all protocols (256)
+	BlockStreams        int   `yaml:"block_streams"`          // block requests open at once (2048)
+	BlockStreamsPerPeer int   `yaml:"block_streams_per_peer"` // (32)
+	HaveStreams         int   `yaml:"have_streams"`           // have sessions from peers (2048)
+	HaveStreamsPerPeer  int   `yaml:"have_streams_per_peer"`  // (64)
+	Memory              int64 `yaml:"memory"`                 // stream buffers, all peers (1 GiB)
+	MemoryPerPeer       int64 `yaml:"memory_per_peer"`        // (64 MiB)
+}
+
+func (l P2PLimits) p2p() p2p.Limits {
+	return p2p.Limits{
+		Conns: l.Connections, ConnsInbound: l.ConnectionsInbound, ConnsPerPeer: l.ConnectionsPerPeer,
+		StreamsPerPeer: l.StreamsPerPeer, BlockStreams: l.BlockStreams, BlockStreamsPerPeer: l.BlockStreamsPerPeer,
+		HaveStreams: l.HaveStreams, HaveStreamsPerPeer: l.HaveStreamsPerPeer,
+		Memory: l.Memory, MemoryPerPeer: l.MemoryPerPeer,
+	}
 }
 
 // LoadConfig reads a YAML config file strictly: unknown keys are errors.

@@ -16,7 +16,9 @@ import (
 
 	"github.com/google/go-containerregistry/pkg/registry"
 
+	"github.com/shoal-project/shoal/internal/testenv"
 	"github.com/shoal-project/shoal/node"
+	"github.com/shoal-project/shoal/p2p"
 )
 
 // pushAndConvert pushes a one-file image (600,000 bytes at data/file) and
@@ -145,5 +147,45 @@ func TestLoadConfigIsStrict(t *testing.T) {
 	os.WriteFile(bad, []byte("state_dri: /x\n"), 0o644)
 	if _, err := LoadConfig(bad); err == nil || !strings.Contains(err.Error(), "state_dri") {
 		t.Errorf("typo accepted: %v", err)
+	}
+}
+
+// The swarm's fair-upload settings and resource-manager limits come from
+// the config file's p2p section.
+func TestP2PConfigFromFile(t *testing.T) {
+	t.Parallel()
+	path := filepath.Join(t.TempDir(), "config.yaml")
+	os.WriteFile(path, []byte(`p2p:
+  listen: [/ip4/127.0.0.1/tcp/0]
+  upload_streams: 8
+  upload_streams_per_peer: 3
+  upload_min_bytes_per_sec: 1048576
+  upload_timeout: 30s
+  limits:
+    connections: 1000
+    connections_inbound: 700
+    connections_per_peer: 4
+    streams_per_peer: 100
+    block_streams: 500
+    block_streams_per_peer: 16
+    have_streams: 600
+    have_streams_per_peer: 20
+    memory: 536870912
+    memory_per_peer: 33554432
+`), 0o644)
+	c, err := LoadConfig(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	d, err := New(c, testenv.Logger(t, "daemon"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	pc := d.p2pConfig(nil)
+	want := p2p.Limits{Conns: 1000, ConnsInbound: 700, ConnsPerPeer: 4, StreamsPerPeer: 100, BlockStreams: 500,
+		BlockStreamsPerPeer: 16, HaveStreams: 600, HaveStreamsPerPeer: 20, Memory: 512 << 20, MemoryPerPeer: 32 << 20}
+	if pc.MaxUploadStreams != 8 || pc.UploadStreamsPerPeer != 3 || pc.UploadMinBytesPerSec != 1<<20 || pc.UploadTimeout != 30*time.Second || pc.Limits != want {
+		t.Errorf("p2p config: slots %d, per peer %d, min rate %d, timeout %v, limits %+v; want 8, 3, 1 MiB/s, 30s, %+v",
+			pc.MaxUploadStreams, pc.UploadStreamsPerPeer, pc.UploadMinBytesPerSec, pc.UploadTimeout, pc.Limits, want)
 	}
 }

@@ -92,20 +92,29 @@ func (l *lateStore) Has(ctx context.Context, id flat.BlockID) (bool, error) {
 
 // newSwarm makes the libp2p node from the config; it starts nothing.
 func (d *Daemon) newSwarm(ctx context.Context, blocks *lateStore) (*p2p.Node, error) {
+	return p2p.New(ctx, d.p2pConfig(blocks))
+}
+
+// p2pConfig is the swarm's configuration, from the daemon's.
+func (d *Daemon) p2pConfig(blocks p2p.BlockGetter) p2p.Config {
 	c := d.cfg.P2P
-	return p2p.New(ctx, p2p.Config{
-		ListenAddrs:       c.Listen,
-		IdentityDir:       filepath.Join(d.cfg.StateDir, "identity"),
-		BootstrapPeers:    c.Bootstrap,
-		PSK:               d.swarmKey,
-		Zone:              d.cfg.Labels["zone"],
-		Rack:              d.cfg.Labels["rack"],
-		Blocks:            blocks,
-		MaxUploadStreams:  c.UploadStreams,
-		UploadShare:       c.UploadShare,
-		UploadBytesPerSec: c.UploadBytesPerSec,
-		Logger:            d.base,
-	})
+	return p2p.Config{
+		ListenAddrs:          c.Listen,
+		IdentityDir:          filepath.Join(d.cfg.StateDir, "identity"),
+		BootstrapPeers:       c.Bootstrap,
+		PSK:                  d.swarmKey,
+		Zone:                 d.cfg.Labels["zone"],
+		Rack:                 d.cfg.Labels["rack"],
+		Blocks:               blocks,
+		MaxUploadStreams:     c.UploadStreams,
+		UploadStreamsPerPeer: c.UploadStreamsPerPeer,
+		UploadMinBytesPerSec: c.UploadMinBytesPerSec,
+		UploadTimeout:        c.UploadTimeout,
+		UploadShare:          c.UploadShare,
+		UploadBytesPerSec:    c.UploadBytesPerSec,
+		Limits:               c.Limits.p2p(),
+		Logger:               d.base,
+	}
 }
 
 // watchSwarm exports the swarm's counters, read at scrape time.
@@ -123,6 +132,9 @@ func (m *metrics) watchSwarm(n *p2p.Node) {
 	counter("shoal_peer_downloaded_bytes_total", "Verified block bytes received from peers.", func(s p2p.Stats) float64 { return float64(s.BytesDownloaded) })
 	counter("shoal_dht_lookups_total", "DHT provider lookups (one per image joined, plus refreshes).", func(s p2p.Stats) float64 { return float64(s.DHTLookups) })
 	counter("shoal_busy_answers_total", "Block requests answered BUSY (upload limit).", func(s p2p.Stats) float64 { return float64(s.BusyAnswers) })
+	counter("shoal_peer_busy_total", "Block requests answered BUSY because the peer held its share of the upload slots.", func(s p2p.Stats) float64 { return float64(s.PeerBusy) })
+	counter("shoal_uploads_cut_total", "Uploads cut because the peer took them slower than the minimum rate, or past the upload timeout.", func(s p2p.Stats) float64 { return float64(s.UploadsCut) })
+	counter("shoal_uploads_preempted_total", "Uploads whose stalled reader lost its slot to another peer's request.", func(s p2p.Stats) float64 { return float64(s.UploadsPreempted) })
 	counter("shoal_bad_peer_blocks_total", "Blocks from peers that failed verification.", func(s p2p.Stats) float64 { return float64(s.BadBlocks) })
 	counter("shoal_hedged_requests_total", "Block requests sent to a second holder because the first was slow to answer.", func(s p2p.Stats) float64 { return float64(s.HedgedRequests) })
 	counter("shoal_hedge_wins_total", "Hedged requests that delivered a block first.", func(s p2p.Stats) float64 { return float64(s.HedgeWins) })

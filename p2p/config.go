@@ -234,6 +234,10 @@ type Config struct {
 	// announced for later readers. Default 10 s.
 	OriginFetchTimeout time.Duration
 
+	// Limits are libp2p's resource-manager limits: the connections,
+	// streams and memory peers may take of the node (see Limits).
+	Limits Limits
+
 	// Clock is the time the hedge delay is waited for. Default: the real
 	// clock. (Network deadlines always use the real clock.)
 	Clock Clock
@@ -293,10 +297,12 @@ func (c Config) withDefaults() (Config, error) {
 	if c.Clock == nil {
 		c.Clock = realClock{}
 	}
+	limits, limitsErr := c.Limits.withDefaults()
+	c.Limits = limits
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
-	var errs []error
+	errs := []error{limitsErr}
 	if c.MaxUploadStreams < 0 {
 		errs = append(errs, fmt.Errorf("max upload streams %d: must not be negative", c.MaxUploadStreams))
 	}

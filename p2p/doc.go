@@ -141,17 +141,34 @@
 // checked against its limit before anything is allocated for it
 // (FuzzReadFrame; a frame claiming 2^62 bytes costs no allocation), and
 // the client also refuses a block whose length is not the one its index
-// says. Deadlines: a server reads the request within 10 s and each write
-// has 10 s; a client waits FirstByteTimeout (2 s) for the first answer and
-// FrameTimeout (5 s) plus a second per MiB for each later frame. A caller's
-// cancellation resets the stream at once.
+// says. Deadlines: a server reads the request within 10 s, each write has
+// 10 s, and a response that holds an upload slot keeps to a minimum rate
+// and a total deadline (see Upload limits); a client waits
+// FirstByteTimeout (2 s) for the first answer and FrameTimeout (5 s) plus
+// a second per MiB for each later frame. A caller's cancellation resets
+// the stream at once.
 //
 // Upload limits: a request is served only if one of MaxUploadStreams (4)
 // slots is free, otherwise it gets BUSY at once — the asker rests the peer
 // for BusyBackoff (30 ms) rather than queueing behind it, and asks it again
 // or another holder. Four blocks in flight fill a gigabit link; a holder
 // with four slots passes a new block on sooner than one with sixteen, so
-// blocks spread through a swarm faster. A node may also keep to a share of
+// blocks spread through a swarm faster. Slots are fair and bounded, so
+// that a peer that reads slowly, or not at all, cannot starve the others:
+// a peer holds at most UploadStreamsPerPeer (2) of them, and its request
+// beyond gets BUSY while the node serves others (PeerBusy); once a
+// response holds a slot, the time its writes wait on the reader may run
+// at most 2 s ahead of bytes sent / UploadMinBytesPerSec (256 KiB/s;
+// waits for the token bucket and the store do not count), and it ends by
+// UploadTimeout (60 s) — past either its stream is reset and the reader
+// asks again or elsewhere for the rest (UploadsCut); and a response whose
+// write has been blocked on its reader for a second gives its slot to a
+// request from another peer that finds none free (UploadsPreempted). One
+// slow peer then leaves an honest one served at once, two that hold all
+// four slots between them delay it under a second, and slow responses end
+// within 4 s (TestSlowReaderCannotStarve). Copies counted for Spread and
+// OriginSpread that a cut response did not deliver whole are taken back.
+// A node may also keep to a share of
 // an image's uploads (UploadShare, off by default): once it has sent peers
 // more than that many times what it holds of the image (at least
 // ShareFloor, 16 MiB, assumed held), it answers plain requests for the
@@ -165,6 +182,18 @@
 // ORIGIN request waits for its blocks without a slot (waiting for a fetch
 // costs nothing, and many askers wait for the same one), then queues for
 // a slot if it gets one of a block's first copies; see Origin coalescing.
+//
+// Resource limits: libp2p's resource manager runs on Config.Limits, not
+// on its defaults (which scale with the machine's memory and know nothing
+// of these protocols): connections (4,096, 3,072 inbound, 8 per peer),
+// streams per peer (256), block requests and have sessions open at once
+// (2,048 each; 32 and 64 per peer), and stream buffers (1 GiB, 64 MiB per
+// peer; yamux reserves 256 KiB a stream). A stream past a limit is reset
+// as it opens. The tables the node keeps per peer — scores, proofs of
+// access — hold at most 16,384 peers and drop the least valuable first,
+// never one with a request or handshake in flight (nor a connected one,
+// for scores): peer IDs cost nothing, and anyone can make the node meet
+// more.
 //
 // # Spreading
 //
@@ -440,6 +469,7 @@
 // await rounds, share-cap BUSY answers, blocks answered COMING under
 // SpreadCopies and received so, FORCE requests, hinted holders kept,
 // ORIGIN askers passed over
-// for first copies, manifests and indexes from peers)
+// for first copies, BUSY answers for a peer's share, uploads cut and
+// preempted, manifests and indexes from peers)
 // for the daemon's metrics.
 package p2p

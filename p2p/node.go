@@ -137,8 +137,16 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 		return nil, fmt.Errorf("p2p: %w", err)
 	}
 
+	rm, err := cfg.Limits.resourceManager()
+	if err != nil {
+		return nil, fmt.Errorf("p2p: %w", err)
+	}
 	opts := []libp2p.Option{
 		libp2p.Identity(key),
+		// Explicit limits (Config.Limits) rather than libp2p's defaults,
+		// which scale with the machine's memory and know nothing of the
+		// node's protocols.
+		libp2p.ResourceManager(rm),
 		libp2p.ListenAddrStrings(cfg.ListenAddrs...),
 		// TCP alone: it works with a pre-shared key (QUIC does not) and
 		// keeps the set of moving parts small.
@@ -156,6 +164,7 @@ func New(ctx context.Context, cfg Config) (*Node, error) {
 	}
 	h, err := libp2p.New(opts...)
 	if err != nil {
+		rm.Close() // the host closes it from now on
 		return nil, fmt.Errorf("p2p: start libp2p host: %w", err)
 	}
 	// The DHT lives until Close, not until the constructor's ctx ends.
