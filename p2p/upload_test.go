@@ -283,6 +283,7 @@ func TestUploaderAdmission(t *testing.T) {
 		t.Fatalf("d with no response stalled long: %v, %v; want BUSY", up, why)
 	}
 	// A waiter gets the next slot freed.
+	b1.stalledSince.Store(0)
 	got := make(chan *upload, 1)
 	go func() {
 		up, _, err := u.acquireWait(t.Context(), "d", nil)

@@ -29,7 +29,8 @@
 //     asks such holders again with FORCE);
 //   - request batching: p2p.Batches; rounds and parallelism: p2p.MaxRounds,
 //     p2p.ParallelPeers; hedging: p2p.HedgeDelay;
-//   - upload limits: p2p.UploadSlots (BUSY when no slot is free) and
+//   - upload limits: p2p.UploadSlots (BUSY when no slot is free, or the
+//     asker holds its share of them) and
 //     p2p.OverShare (BUSY past a node's share of the image's uploads);
 //   - discovery: p2p.SampleProviders;
 //   - every default (upload slots, upload share, spread copies and wait,

@@ -56,6 +56,7 @@ type Params struct {
 	NotMemberOff        bool    `json:"not_member_off,omitempty"`
 	NoDesignatedHedge   bool    `json:"no_designated_hedge,omitempty"`
 	MaxUploadStreams    int     `json:"max_upload_streams"`
+	UploadStreamsPeer   int     `json:"upload_streams_per_peer"`
 	SpreadCopies        int     `json:"spread_copies"`
 	SpreadWaitMS        float64 `json:"spread_wait_ms"`
 	UploadShare         float64 `json:"upload_share,omitempty"` // 0: no cap (p2p.OverShare)
@@ -90,7 +91,8 @@ func ParamsOf(cfg Config) Params {
 		NotMemberOff:       c.NotMemberOff,
 		NoDesignatedHedge:  c.NoDesignatedHedge,
 		MaxUploadStreams:   c.Swarm.MaxUploadStreams, MaxImagePeers: c.Swarm.MaxImagePeers,
-		SpreadCopies: c.Swarm.SpreadCopies, SpreadWaitMS: ms(c.Swarm.SpreadWait),
+		UploadStreamsPeer: c.Swarm.UploadStreamsPerPeer,
+		SpreadCopies:      c.Swarm.SpreadCopies, SpreadWaitMS: ms(c.Swarm.SpreadWait),
 		OriginWaitS: c.Swarm.OriginWait.Seconds(), AnnounceIntervalMS: ms(c.Swarm.AnnounceInterval),
 		UploadBytesPerSec: c.Swarm.UploadBytesPerSec,
 	}

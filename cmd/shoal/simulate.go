@@ -35,6 +35,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		spreadN    = fs.Int("spread-copies", 0, "copies of a block a node sends before answering COMING (0: the daemon's default; -1: no limit)")
 		spreadWait = fs.Duration("spread-wait", 0, "wait for another holder before asking again with FORCE (0: the daemon's default)")
 		share      = fs.Float64("upload-share", 0, "cap each node's uploads of the image at this many times what it holds (0: the daemon's default, off; negative: off)")
+		perPeer    = fs.Int("upload-streams-per-peer", 0, "upload slots one peer may hold at a node (0: the daemon's default, half of them)")
 		randomDHT  = fs.Bool("dht-random-providers", false, "what-if: a DHT lookup returns random providers instead of the earliest")
 		gone       = fs.Int("gone", 0, "members of the image's origin group that are gone: their records are in the DHT from before the rollout, they answer nothing (swarm strategies; at most 8)")
 		goneDial   = fs.Duration("gone-dial", 0, "how long a dial to a gone node takes to fail (0: one round trip, a reset; longer: a silent address, bounded by the caller's timeout)")
@@ -96,7 +97,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			Waves: *waves, WaveInterval: *waveIv, HostCores: *hostCores, Prefetch: *prefetch, DHTRandomProviders: *randomDHT,
 			Gone: *gone, GoneDial: *goneDial, DesignateGone: *desGone, Left: *left, NotMemberOff: *notMember, NoDesignatedHedge: *noHedge,
 			Limit: 72 * time.Hour,
-			Swarm: p2p.Config{SpreadCopies: *spreadN, SpreadWait: *spreadWait, UploadShare: *share},
+			Swarm: p2p.Config{SpreadCopies: *spreadN, SpreadWait: *spreadWait, UploadShare: *share, UploadStreamsPerPeer: *perPeer},
 		},
 		Nodes: counts, Strategies: strats,
 		Progress: func(r *simulation.Result, wall time.Duration) {
