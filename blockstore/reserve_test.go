@@ -5,6 +5,8 @@ import (
 	"os"
 	"path/filepath"
 	"testing"
+
+	"github.com/shoal-project/shoal/internal/testenv"
 )
 
 // TestReserveQuota: reservations count against the quota less pinned
@@ -48,7 +50,7 @@ func TestReserveQuota(t *testing.T) {
 // itself.
 func TestReserveFreeSpace(t *testing.T) {
 	t.Parallel()
-	dir := mountTmpfs(t, 16<<20)
+	dir := testenv.Tmpfs(t, 16<<20)
 	s := openTest(t, dir)
 	free, _, err := freeSpace(dir)
 	if err != nil {
