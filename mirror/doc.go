@@ -181,9 +181,9 @@
 // its peer struck. Decoding allocates nothing from what the recipe claims,
 // only in proportion to its own length (FuzzDecodeRecipe checks the
 // ceiling). Without a known size (the upstream unreachable), the recipe's
-// size is bounded by the spool's room. Each block is checked
-// against the recipe's ID as it arrives (p2p checks it too), the assembled
-// file is hashed against the blob digest, and only then is any byte
+// size is bounded by the spool's room. Each block is checked against the
+// recipe's ID as it arrives (p2p checks it too), the assembled file is
+// hashed against the blob digest, and only then is any byte
 // readable by a client: the size a client is told is the verified one, and
 // if the blob does not match, the peer is struck (p2p penalties: avoided
 // after three strikes), the spool file is emptied and the blob comes from
@@ -208,6 +208,6 @@
 // fetched from peers and upstream, requests, errors, fetches, bad peer
 // blobs, upstream digest mismatches, announcements, access checks,
 // refusals, window reads, the spool's room and the fetches it refused, and
-// kept blobs (all, public, named); the daemon
-// exports them as shoal_mirror_* metrics.
+// kept blobs (all, public, named); the daemon exports them as
+// shoal_mirror_* metrics.
 package mirror

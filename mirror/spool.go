@@ -30,6 +30,8 @@ type Space interface {
 	Reserve(n int64) (*blockstore.Reservation, error)
 }
 
+var _ Space = (*blockstore.Store)(nil)
+
 // spoolStep is how much more room a fetch from an upstream that does not
 // announce the blob's size asks for at a time.
 const spoolStep = 64 << 20
