@@ -89,6 +89,20 @@ simulate-gone:
 	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --left 1 > simulation/results/gone/left.json
 	$(GO) run ./cmd/shoal simulate $(GONE_FLAGS) --left 1 --not-member-off > simulation/results/gone/left-before.json
 
+# Byzantine members of the origin group (IDs ground into it) that answer
+# every ORIGIN request COMING and send nothing: the swarm at 1,000 and
+# 10,000 nodes with one and with two of them, beside the what-if of the
+# daemon before p2p.ComingGrace (--coming-grace-off). JSON under
+# simulation/results/byzantine/.
+BYZ_FLAGS := --trace $(SIM_TRACE) --nodes 1000,10000 --zones 4 --racks 4 --registry-mbps 10000 --seed 1 --strategies lazy-swarm --log-level info
+.PHONY: simulate-byzantine
+simulate-byzantine:
+	mkdir -p simulation/results/byzantine
+	$(GO) run ./cmd/shoal simulate $(BYZ_FLAGS) --liars 1 > simulation/results/byzantine/liar.json
+	$(GO) run ./cmd/shoal simulate $(BYZ_FLAGS) --liars 1 --coming-grace-off > simulation/results/byzantine/liar-before.json
+	$(GO) run ./cmd/shoal simulate $(BYZ_FLAGS) --liars 2 > simulation/results/byzantine/liar2.json
+	$(GO) run ./cmd/shoal simulate $(BYZ_FLAGS) --liars 2 --coming-grace-off > simulation/results/byzantine/liar2-before.json
+
 # The simulator against the real network-namespace rollout: first against
 # the committed bench/results/rollout.json (fast), then a fresh real run of
 # 12 nodes (root) written with the prediction to bench/results/calibration.json.

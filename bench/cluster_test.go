@@ -3,6 +3,7 @@ package bench
 import (
 	"context"
 	"encoding/json"
+	"fmt"
 	"log/slog"
 	"net/http"
 	"os"
@@ -17,6 +18,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"golang.org/x/sys/unix"
 
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/internal/netlab"
@@ -116,7 +118,8 @@ func startCluster(t *testing.T, ctx context.Context, bin string, hosts []*netlab
 }
 
 // stop ends the daemons (SIGTERM: they unmount everything) and removes
-// their state.
+// their state, detaching first what a daemon killed with SIGKILL left
+// mounted there.
 func (c *cluster) stop() {
 	for _, p := range c.procs {
 		_ = p.Signal(syscall.SIGTERM)
@@ -125,9 +128,13 @@ func (c *cluster) stop() {
 		_, _ = p.Wait()
 	}
 	for _, s := range c.states {
-		if s != "" {
-			os.RemoveAll(s)
+		if s == "" {
+			continue
 		}
+		for _, m := range mountsBelow(s) {
+			_ = unix.Unmount(m, unix.MNT_DETACH)
+		}
+		os.RemoveAll(s)
 	}
 }
 
@@ -136,8 +143,22 @@ func (c *cluster) stop() {
 // "ok" and the run's stats.
 func (c *cluster) runPython(t *testing.T, ctx context.Context, src string, which []int) ([]float64, []shoalRunStats) {
 	t.Helper()
+	ready, stats, errs := c.startPython(ctx, src, which)
+	for k, err := range errs {
+		if err != nil {
+			t.Errorf("node %d: %v", which[k], err)
+		}
+	}
+	return ready, stats
+}
+
+// startPython runs python on the daemons of which at once, as runPython
+// does, and returns each node's error instead of failing the test: the
+// chaos rollout kills some of them on purpose.
+func (c *cluster) startPython(ctx context.Context, src string, which []int) ([]float64, []shoalRunStats, []error) {
 	ready := make([]float64, len(which))
 	stats := make([]shoalRunStats, len(which))
+	errs := make([]error, len(which))
 	var wg sync.WaitGroup
 	start := time.Now()
 	for k, i := range which {
@@ -149,7 +170,7 @@ func (c *cluster) runPython(t *testing.T, ctx context.Context, src string, which
 			cmd := h.Command(ctx, c.bin, append([]string{"run", "--state-dir", c.states[i], "--stats", statsFile, src, "--"}, pythonCmd...)...)
 			cmd.Stdout, cmd.Stderr = out, &errb
 			if err := cmd.Run(); err != nil {
-				t.Errorf("node %d: shoal run: %v\n%s", i, err, errb.String())
+				errs[k] = fmt.Errorf("shoal run: %w\n%s", err, errb.String())
 				return
 			}
 			ready[k] = out.okAfter().Seconds()
@@ -159,7 +180,7 @@ func (c *cluster) runPython(t *testing.T, ctx context.Context, src string, which
 		})
 	}
 	wg.Wait()
-	return ready, stats
+	return ready, stats, errs
 }
 
 // all is 0..n-1.

@@ -169,6 +169,9 @@ type daemonStatus struct {
 		DHTLookups    int64 `json:"dht_lookups"`
 		Unreachable   int64 `json:"unreachable"`
 		ProofsSent    int64 `json:"proofs_sent"`
+		BadBlocks     int64 `json:"bad_blocks"`
+		// Designated fetchers given up on after ComingGrace.
+		ComingUndelivered int64 `json:"coming_undelivered"`
 	} `json:"swarm"`
 }
 

@@ -18,6 +18,7 @@ import (
 	"github.com/dgraph-io/badger/v4"
 
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/testenv"
 )
 
 // testBlock returns a block of size pseudo-random bytes determined by seed.
@@ -858,32 +859,10 @@ func TestConcurrent(t *testing.T) {
 	wg.Wait()
 }
 
-// mountTmpfs mounts a tmpfs of size bytes on a fresh directory and unmounts
-// it at cleanup; it skips the test when that is not possible.
-func mountTmpfs(t *testing.T, size int64) string {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("skipping: mounting a small tmpfs to fill up needs root")
-	}
-	dir := t.TempDir()
-	if err := syscall.Mount("tmpfs", dir, "tmpfs", 0, fmt.Sprintf("size=%d", size)); err != nil {
-		t.Skipf("skipping: mount tmpfs on %s: %v", dir, err)
-	}
-	t.Cleanup(func() {
-		if err := syscall.Unmount(dir, 0); err != nil {
-			t.Errorf("unmount %s: %v; detaching", dir, err)
-			if err := syscall.Unmount(dir, syscall.MNT_DETACH); err != nil {
-				t.Errorf("detach %s: %v", dir, err)
-			}
-		}
-	})
-	return dir
-}
-
 func TestFullDisk(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	dir := mountTmpfs(t, 16<<20)
+	dir := testenv.Tmpfs(t, 16<<20)
 	s := openTest(t, dir)
 
 	var stored []Block
@@ -933,7 +912,7 @@ func TestFullDisk(t *testing.T) {
 func TestNoSpaceFromOthers(t *testing.T) {
 	t.Parallel()
 	ctx := t.Context()
-	dir := mountTmpfs(t, 16<<20)
+	dir := testenv.Tmpfs(t, 16<<20)
 	s := openTest(t, dir)
 	stored := testBlocks(1, 5, 64<<10)
 	put(t, s, stored...)

@@ -77,6 +77,14 @@
 // another process filling the disk can still starve badger's background work.
 // Errors from badger that are ENOSPC are translated to ErrNoSpace too.
 //
+// Bytes written beside the store and Put into it later (the mirror's spool
+// files, blobs being downloaded) ask for room first with Reserve: refused
+// with ErrFull when the quota, less pinned blocks and other reservations,
+// could not hold them, and with ErrNoSpace when the file system has not that
+// much free beyond the reserve. Until a reservation is released, block Puts
+// leave its unwritten part free as well, so neither side can take the room
+// promised to the other.
+//
 // # Concurrency
 //
 // All methods are safe for concurrent use. Writes to badger (puts,

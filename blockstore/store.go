@@ -50,6 +50,7 @@ type Stats struct {
 	PinnedBlocks int   // stored blocks with at least one pin
 	PinnedBytes  int64 // bytes of those
 	PinnedIDs    int   // IDs with at least one pin, stored or not
+	Reserved     int64 // bytes set aside for writes beside the store (Reserve)
 }
 
 // Store is a content-addressed block cache on disk. It is safe for concurrent
@@ -71,8 +72,10 @@ type Store struct {
 	// Reads do not take it. Lock order: closeMu, wmu, mu.
 	wmu sync.Mutex
 
-	mu  sync.Mutex // guards idx
-	idx *index
+	mu       sync.Mutex // guards idx, reserved and pending
+	idx      *index
+	reserved int64 // bytes of the Reservations held
+	pending  int64 // of those, bytes not yet written (Reservation.Used)
 
 	kick      chan struct{} // asks loop to persist the access order early
 	stop      chan struct{}
@@ -506,6 +509,7 @@ func (s *Store) Stats() Stats {
 		PinnedBlocks: len(s.idx.entries) - s.idx.lru.Len(),
 		PinnedBytes:  s.idx.pinnedBytes,
 		PinnedIDs:    len(s.idx.pins),
+		Reserved:     s.reserved,
 	}
 }
 
@@ -579,7 +583,9 @@ func (s *Store) notify(ids []flat.BlockID) {
 // checkSpace refuses a write of need bytes that would leave less than the
 // configured reserve free (half of it for metadata writes). Badger writes
 // through memory-mapped files, and a page fault on a full file system kills
-// the process with SIGBUS instead of returning an error.
+// the process with SIGBUS instead of returning an error. Block writes also
+// leave the unwritten part of the reservations free (Reserve); their
+// callers hold mu.
 func (s *Store) checkSpace(need int64, meta bool) error {
 	free, ok, err := freeSpace(s.dir)
 	if err != nil {
@@ -590,13 +596,14 @@ func (s *Store) checkSpace(need int64, meta bool) error {
 	if !ok {
 		return nil
 	}
-	reserve := s.cfg.minFree
+	reserve, pending := s.cfg.minFree, int64(0)
 	if meta {
 		reserve /= 2
+	} else {
+		pending = s.pending
 	}
-	if free-need < reserve {
-		return fmt.Errorf("%w: %d bytes free in %s, need %d plus a reserve of %d: %w",
-			ErrNoSpace, free, s.dir, need, reserve, syscall.ENOSPC)
+	if free-need-pending < reserve {
+		return spaceError(free, s.dir, need, pending, reserve)
 	}
 	return nil
 }

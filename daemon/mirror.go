@@ -20,6 +20,10 @@ import (
 type MirrorConfig struct {
 	Listen    string           `yaml:"listen"` // "" disables; e.g. 127.0.0.1:5001
 	Upstreams []MirrorUpstream `yaml:"upstreams"`
+	// MaxSpool bounds the bytes of blobs being fetched at once, on top of
+	// the cache's quota and free-space guard; 0: 64 GiB. See
+	// mirror.Config.MaxSpool.
+	MaxSpool int64 `yaml:"max_spool"`
 }
 
 // MirrorUpstream is a registry the mirror may fetch from; requests for any
@@ -45,7 +49,10 @@ func (d *Daemon) startMirror(n *node.Node, sw *p2p.Node) (func(ctx context.Conte
 	if c.Listen == "" {
 		return nil, nil
 	}
-	cfg := mirror.Config{Dir: filepath.Join(d.cfg.StateDir, "mirror"), Blocks: n.Store(), Keychain: d.keychain, Logger: d.base}
+	if c.MaxSpool < 0 {
+		return nil, fmt.Errorf("mirror: max_spool %d: must not be negative", c.MaxSpool)
+	}
+	cfg := mirror.Config{Dir: filepath.Join(d.cfg.StateDir, "mirror"), Blocks: n.Store(), Keychain: d.keychain, Logger: d.base, MaxSpool: c.MaxSpool}
 	for _, u := range c.Upstreams {
 		cfg.Upstreams = append(cfg.Upstreams, mirror.Upstream{Host: u.Host, Endpoint: u.Endpoint, PlainHTTP: u.PlainHTTP, Default: u.Default,
 			SharedRepositories: u.SharedRepositories, PublicRepositories: u.PublicRepositories})
@@ -108,7 +115,10 @@ func (m *metrics) watchMirror(mi *mirror.Mirror) {
 	counter("shoal_mirror_upstream_mismatches_total", "Upstream content that did not match its digest.", nil, func(s mirror.Stats) int64 { return s.UpstreamMismatches })
 	counter("shoal_mirror_access_checks_total", "Access checks the mirror sent upstream (HEADs with a client's credentials, and anonymous probes for public repositories).", nil, func(s mirror.Stats) int64 { return s.Checks })
 	counter("shoal_mirror_denied_total", "Mirror requests the upstream refused for the client's credentials (401, 403).", nil, func(s mirror.Stats) int64 { return s.Denied })
+	counter("shoal_mirror_spool_refused_total", "Blob fetches the mirror could not spool (past max_spool, the cache's quota or its free-space guard); those blobs were streamed from upstream and not kept.", nil, func(s mirror.Stats) int64 { return s.SpoolRefused })
 	counter("shoal_mirror_window_reads_total", "Windows of private blobs the mirror read upstream with a client's credentials (4 KiB Range GETs), to ask peers for the blob under its swarm name.", nil, func(s mirror.Stats) int64 { return s.Windows })
+	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_spool_bytes", Help: "Room reserved by the mirror's spool files (blobs being fetched), counted against the cache's quota and free space."},
+		func() float64 { return float64(mi.Stats().SpoolBytes) }))
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_kept_blobs", Help: "Blobs and manifests the mirror keeps (recipes on disk)."},
 		func() float64 { return float64(mi.Stats().Kept) }))
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_kept_public_blobs", Help: "Kept blobs and manifests of public repositories: announced by digest and served to any peer."},

@@ -535,7 +535,7 @@ func TestRepositoryPatterns(t *testing.T) {
 			t.Errorf("%q accepted", bad)
 		}
 	}
-	_, err = New(Config{Dir: t.TempDir(), Blocks: openStore(t), Upstreams: []Upstream{{Host: "r.example", SharedRepositories: []string{"team/**"}}}})
+	_, err = New(Config{Dir: t.TempDir(), Blocks: openStore(t, ""), Upstreams: []Upstream{{Host: "r.example", SharedRepositories: []string{"team/**"}}}})
 	if err == nil || !strings.Contains(err.Error(), `"r.example"`) || !strings.Contains(err.Error(), `"team/**"`) {
 		t.Errorf("New with a bad pattern: %v", err)
 	}

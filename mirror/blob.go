@@ -91,7 +91,7 @@ func (m *Mirror) join(digest string, a *access, manifest bool, c class) (*flight
 	if err != nil {
 		return nil, err
 	}
-	f := newFlight(digest, file)
+	f := newFlight(digest, &spool{file: file, b: m.budget})
 	f.refs++ // the caller's
 	m.flights[digest] = f
 	m.st.fetches.Add(1)
@@ -105,7 +105,10 @@ func (m *Mirror) join(digest string, a *access, manifest bool, c class) (*flight
 // are asked for a public blob under its digest, for a private or shared
 // blob (not a manifest) under the name its window, read upstream as a's
 // client, gives it. It runs to the end even if the requests that started
-// it are gone, so what was fetched is kept.
+// it are gone, so what was fetched is kept. When the size the upstream
+// stated at the access check is known, the spool is reserved for it before
+// anything else, and a blob that does not fit fails the fetch at once
+// (ErrSpoolFull): its requests then stream it from upstream.
 func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 	ctx, cancel := context.WithTimeout(m.life, m.cfg.FetchTimeout)
 	defer cancel()
@@ -113,10 +116,20 @@ func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 	if manifest {
 		limit = maxManifestSize
 	}
+	size := int64(-1)
+	if n, ok := m.checks.size(f.digest); ok && n <= limit {
+		size = n
+	}
 	r, err := (*recipe)(nil), error(ErrNoPeers)
+	if size >= 0 {
+		if rerr := f.sp.reserve(size); rerr != nil {
+			err = rerr
+		}
+	}
 	switch {
+	case errors.Is(err, ErrSpoolFull):
 	case c == classPublic:
-		r, err = m.fromPeers(ctx, f, f.digest, limit)
+		r, err = m.fromPeers(ctx, f, f.digest, size, limit)
 	case !manifest && m.privatePeers() != nil:
 		name, nerr := m.askName(ctx, a, f.digest)
 		if nerr != nil {
@@ -126,9 +139,9 @@ func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 			break
 		}
 		defer m.release(name)
-		r, err = m.fromPeers(ctx, f, name, limit)
+		r, err = m.fromPeers(ctx, f, name, size, limit)
 	}
-	if err != nil {
+	if err != nil && !errors.Is(err, ErrSpoolFull) {
 		if !errors.Is(err, ErrNoPeers) {
 			m.log.Info("swarm could not serve blob; asking upstream", "blob", f.digest, "err", err)
 		}
@@ -151,6 +164,9 @@ func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 		}
 	} else if errors.Is(err, ErrNotFound) {
 		m.log.Info("blob not found", "blob", f.digest, "err", err)
+	} else if errors.Is(err, ErrSpoolFull) {
+		m.st.spoolRefused.Add(1)
+		m.log.Warn("blob not spooled: streaming it from upstream to each request, not kept", "blob", f.digest, "err", err)
 	} else {
 		m.log.Warn("blob fetch failed", "blob", f.digest, "err", err)
 	}
@@ -162,8 +178,11 @@ func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 
 // fromPeers assembles the blob from peers that announced it under key
 // (its digest, or its swarm name), into f's file, and verifies it against
-// its digest. Nothing is readable before it is verified.
-func (m *Mirror) fromPeers(ctx context.Context, f *flight, key string, limit int64) (*recipe, error) {
+// its digest. Nothing is readable before it is verified. A recipe must
+// agree with the blob's size when it is known (size ≥ 0), or its sender is
+// struck before anything is asked of it or written; one that does not fit
+// in the spool is passed over.
+func (m *Mirror) fromPeers(ctx context.Context, f *flight, key string, size, limit int64) (*recipe, error) {
 	if m.cfg.Peers == nil {
 		return nil, ErrNoPeers
 	}
@@ -189,11 +208,17 @@ func (m *Mirror) fromPeers(ctx context.Context, f *flight, key string, limit int
 			errs = append(errs, err)
 			continue
 		}
-		r, err := decodeRecipe(raw, f.digest, limit)
+		r, err := decodeRecipe(raw, f.digest, size, limit)
 		if err != nil {
 			m.st.badPeer.Add(1)
 			m.cfg.Peers.Strike(p)
 			errs = append(errs, fmt.Errorf("peer %s: %w", p, err))
+			continue
+		}
+		if err := f.sp.reserve(r.size); err != nil {
+			// Not ErrSpoolFull for the fetch: with the size unknown, the
+			// upstream's may fit where this recipe's does not.
+			errs = append(errs, fmt.Errorf("peer %s: recipe of a %d-byte blob: %v", p, r.size, err))
 			continue
 		}
 		// Ask the recipe's sender first, then the others.
@@ -246,7 +271,7 @@ func (m *Mirror) assemble(ctx context.Context, as *assembly) error {
 		}
 		as.where[id] = append(as.where[id], i)
 	}
-	if err := f.file.Truncate(r.size); err != nil {
+	if err := f.sp.truncate(r.size); err != nil {
 		return err
 	}
 	batches := make(chan []flat.Block)
@@ -324,6 +349,9 @@ func (m *Mirror) fetchBatch(ctx context.Context, as *assembly, batch []flat.Bloc
 		if err := ctx.Err(); err != nil {
 			return err
 		}
+		if len(errs) == 0 {
+			return fmt.Errorf("%d blocks of %s held by no peer asked", len(want), as.f.digest)
+		}
 		return fmt.Errorf("%d blocks of %s held by no peer asked: %w", len(want), as.f.digest, errors.Join(errs...))
 	}
 	return nil
@@ -365,7 +393,7 @@ func (m *Mirror) passBatch(ctx context.Context, as *assembly, want []flat.Block,
 			}
 			for _, i := range as.where[b.ID] {
 				_, off, _ := as.r.block(i)
-				if _, err := as.f.file.WriteAt(data, off); err != nil {
+				if _, err := as.f.sp.WriteAt(data, off); err != nil {
 					return nil, false, err
 				}
 			}
@@ -390,7 +418,10 @@ func verifyFile(f *flight, digest string, size int64) error {
 
 // fromUpstream streams the blob from upstream into f's file, cutting it
 // into blocks and hashing it as it comes. Blobs of known size are readable
-// as they arrive except for their last byte (see readableLocked).
+// as they arrive except for their last byte (see readableLocked). The
+// spool is reserved for the size upstream announces before a byte is
+// written, or, without one, a step at a time as bytes arrive; either
+// failing ends the fetch with ErrSpoolFull.
 func (m *Mirror) fromUpstream(ctx context.Context, f *flight, a *access, manifest bool, limit int64) (*recipe, error) {
 	repo := a.repo
 	ctx, stop := context.WithCancelCause(ctx)
@@ -415,6 +446,11 @@ func (m *Mirror) fromUpstream(ctx context.Context, f *flight, a *access, manifes
 	if size > limit {
 		return nil, fmt.Errorf("%w: upstream announces %d bytes for %s, limit %d", ErrTooLarge, size, f.digest, limit)
 	}
+	if size >= 0 {
+		if err := f.sp.reserve(size); err != nil {
+			return nil, fmt.Errorf("%s from upstream %s: %w", f.digest, repo.RegistryStr(), err)
+		}
+	}
 	if size > 0 && !manifest { // an empty blob has no last byte to hold back
 		f.publish(size, SourceUpstream)
 	}
@@ -430,7 +466,12 @@ func (m *Mirror) fromUpstream(ctx context.Context, f *flight, a *access, manifes
 			if off+int64(n) > limit || (size >= 0 && off+int64(n) > size) {
 				return nil, fmt.Errorf("%w: upstream sent more than %d bytes for %s", ErrTooLarge, min(limit, max(size, 0)), f.digest)
 			}
-			if _, err := f.file.WriteAt(buf[:n], off); err != nil {
+			if end := off + int64(n); size < 0 && end > f.sp.limit() {
+				if err := f.sp.grow(end, limit); err != nil {
+					return nil, fmt.Errorf("%s from upstream %s, of unannounced size: %w", f.digest, repo.RegistryStr(), err)
+				}
+			}
+			if _, err := f.sp.WriteAt(buf[:n], off); err != nil {
 				return nil, err
 			}
 			whole.Write(buf[:n])
@@ -500,12 +541,17 @@ func (m *Mirror) serveBlob(w http.ResponseWriter, r *http.Request, a *access, di
 		m.failErr(w, r, a, "BLOB_UNKNOWN", err)
 		return
 	}
-	defer f.release()
 	size, err := f.waitSize(ctx)
 	if err != nil {
+		f.release()
+		if errors.Is(err, ErrSpoolFull) && g == grantChecked {
+			m.streamUpstream(w, r, a, digest, err)
+			return
+		}
 		m.failErr(w, r, a, "BLOB_UNKNOWN", err)
 		return
 	}
+	defer f.release()
 	m.serveRange(w, r, digest, size, func(off int64) io.Reader {
 		return &flightReader{ctx: ctx, f: f, off: off}
 	}, f.sourceName)
@@ -609,6 +655,11 @@ func (m *Mirror) manifestBytes(ctx context.Context, a *access, g grant, digest s
 	}
 	defer f.release()
 	if err := f.waitVerified(ctx); err != nil {
+		if errors.Is(err, ErrSpoolFull) && g == grantChecked {
+			// No room on disk for 4 MiB: held in memory instead, not kept.
+			b, err := m.manifestUpstream(ctx, a, digest)
+			return b, SourceUpstream, err
+		}
 		return nil, "", err
 	}
 	b, err := io.ReadAll(&flightReader{ctx: ctx, f: f})
@@ -677,14 +728,11 @@ func (m *Mirror) serveTag(w http.ResponseWriter, r *http.Request, a *access, tag
 	m.failErr(w, r, a, "MANIFEST_UNKNOWN", err)
 }
 
-// resolveTag fetches a tag's manifest upstream and checks it against the
-// digest upstream states, if any.
-func (m *Mirror) resolveTag(ctx context.Context, a *access, tag, accept string) ([]byte, string, error) {
-	repo := a.repo
-	if accept == "" {
-		accept = manifestAccept
-	}
-	resp, err := m.get(ctx, a, "manifests", tag, accept)
+// getManifest reads a manifest (by tag or digest) upstream, whole, at
+// most maxManifestSize bytes; it returns the bytes and the digest upstream
+// states for them ("" if none).
+func (m *Mirror) getManifest(ctx context.Context, a *access, ref, accept string) ([]byte, string, error) {
+	resp, err := m.get(ctx, a, "manifests", ref, accept)
 	if err != nil {
 		return nil, "", err
 	}
@@ -694,14 +742,42 @@ func (m *Mirror) resolveTag(ctx context.Context, a *access, tag, accept string) 
 	}
 	b, err := io.ReadAll(io.LimitReader(resp.Body, maxManifestSize+1))
 	if err != nil {
-		return nil, "", &upstreamError{err: fmt.Errorf("upstream %s: reading manifest %s: %w", repo.RegistryStr(), tag, err)}
+		return nil, "", &upstreamError{err: fmt.Errorf("upstream %s: reading manifest %s: %w", a.repo.RegistryStr(), ref, err)}
 	}
 	if len(b) > maxManifestSize {
 		return nil, "", fmt.Errorf("%w: manifest over %d bytes", ErrTooLarge, maxManifestSize)
 	}
 	m.st.fetchedUpstream.Add(int64(len(b)))
+	return b, resp.Header.Get("Docker-Content-Digest"), nil
+}
+
+// manifestUpstream reads a manifest by digest upstream into memory and
+// checks it against its digest: for when it cannot be spooled.
+func (m *Mirror) manifestUpstream(ctx context.Context, a *access, digest string) ([]byte, error) {
+	b, _, err := m.getManifest(ctx, a, digest, manifestAccept)
+	if err != nil {
+		return nil, err
+	}
+	if got := "sha256:" + hex.EncodeToString(sha256Sum(b)); got != digest {
+		m.st.mismatch.Add(1)
+		return nil, fmt.Errorf("%w: upstream %s sent a manifest hashing to %s for %s", ErrDigestMismatch, a.repo.RegistryStr(), got, digest)
+	}
+	return b, nil
+}
+
+// resolveTag fetches a tag's manifest upstream and checks it against the
+// digest upstream states, if any.
+func (m *Mirror) resolveTag(ctx context.Context, a *access, tag, accept string) ([]byte, string, error) {
+	repo := a.repo
+	if accept == "" {
+		accept = manifestAccept
+	}
+	b, stated, err := m.getManifest(ctx, a, tag, accept)
+	if err != nil {
+		return nil, "", err
+	}
 	digest := "sha256:" + hex.EncodeToString(sha256Sum(b))
-	if stated := resp.Header.Get("Docker-Content-Digest"); stated != "" && stated != digest {
+	if stated != "" && stated != digest {
 		if _, ok := parseDigest(stated); ok {
 			m.st.mismatch.Add(1)
 			return nil, "", fmt.Errorf("%w: upstream states %s for %s:%s, its bytes hash to %s", ErrDigestMismatch, stated, repo.Name(), tag, digest)

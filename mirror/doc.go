@@ -154,11 +154,36 @@
 // goes away (bounded by FetchTimeout, 30 min; an upstream silent for
 // StallTimeout, 60 s, fails).
 //
+// # The spool's room (spool.go)
+//
+// A spool file lives on the block cache's file system, and its blob will
+// be Put into the cache, so its room is reserved before a byte is written
+// and writes past the reservation fail. The size reserved is the one the
+// upstream stated at the access check (checks.size), else a recipe's, else
+// the upstream answer's Content-Length, else 64 MiB steps as bytes arrive.
+// The reservation counts against Config.MaxSpool (all flights together)
+// and, when Blocks is a Space (*blockstore.Store), against the cache's
+// quota less pinned blocks and other reservations — a blob the cache could
+// not hold is not spooled — and against free space beyond the cache's
+// reserve, which block Puts leave free while it is held. A fetch that does
+// not fit fails with ErrSpoolFull; each of its requests then streams the
+// blob from upstream on its own (streamUpstream: verified, last byte held
+// back, nothing written or kept), or, if the upstream states no size or
+// cannot be reached, gets 503 UNAVAILABLE. A manifest (4 MiB at most) is
+// read into memory instead.
+//
 // # Verification, and what a client may see before it
 //
-// A recipe from a peer is trusted for nothing. Each block is checked
-// against the recipe's ID as it arrives (p2p checks it too), the assembled
-// file is hashed against the blob digest, and only then is any byte
+// A recipe from a peer is trusted for nothing. It must describe the blob
+// the upstream stated: the same size (when the access check's HEAD gave
+// one), 1 MiB blocks, and the block count and length that follow; one that
+// does not is refused before any block is asked for or a byte written, and
+// its peer struck. Decoding allocates nothing from what the recipe claims,
+// only in proportion to its own length (FuzzDecodeRecipe checks the
+// ceiling). Without a known size (the upstream unreachable), the recipe's
+// size is bounded by the spool's room. Each block is checked against the
+// recipe's ID as it arrives (p2p checks it too), the assembled file is
+// hashed against the blob digest, and only then is any byte
 // readable by a client: the size a client is told is the verified one, and
 // if the blob does not match, the peer is struck (p2p penalties: avoided
 // after three strikes), the spool file is emptied and the blob comes from
@@ -182,6 +207,7 @@
 // Stats counts body bytes served by source (local, peers, upstream), bytes
 // fetched from peers and upstream, requests, errors, fetches, bad peer
 // blobs, upstream digest mismatches, announcements, access checks,
-// refusals, window reads, and kept blobs (all, public, named); the daemon
-// exports them as shoal_mirror_* metrics.
+// refusals, window reads, the spool's room and the fetches it refused, and
+// kept blobs (all, public, named); the daemon exports them as
+// shoal_mirror_* metrics.
 package mirror

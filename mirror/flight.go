@@ -18,24 +18,26 @@ const (
 // flight is one fetch of a blob (or a manifest by digest) that every
 // concurrent request for it shares: it fills a spool file, and requests
 // read from the file as far as the rules allow (readableLocked). The file
-// closes when the fetch is over and the last reader has left.
+// closes, and its room is given back, when the fetch is over and the last
+// reader has left.
 type flight struct {
 	digest string
+	sp     *spool   // what the fetch writes through, within its reservation
+	file   *os.File // sp's file, which readers read
 
 	mu       sync.Mutex
 	changed  chan struct{} // closed and replaced on every change
-	file     *os.File
-	refs     int   // the fetch itself plus each attached reader
-	size     int64 // -1 until it may be announced to clients
-	written  int64 // bytes in the file, from offset 0
-	stream   bool  // bytes may be read before the digest is verified
+	refs     int           // the fetch itself plus each attached reader
+	size     int64         // -1 until it may be announced to clients
+	written  int64         // bytes in the file, from offset 0
+	stream   bool          // bytes may be read before the digest is verified
 	verified bool
 	source   string
 	err      error
 }
 
-func newFlight(digest string, f *os.File) *flight {
-	return &flight{digest: digest, changed: make(chan struct{}), file: f, refs: 1, size: -1}
+func newFlight(digest string, sp *spool) *flight {
+	return &flight{digest: digest, sp: sp, file: sp.file, changed: make(chan struct{}), refs: 1, size: -1}
 }
 
 func (f *flight) notifyLocked() {
@@ -89,7 +91,7 @@ func (f *flight) restart() error {
 	f.mu.Lock()
 	defer f.mu.Unlock()
 	f.written, f.size, f.stream = 0, -1, false
-	return f.file.Truncate(0)
+	return f.sp.empty()
 }
 
 // finish ends the fetch with err (nil after verify) and drops its reference.
@@ -119,7 +121,7 @@ func (f *flight) release() {
 	last := f.refs == 0
 	f.mu.Unlock()
 	if last {
-		_ = f.file.Close()
+		f.sp.close()
 	}
 }
 

@@ -34,6 +34,7 @@ type upstreamRig struct {
 	corrupt                           atomic.Bool            // flip a byte of every blob body
 	lieDigest                         atomic.Bool            // state a wrong Docker-Content-Digest for manifests
 	down                              atomic.Bool            // 503 for everything
+	noLength                          atomic.Bool            // blob answers without Content-Length (chunked)
 	token                             atomic.Pointer[string] // non-nil: every request needs "Bearer <token>"
 
 	mu   sync.Mutex
@@ -59,6 +60,9 @@ func startUpstream(t *testing.T) *upstreamRig {
 				w.WriteHeader(http.StatusUnauthorized)
 				return
 			}
+		}
+		if u.noLength.Load() && strings.Contains(r.URL.Path, "/blobs/") {
+			w = &lengthDropper{ResponseWriter: w}
 		}
 		blob := r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/blobs/sha256:")
 		if r.Method == http.MethodGet && strings.Contains(r.URL.Path, "/manifests/") {
@@ -133,6 +137,17 @@ func (h *headerRewriter) WriteHeader(code int) {
 
 func (h *headerRewriter) Write(b []byte) (int, error) { return h.ResponseWriter.Write(b) }
 
+// lengthDropper answers without a Content-Length: chunked for a GET, no
+// size for a HEAD.
+type lengthDropper struct{ http.ResponseWriter }
+
+func (l *lengthDropper) WriteHeader(code int) {
+	l.Header().Del("Content-Length")
+	l.ResponseWriter.WriteHeader(code)
+}
+
+func (l *lengthDropper) Write(b []byte) (int, error) { return l.ResponseWriter.Write(b) }
+
 // push pushes a random image of layers × size-byte layers to the upstream.
 func (u *upstreamRig) push(t *testing.T, repoTag string, layers int, size int64) v1.Image {
 	t.Helper()
@@ -150,6 +165,17 @@ func (u *upstreamRig) push(t *testing.T, repoTag string, layers int, size int64)
 	return img
 }
 
+// pushBlob pushes an image of one random layer of about size bytes and
+// returns the layer's blob and digest.
+func (u *upstreamRig) pushBlob(t *testing.T, repoTag string, size int64) ([]byte, string) {
+	t.Helper()
+	layers, err := u.push(t, repoTag, 1, size).Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return blobBytes(t, layers[0])
+}
+
 func testLogger(t testing.TB) *slog.Logger {
 	if testing.Verbose() {
 		return slog.New(slog.NewTextHandler(tWriter{t}, &slog.HandlerOptions{Level: slog.LevelDebug}))
@@ -164,11 +190,16 @@ func (w tWriter) Write(b []byte) (int, error) {
 	return len(b), nil
 }
 
-func openStore(t *testing.T) *blockstore.Store {
+// openStore opens a block cache in dir ("": a temporary one), with small
+// badger sizes, no free-space reserve, and opts on top.
+func openStore(t *testing.T, dir string, opts ...blockstore.Option) *blockstore.Store {
 	t.Helper()
-	s, err := blockstore.Open(t.Context(), t.TempDir(),
-		blockstore.WithMemTableSize(4<<20), blockstore.WithValueLogFileSize(64<<20),
-		blockstore.WithGCInterval(0), blockstore.WithMinFreeSpace(0), blockstore.WithLogger(testLogger(t)))
+	if dir == "" {
+		dir = t.TempDir()
+	}
+	base := []blockstore.Option{blockstore.WithMemTableSize(4 << 20), blockstore.WithValueLogFileSize(64 << 20),
+		blockstore.WithGCInterval(0), blockstore.WithMinFreeSpace(0), blockstore.WithLogger(testLogger(t))}
+	s, err := blockstore.Open(t.Context(), dir, append(base, opts...)...)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -188,7 +219,7 @@ type rig struct {
 func startMirror(t *testing.T, up *upstreamRig, store *blockstore.Store, peers Peers, tweak func(*Config)) *rig {
 	t.Helper()
 	if store == nil {
-		store = openStore(t)
+		store = openStore(t, "")
 	}
 	r := &rig{store: store, dir: t.TempDir()}
 	cfg := Config{Dir: r.dir, Blocks: r.store, Peers: peers, Logger: testLogger(t)}

@@ -158,7 +158,7 @@ func (k *keeper) recipeOnDisk(digest string, maxSize int64) (*recipe, []byte, bo
 	if err != nil {
 		return nil, nil, false
 	}
-	r, err := decodeRecipe(raw, digest, maxRecipeBlob)
+	r, err := decodeRecipe(raw, digest, -1, maxRecipeBlob)
 	if err != nil {
 		// Rotted on disk: forget it; the blob is fetched again.
 		k.forget(digest)

@@ -102,6 +102,11 @@ type Config struct {
 	PeerTimeout time.Duration
 	// MaxBlobSize bounds a blob. Default 64 GiB.
 	MaxBlobSize int64
+	// MaxSpool bounds the bytes of all spool files together (blobs being
+	// fetched), on top of the cache's quota and free-space guard when
+	// Blocks has them (Space). A blob that does not fit is streamed from
+	// upstream to each client and not kept. Default MaxBlobSize.
+	MaxSpool int64
 	// CheckTTL is how long an upstream's positive answer (this credential
 	// may read this digest of this repository), and whether a repository
 	// is public, are trusted without asking again. Default 5 min.
@@ -135,6 +140,7 @@ type Mirror struct {
 	clients *clients
 	checks  *checks
 	salt    []byte // keys the hashes that name client credentials
+	budget  *budget
 	ups     map[string]*Upstream
 	def     *Upstream
 
@@ -179,6 +185,9 @@ func New(cfg Config) (*Mirror, error) {
 	if cfg.MaxBlobSize <= 0 {
 		cfg.MaxBlobSize = 64 << 30
 	}
+	if cfg.MaxSpool <= 0 {
+		cfg.MaxSpool = cfg.MaxBlobSize
+	}
 	if cfg.CheckTTL <= 0 {
 		cfg.CheckTTL = 5 * time.Minute
 	}
@@ -190,7 +199,8 @@ func New(cfg Config) (*Mirror, error) {
 		cfg.Logger = slog.Default()
 	}
 	m := &Mirror{cfg: cfg, log: cfg.Logger.With("component", "mirror"), ups: map[string]*Upstream{}, flights: map[string]*flight{}, failed: map[string]struct{}{},
-		checks: newChecks(), salt: newSalt(), names: newNames()}
+		checks: newChecks(), salt: newSalt(), names: newNames(), budget: &budget{max: cfg.MaxSpool}}
+	m.budget.space, _ = cfg.Blocks.(Space)
 	for i := range cfg.Upstreams {
 		u := cfg.Upstreams[i]
 		if u.Host == "" {
@@ -382,6 +392,8 @@ type Stats struct {
 	WindowBytes                   int64 // their bytes
 	Checks                        int64 // access checks sent upstream (HEADs with a client's credentials, and public probes)
 	Denied                        int64 // requests the upstream refused for the client's credentials (401, 403)
+	SpoolBytes                    int64 // room reserved by the spool files of fetches in progress
+	SpoolRefused                  int64 // fetches refused for lack of room to spool the blob (the blob was streamed from upstream)
 	Kept                          int   // blobs with a recipe on disk
 	KeptPublic                    int   // of those, public (announced, served to peers)
 	Named                         int   // private and shared blobs held under a swarm name (announced, served to proven peers)
@@ -394,6 +406,7 @@ type counters struct {
 	badPeer, mismatch, provided              atomic.Int64
 	checks, denied                           atomic.Int64
 	windows, windowBytes                     atomic.Int64
+	spoolRefused                             atomic.Int64
 }
 
 // Stats returns the mirror's counters.
@@ -414,6 +427,8 @@ func (m *Mirror) Stats() Stats {
 		WindowBytes:        m.st.windowBytes.Load(),
 		Checks:             m.st.checks.Load(),
 		Denied:             m.st.denied.Load(),
+		SpoolBytes:         m.budget.reserved(),
+		SpoolRefused:       m.st.spoolRefused.Load(),
 		Kept:               len(m.keep.keptDigests(classPrivate)),
 		KeptPublic:         len(m.keep.keptDigests(classPublic)),
 		Named:              m.names.len(),
@@ -566,6 +581,8 @@ func (m *Mirror) failErr(w http.ResponseWriter, r *http.Request, a *access, unkn
 	switch {
 	case errors.Is(err, ErrNotFound):
 		m.fail(w, r, http.StatusNotFound, unknownCode, err.Error())
+	case errors.Is(err, ErrSpoolFull):
+		m.fail(w, r, http.StatusServiceUnavailable, "UNAVAILABLE", err.Error())
 	case errors.Is(err, ErrDigestMismatch), errors.Is(err, ErrTooLarge):
 		m.fail(w, r, http.StatusBadGateway, "UNKNOWN", err.Error())
 	case errors.As(err, &ue) && ue.status == http.StatusUnauthorized:

@@ -8,8 +8,10 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"net/http"
+	"runtime"
 	"strings"
 	"sync"
 	"testing"
@@ -347,7 +349,7 @@ func TestPeersServeBlobs(t *testing.T) {
 	total := layerBytes(t, img)
 
 	start := func(boot []string, tweak func(*Config)) (*rig, []string) {
-		store := openStore(t)
+		store := openStore(t, "")
 		n := swarmNode(t, store, boot)
 		r := startMirror(t, up, store, SwarmPeers(n), tweak)
 		n.ServeRecipes(r.m)
@@ -420,7 +422,7 @@ func TestHostilePeer(t *testing.T) {
 
 	// The hostile node holds random blocks that a forged recipe for d
 	// names; each block verifies against its ID, the whole does not.
-	hstore := openStore(t)
+	hstore := openStore(t, "")
 	junk := make([]byte, layer.Size)
 	for i := range junk {
 		junk[i] = byte(rand.Uint32())
@@ -441,7 +443,7 @@ func TestHostilePeer(t *testing.T) {
 		t.Logf("provide (local record only): %v", err)
 	}
 
-	store := openStore(t)
+	store := openStore(t, "")
 	n := swarmNode(t, store, h.Addrs())
 	b := startMirror(t, up, store, SwarmPeers(n), nil)
 	n.ServeRecipes(b.m)
@@ -468,13 +470,14 @@ func TestHostilePeer(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rc, err := decodeRecipe(raw, d, 1<<30)
+	rc, err := decodeRecipe(raw, d, -1, 1<<30)
 	if err != nil || rc.ids[0] == forged.ids[0] {
 		t.Errorf("kept recipe: %v (forged: %v)", err, rc.ids[0] == forged.ids[0])
 	}
 }
 
-// TestRecipe round-trips a recipe and refuses damaged ones.
+// TestRecipe round-trips a recipe and refuses damaged ones, and ones that
+// disagree with the blob's size.
 func TestRecipe(t *testing.T) {
 	t.Parallel()
 	data := make([]byte, 3*ChunkSize+5)
@@ -487,52 +490,101 @@ func TestRecipe(t *testing.T) {
 		t.Fatal(err)
 	}
 	raw := r.encode()
-	got, err := decodeRecipe(raw, d, 1<<30)
-	if err != nil || got.size != int64(len(data)) || len(got.ids) != 4 || got.ids[3] != flat.Sum(data[3*ChunkSize:]) {
-		t.Fatalf("round trip: %+v %v", got, err)
+	size := int64(len(data))
+	if len(raw) != recipeLen(size) {
+		t.Errorf("recipe of %d bytes, recipeLen says %d", len(raw), recipeLen(size))
 	}
-	flip := func(i int) []byte { b := append([]byte(nil), raw...); b[i] ^= 1; return b }
-	for name, b := range map[string][]byte{
-		"empty":         nil,
-		"truncated":     raw[:len(raw)-1],
-		"flipped id":    flip(len(raw) - 40),
-		"flipped magic": flip(0),
-	} {
-		if _, err := decodeRecipe(b, d, 1<<30); !errors.Is(err, ErrBadRecipe) {
-			t.Errorf("%s: %v", name, err)
+	for _, known := range []int64{-1, size} {
+		got, err := decodeRecipe(raw, d, known, 1<<30)
+		if err != nil || got.size != size || len(got.ids) != 4 || got.ids[3] != flat.Sum(data[3*ChunkSize:]) {
+			t.Fatalf("round trip (size %d): %+v %v", known, got, err)
 		}
 	}
-	if _, err := decodeRecipe(raw, digestOf([]byte("other")), 1<<30); !errors.Is(err, ErrBadRecipe) {
+	flip := func(i int) []byte { b := append([]byte(nil), raw...); b[i] ^= 1; return b }
+	other := func(size, chunk int64, ids []flat.BlockID) []byte {
+		return (&recipe{digest: r.digest, size: size, chunk: chunk, ids: ids}).encode()
+	}
+	for _, tc := range []struct {
+		name  string
+		b     []byte
+		known int64
+	}{
+		{"empty", nil, -1},
+		{"truncated", raw[:len(raw)-1], -1},
+		{"flipped id", flip(len(raw) - 40), -1},
+		{"flipped magic", flip(0), -1},
+		{"other chunk size", other(size, 64<<10, make([]flat.BlockID, 49)), -1},
+		{"larger than stated", raw, size - 1},
+		{"smaller than stated", raw, size + 1},
+		{"a block more than stated", raw, size + ChunkSize},
+		{"stated size past the limit", raw, 1 << 31},
+	} {
+		if _, err := decodeRecipe(tc.b, d, tc.known, 1<<30); !errors.Is(err, ErrBadRecipe) {
+			t.Errorf("%s: %v", tc.name, err)
+		}
+	}
+	if _, err := decodeRecipe(raw, digestOf([]byte("other")), -1, 1<<30); !errors.Is(err, ErrBadRecipe) {
 		t.Errorf("recipe for another blob accepted: %v", err)
 	}
-	if _, err := decodeRecipe(raw, d, 100); !errors.Is(err, ErrBadRecipe) {
+	if _, err := decodeRecipe(raw, d, -1, 100); !errors.Is(err, ErrBadRecipe) {
 		t.Errorf("oversized blob accepted: %v", err)
 	}
 }
 
 var _ Blocks = (*blockstore.Store)(nil)
 
+// allocated returns the heap bytes fn allocates, measured up to three
+// times while over ceiling: a goroutine of another test may allocate
+// during one run.
+func allocated(fn func(), ceiling int64) int64 {
+	least := int64(math.MaxInt64)
+	for range 3 {
+		var before, after runtime.MemStats
+		runtime.ReadMemStats(&before)
+		fn()
+		runtime.ReadMemStats(&after)
+		if least = min(least, int64(after.TotalAlloc-before.TotalAlloc)); least <= ceiling {
+			break
+		}
+	}
+	return least
+}
+
 // FuzzDecodeRecipe: any bytes decode to a consistent recipe or to
-// ErrBadRecipe, without panics or allocations beyond the input's size.
+// ErrBadRecipe, without panics, and within a memory ceiling: whatever
+// size a recipe claims, decoding allocates at most a constant plus the
+// recipe's own length, with the blob's size known or not.
 func FuzzDecodeRecipe(f *testing.F) {
 	data := make([]byte, 2*ChunkSize+1)
 	d := digestOf(data)
 	r, _ := cut(d, data)
 	f.Add(r.encode())
 	f.Add([]byte("SHRC1"))
+	huge := &recipe{digest: r.digest, size: 1 << 36, chunk: ChunkSize, ids: make([]flat.BlockID, 16)}
+	f.Add(huge.encode())
 	f.Fuzz(func(t *testing.T, b []byte) {
-		got, err := decodeRecipe(b, d, 1<<40)
-		if err != nil {
-			if !errors.Is(err, ErrBadRecipe) {
-				t.Fatalf("error not ErrBadRecipe: %v", err)
+		for _, size := range []int64{-1, int64(len(data))} {
+			var got *recipe
+			var err error
+			ceiling := 4<<10 + int64(len(b))
+			if alloc := allocated(func() { got, err = decodeRecipe(b, d, size, 1<<40) }, ceiling); alloc > ceiling {
+				t.Fatalf("decoding %d bytes (size %d) allocated %d bytes, ceiling %d", len(b), size, alloc, ceiling)
 			}
-			return
-		}
-		if got.digestString() != d || int64(len(got.ids)) != (got.size+got.chunk-1)/got.chunk {
-			t.Fatalf("inconsistent recipe: %+v", got)
-		}
-		if string(got.encode()) != string(b) {
-			t.Fatal("recipe does not re-encode to its bytes")
+			if err != nil {
+				if !errors.Is(err, ErrBadRecipe) {
+					t.Fatalf("error not ErrBadRecipe: %v", err)
+				}
+				continue
+			}
+			if got.digestString() != d || got.chunk != ChunkSize || int64(len(got.ids)) != (got.size+got.chunk-1)/got.chunk {
+				t.Fatalf("inconsistent recipe: %+v", got)
+			}
+			if size >= 0 && got.size != size {
+				t.Fatalf("recipe of %d bytes accepted for a blob of %d", got.size, size)
+			}
+			if string(got.encode()) != string(b) {
+				t.Fatal("recipe does not re-encode to its bytes")
+			}
 		}
 	})
 }

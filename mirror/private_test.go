@@ -73,7 +73,7 @@ func TestPrivateBlobsFromPeers(t *testing.T) {
 	creds := &authn.Basic{Username: alice, Password: alicePass}
 
 	start := func(boot []string) (*rig, *p2p.Node) {
-		store := openStore(t)
+		store := openStore(t, "")
 		n := swarmNode(t, store, boot)
 		r := startMirror(t, nil, store, SwarmPeers(n), func(c *Config) {
 			c.Upstreams = []Upstream{{Host: proxy.Host, PlainHTTP: true, Default: true}}
@@ -168,7 +168,7 @@ func TestPrivateBlobsFromPeers(t *testing.T) {
 	}
 
 	t.Run("outsider", func(t *testing.T) {
-		e := swarmNode(t, openStore(t), na.Addrs())
+		e := swarmNode(t, openStore(t, ""), na.Addrs())
 		for _, l := range ls {
 			r, err := cut(l.digest, l.data)
 			if err != nil {

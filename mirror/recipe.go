@@ -18,8 +18,6 @@ import (
 const ChunkSize = 1 << 20
 
 const (
-	minChunk = 64 << 10
-	maxChunk = flat.MaxBlockSize
 	// maxRecipe matches p2p.MaxRecipeSize: a 64 GiB blob of 1 MiB blocks
 	// has a 2 MiB recipe.
 	maxRecipe = 4 << 20
@@ -83,18 +81,41 @@ func (r *recipe) encode() []byte {
 	return append(b, sum[:]...)
 }
 
-// decodeRecipe decodes and checks a recipe for the blob digest want, at
-// most maxSize bytes long.
-func decodeRecipe(b []byte, want string, maxSize int64) (*recipe, error) {
+// recipeLen is the length of the recipe of a blob of size bytes.
+func recipeLen(size int64) int {
+	n := (size + ChunkSize - 1) / ChunkSize
+	return len(recipeMagic) + 32 + uvarintLen(uint64(size)) + uvarintLen(ChunkSize) + 32*int(n) + 32
+}
+
+func uvarintLen(v uint64) int {
+	var b [binary.MaxVarintLen64]byte
+	return binary.PutUvarint(b[:], v)
+}
+
+// decodeRecipe decodes and checks a recipe of the blob digest, cut into
+// ChunkSize blocks (the only chunk size: every node cuts a blob the same
+// way). When size is known (≥ 0: the upstream's answer to the access
+// check), the recipe must describe a blob of exactly that size, and its
+// length, which follows from it, is checked before anything else; when it
+// is not, the blob may be at most maxSize. Either way nothing is allocated
+// from what the recipe claims: the block IDs are counted from the bytes
+// present, so memory stays within the recipe's own size.
+func decodeRecipe(b []byte, digest string, size, maxSize int64) (*recipe, error) {
 	bad := func(format string, args ...any) (*recipe, error) {
 		return nil, fmt.Errorf("%w: %s", ErrBadRecipe, fmt.Sprintf(format, args...))
 	}
-	wd, ok := parseDigest(want)
+	wd, ok := parseDigest(digest)
 	if !ok {
-		return bad("digest %q", want)
+		return bad("digest %q", digest)
+	}
+	if size > maxSize {
+		return bad("blob of %d bytes, limit %d", size, maxSize)
 	}
 	if len(b) > maxRecipe || len(b) < len(recipeMagic)+32+2+32 {
 		return bad("%d bytes", len(b))
+	}
+	if size >= 0 && len(b) != recipeLen(size) {
+		return bad("%d bytes, where a blob of %d bytes has a recipe of %d", len(b), size, recipeLen(size))
 	}
 	body, sum := b[:len(b)-32], b[len(b)-32:]
 	if got := sha256.Sum256(body); !bytes.Equal(got[:], sum) {
@@ -107,10 +128,10 @@ func decodeRecipe(b []byte, want string, maxSize int64) (*recipe, error) {
 	r := &recipe{}
 	copy(r.digest[:], body[:32])
 	if r.digest != wd {
-		return bad("for %s, want %s", r.digestString(), want)
+		return bad("for %s, want %s", r.digestString(), digest)
 	}
 	body = body[32:]
-	size, n := binary.Uvarint(body)
+	rsize, n := binary.Uvarint(body)
 	if n <= 0 {
 		return bad("size")
 	}
@@ -120,17 +141,19 @@ func decodeRecipe(b []byte, want string, maxSize int64) (*recipe, error) {
 		return bad("chunk size")
 	}
 	body = body[n:]
-	if chunk < minChunk || chunk > maxChunk || chunk&(chunk-1) != 0 {
-		return bad("chunk size %d", chunk)
+	switch {
+	case chunk != ChunkSize:
+		return bad("chunk size %d, want %d", chunk, ChunkSize)
+	case size >= 0 && rsize != uint64(size):
+		return bad("blob of %d bytes, upstream states %d", rsize, size)
+	case rsize > uint64(maxSize):
+		return bad("blob of %d bytes, limit %d", rsize, maxSize)
 	}
-	if size > uint64(maxSize) {
-		return bad("blob of %d bytes, limit %d", size, maxSize)
-	}
-	count := (size + chunk - 1) / chunk
+	count := (rsize + chunk - 1) / chunk
 	if uint64(len(body)) != count*32 {
 		return bad("%d bytes of block IDs for %d blocks", len(body), count)
 	}
-	r.size, r.chunk = int64(size), int64(chunk)
+	r.size, r.chunk = int64(rsize), int64(chunk)
 	r.ids = make([]flat.BlockID, count)
 	for i := range r.ids {
 		copy(r.ids[i][:], body[32*i:])

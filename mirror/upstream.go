@@ -108,8 +108,8 @@ func (m *Mirror) get(ctx context.Context, a *access, kind, ref, accept string) (
 }
 
 // head asks upstream, as a's client, whether it would serve kind/ref: nil
-// for a 200, an upstreamError otherwise (404 wraps ErrNotFound). A blob's
-// size is remembered (checks.size).
+// for a 200, an upstreamError otherwise (404 wraps ErrNotFound). The size
+// of a blob or manifest by digest is remembered (checks.size).
 func (m *Mirror) head(ctx context.Context, a *access, kind, ref string) error {
 	m.st.checks.Add(1)
 	accept := ""
@@ -121,7 +121,7 @@ func (m *Mirror) head(ctx context.Context, a *access, kind, ref string) error {
 		return err
 	}
 	resp.Body.Close()
-	if kind == "blobs" && resp.ContentLength >= 0 {
+	if _, isDigest := parseDigest(ref); isDigest && resp.ContentLength >= 0 {
 		m.checks.setSize(ref, resp.ContentLength)
 	}
 	return nil

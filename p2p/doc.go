@@ -349,7 +349,13 @@
 // holders failed or answered NOT_FOUND, or whose designated fetcher failed
 // or answered BUSY or NOT_FOUND, is not waited for: it falls through to
 // the registry at once. A read never waits on the swarm much longer than
-// OriginWait: a holder stuck BUSY costs that at most.
+// OriginWait: a holder stuck BUSY costs that at most. A designated
+// fetcher that answered COMING for a block that then shows up at no other
+// holder within ComingGrace (half of OriginWait) is taken for one that
+// does not deliver: it is marked unreachable, and the block goes to the
+// next member of the group, as for a gone member (a byzantine member that
+// answers COMING and sends nothing would otherwise cost every reader
+// OriginWait, then a registry copy each; TestOriginComingLiar).
 //
 // A designated fetcher that is gone — no connection to it can be made: a
 // node drained or preempted, whose provider record lives on for up to 48

@@ -524,6 +524,10 @@ type Stats struct {
 	ProofsLimited  int64 `json:"proofs_limited"`
 	DeniedSent     int64 `json:"denied_sent"`
 	DeniedReceived int64 `json:"denied_received"`
+	// ComingUndelivered counts designated fetchers taken for unreachable
+	// because blocks they answered COMING for showed up nowhere within
+	// ComingGrace.
+	ComingUndelivered int64 `json:"coming_undelivered"`
 	// IndexesFetched counts image indexes had from peers (not the registry).
 	IndexesFetched int64 `json:"indexes_fetched"`
 	// ManifestsFetched counts flat manifests had from peers (not the
@@ -542,7 +546,7 @@ type counters struct {
 	firstCopyPassed, hintsRecv, unreachable, originReplanned  atomic.Int64
 	notMemberSent, notMemberRecv, designatedSlow              atomic.Int64
 	proofsSent, proofsAccepted, proofsFailed, proofsLimited   atomic.Int64
-	deniedSent, deniedRecv                                    atomic.Int64
+	deniedSent, deniedRecv, comingUndelivered                 atomic.Int64
 	peerBusy, uploadsCut, uploadsPreempted                    atomic.Int64
 }
 
@@ -593,6 +597,7 @@ func (n *Node) Stats() Stats {
 		ProofsLimited:     n.st.proofsLimited.Load(),
 		DeniedSent:        n.st.deniedSent.Load(),
 		DeniedReceived:    n.st.deniedRecv.Load(),
+		ComingUndelivered: n.st.comingUndelivered.Load(),
 		PeerBusy:          n.st.peerBusy.Load(),
 		UploadsCut:        n.st.uploadsCut.Load(),
 		UploadsPreempted:  n.st.uploadsPreempted.Load(),

@@ -341,6 +341,19 @@ const UnreachableRest = time.Minute
 // next member: at most a second registry copy of its share.
 const NotMemberRest = time.Minute
 
+// ComingGrace is how long after a designated fetcher's COMING answer a
+// reader waits for the block to show up at some other holder before it
+// takes the fetcher for one that does not deliver: it marks it unreachable
+// (UnreachableRest) and puts the block to the next member of the group.
+// An honest fetcher's first copies reach askers within a round trip or
+// two and spread from holder to holder in milliseconds, so an honest
+// COMING is seen long before; a byzantine member that answers COMING and
+// sends nothing would otherwise cost every reader OriginWait, then a
+// registry copy each. Half of OriginWait leaves the other half for the
+// next member. Every reader sees the same silence, so all move the block
+// to the same next member, and it comes from the registry once.
+func ComingGrace(originWait time.Duration) time.Duration { return originWait / 2 }
+
 // DesignatedDial bounds a dial to a designated fetcher this node is not
 // connected to: one that does not answer within it is taken for gone
 // (unreachable). Its blocks then go to the next member of the group; were

@@ -62,17 +62,19 @@ func (ps *PeerSource) Name() string { return SourceName }
 // saying why, for the next source.
 func (ps *PeerSource) FetchMany(ctx context.Context, blocks []flat.Block) (map[flat.BlockID][]byte, error) {
 	f := &fetchState{
-		out:      make(map[flat.BlockID][]byte, len(blocks)),
-		tried:    map[flat.BlockID]map[peer.ID]bool{},
-		excluded: map[peer.ID]bool{},
-		own:      map[flat.BlockID]bool{},
-		coming:   map[flat.BlockID]bool{},
-		asked:    map[flat.BlockID]bool{},
-		pending:  map[flat.BlockID]int{},
-		spread:   map[flat.BlockID]map[peer.ID]bool{},
-		spreadAt: map[flat.BlockID]time.Time{},
-		hints:    map[flat.BlockID][]peer.ID{},
-		news:     make(chan struct{}),
+		out:        make(map[flat.BlockID][]byte, len(blocks)),
+		tried:      map[flat.BlockID]map[peer.ID]bool{},
+		excluded:   map[peer.ID]bool{},
+		own:        map[flat.BlockID]bool{},
+		coming:     map[flat.BlockID]bool{},
+		comingFrom: map[flat.BlockID]peer.ID{},
+		comingAt:   map[flat.BlockID]time.Time{},
+		asked:      map[flat.BlockID]bool{},
+		pending:    map[flat.BlockID]int{},
+		spread:     map[flat.BlockID]map[peer.ID]bool{},
+		spreadAt:   map[flat.BlockID]time.Time{},
+		hints:      map[flat.BlockID][]peer.ID{},
+		news:       make(chan struct{}),
 	}
 	deadline := ps.n.cfg.Clock.Now().Add(ps.n.cfg.OriginWait)
 	all := make([]flat.Block, 0, len(blocks))
@@ -160,6 +162,8 @@ type fetchState struct {
 	excluded                            map[peer.ID]bool                  // failed, or lost a hedge race without a byte, in this call
 	own                                 map[flat.BlockID]bool             // designated to this node: left to the registry source
 	coming                              map[flat.BlockID]bool             // a designated fetcher answered COMING
+	comingFrom                          map[flat.BlockID]peer.ID          // which one, for the first COMING of the block
+	comingAt                            map[flat.BlockID]time.Time        // and when (ComingGrace)
 	asked                               map[flat.BlockID]bool             // planned for origin coalescing in this call
 	pending                             map[flat.BlockID]int              // ORIGIN requests for the block not answered yet
 	spread                              map[flat.BlockID]map[peer.ID]bool // holders that answered the block COMING (Spread)
@@ -252,6 +256,21 @@ func (ps *PeerSource) await(ctx context.Context, all []flat.Block, f *fetchState
 		// the designated fetcher sends its first copies whatever its
 		// share. (Sooner, a holder that is merely busy would cost a
 		// registry copy: the designated fetcher may not hold the block.)
+		// A designated fetcher that answered COMING and whose blocks
+		// showed up nowhere within ComingGrace did not deliver: it is
+		// taken for unreachable, and its blocks go to the next member.
+		f.mu.Lock()
+		undelivered, fetchers := f.undeliveredLocked(n, want, n.cfg.Clock.Now())
+		f.mu.Unlock()
+		for _, p := range fetchers {
+			n.st.comingUndelivered.Add(1)
+			n.markUnreachable(p)
+			n.log.Warn("designated fetcher answered COMING and did not deliver; asking the next member", "peer", p.String(), "image", ps.image)
+		}
+		if len(undelivered) > 0 {
+			n.st.originReplanned.Add(int64(len(undelivered)))
+			toOrigin(undelivered)
+		}
 		var late []flat.Block
 		f.mu.Lock()
 		if left <= n.cfg.OriginWait-n.cfg.OriginWait/lateOrigin {
@@ -735,7 +754,7 @@ func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, batch []flat.
 		n.st.comingRecv.Add(1)
 		for _, b := range batch {
 			if _, got := f.out[b.ID]; !got {
-				f.coming[b.ID] = true
+				f.setComingLocked(b.ID, p, now)
 			}
 		}
 		f.errOrigin = cmp.Or(f.errOrigin, fmt.Errorf("designated fetcher %s: %w", p, ErrComing))
@@ -765,10 +784,45 @@ func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, batch []flat.
 	}
 	for _, b := range o.spread {
 		if _, got := f.out[b.ID]; !got {
-			f.coming[b.ID] = true
+			f.setComingLocked(b.ID, p, now)
 		}
 	}
 	return true
+}
+
+// setComingLocked records that designated fetcher p answered block id
+// COMING at now (the first such answer counts). f.mu must be held.
+func (f *fetchState) setComingLocked(id flat.BlockID, p peer.ID, now time.Time) {
+	f.coming[id] = true
+	if _, ok := f.comingAt[id]; !ok {
+		f.comingFrom[id], f.comingAt[id] = p, now
+	}
+}
+
+// undeliveredLocked returns the blocks of want a designated fetcher
+// answered COMING for at least ComingGrace ago that no other holder this
+// call may ask has shown since, and clears their COMING: the fetcher did
+// not pass them on. f.mu must be held.
+func (f *fetchState) undeliveredLocked(n *Node, want []flat.Block, now time.Time) (blocks []flat.Block, fetchers []peer.ID) {
+	grace := ComingGrace(n.cfg.OriginWait)
+	for _, b := range want {
+		at, ok := f.comingAt[b.ID]
+		if !f.coming[b.ID] || !ok || now.Sub(at) < grace {
+			continue
+		}
+		from := f.comingFrom[b.ID]
+		if slices.ContainsFunc(f.holdersLocked(n, b.ID), func(p peer.ID) bool { return p != from && !f.excluded[p] && !f.tried[b.ID][p] }) {
+			continue
+		}
+		delete(f.coming, b.ID)
+		delete(f.comingAt, b.ID)
+		f.asked[b.ID] = false
+		blocks = append(blocks, b)
+		if !slices.Contains(fetchers, from) {
+			fetchers = append(fetchers, from)
+		}
+	}
+	return blocks, fetchers
 }
 
 // imageID is an image's manifest digest as a block ID, the key its

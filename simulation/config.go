@@ -124,6 +124,13 @@ type Config struct {
 	// leaves them out of the image's designation for p2p.NotMemberRest and
 	// plans their blocks again for the next member, as for a gone one.
 	Left int
+	// Liars (swarm strategies only) are byzantine members of the image's
+	// origin group: peers that ground their IDs into the group (they rank
+	// first after the gone and left ones) and answer every ORIGIN request
+	// COMING — the blocks are out, they say — without sending any. They
+	// turn have sessions away and hold nothing. Readers that see such a
+	// block nowhere within p2p.ComingGrace take the liar for unreachable.
+	Liars int
 	// Zones and RacksPerZone label the nodes round-robin (zone i%Zones).
 	Zones, RacksPerZone int
 	// Seed makes a run reproducible: the same Config gives the same Result.
@@ -191,6 +198,11 @@ type Config struct {
 	// blocks it is designated for go to the registry, per node, and a
 	// node waits OriginWait for a blob it is designated for.
 	NotMemberOff bool
+	// ComingGraceOff is a what-if, not the daemon: the daemon before
+	// p2p.ComingGrace. A reader waits for a block its designated fetcher
+	// answered COMING for until OriginWait, then reads it from the
+	// registry itself.
+	ComingGraceOff bool
 	// NoDesignatedHedge is a what-if, not the daemon: the daemon before
 	// p2p.DesignatedHedge. A node waits for its dial to a designated
 	// fetcher at a silent address (GoneDial) until the dial fails, at most
@@ -308,8 +320,9 @@ func (c Config) validate() error {
 	if c.Seeds < 0 || (c.Seeds > 0 && c.Strategy != SwarmSeeded) {
 		errs = append(errs, fmt.Errorf("%d seeds: only %s has seeds", c.Seeds, SwarmSeeded))
 	}
-	if c.Gone < 0 || c.Left < 0 || c.Gone+c.Left > p2p.OriginGroupSize || c.GoneDial < 0 {
-		errs = append(errs, fmt.Errorf("%d gone and %d left nodes (dial %v): at most %d in all, and the dial not negative", c.Gone, c.Left, c.GoneDial, p2p.OriginGroupSize))
+	if c.Gone < 0 || c.Left < 0 || c.Liars < 0 || c.Gone+c.Left+c.Liars > p2p.OriginGroupSize || c.GoneDial < 0 {
+		errs = append(errs, fmt.Errorf("%d gone, %d left and %d lying nodes (dial %v): at most %d in all, and the dial not negative",
+			c.Gone, c.Left, c.Liars, c.GoneDial, p2p.OriginGroupSize))
 	}
 	if c.Strategy == SwarmSeeded && c.Seeds < 1 {
 		errs = append(errs, fmt.Errorf("%s needs at least one seed", SwarmSeeded))

@@ -59,7 +59,7 @@ type counters struct {
 	peerDiscarded, dupPeer, dupRegistry, registryRaw float64
 	dhtLookups                                       int64
 	unreachable, originReplanned, notMember          int64
-	designatedSlow                                   int64
+	designatedSlow, comingUndelivered                int64
 }
 
 // simNode is one node: its daemon's state (cache, have bitmap, sessions,
@@ -73,6 +73,7 @@ type simNode struct {
 	seed   bool
 	gone   bool // a member of the origin group that is gone (Config.Gone)
 	left   bool // one that is up but not in the image's swarm (Config.Left)
+	liar   bool // a byzantine member that answers ORIGIN requests COMING and sends nothing (Config.Liars)
 	start  time.Duration
 	up     link
 	down   link
@@ -132,8 +133,9 @@ func newWorld(cfg Config) *world {
 		w.hostCPU = newPSServer(e, float64(cfg.HostCores), 1)
 	}
 	nb := len(w.im.blocks)
-	firstAway := cfg.Nodes + cfg.Seeds // the gone, then the left members
-	total := firstAway + cfg.Gone + cfg.Left
+	firstAway := cfg.Nodes + cfg.Seeds // the gone, the left, then the lying members
+	away := cfg.Gone + cfg.Left + cfg.Liars
+	total := firstAway + away
 	for i := range total {
 		n := &simNode{
 			i:            int32(i),
@@ -142,7 +144,8 @@ func newWorld(cfg Config) *world {
 			rack:         (i / cfg.Zones) % cfg.RacksPerZone,
 			seed:         i >= cfg.Nodes && i < cfg.Nodes+cfg.Seeds,
 			gone:         i >= firstAway && i < firstAway+cfg.Gone,
-			left:         i >= firstAway+cfg.Gone,
+			left:         i >= firstAway+cfg.Gone && i < firstAway+cfg.Gone+cfg.Left,
+			liar:         i >= firstAway+cfg.Gone+cfg.Left,
 			up:           link{capacity: cfg.NodeUpBytesPerSec},
 			down:         link{capacity: cfg.NodeDownBytesPerSec},
 			rng:          rand.New(rand.NewPCG(cfg.Seed, uint64(i))),
@@ -172,12 +175,12 @@ func newWorld(cfg Config) *world {
 		}
 		w.nodes = append(w.nodes, n)
 	}
-	if cfg.Gone+cfg.Left > 0 {
+	if away > 0 {
 		ids := make([]peer.ID, firstAway)
 		for i := range ids {
 			ids[i] = w.nodes[i].pid
 		}
-		for j, id := range goneIDs(w.im.id, ids, cfg.Gone+cfg.Left) {
+		for j, id := range goneIDs(w.im.id, ids, away) {
 			w.nodes[firstAway+j].pid = id
 		}
 	}
@@ -223,8 +226,8 @@ func (w *world) isNotMember(n *simNode, p peer.ID) bool {
 }
 
 // away reports whether n is a member of the origin group that runs no part
-// of the rollout: gone, or left.
-func (n *simNode) away() bool { return n.gone || n.left }
+// of the rollout: gone, left, or lying.
+func (n *simNode) away() bool { return n.gone || n.left || n.liar }
 
 // goneAll puts the gone and left nodes' records in the DHT before anybody
 // else's: they provided the image before the rollout.
@@ -905,8 +908,8 @@ func (w *world) joinSessions(n *simNode, cb func()) {
 				n.conn[q.i], q.conn[n.i] = true, true
 			}
 			ends = append(ends, cost)
-			if q.left {
-				continue // it resets the hello: not a member
+			if q.left || q.liar {
+				continue // it resets the hello: not a member (a liar holds nothing to show)
 			}
 			w.e.after(cost, func() { w.session(n, q) })
 		}

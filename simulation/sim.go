@@ -19,10 +19,14 @@ type Result struct {
 	GoneDialS float64 `json:"gone_dial_s,omitempty"`
 	// Members of the group that are up but left the image (Config.Left),
 	// and whether NOT_MEMBER was off (the what-if Config.NotMemberOff).
-	Left         int    `json:"left,omitempty"`
-	NotMemberOff bool   `json:"not_member_off,omitempty"`
-	Zones        int    `json:"zones"`
-	Seed         uint64 `json:"seed"`
+	Left         int  `json:"left,omitempty"`
+	NotMemberOff bool `json:"not_member_off,omitempty"`
+	// Lying members of the group (Config.Liars), and whether ComingGrace
+	// was off (the what-if Config.ComingGraceOff).
+	Liars          int    `json:"liars,omitempty"`
+	ComingGraceOff bool   `json:"coming_grace_off,omitempty"`
+	Zones          int    `json:"zones"`
+	Seed           uint64 `json:"seed"`
 
 	// Time to ready: from a node's start to the end of its last traced
 	// read (the bench's "ok" line), over the Nodes (not the seeds).
@@ -101,9 +105,12 @@ type Result struct {
 	// NOT_MEMBER answers the nodes received (Config.Left).
 	NotMemberAnswers int64 `json:"not_member_answers,omitempty"`
 	// Dials to designated fetchers given up on at p2p.DesignatedHedge.
-	DesignatedSlow  int64   `json:"designated_slow,omitempty"`
-	OriginReplanned int64   `json:"origin_replanned,omitempty"`
-	SessionsMean    float64 `json:"have_sessions_mean,omitempty"`
+	DesignatedSlow int64 `json:"designated_slow,omitempty"`
+	// Designated fetchers taken for unreachable because blocks they
+	// answered COMING for showed up nowhere within p2p.ComingGrace.
+	ComingUndelivered int64   `json:"coming_undelivered,omitempty"`
+	OriginReplanned   int64   `json:"origin_replanned,omitempty"`
+	SessionsMean      float64 `json:"have_sessions_mean,omitempty"`
 
 	SimulatedS float64 `json:"simulated_s"`
 	Events     int64   `json:"events"`
@@ -125,7 +132,7 @@ func simulate(cfg Config) (*world, error) {
 		return nil, fmt.Errorf("simulation: %w", err)
 	}
 	if cfg.Strategy != Swarm && cfg.Strategy != SwarmSeeded {
-		cfg.Gone, cfg.Left = 0, 0 // nobody asks peers
+		cfg.Gone, cfg.Left, cfg.Liars = 0, 0, 0 // nobody asks peers
 	}
 	w := newWorld(cfg)
 	w.goneAll()
@@ -147,9 +154,11 @@ func (w *world) result() *Result {
 	r := &Result{
 		Strategy: cfg.Strategy, Nodes: cfg.Nodes, Seeds: cfg.Seeds, Zones: cfg.Zones, Seed: cfg.Seed,
 		Gone: cfg.Gone, GoneDialS: cfg.GoneDial.Seconds(), Left: cfg.Left, NotMemberOff: cfg.NotMemberOff,
+		Liars: cfg.Liars, ComingGraceOff: cfg.ComingGraceOff,
 		UnreachableDials:    w.st.unreachable,
 		NotMemberAnswers:    w.st.notMember,
 		DesignatedSlow:      w.st.designatedSlow,
+		ComingUndelivered:   w.st.comingUndelivered,
 		OriginReplanned:     w.st.originReplanned,
 		UniqueBytes:         wl.ManifestBytes + wl.IndexBytes + w.im.traceStored,
 		RegistryMetaBytes:   int64(w.st.registryMetaBytes),
@@ -215,7 +224,7 @@ func (w *world) result() *Result {
 	if fromPeers+fromReg > 0 {
 		r.PeerShare = fromPeers / (fromPeers + fromReg)
 	}
-	all := float64(len(w.nodes) - cfg.Gone - cfg.Left)
+	all := float64(len(w.nodes) - cfg.Gone - cfg.Left - cfg.Liars)
 	r.UploadMeanBytes = upSum / all
 	r.UploadMaxBytes = int64(upMax)
 	if upSum > 0 {

@@ -262,6 +262,29 @@ func TestSanity(t *testing.T) {
 			t.Logf("block egress ÷ unique: %.3f, without NOT_MEMBER %.3f; meta bytes %d, %d; p50 %.3fs, %.3fs",
 				r.BlockEgressPerUnique, old.BlockEgressPerUnique, r.RegistryMetaBytes, old.RegistryMetaBytes, r.P50ReadyS, old.P50ReadyS)
 		}},
+		// Byzantine members ground into the origin group that answer
+		// every ORIGIN request COMING and send nothing: each reader takes
+		// them for unreachable after ComingGrace and asks the next
+		// member, so their blocks still come from the registry once.
+		// Without ComingGrace every reader waited OriginWait for them,
+		// then read them from the registry itself.
+		{"lying members cost a grace, not a registry copy per node", Config{Strategy: Swarm, Nodes: 200, Zones: 2, Liars: 2}, func(t *testing.T, r *Result) {
+			if r.Liars != 2 || r.ComingUndelivered == 0 || r.OriginReplanned == 0 {
+				t.Errorf("liars %d: %d fetchers given up on, %d blocks planned again; want some of each", r.Liars, r.ComingUndelivered, r.OriginReplanned)
+			}
+			if r.BlockEgressPerUnique < 1 || r.BlockEgressPerUnique > 1.01 {
+				t.Errorf("registry block bytes ÷ unique blocks %.3f, want 1", r.BlockEgressPerUnique)
+			}
+			old, err := Run(Config{Strategy: Swarm, Nodes: 200, Zones: 2, Liars: 2, ComingGraceOff: true, Workload: wl})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if old.ComingUndelivered != 0 || old.BlockEgressPerUnique < 1.5 || old.P50ReadyS < r.P50ReadyS+1 {
+				t.Errorf("what-if ComingGraceOff: %d given up on, block egress ÷ unique %.3f, p50 %.3fs (with the grace %.3fs): want none, well over 1, a second or more slower",
+					old.ComingUndelivered, old.BlockEgressPerUnique, old.P50ReadyS, r.P50ReadyS)
+			}
+			t.Logf("block egress ÷ unique: %.3f, without ComingGrace %.3f; p50 %.3fs, %.3fs", r.BlockEgressPerUnique, old.BlockEgressPerUnique, r.P50ReadyS, old.P50ReadyS)
+		}},
 		{"a faster registry link is never slower", Config{Strategy: LazyNoPeers, Nodes: 10, RegistryBytesPerSec: 1e9 / 8}, func(t *testing.T, r *Result) {
 			slow, err := Run(Config{Strategy: LazyNoPeers, Nodes: 10, Workload: wl})
 			if err != nil {

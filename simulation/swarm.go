@@ -35,15 +35,19 @@ type pcall struct {
 	// The await phase: blocks left to the registry source (designated to
 	// this node), blocks a designated fetcher answered COMING for, the
 	// deadline, whether a round of it runs, and its wake-up generation.
-	own      map[uint32]bool
-	coming   map[uint32]bool
-	asked    map[uint32]bool // put to origin coalescing in this call
-	pending  map[uint32]int  // ORIGIN requests not answered yet
-	oreqs    []*originReq    // ORIGIN requests, dropped when the call ends
-	deadline time.Duration
-	awaiting bool
-	wakeGen  int
-	sleeping *awaiter // while asleep in the await phase
+	own    map[uint32]bool
+	coming map[uint32]bool
+	// The designated fetcher of each block's first COMING answer, and
+	// when it came (p2p.ComingGrace).
+	comingFrom map[uint32]int32
+	comingAt   map[uint32]time.Duration
+	asked      map[uint32]bool // put to origin coalescing in this call
+	pending    map[uint32]int  // ORIGIN requests not answered yet
+	oreqs      []*originReq    // ORIGIN requests, dropped when the call ends
+	deadline   time.Duration
+	awaiting   bool
+	wakeGen    int
+	sleeping   *awaiter // while asleep in the await phase
 	// Holders that answered a block COMING (p2p.Spread), and when the
 	// first did.
 	spread   map[uint32]map[int32]bool
@@ -64,6 +68,7 @@ func (w *world) fetchPeers(n *simNode, blocks []uint32, then func(missing []uint
 	c := &pcall{w: w, n: n, all: blocks, want: blocks, excluded: map[int32]bool{}, then: then,
 		spread: map[uint32]map[int32]bool{}, spreadAt: map[uint32]time.Duration{}, hints: map[uint32][]int32{},
 		own: map[uint32]bool{}, coming: map[uint32]bool{}, asked: map[uint32]bool{}, pending: map[uint32]int{},
+		comingFrom: map[uint32]int32{}, comingAt: map[uint32]time.Duration{},
 		deadline: w.e.now + w.cfg.Swarm.OriginWait}
 	c.plan()
 }
@@ -147,6 +152,13 @@ func (c *pcall) plan() {
 	}
 	if len(c.queue) == 0 {
 		if c.awaiting {
+			// A designated fetcher whose COMING blocks showed up nowhere
+			// within ComingGrace is taken for unreachable; its blocks
+			// go to the next member (PeerSource.await).
+			if undelivered := c.undelivered(); len(undelivered) > 0 {
+				w.st.originReplanned += int64(len(undelivered))
+				c.origin(undelivered)
+			}
 			// Nobody may be asked now: blocks not yet put to their
 			// designated fetcher go to it (PeerSource.await's late origin).
 			var late []uint32
@@ -305,6 +317,42 @@ func (c *pcall) await() {
 	}
 	c.want = want
 	c.plan()
+}
+
+// undelivered is fetchState.undeliveredLocked: of the blocks awaited, those
+// a designated fetcher answered COMING for at least p2p.ComingGrace ago
+// that no other holder shows, with their COMING cleared; each such
+// fetcher is marked unreachable.
+func (c *pcall) undelivered() []uint32 {
+	w, n := c.w, c.n
+	if w.cfg.ComingGraceOff {
+		return nil
+	}
+	grace := p2p.ComingGrace(w.cfg.Swarm.OriginWait)
+	var out []uint32
+	var fetchers []int32
+	for _, b := range c.want {
+		at, ok := c.comingAt[b]
+		if !c.coming[b] || !ok || w.e.now-at < grace {
+			continue
+		}
+		from := c.comingFrom[b]
+		if slices.ContainsFunc(c.holders(b), func(p int32) bool { return p != from && !c.excluded[p] }) {
+			continue
+		}
+		delete(c.coming, b)
+		delete(c.comingAt, b)
+		c.asked[b] = false
+		out = append(out, b)
+		if !slices.Contains(fetchers, from) {
+			fetchers = append(fetchers, from)
+		}
+	}
+	for _, p := range fetchers {
+		w.st.comingUndelivered++
+		w.unreachable(n, w.nodes[p])
+	}
+	return out
 }
 
 // lateOrigin is p2p's lateOrigin.
@@ -473,6 +521,9 @@ func (c *pcall) origin(none []uint32) {
 					c.pending[b]--
 					if coming {
 						c.coming[b] = true
+						if _, ok := c.comingAt[b]; !ok {
+							c.comingFrom[b], c.comingAt[b] = q.i, w.e.now
+						}
 					}
 				}
 				c.news()
@@ -773,6 +824,23 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 				end(false, false)
 			})
 		}
+		return r
+	}
+	if q.liar {
+		// Byzantine: COMING for everything, and nothing sent.
+		there := ow
+		if !n.conn[q.i] {
+			there += 6 * ow // no have session: a new connection
+			n.conn[q.i], q.conn[n.i] = true, true
+		}
+		w.e.after(there+ow, func() {
+			if r.done || r.cancelled {
+				return
+			}
+			r.firstByte = w.e.now
+			w.st.comingAnswers++
+			end(true, true)
+		})
 		return r
 	}
 	if q.left {

@@ -42,6 +42,8 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		desGone    = fs.Bool("designate-gone", false, "what-if: keep designating group members found unreachable, their blocks going to the registry per node (the daemon before it left them out)")
 		left       = fs.Int("left", 0, "members of the image's origin group that are up but left the image (restarted daemons): their records are in the DHT from before the rollout, they answer NOT_MEMBER (swarm strategies; gone + left at most 8)")
 		noHedge    = fs.Bool("no-designated-hedge", false, "what-if: wait for a dial to a designated fetcher until it fails (at most 1 s), instead of taking it for gone after 200 ms, and JoinImage for all its dials (at most 2 s), not half of them after 200 ms (the daemon before p2p.DesignatedHedge)")
+		liars      = fs.Int("liars", 0, "byzantine members of the image's origin group (IDs ground into it) that answer every ORIGIN request COMING and send nothing (swarm strategies; gone + left + liars at most 8)")
+		graceOff   = fs.Bool("coming-grace-off", false, "what-if: a reader waits for a block its designated fetcher answered COMING for until OriginWait, then reads it from the registry itself (the daemon before p2p.ComingGrace)")
 		notMember  = fs.Bool("not-member-off", false, "what-if: left members answer NOT_FOUND and stay designated, their blocks going to the registry per node (the daemon before NOT_MEMBER)")
 		out        = fs.String("out", "", "directory for <name>.json and the SVG plots (default: JSON on stdout only)")
 		name       = fs.String("name", "rollout", "file name prefix of the results in --out")
@@ -96,6 +98,7 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 			RegistryBytesPerSec: *regMbps * 1e6 / 8, NodeUpBytesPerSec: *nodeMbps * 1e6 / 8, NodeDownBytesPerSec: *nodeMbps * 1e6 / 8,
 			Waves: *waves, WaveInterval: *waveIv, HostCores: *hostCores, Prefetch: *prefetch, DHTRandomProviders: *randomDHT,
 			Gone: *gone, GoneDial: *goneDial, DesignateGone: *desGone, Left: *left, NotMemberOff: *notMember, NoDesignatedHedge: *noHedge,
+			Liars: *liars, ComingGraceOff: *graceOff,
 			Limit: 72 * time.Hour,
 			Swarm: p2p.Config{SpreadCopies: *spreadN, SpreadWait: *spreadWait, UploadShare: *share, UploadStreamsPerPeer: *perPeer},
 		},

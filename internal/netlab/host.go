@@ -224,6 +224,29 @@ func (h *Host) setRate(mbit int) error {
 	return nil
 }
 
+// SetLinkUp takes the host's link to the bridge down (false) or up again
+// (true): while it is down, nothing reaches the host or leaves it, as when
+// a registry's network fails; connections survive a short outage.
+func (h *Host) SetLinkUp(up bool) error {
+	l := h.lab
+	l.ops.RLock()
+	defer l.ops.RUnlock()
+	l.mu.Lock()
+	closed := l.closed
+	l.mu.Unlock()
+	if closed {
+		return ErrClosed
+	}
+	state := "down"
+	if up {
+		state = "up"
+	}
+	if err := l.run(l.tools.ip, "-n", l.sw, "link", "set", h.swIf, state); err != nil {
+		return fmt.Errorf("netlab: host %s: link %s: %w", h.name, state, err)
+	}
+	return nil
+}
+
 // Name is the name the host was created with.
 func (h *Host) Name() string { return h.name }
 

@@ -256,6 +256,47 @@ func TestLab(t *testing.T) {
 		}
 	})
 
+	t.Run("link down", func(t *testing.T) {
+		ln, err := c.Listen("tcp", c.HostPort(9))
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer ln.Close()
+		go func() {
+			for {
+				conn, err := ln.Accept()
+				if err != nil {
+					return
+				}
+				conn.Close()
+			}
+		}()
+		dial := func() error {
+			dctx, cancel := context.WithTimeout(ctx, time.Second)
+			defer cancel()
+			conn, err := a.DialContext(dctx, "tcp", c.HostPort(9))
+			if err == nil {
+				conn.Close()
+			}
+			return err
+		}
+		if err := c.SetLinkUp(false); err != nil {
+			t.Fatal(err)
+		}
+		if err := dial(); err == nil {
+			t.Error("dialed c with its link down")
+		}
+		if err := c.SetLinkUp(true); err != nil {
+			t.Fatal(err)
+		}
+		deadline := time.Now().Add(10 * time.Second)
+		for err := dial(); err != nil; err = dial() {
+			if time.Now().After(deadline) {
+				t.Fatalf("c unreachable with its link up again: %v", err)
+			}
+		}
+	})
+
 	t.Run("isolation", func(t *testing.T) {
 		// A listener on the test's own loopback is out of the hosts' reach:
 		// their 127.0.0.1 is their own.

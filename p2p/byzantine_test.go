@@ -1,0 +1,100 @@
+package p2p
+
+import (
+	"fmt"
+	"slices"
+	"testing"
+	"time"
+
+	"github.com/libp2p/go-libp2p/core/peer"
+)
+
+// TestOriginComingLiar: a member of the origin group that answers every
+// ORIGIN request COMING and never sends a block costs each reader
+// ComingGrace, not OriginWait: the readers take it for unreachable and
+// put its blocks to the next member, and each comes from the registry
+// once, there — not once per reader.
+func TestOriginComingLiar(t *testing.T) {
+	t.Parallel()
+	const k, wait = 4, 2 * time.Second
+	im := newTestImage("origin-coming-liar", 16, 32<<10)
+	nodes := startSwarm(t, im, k, 0, func(i int, c *Config) { c.OriginWait = wait })
+	all := ids(nodes)
+	liar := slices.Index(all, Designated(im.index.Blocks[0].ID, all, all[0]))
+	if err := nodes[liar].n.setHostile(hostileComingLiar); err != nil {
+		t.Fatal(err)
+	}
+	var live []int
+	var rest []peer.ID
+	for i := range nodes {
+		if i != liar {
+			live = append(live, i)
+			rest = append(rest, all[i])
+		}
+	}
+	took := fetchAll(t, im, nodes, live)
+	t.Logf("node %d lies; read times %v", liar, took)
+	moved := 0
+	for _, b := range im.index.Blocks {
+		if Designated(b.ID, all, all[0]) != all[liar] {
+			continue
+		}
+		moved++
+		next := slices.Index(all, Designated(b.ID, rest, rest[0]))
+		for _, i := range live {
+			want := 0
+			if i == next {
+				want = 1
+			}
+			if c := nodes[i].reg.count(b.ID); c != want {
+				t.Errorf("node %d fetched block %s of the liar from the registry %d times, want %d (next: node %d)", i, b.ID, c, want, next)
+			}
+		}
+	}
+	if moved == 0 {
+		t.Fatal("the liar was designated for no block")
+	}
+	var undelivered int64
+	for _, i := range live {
+		undelivered += nodes[i].n.Stats().ComingUndelivered
+		// ComingGrace and a registry fetch at the next member, where a
+		// reader that waited out OriginWait would take more than wait.
+		if limit := ComingGrace(wait) + wait/4; took[i] > limit {
+			t.Errorf("node %d took %v (limit %v)", i, took[i], limit)
+		}
+	}
+	if undelivered == 0 {
+		t.Error("no reader took the liar for one that does not deliver")
+	}
+	t.Logf("%d of the liar's blocks moved to the next member; %d readers gave up on it", moved, undelivered)
+}
+
+// TestHostileModes: every mode of the adversarial harness installs, and an
+// unknown one is refused; a ground identity ranks first in the origin
+// group of the image it was ground for, among honest peers.
+func TestHostileModes(t *testing.T) {
+	t.Parallel()
+	n := startNode(t, Config{})
+	for _, m := range hostilities {
+		if err := n.setHostile(m); err != nil {
+			t.Errorf("%s: %v", m, err)
+		}
+	}
+	if err := n.setHostile("friendly"); err == nil {
+		t.Error("an unknown mode was accepted")
+	}
+	im := newTestImage("grind", 1, 1024)
+	key, err := grindIdentity(t.Context(), im.digest, 1000)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ground, _ := peer.IDFromPrivateKey(key)
+	var honest []peer.ID
+	for i := range 200 {
+		honest = append(honest, peer.ID(fmt.Sprintf("honest-%d", i)))
+	}
+	id, _ := imageID(im.digest)
+	if g := OriginGroup(id, append(honest, ground), "", OriginGroupSize); !slices.Contains(g, ground) {
+		t.Errorf("the ground identity is not in the origin group of 201 peers")
+	}
+}
