@@ -137,7 +137,15 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 
 	// Only a public image's manifest may come from peers: holding a
 	// private one's bytes is what a node proves to its peers.
-	public, head := cfg.visibility.Public(ctx, r, cfg.transport)
+	var public bool
+	var head *v1.Descriptor
+	if err := cfg.retry(ctx, "visibility probe", func(ctx context.Context) error {
+		var err error
+		public, head, err = cfg.visibility.Public(ctx, r, cfg.transport)
+		return err
+	}); err != nil {
+		cfg.log.Debug("the repository's visibility is unknown; treating it as private", "component", "fetch", "ref", ref, "err", err)
+	}
 	mdesc, raw, fromPeers, err := resolveManifest(ctx, &cfg, ref, r, rt, public, head)
 	if err != nil {
 		return nil, err

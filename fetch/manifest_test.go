@@ -232,10 +232,11 @@ func TestOpenImageManifestPeersFail(t *testing.T) {
 	}
 }
 
-// A registry whose manifest HEADs fail: the visibility probe says nothing,
-// so the image counts as private; the peers are not asked (there is no
-// digest to ask for, and a private manifest never comes from them) and the
-// manifest comes from a GET of the tag.
+// A registry whose manifest HEADs fail: the visibility probe says nothing
+// (retried as any registry request), so the image counts as private; the
+// peers are not asked (there is no digest to ask for, and a private
+// manifest never comes from them) and the manifest comes from a GET of the
+// tag.
 func TestOpenImageManifestHeadFails(t *testing.T) {
 	t.Parallel()
 	f := newFixture(t)
@@ -249,8 +250,8 @@ func TestOpenImageManifestHeadFails(t *testing.T) {
 	if len(src.asked) != 0 || im.ManifestFromPeers() {
 		t.Errorf("the source was asked %d times (from peers %v) without a HEAD", len(src.asked), im.ManifestFromPeers())
 	}
-	if heads, gets := reg.requests(http.MethodHead), reg.requests(http.MethodGet); len(heads) != 1 || !slices.Equal(gets, []string{"/v2/app/manifests/v1-shoal"}) {
-		t.Errorf("HEADs %v (want the probe's), GETs %v (want the tag)", heads, gets)
+	if heads, gets := reg.requests(http.MethodHead), reg.requests(http.MethodGet); len(heads) != DefaultAttempts || !slices.Equal(gets, []string{"/v2/app/manifests/v1-shoal"}) {
+		t.Errorf("HEADs %v (want the probe's, retried %d times), GETs %v (want the tag)", heads, DefaultAttempts, gets)
 	}
 	if im.Public() || len(src.keptPublic) != 1 || src.keptPublic[0] {
 		t.Errorf("public %v, hook saw public %v; want private", im.Public(), src.keptPublic)

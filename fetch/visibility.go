@@ -78,57 +78,61 @@ func NewVisibility(public []string, probe bool, ttl time.Duration) (*Visibility,
 // Public reports whether ref's repository is public. rt is the base
 // transport for the probe (no credentials are added to it). When it
 // probed, head is what the registry answered the anonymous HEAD with: the
-// reference's descriptor, which spares the caller its own HEAD.
-func (v *Visibility) Public(ctx context.Context, ref name.Reference, rt http.RoundTripper) (public bool, head *v1.Descriptor) {
+// reference's descriptor, which spares the caller its own HEAD. err is
+// the probe's failure when it said nothing either way (the registry
+// unreachable, a server error, no such tag): the repository counts as
+// private, and the caller may probe again (OpenImage retries as for any
+// registry request) — a registry that fails for a moment would otherwise
+// split a rollout's nodes between a public and a private swarm.
+func (v *Visibility) Public(ctx context.Context, ref name.Reference, rt http.RoundTripper) (public bool, head *v1.Descriptor, err error) {
 	if v == nil {
-		return false, nil
+		return false, nil, nil
 	}
 	repo := ref.Context()
 	key := repo.Name()
 	for _, p := range v.patterns {
 		if ok, _ := path.Match(p, key); ok {
-			return true, nil
+			return true, nil, nil
 		}
 	}
 	if !v.probe {
-		return false, nil
+		return false, nil, nil
 	}
 	now := time.Now()
 	v.mu.Lock()
 	e, ok := v.cache[key]
 	v.mu.Unlock()
 	if ok && now.Before(e.until) {
-		return e.public, nil
+		return e.public, nil, nil
 	}
-	head, definite := probeAnonymous(ctx, ref, rt)
-	if definite {
-		v.mu.Lock()
-		if len(v.cache) >= maxVisibilityEntries {
-			clear(v.cache)
-		}
-		v.cache[key] = visibilityEntry{public: head != nil, until: now.Add(v.ttl)}
-		v.mu.Unlock()
+	head, err = probeAnonymous(ctx, ref, rt)
+	if err != nil {
+		return false, nil, err
 	}
-	return head != nil, head
+	v.mu.Lock()
+	if len(v.cache) >= maxVisibilityEntries {
+		clear(v.cache)
+	}
+	v.cache[key] = visibilityEntry{public: head != nil, until: now.Add(v.ttl)}
+	v.mu.Unlock()
+	return head != nil, head, nil
 }
 
-// probeAnonymous sends a HEAD of ref's manifest without credentials. It
-// returns the descriptor the registry answered with (nil if it did not
-// serve it), and whether the answer is definite: served, or refused for
-// want of credentials (401, 403). Other failures (no such tag, an
-// unreachable registry) say nothing about the repository and are not kept.
-func probeAnonymous(ctx context.Context, ref name.Reference, rt http.RoundTripper) (head *v1.Descriptor, definite bool) {
+// probeAnonymous sends one HEAD of ref's manifest without credentials. It
+// returns the descriptor the registry answered with, nil if the registry
+// refused for want of credentials (401, 403), or an error when the answer
+// says nothing about the repository.
+func probeAnonymous(ctx context.Context, ref name.Reference, rt http.RoundTripper) (*v1.Descriptor, error) {
 	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
 	defer cancel()
-	// One try: a failure only makes the image private this once.
 	head, err := remote.Head(ref, remote.WithContext(ctx), remote.WithTransport(rt), remote.WithAuth(authn.Anonymous),
 		remote.WithRetryBackoff(remote.Backoff{Steps: 1}))
 	if err == nil {
-		return head, true
+		return head, nil
 	}
 	var te *transport.Error
 	if errors.As(err, &te) && (te.StatusCode == http.StatusUnauthorized || te.StatusCode == http.StatusForbidden) {
-		return nil, true
+		return nil, nil
 	}
-	return nil, false
+	return nil, fmt.Errorf("anonymous probe of %s: %w", ref, err)
 }

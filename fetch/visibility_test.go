@@ -45,18 +45,18 @@ func TestVisibility(t *testing.T) {
 		return r
 	}
 	for i := range 2 {
-		pub, head := v.Public(t.Context(), ref(open.Host, "app"), http.DefaultTransport)
-		if !pub || (i == 0) != (head != nil) {
+		pub, head, err := v.Public(t.Context(), ref(open.Host, "app"), http.DefaultTransport)
+		if !pub || (i == 0) != (head != nil) || err != nil {
 			t.Errorf("anonymous registry, call %d: public %v, head %v; want public, a head on the first call only", i, pub, head)
 		}
 		if head != nil && head.Digest.String() != f.res.Digest {
 			t.Errorf("probe's head %s, want %s", head.Digest, f.res.Digest)
 		}
-		if pub, _ := v.Public(t.Context(), ref(locked.Host, "app"), http.DefaultTransport); pub {
+		if pub, _, err := v.Public(t.Context(), ref(locked.Host, "app"), http.DefaultTransport); pub || err != nil {
 			t.Errorf("registry behind basic auth, call %d: public", i)
 		}
-		if pub, _ := v.Public(t.Context(), ref(broken.Host, "app"), http.DefaultTransport); pub {
-			t.Errorf("registry failing HEADs, call %d: public", i)
+		if pub, _, err := v.Public(t.Context(), ref(broken.Host, "app"), http.DefaultTransport); pub || err == nil {
+			t.Errorf("registry failing HEADs, call %d: public %v, error %v; want private and the probe's error", i, pub, err)
 		}
 	}
 	if n := len(open.requests(http.MethodHead)); n != 1 {
@@ -69,10 +69,10 @@ func TestVisibility(t *testing.T) {
 		t.Errorf("failing registry probed %d times, want 2 (an error is not kept)", n)
 	}
 	before := len(broken.requests(http.MethodHead))
-	if pub, _ := v.Public(t.Context(), ref(broken.Host, "listed/app"), http.DefaultTransport); !pub || len(broken.requests(http.MethodHead)) != before {
+	if pub, _, _ := v.Public(t.Context(), ref(broken.Host, "listed/app"), http.DefaultTransport); !pub || len(broken.requests(http.MethodHead)) != before {
 		t.Errorf("a listed repository: public %v after %d probes; want public, no probe", pub, len(broken.requests(http.MethodHead))-before)
 	}
-	if pub, _ := (*Visibility)(nil).Public(t.Context(), ref(open.Host, "app"), http.DefaultTransport); pub {
+	if pub, _, _ := (*Visibility)(nil).Public(t.Context(), ref(open.Host, "app"), http.DefaultTransport); pub {
 		t.Error("no Visibility: public")
 	}
 	for _, bad := range []string{"", "noslash", "host/[/x"} {
@@ -118,5 +118,32 @@ func TestOpenImagePrivate(t *testing.T) {
 	_, err = OpenImage(t.Context(), reg.Host+"/app:v1-shoal", append(nocreds.opts(), WithKeychain(authn.NewMultiKeychain()))...)
 	if err == nil || len(nocreds.asked) != 0 || nocreds.indexAsked != 0 {
 		t.Errorf("without credentials: %v; the swarm asked for the manifest %d times and the index %d times", err, len(nocreds.asked), nocreds.indexAsked)
+	}
+}
+
+// A registry that fails for a moment while a node probes it: the probe is
+// retried as any registry request, and the image opens public, as on
+// every other node; taken for private it would put this node in a swarm of
+// its own.
+func TestOpenImageVisibilityRetried(t *testing.T) {
+	t.Parallel()
+	f := newFixture(t)
+	_, manifest, index := flatBlobs(t, f)
+	var failed atomic.Int64
+	flaky := http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if r.Method == http.MethodHead && failed.Add(1) <= 2 {
+			http.Error(w, "a moment", http.StatusServiceUnavailable)
+			return
+		}
+		shared.handler.ServeHTTP(w, r)
+	})
+	reg := newManifestCounter(t, flaky, false)
+	src := &peerSource{manifest: func(v1.Descriptor) ([]byte, error) { return manifest, nil }, index: index}
+	im, err := OpenImage(t.Context(), reg.Host+"/app:v1-shoal", src.opts()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !im.Public() || !im.ManifestFromPeers() {
+		t.Errorf("public %v, manifest from peers %v after two failed probes; want both", im.Public(), im.ManifestFromPeers())
 	}
 }
