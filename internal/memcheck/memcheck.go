@@ -35,6 +35,16 @@ func Allocated(f func()) uint64 {
 	return s[0].Value.Uint64() - before
 }
 
+// Live returns the bytes of live heap objects, after a garbage
+// collection: what the process holds, whether or not the pages are
+// resident yet (fresh pages the kernel has not had touched are not).
+func Live() uint64 {
+	runtime.GC()
+	s := []metrics.Sample{{Name: "/memory/classes/heap/objects:bytes"}}
+	metrics.Read(s)
+	return s[0].Value.Uint64()
+}
+
 // Ceiling is an allocation bound for one input of n bytes: PerByte·n +
 // Const.
 type Ceiling struct {

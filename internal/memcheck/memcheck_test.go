@@ -11,6 +11,12 @@ func TestAllocated(t *testing.T) {
 	if got < 1<<20 || got > 1<<20+64<<10 {
 		t.Fatalf("a 1 MiB allocation measured as %d bytes", got)
 	}
+	before := Live()
+	keep := make([]byte, 8<<20)
+	if grew := Live() - before; grew < 8<<20-64<<10 || grew > 9<<20 {
+		t.Errorf("holding 8 MiB: live heap grew %d bytes", grew)
+	}
+	keep[0] = 1
 	c := Ceiling{PerByte: 2, Const: 1 << 10}
 	if c.Of(100) != 1224 {
 		t.Fatalf("ceiling of 100 bytes: %d", c.Of(100))
