@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"sort"
 	"time"
 
@@ -169,11 +168,8 @@ func fetchTrace(repo name.Repository, manifest v1.Hash, image string, opts []rem
 		return nil, fmt.Errorf("trace %s: %w", manifest, err)
 	}
 	defer rc.Close()
-	data, err := io.ReadAll(io.LimitReader(rc, maxTraceBytes+1))
-	if err != nil {
-		return nil, fmt.Errorf("trace %s: %w", manifest, err)
-	}
-	t, err := Unmarshal(data)
+	// Decode reads to the end, so the digest is checked.
+	t, err := Decode(rc, maxTraceBytes)
 	if err != nil {
 		return nil, fmt.Errorf("trace %s: %w", manifest, err)
 	}
