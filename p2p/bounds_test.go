@@ -114,15 +114,9 @@ func TestBarePrefixesHeap(t *testing.T) {
 		release()
 		return live
 	}
-	if !testing.Short() && !memcheck.Race {
-		r, _ := memcheck.PeakRSS(t, func() []byte { return nil }, func([]byte) string {
-			return fmt.Sprintf("%d stalled hello prefixes hold %d bytes of heap", peers, held())
-		})
-		t.Logf("%s: %v", r.Out, r)
-		if r.Peak > 300<<20 {
-			t.Errorf("%d stalled hello prefixes: %v", peers, r)
-		}
-	}
+	memcheck.UnderBar(t, func() []byte { return nil }, func([]byte) string {
+		return fmt.Sprintf("%d stalled hello prefixes hold %d bytes of heap", peers, held())
+	})
 	live := held()
 	t.Logf("%d stalled hello prefixes hold %d bytes of heap", peers, live)
 	if live > peers*16<<10 {

@@ -66,6 +66,27 @@ func (c Ceiling) Check(tb testing.TB, n int, f func()) uint64 {
 	return got
 }
 
+// RSSBar is the most a process may hold at its peak while it decodes any
+// hostile input (issue 17).
+const RSSBar = 300 << 20
+
+// UnderBar makes an input with gen and checks, in a child process
+// (PeakRSS), that f on it peaks under RSSBar, logging what it measured. It
+// skips the measurement in short mode and under the race detector, and
+// returns the input either way.
+func UnderBar(t *testing.T, gen func() []byte, f func(in []byte) string) []byte {
+	t.Helper()
+	if testing.Short() || Race {
+		return gen()
+	}
+	r, in := PeakRSS(t, gen, f)
+	t.Logf("%d-byte input: %v: %s", len(in), r, r.Out)
+	if r.Peak > RSSBar {
+		t.Errorf("a process decoding the %d-byte input peaked at %d MB resident (bar: %d MB)", len(in), r.Peak>>20, RSSBar>>20)
+	}
+	return in
+}
+
 // Environment of a child process: the test it is to measure, and the file
 // holding its input.
 const (
