@@ -1,6 +1,8 @@
 package converter
 
 import (
+	"bytes"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"strings"
@@ -9,9 +11,11 @@ import (
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/partial"
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
 
+	"github.com/shoal-project/shoal/internal/bounded"
 	"github.com/shoal-project/shoal/internal/hostile"
 	"github.com/shoal-project/shoal/internal/memcheck"
 )
@@ -82,5 +86,61 @@ func TestZstdLayerWindow(t *testing.T) {
 				t.Errorf("refusing the window allocated %d bytes", got)
 			}
 		})
+	}
+}
+
+// rawImage is an image of no layers whose config is whatever bytes it is
+// given: what a hostile registry serves.
+type rawImage struct{ manifest, config []byte }
+
+func (r rawImage) RawConfigFile() ([]byte, error)      { return r.config, nil }
+func (r rawImage) MediaType() (types.MediaType, error) { return types.OCIManifestSchema1, nil }
+func (r rawImage) RawManifest() ([]byte, error)        { return r.manifest, nil }
+func (r rawImage) LayerByDigest(v1.Hash) (partial.CompressedLayer, error) {
+	return nil, errors.New("no layers")
+}
+
+func imageOfConfig(t testing.TB, config []byte) v1.Image {
+	t.Helper()
+	h, size, err := v1.SHA256(bytes.NewReader(config))
+	if err != nil {
+		t.Fatal(err)
+	}
+	m, err := json.Marshal(v1.Manifest{SchemaVersion: 2, MediaType: types.OCIManifestSchema1,
+		Config: v1.Descriptor{MediaType: types.OCIConfigJSON, Size: size, Digest: h}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := partial.CompressedToImage(rawImage{manifest: m, config: config})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+// A source image whose config is 4 MiB of empty history entries: parsing
+// it allocated 674 MB (and the conversion went on). The config is now
+// refused before it is parsed, for the JSON values it holds.
+func TestConfigBomb(t *testing.T) {
+	bomb := func() []byte {
+		n := (bounded.MaxConfigSize - 100) / 3
+		return []byte(`{"os":"linux","history":[{}` + strings.Repeat(",{}", n-1) + `]}`)
+	}
+	convert := func(config []byte) error {
+		_, _, cleanup, err := Build(t.Context(), imageOfConfig(t, config), quiet())
+		if cleanup != nil {
+			cleanup()
+		}
+		return err
+	}
+	config := memcheck.UnderBar(t, bomb, func(c []byte) string { return fmt.Sprint(convert(c)) })
+	var err error
+	got := memcheck.Allocated(func() { err = convert(config) })
+	t.Logf("%d-byte config: %d bytes allocated: %v", len(config), got, err)
+	if !errors.Is(err, bounded.ErrTooLarge) || !strings.Contains(err.Error(), "JSON values") {
+		t.Fatalf("got %v, want bounded.ErrTooLarge for its JSON values", err)
+	}
+	if got > 32<<20 {
+		t.Errorf("refusing the config allocated %d bytes", got)
 	}
 }

@@ -23,6 +23,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/bounded"
 )
 
 // Option configures a conversion.
@@ -106,6 +107,7 @@ func WithKeychain(k authn.Keychain) Option {
 }
 
 // WithTransport sets the HTTP transport (default: ggcr's remote.DefaultTransport).
+// Manifests read through it are bounded (bounded.Transport).
 func WithTransport(t http.RoundTripper) Option {
 	return func(c *config) error { c.transport = t; return nil }
 }
@@ -179,7 +181,7 @@ func (c *config) remoteOpts(ctx context.Context) []remote.Option {
 	return []remote.Option{
 		remote.WithContext(ctx),
 		remote.WithAuthFromKeychain(c.keychain),
-		remote.WithTransport(c.transport),
+		remote.WithTransport(bounded.Transport(c.transport)),
 		remote.WithPlatform(c.platform),
 	}
 }
@@ -280,7 +282,7 @@ func build(ctx context.Context, img v1.Image, c *config) (res *Result, flatImg v
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	cf, err := img.ConfigFile()
+	cf, err := bounded.ConfigFile(img)
 	if err != nil {
 		return nil, nil, nil, RegistryError("read config of", "source image", err)
 	}
