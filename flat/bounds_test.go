@@ -215,3 +215,35 @@ var (
 		Const:   decodeCeiling.Of(limitSlack) + 3*limitSlack + 1<<20,
 	}
 )
+
+// A stored block whose frame claims, or holds, 16 MiB for a block of
+// 1,000 bytes was decoded (allocating its claim, or what it held) before
+// its length was compared with the block's. The decoder now has room for
+// the block and no more: it stops within a zstd block (128 KiB) or two of
+// the block's end.
+func TestBlockBombs(t *testing.T) {
+	data := []byte(strings.Repeat("block", 200))
+	id := Sum(data)
+	for _, tc := range []struct {
+		name  string
+		frame []byte
+	}{
+		{"content size claim", hostile.Zstd(17, MaxBlockSize, hostile.Raw(data))},
+		{"too much content", hostile.Zstd(17, -1, hostile.Raw(data), hostile.Run(0, MaxBlockSize))},
+	} {
+		b := Block{ID: id, CLen: uint32(len(tc.frame)), ULen: uint32(len(data))}
+		var err error
+		got := memcheck.Allocated(func() { _, err = DecodeBlock(b, tc.frame, nil) })
+		t.Logf("%s: %d-byte frame, %d bytes allocated: %v", tc.name, len(tc.frame), got, err)
+		if !errors.Is(err, ErrCorruptBlock) {
+			t.Errorf("%s: %v, want ErrCorruptBlock", tc.name, err)
+		}
+		if got > 512<<10 {
+			t.Errorf("%s: %d bytes allocated for a block of %d", tc.name, got, len(data))
+		}
+	}
+	good := hostile.Zstd(17, int64(len(data)), hostile.Raw(data))
+	if out, err := DecodeBlock(Block{ID: id, CLen: uint32(len(good)), ULen: uint32(len(data))}, good, nil); err != nil || string(out) != string(data) {
+		t.Fatalf("a good block: %v", err)
+	}
+}
