@@ -26,7 +26,9 @@ test-short:
 	$(GO) test -short -count=1 $(PKGS)
 
 # Bounded fuzzing of everything that decodes untrusted bytes: the index, tar
-# entries, p2p frames, traces from registries, blob recipes from peers.
+# entries, p2p frames, traces from registries, blob recipes from peers. The
+# index, layer, frame and trace targets also fail an input that allocates
+# more than a ceiling proportional to its size (docs/untrusted-input.md).
 # Budgets are execution counts (Nx), each about 30 s here with an empty fuzz
 # cache, not durations: with a duration, Go's fuzz coordinator before Go 1.27
 # (golang/go#75804) can fail a target at the end of its window with a bare

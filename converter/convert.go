@@ -23,6 +23,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/bounded"
 )
 
 // Option configures a conversion.
@@ -106,6 +107,7 @@ func WithKeychain(k authn.Keychain) Option {
 }
 
 // WithTransport sets the HTTP transport (default: ggcr's remote.DefaultTransport).
+// Manifests read through it are bounded (bounded.Transport).
 func WithTransport(t http.RoundTripper) Option {
 	return func(c *config) error { c.transport = t; return nil }
 }
@@ -179,7 +181,7 @@ func (c *config) remoteOpts(ctx context.Context) []remote.Option {
 	return []remote.Option{
 		remote.WithContext(ctx),
 		remote.WithAuthFromKeychain(c.keychain),
-		remote.WithTransport(c.transport),
+		remote.WithTransport(bounded.Transport(c.transport)),
 		remote.WithPlatform(c.platform),
 	}
 }
@@ -280,7 +282,7 @@ func build(ctx context.Context, img v1.Image, c *config) (res *Result, flatImg v
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	cf, err := img.ConfigFile()
+	cf, err := bounded.ConfigFile(img)
 	if err != nil {
 		return nil, nil, nil, RegistryError("read config of", "source image", err)
 	}
@@ -415,6 +417,14 @@ func RegistryError(op, ref string, err error) error {
 	return fmt.Errorf("%s %s: %w", op, ref, err)
 }
 
+// maxLayerWindow is the largest zstd window a layer may ask for: the limit
+// of zstd's own decoder by default (window log 27), which only --long or
+// --ultra levels past 19 make frames pass. A decoder allocates the window
+// a frame header asks for before it decodes a byte, and fills it as it
+// decodes: klauspost's default allows 512 MiB, so a few kilobytes of layer
+// could make the converter hold half a gigabyte.
+const maxLayerWindow = 128 << 20
+
 // uncompressed opens a layer's tar stream. It reads the compressed blob
 // (which go-containerregistry verifies against its digest as it is read) and
 // picks the decompressor from the magic bytes: klauspost's gzip is about
@@ -424,6 +434,12 @@ func uncompressed(l v1.Layer) (io.ReadCloser, error) {
 	if err != nil {
 		return nil, err
 	}
+	return decompressLayer(rc)
+}
+
+// decompressLayer returns rc's bytes decompressed if they start with the
+// magic of gzip or zstd, as they are otherwise; closing it closes rc.
+func decompressLayer(rc io.ReadCloser) (io.ReadCloser, error) {
 	br := bufio.NewReaderSize(rc, 1<<20)
 	magic, err := br.Peek(4)
 	if err != nil && !errors.Is(err, io.EOF) {
@@ -439,14 +455,29 @@ func uncompressed(l v1.Layer) (io.ReadCloser, error) {
 		}
 		return readCloser{drainAtEOF{zr, br}, func() error { zr.Close(); return rc.Close() }}, nil
 	case len(magic) == 4 && magic[0] == 0x28 && magic[1] == 0xb5 && magic[2] == 0x2f && magic[3] == 0xfd:
-		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1))
+		// For a stream, the decoder's memory limit is its window limit.
+		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1),
+			zstd.WithDecoderMaxWindow(maxLayerWindow), zstd.WithDecoderMaxMemory(maxLayerWindow))
 		if err != nil {
 			rc.Close()
 			return nil, fmt.Errorf("zstd: %w", err)
 		}
-		return readCloser{drainAtEOF{zr, br}, func() error { zr.Close(); return rc.Close() }}, nil
+		return readCloser{drainAtEOF{zstdLayer{zr}, br}, func() error { zr.Close(); return rc.Close() }}, nil
 	}
 	return readCloser{br, rc.Close}, nil
+}
+
+// zstdLayer says which limit a frame broke when it asks for too large a
+// window.
+type zstdLayer struct{ *zstd.Decoder }
+
+func (z zstdLayer) Read(p []byte) (int, error) {
+	n, err := z.Decoder.Read(p)
+	if errors.Is(err, zstd.ErrWindowSizeExceeded) || errors.Is(err, zstd.ErrDecoderSizeExceeded) {
+		err = fmt.Errorf("%w: a zstd frame asks for a window over %d MiB (zstd's own limit by default; --long or --ultra compression passes it)",
+			ErrTooLarge, maxLayerWindow>>20)
+	}
+	return n, err
 }
 
 // drainAtEOF reads what follows the compressed stream when it ends, so that

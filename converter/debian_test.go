@@ -34,6 +34,7 @@ func TestConvertDebianImage(t *testing.T) {
 	}
 	t.Logf("converted %d entries, %d files, %d bytes into %d blocks (%d compressed bytes, index %d bytes)",
 		res.Stats.Entries, res.Stats.Files, res.Stats.ImageBytes, res.Stats.UniqueBlocks, res.Stats.CompressedBytes, res.Stats.IndexBytes)
+	checkIndexLimits(t, res)
 	x, got := readFlat(t, res.Ref)
 	want := testenv.ExtractTree(t, img)
 	testenv.CompareTrees(t, want, got)
@@ -68,5 +69,25 @@ func TestConvertDebianImage(t *testing.T) {
 	}
 	if again.Digest != res.Digest {
 		t.Errorf("second conversion gave %s, first %s", again.Digest, res.Digest)
+	}
+}
+
+// checkIndexLimits checks that a real image's index is far from the
+// limits the decoder puts on hostile ones (flat.MaxIndexRatio and the
+// rest): a change of the encoding that brought real indexes near them
+// would make the limits refuse real images.
+func checkIndexLimits(t *testing.T, res *Result) {
+	t.Helper()
+	raw, err := flat.Encode(res.Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	ratio := float64(len(raw)) / float64(res.Stats.IndexBytes)
+	decoded := float64(res.Index.DecodedSize()) / float64(len(raw))
+	t.Logf("index: %d bytes compressed, %d decompressed (%.1fx), decoded size %d (%.1fx)",
+		res.Stats.IndexBytes, len(raw), ratio, res.Index.DecodedSize(), decoded)
+	if ratio > flat.MaxIndexRatio/8 || decoded > flat.MaxDecodedRatio/4 || len(raw) > flat.MaxIndexSize/16 {
+		t.Errorf("a real index comes near the decoder's limits (inflates %.1fx, limit %d; decodes %.1fx, limit %d; %d bytes, limit %d)",
+			ratio, flat.MaxIndexRatio, decoded, flat.MaxDecodedRatio, len(raw), flat.MaxIndexSize)
 	}
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/bounded"
 	"github.com/shoal-project/shoal/snapshotter"
 )
 
@@ -92,7 +93,7 @@ func (r snapshotRemote) Lookup(ctx context.Context, ref, manifest string) (snaps
 	if err != nil {
 		return img, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuthFromKeychain(r.d.keychain)}
+	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuthFromKeychain(r.d.keychain), remote.WithTransport(bounded.Transport(nil))}
 	if manifest == "" {
 		desc, err := remote.Head(src, ropts...)
 		if err != nil {
@@ -137,7 +138,8 @@ func (r snapshotRemote) SourceLayers(ctx context.Context, ref, manifest string) 
 	if err != nil {
 		return nil, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	sd, err := remote.Get(src.Context().Digest(manifest), remote.WithContext(ctx), remote.WithAuthFromKeychain(r.d.keychain))
+	sd, err := remote.Get(src.Context().Digest(manifest), remote.WithContext(ctx), remote.WithAuthFromKeychain(r.d.keychain),
+		remote.WithTransport(bounded.Transport(nil)))
 	if err != nil {
 		return nil, converter.RegistryError("read", ref, err)
 	}

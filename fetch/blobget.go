@@ -118,9 +118,37 @@ func (c *blobClient) get(ctx context.Context, digest string, off, n, blobSize in
 			return nil, fail(short(err, off+n, k))
 		}
 	}
-	buf := make([]byte, n)
-	if k, err := io.ReadFull(body, buf); err != nil {
-		return nil, fail(short(err, n, int64(k)))
+	buf, err := readN(body, n, whole)
+	if err != nil {
+		return nil, fail(short(err, n, int64(len(buf))))
+	}
+	return buf, nil
+}
+
+// firstRead is the buffer a whole blob's read starts with.
+const firstRead = 64 << 10
+
+// readN reads exactly n bytes of r. A range's n is the caller's own plan,
+// allocated at once; a whole blob's is what its manifest claims (up to
+// flat.MaxIndexSize for an index), so its buffer grows as the bytes
+// arrive, doubling from firstRead, never past n. On error it returns what
+// it read.
+func readN(r io.Reader, n int64, whole bool) ([]byte, error) {
+	if !whole || n <= firstRead {
+		buf := make([]byte, n)
+		k, err := io.ReadFull(r, buf)
+		return buf[:k], err
+	}
+	buf := make([]byte, 0, firstRead)
+	for int64(len(buf)) < n {
+		if len(buf) == cap(buf) {
+			buf = append(make([]byte, 0, min(n, 2*int64(cap(buf)))), buf...)
+		}
+		k, err := io.ReadFull(r, buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+k]
+		if err != nil {
+			return buf, err
+		}
 	}
 	return buf, nil
 }

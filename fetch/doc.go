@@ -21,10 +21,13 @@
 // transport refreshes an expired token on a 401 by itself. The manifest must
 // be a flat image's: config flat.MediaTypeConfig, the index first, data blobs
 // after. A plain image gets ErrNotFlat and a message naming the tag its flat
-// form would have (FlatRef). The index blob is size-checked against the
-// manifest before it is read, read with a limit, hashed against its digest,
-// and decoded and validated by flat.DecodeBlob; every data blob it names must
-// be a layer of the manifest, with the same size.
+// form would have (FlatRef). Manifests are bounded before they are parsed
+// (bounded.Transport under the authenticated transport: 4 MiB, 65,536 JSON
+// values). The index blob is size-checked against the manifest (at most
+// flat.MaxIndexSize) before it is read, read into a buffer that grows as
+// its bytes arrive, hashed against its digest, and decoded and validated by
+// flat.DecodeBlob; every data blob it names must be a layer of the
+// manifest, with the same size.
 //
 // # Why Range requests
 //

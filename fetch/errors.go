@@ -15,6 +15,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/bounded"
 )
 
 var (
@@ -116,7 +117,7 @@ func retryable(err error) bool {
 		return se.code >= 500 || se.code == http.StatusTooManyRequests || se.code == http.StatusRequestTimeout
 	case errors.As(err, &terr):
 		return terr.StatusCode >= 500 || terr.StatusCode == http.StatusTooManyRequests || terr.StatusCode == http.StatusRequestTimeout
-	case errors.Is(err, ErrNotFlat), errors.Is(err, flat.ErrMalformed), errors.Is(err, errBadRequest):
+	case errors.Is(err, ErrNotFlat), errors.Is(err, flat.ErrMalformed), errors.Is(err, errBadRequest), errors.Is(err, bounded.ErrTooLarge):
 		return false
 	case errors.As(err, &cverr), errors.As(err, &uaerr), errors.As(err, &hnerr):
 		return false

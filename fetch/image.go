@@ -19,6 +19,7 @@ import (
 
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/bounded"
 )
 
 // Image is a flat image opened from its registry: the decoded index, and the
@@ -128,7 +129,8 @@ func OpenImage(ctx context.Context, ref string, opts ...Option) (*Image, error) 
 		ctx, cancel := context.WithTimeout(ctx, cfg.timeout)
 		defer cancel()
 		var err error
-		rt, err = transport.NewWithContext(ctx, repo.Registry, auth, cfg.transport, []string{repo.Scope(transport.PullScope)})
+		// Manifests read through rt are bounded; blobs pass untouched.
+		rt, err = transport.NewWithContext(ctx, repo.Registry, auth, bounded.Transport(cfg.transport), []string{repo.Scope(transport.PullScope)})
 		return translate(err)
 	})
 	if err != nil {
@@ -251,6 +253,8 @@ func resolveManifest(ctx context.Context, cfg *config, ref string, r name.Refere
 			cfg.log.Debug("manifest HEAD failed; asking the registry for the manifest", "component", "fetch", "ref", ref, "err", err)
 		case head.MediaType.IsIndex():
 			return *head, nil, false, nil
+		case head.Size > bounded.MaxManifestSize:
+			return v1.Descriptor{}, nil, false, fmt.Errorf("open %s: manifest of %d bytes (limit %d): %w", ref, head.Size, bounded.MaxManifestSize, bounded.ErrTooLarge)
 		default:
 			target = r.Context().Digest(head.Digest.String())
 			raw, err := src.FetchManifest(ctx, *head)
@@ -299,6 +303,10 @@ func flatManifest(ref string, mediaType types.MediaType, raw []byte) (*v1.Manife
 	if mediaType.IsIndex() {
 		return nil, fmt.Errorf("open %s: this is an image index (a multi-platform image) and has no flat form here; "+
 			"convert it with `shoal convert %s`, which flattens one platform, then open its -shoal tag: %w", ref, ref, ErrNotFlat)
+	}
+	// raw may come from peers, not through the bounded transport.
+	if err := bounded.CheckJSON(raw, "manifest"); err != nil {
+		return nil, fmt.Errorf("open %s: %w", ref, err)
 	}
 	m, err := v1.ParseManifest(bytes.NewReader(raw))
 	if err != nil {

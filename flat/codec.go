@@ -17,9 +17,6 @@ import (
 // magic starts every encoded index.
 var magic = [8]byte{'S', 'H', 'O', 'A', 'L', 'I', 'D', 'X'}
 
-// MaxIndexSize bounds the decompressed size of an index blob.
-const MaxIndexSize = 1 << 30
-
 // ErrMalformed is wrapped by every decoding and validation error.
 var ErrMalformed = errors.New("malformed flat index")
 
@@ -93,22 +90,17 @@ func Encode(x *Index) ([]byte, error) {
 var (
 	encOnce sync.Once
 	encoder *zstd.Encoder
-	decoder *zstd.Decoder
 )
 
-func codecs() (*zstd.Encoder, *zstd.Decoder) {
+func indexEncoder() *zstd.Encoder {
 	encOnce.Do(func() {
 		var err error
 		encoder, err = zstd.NewWriter(nil, zstd.WithEncoderLevel(zstd.SpeedBetterCompression), zstd.WithEncoderConcurrency(1))
 		if err != nil {
 			panic(fmt.Sprintf("flat: zstd encoder: %v", err))
 		}
-		decoder, err = zstd.NewReader(nil, zstd.WithDecoderConcurrency(0), zstd.WithDecoderMaxMemory(MaxIndexSize))
-		if err != nil {
-			panic(fmt.Sprintf("flat: zstd decoder: %v", err))
-		}
 	})
-	return encoder, decoder
+	return encoder
 }
 
 // EncodeBlob returns the index as stored in the registry: Encode, then zstd.
@@ -117,16 +109,16 @@ func EncodeBlob(x *Index) ([]byte, error) {
 	if err != nil {
 		return nil, err
 	}
-	enc, _ := codecs()
-	return enc.EncodeAll(raw, nil), nil
+	return indexEncoder().EncodeAll(raw, nil), nil
 }
 
-// DecodeBlob decompresses and decodes an index blob.
+// DecodeBlob decompresses and decodes an index blob, within the limits
+// of limits.go: what it allocates grows with the bytes it has decoded, and
+// its bytes bound how far it may inflate.
 func DecodeBlob(blob []byte) (*Index, error) {
-	_, dec := codecs()
-	raw, err := dec.DecodeAll(blob, nil)
+	raw, err := decompress(blob)
 	if err != nil {
-		return nil, fmt.Errorf("%w: decompress: %v", ErrMalformed, err)
+		return nil, err
 	}
 	return Decode(raw)
 }
@@ -138,14 +130,17 @@ func ReadBlob(r io.Reader) (*Index, error) {
 	if err != nil {
 		return nil, fmt.Errorf("read flat index: %w", err)
 	}
-	if len(blob) > MaxIndexSize {
-		return nil, fmt.Errorf("%w: index blob larger than %d bytes", ErrMalformed, MaxIndexSize)
-	}
 	return DecodeBlob(blob)
 }
 
-// Decode parses an encoded index and validates it completely.
+// Decode parses an encoded index and validates it completely. It
+// allocates as it parses, never ahead of the records it has read, and
+// refuses an index whose decoded size (DecodedSize) would pass
+// MaxDecodedSize or MaxDecodedRatio times len(b) plus 64 KiB.
 func Decode(b []byte) (*Index, error) {
+	if len(b) > MaxIndexSize {
+		return nil, fmt.Errorf("%w: index of %d bytes (limit %d)", ErrMalformed, len(b), MaxIndexSize)
+	}
 	if len(b) < len(magic)+4 || !bytes.Equal(b[:len(magic)], magic[:]) {
 		return nil, fmt.Errorf("%w: not a flat index (bad magic)", ErrMalformed)
 	}
@@ -158,43 +153,59 @@ func Decode(b []byte) (*Index, error) {
 	if got, want := crc32.Checksum(body, castagnoli), binary.LittleEndian.Uint32(b[len(b)-4:]); got != want {
 		return nil, fmt.Errorf("%w: checksum mismatch", ErrMalformed)
 	}
-	r := reader{b: body, off: len(magic)}
+	r := reader{b: body, off: len(magic), budget: decodedLimit(len(b)), raw: len(b)}
 	x := &Index{}
 	r.uvarint("version")
 	x.Source = r.str("source", MaxSourceLen)
 	x.AvgBlockSize = r.u32("average block size")
 
+	// Tables grow as their records are parsed, never ahead of them: a
+	// count is only a claim until its records are there.
 	n := r.count("blobs", 2)
-	x.Blobs = make([]Blob, n)
-	for i := range x.Blobs {
-		x.Blobs[i].Digest = r.str("blob digest", 128)
-		x.Blobs[i].Size = r.uvarint("blob size")
+	x.Blobs = make([]Blob, 0, min(n, firstChunk))
+	for i := 0; i < n && r.err == nil; i++ {
+		var bl Blob
+		bl.Digest = r.str("blob digest", 128)
+		bl.Size = r.uvarint("blob size")
+		r.charge(costBlob + len(bl.Digest))
+		x.Blobs = appendUpTo(x.Blobs, n, bl)
 	}
 	n = r.count("blocks", 32+4)
-	x.Blocks = make([]Block, n)
-	for i := range x.Blocks {
-		bl := &x.Blocks[i]
+	x.Blocks = make([]Block, 0, min(n, firstChunk))
+	for i := 0; i < n && r.err == nil; i++ {
+		var bl Block
 		copy(bl.ID[:], r.bytes("block id", 32))
 		bl.Blob = r.u32("block blob")
 		bl.Offset = r.uvarint("block offset")
 		bl.CLen = r.u32("block compressed length")
 		bl.ULen = r.u32("block length")
+		r.charge(costBlock)
+		x.Blocks = appendUpTo(x.Blocks, n, bl)
 	}
 	n = r.count("entries", 9)
-	x.Entries = make([]Entry, n)
+	x.Entries = make([]Entry, 0, min(n, firstChunk))
 	prev := ""
 	var prevBlock int64
 	var pathBuf []byte
 	var slab []Extent
-	for i := range x.Entries {
+	for i := 0; i < n && r.err == nil; i++ {
+		var e Entry
+		shared := r.uvarint("path prefix")
+		suffix := r.rawStr("path", MaxPathLen)
 		if r.err != nil {
 			break
 		}
-		e := &x.Entries[i]
-		shared := r.uvarint("path prefix")
-		suffix := r.rawStr("path", MaxPathLen)
 		if shared > uint64(len(prev)) {
 			r.fail("entry %d: path prefix %d longer than previous path", i, shared)
+			break
+		}
+		// Checked here, not only in Validate: a path may share all of the
+		// previous one, so unchecked paths grow without bound.
+		if l := int(shared) + len(suffix); l > MaxPathLen {
+			r.fail("entry %d: path of %d bytes (limit %d)", i, l, MaxPathLen)
+			break
+		}
+		if r.charge(costEntry + int(shared) + len(suffix)); r.err != nil {
 			break
 		}
 		pathBuf = append(append(pathBuf[:0], prev[:shared]...), suffix...)
@@ -210,39 +221,57 @@ func Decode(b []byte) (*Index, error) {
 		case TypeReg:
 			e.Size = r.uvarint("size")
 			ne := r.count("extents", 3)
-			if ne > 0 {
-				// Extents of all files share slabs: one allocation per
-				// thousands of files instead of one per file.
+			switch {
+			case ne > slabSize:
+				// A file of many extents gets its own slice, grown as
+				// they are read.
+				e.Extents = make([]Extent, 0, slabSize)
+			case ne > 0:
+				// The extents of small files share slabs: one
+				// allocation per thousands of files instead of one per
+				// file.
 				if len(slab)+ne > cap(slab) {
-					slab = make([]Extent, 0, max(ne, 8192))
+					slab = make([]Extent, 0, slabSize)
 				}
-				e.Extents = slab[len(slab) : len(slab)+ne : len(slab)+ne]
-				slab = slab[:len(slab)+ne]
+				e.Extents = slab[len(slab) : len(slab) : len(slab)+ne]
 			}
-			for j := range e.Extents {
+			for j := 0; j < ne && r.err == nil; j++ {
 				d := r.varint("extent block")
 				blk := prevBlock + d
 				if d > math.MaxUint32 || d < -math.MaxUint32 || blk < 0 || blk > math.MaxUint32 {
-					r.fail("entry %q: extent block out of range", e.Path)
+					r.fail("entry %q: extent block out of range", shortPath(e.Path))
 					break
 				}
 				prevBlock = blk
-				e.Extents[j] = Extent{Block: uint32(blk), Offset: r.u32("extent offset"), Length: r.u32("extent length")}
+				r.charge(costExtent)
+				e.Extents = appendUpTo(e.Extents, ne, Extent{Block: uint32(blk), Offset: r.u32("extent offset"), Length: r.u32("extent length")})
+			}
+			if ne > 0 && ne <= slabSize {
+				slab = slab[:len(slab)+len(e.Extents)]
 			}
 		case TypeSymlink, TypeHardlink:
 			e.Linkname = r.str("link target", MaxLinkLen)
+			r.charge(len(e.Linkname))
 		case TypeChar, TypeBlock:
 			e.DevMajor = r.u32("device major")
 			e.DevMinor = r.u32("device minor")
 		}
 		nx := r.count("xattrs", 2)
+		if nx > MaxXattrs {
+			r.fail("entry %q: %d xattrs (limit %d)", shortPath(e.Path), nx, MaxXattrs)
+			break
+		}
 		if nx > 0 {
-			e.Xattrs = make([]Xattr, nx)
+			e.Xattrs = make([]Xattr, 0, nx)
 		}
-		for j := range e.Xattrs {
-			e.Xattrs[j].Name = r.str("xattr name", MaxNameLen)
-			e.Xattrs[j].Value = []byte(r.str("xattr value", MaxXattrLen))
+		for j := 0; j < nx && r.err == nil; j++ {
+			var xa Xattr
+			xa.Name = r.str("xattr name", MaxNameLen)
+			xa.Value = []byte(r.str("xattr value", MaxXattrLen))
+			r.charge(costXattr + len(xa.Name) + len(xa.Value))
+			e.Xattrs = append(e.Xattrs, xa)
 		}
+		x.Entries = appendUpTo(x.Entries, n, e)
 	}
 	if r.err != nil {
 		return nil, r.err
@@ -254,6 +283,24 @@ func Decode(b []byte) (*Index, error) {
 		return nil, err
 	}
 	return x, nil
+}
+
+// firstChunk is the capacity a table starts with; slabSize the extents
+// one slab holds.
+const (
+	firstChunk = 64
+	slabSize   = 8192
+)
+
+// appendUpTo appends v to s, a slice that will hold at most n elements:
+// its capacity doubles as elements arrive, never past n.
+func appendUpTo[T any](s []T, n int, v T) []T {
+	if len(s) == cap(s) {
+		g := make([]T, len(s), min(n, max(2*cap(s), firstChunk)))
+		copy(g, s)
+		s = g
+	}
+	return append(s, v)
 }
 
 // Validate checks the invariants every index must hold: table references in
@@ -272,21 +319,19 @@ func (x *Index) Validate() error {
 			return bad("blob %d: bad digest %q", i, b.Digest)
 		}
 	}
-	seen := make(map[BlockID]struct{}, len(x.Blocks))
 	for i, b := range x.Blocks {
 		if int(b.Blob) >= len(x.Blobs) {
 			return bad("block %d: blob %d out of range", i, b.Blob)
 		}
-		if b.CLen == 0 || b.ULen == 0 || b.ULen > MaxBlockSize {
+		if b.CLen == 0 || b.ULen == 0 || b.ULen > MaxBlockSize || uint64(b.CLen) > compressBound(b.ULen) {
 			return bad("block %d: bad length (compressed %d, uncompressed %d)", i, b.CLen, b.ULen)
 		}
 		if end := b.Offset + uint64(b.CLen); end < b.Offset || end > x.Blobs[b.Blob].Size {
 			return bad("block %d: bytes %d+%d outside blob of %d bytes", i, b.Offset, b.CLen, x.Blobs[b.Blob].Size)
 		}
-		if _, dup := seen[b.ID]; dup {
-			return bad("block %d: duplicate id %s", i, b.ID)
-		}
-		seen[b.ID] = struct{}{}
+	}
+	if i, dup := duplicateBlock(x.Blocks); dup {
+		return bad("block %d: duplicate id %s", i, x.Blocks[i].ID)
 	}
 	if len(x.Entries) == 0 || x.Entries[0].Path != "" || x.Entries[0].Type != TypeDir {
 		return bad("the first entry must be the root directory")
@@ -299,30 +344,30 @@ func (x *Index) Validate() error {
 				return bad("entry %d: %v", i, err)
 			}
 			if ComparePaths(x.Entries[i-1].Path, e.Path) >= 0 {
-				return bad("entry %q: out of order or duplicate", e.Path)
+				return bad("entry %q: out of order or duplicate", shortPath(e.Path))
 			}
 			parent := ParentPath(e.Path)
 			for len(dirs) > 0 && dirs[len(dirs)-1] != parent {
 				dirs = dirs[:len(dirs)-1]
 			}
 			if len(dirs) == 0 {
-				return bad("entry %q: parent directory missing", e.Path)
+				return bad("entry %q: parent directory missing", shortPath(e.Path))
 			}
 		}
 		if e.Mode&^0o7777 != 0 {
-			return bad("entry %q: mode %o has bits outside 07777", e.Path, e.Mode)
+			return bad("entry %q: mode %o has bits outside 07777", shortPath(e.Path), e.Mode)
 		}
 		if e.MtimeNs >= 1e9 {
-			return bad("entry %q: mtime nanoseconds %d", e.Path, e.MtimeNs)
+			return bad("entry %q: mtime nanoseconds %d", shortPath(e.Path), e.MtimeNs)
 		}
 		if e.Type != TypeReg && (e.Size != 0 || len(e.Extents) != 0) {
-			return bad("entry %q: %s with contents", e.Path, e.Type)
+			return bad("entry %q: %s with contents", shortPath(e.Path), e.Type)
 		}
 		if e.Type != TypeSymlink && e.Type != TypeHardlink && e.Linkname != "" {
-			return bad("entry %q: %s with a link target", e.Path, e.Type)
+			return bad("entry %q: %s with a link target", shortPath(e.Path), e.Type)
 		}
 		if e.Type != TypeChar && e.Type != TypeBlock && (e.DevMajor != 0 || e.DevMinor != 0) {
-			return bad("entry %q: %s with device numbers", e.Path, e.Type)
+			return bad("entry %q: %s with device numbers", shortPath(e.Path), e.Type)
 		}
 		switch e.Type {
 		case TypeDir:
@@ -331,45 +376,45 @@ func (x *Index) Validate() error {
 			var sum uint64
 			for _, ex := range e.Extents {
 				if int(ex.Block) >= len(x.Blocks) {
-					return bad("entry %q: block %d out of range", e.Path, ex.Block)
+					return bad("entry %q: block %d out of range", shortPath(e.Path), ex.Block)
 				}
 				if ex.Length == 0 || uint64(ex.Offset)+uint64(ex.Length) > uint64(x.Blocks[ex.Block].ULen) {
-					return bad("entry %q: extent %d+%d outside block of %d bytes", e.Path, ex.Offset, ex.Length, x.Blocks[ex.Block].ULen)
+					return bad("entry %q: extent %d+%d outside block of %d bytes", shortPath(e.Path), ex.Offset, ex.Length, x.Blocks[ex.Block].ULen)
 				}
 				sum += uint64(ex.Length)
 			}
 			if sum != e.Size {
-				return bad("entry %q: extents hold %d bytes, size is %d", e.Path, sum, e.Size)
+				return bad("entry %q: extents hold %d bytes, size is %d", shortPath(e.Path), sum, e.Size)
 			}
 		case TypeSymlink:
 			if e.Linkname == "" || len(e.Linkname) > MaxLinkLen || strings.IndexByte(e.Linkname, 0) >= 0 {
-				return bad("entry %q: bad symlink target", e.Path)
+				return bad("entry %q: bad symlink target", shortPath(e.Path))
 			}
 		case TypeHardlink:
 			// A hard link is only a name: the inode's metadata lives on its target.
 			if e.Mode != 0 || e.UID != 0 || e.GID != 0 || e.MtimeSec != 0 || e.MtimeNs != 0 || len(e.Xattrs) != 0 {
-				return bad("entry %q: hard link with metadata of its own", e.Path)
+				return bad("entry %q: hard link with metadata of its own", shortPath(e.Path))
 			}
 			if err := checkPath(e.Linkname); err != nil {
-				return bad("entry %q: hard link target: %v", e.Path, err)
+				return bad("entry %q: hard link target: %v", shortPath(e.Path), err)
 			}
 			j, ok := x.lookupBefore(i, e.Linkname)
 			if !ok || x.Entries[j].Type != TypeReg {
-				return bad("entry %q: hard link target %q is not an earlier regular file", e.Path, e.Linkname)
+				return bad("entry %q: hard link target %q is not an earlier regular file", shortPath(e.Path), e.Linkname)
 			}
 		case TypeChar, TypeBlock, TypeFIFO:
 		default:
-			return bad("entry %q: unknown type %d", e.Path, e.Type)
+			return bad("entry %q: unknown type %d", shortPath(e.Path), e.Type)
 		}
 		if len(e.Xattrs) > MaxXattrs {
-			return bad("entry %q: %d xattrs", e.Path, len(e.Xattrs))
+			return bad("entry %q: %d xattrs", shortPath(e.Path), len(e.Xattrs))
 		}
 		for j, xa := range e.Xattrs {
 			if xa.Name == "" || len(xa.Name) > MaxNameLen || strings.IndexByte(xa.Name, 0) >= 0 || len(xa.Value) > MaxXattrLen {
-				return bad("entry %q: bad xattr %q", e.Path, xa.Name)
+				return bad("entry %q: bad xattr %q", shortPath(e.Path), xa.Name)
 			}
 			if j > 0 && e.Xattrs[j-1].Name >= xa.Name {
-				return bad("entry %q: xattrs out of order or duplicate", e.Path)
+				return bad("entry %q: xattrs out of order or duplicate", shortPath(e.Path))
 			}
 		}
 	}
@@ -400,9 +445,9 @@ func checkPath(p string) error {
 	for c := range strings.SplitSeq(p, "/") {
 		switch {
 		case c == "" || c == "." || c == "..":
-			return fmt.Errorf("path %q is not clean and relative", p)
+			return fmt.Errorf("path %q is not clean and relative", shortPath(p))
 		case len(c) > MaxNameLen:
-			return fmt.Errorf("name longer than %d bytes in %q", MaxNameLen, p)
+			return fmt.Errorf("name longer than %d bytes in %q", MaxNameLen, shortPath(p))
 		}
 	}
 	return nil
@@ -443,9 +488,12 @@ func (w *writer) str(s string) {
 // reader decodes with sticky errors: after the first failure every call
 // returns zero values, so callers check r.err once per loop.
 type reader struct {
-	b   []byte
-	off int
-	err error
+	b      []byte
+	off    int
+	err    error
+	raw    int   // bytes of the encoded index, CRC included
+	used   int64 // decoded size so far (costs in limits.go)
+	budget int64 // the most used may reach
 }
 
 func (r *reader) fail(format string, args ...any) {

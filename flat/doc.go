@@ -25,7 +25,14 @@
 //     references delta-coded) wrapped in zstd. Decoding checks every count
 //     against the bytes left, every reference against its table, and the tree
 //     for order, parents and link targets, so a malformed index is an error,
-//     never a panic or a huge allocation.
+//     never a panic.
+//   - An index is untrusted input (anyone who can push an image wrote one),
+//     so what decoding it costs is bounded by its bytes, never by what its
+//     headers claim: a blob inflates at most MaxIndexRatio times (and to at
+//     most MaxIndexSize), and decodes to at most MaxDecodedRatio times its
+//     decompressed size in memory (and at most MaxDecodedSize), counted
+//     record by record as they are parsed; tables grow as their records
+//     arrive. Each limit broken is one error line that names it.
 //   - Entries are sorted by path component by component, so a directory's
 //     subtree is one contiguous run and lookups are binary searches.
 //

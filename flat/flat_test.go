@@ -187,7 +187,7 @@ func TestBlockIDs(t *testing.T) {
 func TestDecodeBlock(t *testing.T) {
 	t.Parallel()
 	data := bytes.Repeat([]byte("block"), 1000)
-	enc, _ := codecs()
+	enc := indexEncoder()
 	comp := enc.EncodeAll(data, nil)
 	b := Block{ID: Sum(data), CLen: uint32(len(comp)), ULen: uint32(len(data))}
 	got, err := DecodeBlock(b, comp, nil)

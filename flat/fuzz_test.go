@@ -6,10 +6,13 @@ import (
 	"errors"
 	"hash/crc32"
 	"testing"
+
+	"github.com/shoal-project/shoal/internal/hostile"
 )
 
 // FuzzDecode: any input either decodes into an index that validates and
-// re-encodes to the same bytes, or fails with ErrMalformed; never a panic.
+// re-encodes to the same bytes, or fails with ErrMalformed; never a panic,
+// and never an allocation over decodeCeiling for its size.
 // The fuzzer mutates the body and the checksum is recomputed, so mutations
 // reach the parser instead of dying at the checksum.
 func FuzzDecode(f *testing.F) {
@@ -25,7 +28,9 @@ func FuzzDecode(f *testing.F) {
 	f.Add([]byte("SHOALIDX"))
 	f.Fuzz(func(t *testing.T, in []byte) {
 		b := binary.LittleEndian.AppendUint32(bytes.Clone(in), crc32.Checksum(in, castagnoli))
-		x, err := Decode(b)
+		var x *Index
+		var err error
+		decodeCeiling.Check(t, len(b), func() { x, err = Decode(b) })
 		if err != nil {
 			if !errors.Is(err, ErrMalformed) {
 				t.Fatalf("error without ErrMalformed: %v", err)
@@ -52,7 +57,8 @@ func FuzzDecode(f *testing.F) {
 	})
 }
 
-// FuzzDecodeBlob covers the zstd wrapper as well.
+// FuzzDecodeBlob covers the zstd wrapper as well, and its allocation
+// ceiling: what a blob may inflate to.
 func FuzzDecodeBlob(f *testing.F) {
 	blob, err := EncodeBlob(sampleIndexSorted())
 	if err != nil {
@@ -60,8 +66,14 @@ func FuzzDecodeBlob(f *testing.F) {
 	}
 	f.Add(blob)
 	f.Add([]byte{0x28, 0xb5, 0x2f, 0xfd})
+	// A frame that claims a gigabyte, and one that holds a megabyte of
+	// zeros: each was an allocation of what it claimed or held.
+	f.Add(hostile.Zstd(17, 1<<30, hostile.Raw(magic[:])))
+	f.Add(hostile.Zstd(17, -1, hostile.Raw(blob), hostile.Run(0, 1<<20)))
 	f.Fuzz(func(t *testing.T, b []byte) {
-		if _, err := DecodeBlob(b); err != nil && !errors.Is(err, ErrMalformed) {
+		var err error
+		blobCeiling.Check(t, len(b), func() { _, err = DecodeBlob(b) })
+		if err != nil && !errors.Is(err, ErrMalformed) {
 			t.Fatalf("error without ErrMalformed: %v", err)
 		}
 	})

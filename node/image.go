@@ -18,6 +18,7 @@ import (
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/bounded"
 	"github.com/shoal-project/shoal/trace"
 )
 
@@ -187,12 +188,13 @@ func (n *Node) sourceConfig(ctx context.Context, flatRef, srcDigest string) *v1.
 		return nil
 	}
 	src := r.Context().Digest(srcDigest)
-	img, err := remote.Image(src, remote.WithContext(ctx), remote.WithAuthFromKeychain(n.cfg.keychain))
+	img, err := remote.Image(src, remote.WithContext(ctx), remote.WithAuthFromKeychain(n.cfg.keychain),
+		remote.WithTransport(bounded.Transport(nil)))
 	if err != nil {
 		n.log.Debug("source config unavailable", "ref", src.String(), "err", err)
 		return nil
 	}
-	cf, err := img.ConfigFile()
+	cf, err := bounded.ConfigFile(img)
 	if err != nil {
 		n.log.Debug("source config unreadable", "ref", src.String(), "err", err)
 		return nil
@@ -210,7 +212,7 @@ func (n *Node) convertLocally(ctx context.Context, ref string) (*Image, error) {
 		return nil, fmt.Errorf("image reference %q: %w", ref, err)
 	}
 	src, err := remote.Image(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(n.cfg.keychain),
-		remote.WithPlatform(converter.HostPlatform()))
+		remote.WithPlatform(converter.HostPlatform()), remote.WithTransport(bounded.Transport(nil)))
 	if err != nil {
 		return nil, converter.RegistryError("read", ref, err)
 	}
@@ -218,7 +220,7 @@ func (n *Node) convertLocally(ctx context.Context, ref string) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	cf, _ := src.ConfigFile()
+	cf, _ := bounded.ConfigFile(src)
 	chain, err := fetch.NewChain(n.store, nil, n.chainOpts()...)
 	if err != nil {
 		return nil, err

@@ -89,11 +89,18 @@ type frameReader interface {
 	io.ByteReader
 }
 
+// frameChunk is the most readFrame allocates for a frame ahead of its
+// bytes: a length is only the peer's claim until the bytes are there.
+const frameChunk = 4 << 10
+
 // readFrame reads one length-prefixed frame (uvarint length, then that many
 // bytes) into buf, growing it if needed, and returns the payload. A length
-// above max is rejected with ErrFrameTooLarge before any byte of the payload
-// is read or allocated.
-func readFrame(r frameReader, max int, buf []byte) ([]byte, error) {
+// above limit is rejected with ErrFrameTooLarge before any byte of the payload
+// is read or allocated. A frame larger than buf grows as its bytes arrive,
+// doubling from frameChunk, so that a peer that sends a length and then
+// nothing (or a little) holds no more memory than it sent, however long
+// the read deadline.
+func readFrame(r frameReader, limit int, buf []byte) ([]byte, error) {
 	n, err := binary.ReadUvarint(r)
 	if err != nil {
 		if errors.Is(err, io.EOF) {
@@ -101,15 +108,28 @@ func readFrame(r frameReader, max int, buf []byte) ([]byte, error) {
 		}
 		return nil, ErrMalformed
 	}
-	if n > uint64(max) {
+	if n > uint64(limit) {
 		return nil, ErrFrameTooLarge
 	}
-	if uint64(cap(buf)) < n {
-		buf = make([]byte, n)
+	if uint64(cap(buf)) >= n {
+		buf = buf[:n]
+		if _, err := io.ReadFull(r, buf); err != nil {
+			return nil, io.ErrUnexpectedEOF
+		}
+		return buf, nil
 	}
-	buf = buf[:n]
-	if _, err := io.ReadFull(r, buf); err != nil {
-		return nil, io.ErrUnexpectedEOF
+	buf = buf[:0]
+	for uint64(len(buf)) < n {
+		if len(buf) == cap(buf) {
+			grown := make([]byte, len(buf), min(n, uint64(max(2*cap(buf), frameChunk))))
+			copy(grown, buf)
+			buf = grown
+		}
+		k, err := io.ReadFull(r, buf[len(buf):cap(buf)])
+		buf = buf[:len(buf)+k]
+		if err != nil {
+			return nil, io.ErrUnexpectedEOF
+		}
 	}
 	return buf, nil
 }

@@ -19,6 +19,7 @@ import (
 	"github.com/multiformats/go-multihash"
 
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/memcheck"
 )
 
 func TestRequestRoundTrip(t *testing.T) {
@@ -189,59 +190,71 @@ func FuzzReadFrame(f *testing.F) {
 	f.Add(append(appendBlockHeader(nil, statusComing, q.cids[0], len(hp)), hp...))
 	f.Add(binary.AppendUvarint(nil, 1<<63))
 	f.Add([]byte{})
+	// A length that fits the limit and nothing behind it: allocated whole
+	// before the reader grew frames as their bytes arrive.
+	f.Add(binary.AppendUvarint(nil, maxUpdateFrame))
 
 	f.Fuzz(func(t *testing.T, data []byte) {
-		r := bytes.NewReader(data)
-		if p, err := readFrame(r, maxUpdateFrame, nil); err == nil {
-			if len(p) > maxUpdateFrame {
-				t.Fatalf("frame of %d bytes passed a %d limit", len(p), maxUpdateFrame)
-			}
-			if q, err := decodeRequest(p); err == nil {
-				if len(q.cids) > MaxRequestBlocks {
-					t.Fatalf("%d cids", len(q.cids))
-				}
-				if !bytes.Equal(q.encode(), p) {
-					t.Fatal("request does not re-encode to its bytes")
-				}
-			}
-			if h, err := decodeHello(p); err == nil {
-				if !bytes.Equal(h.encode(), p) {
-					t.Fatal("hello does not re-encode to its bytes")
-				}
-			}
-			if u, err := decodeUpdate(p, 1<<20); err == nil {
-				if !bytes.Equal(u.encode(), p) {
-					t.Fatal("update does not re-encode to its bytes")
-				}
-			}
-			if hs, err := decodeHints(p); err == nil {
-				if len(hs) > MaxHints || len(p) > maxHintFrame {
-					t.Fatalf("%d hints in %d bytes passed the limits", len(hs), len(p))
-				}
-				if !bytes.Equal(encodeHints(hs), p) {
-					t.Fatal("hints do not re-encode to their bytes")
-				}
-			}
-		} else if !errors.Is(err, ErrFrameTooLarge) && !errors.Is(err, ErrMalformed) &&
-			!errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
-			t.Fatalf("readFrame: unexpected error %v", err)
-		}
-
-		r.Reset(data)
-		scratch := make([]byte, maxCIDLen)
-		for range 4 {
-			hd, err := readBlockHeader(r, scratch)
-			if err != nil {
-				break
-			}
-			if hd.dataLen > MaxBlockFrame || len(hd.cid) > maxCIDLen {
-				t.Fatalf("header past limits: %d data bytes, %d cid bytes", hd.dataLen, len(hd.cid))
-			}
-			if _, err := io.CopyN(io.Discard, r, int64(hd.dataLen)); err != nil {
-				break
-			}
-		}
+		frameCeiling.Check(t, len(data), func() { fuzzFrame(t, data) })
 	})
+}
+
+// frameCeiling bounds what reading and decoding frames of n bytes may
+// allocate: the payload (twice, as it grows), what the decoders keep of
+// it, and frameChunk and a few small buffers.
+var frameCeiling = memcheck.Ceiling{PerByte: 8, Const: 32 << 10}
+
+func fuzzFrame(t *testing.T, data []byte) {
+	r := bytes.NewReader(data)
+	if p, err := readFrame(r, maxUpdateFrame, nil); err == nil {
+		if len(p) > maxUpdateFrame {
+			t.Fatalf("frame of %d bytes passed a %d limit", len(p), maxUpdateFrame)
+		}
+		if q, err := decodeRequest(p); err == nil {
+			if len(q.cids) > MaxRequestBlocks {
+				t.Fatalf("%d cids", len(q.cids))
+			}
+			if !bytes.Equal(q.encode(), p) {
+				t.Fatal("request does not re-encode to its bytes")
+			}
+		}
+		if h, err := decodeHello(p); err == nil {
+			if !bytes.Equal(h.encode(), p) {
+				t.Fatal("hello does not re-encode to its bytes")
+			}
+		}
+		if u, err := decodeUpdate(p, 1<<20); err == nil {
+			if !bytes.Equal(u.encode(), p) {
+				t.Fatal("update does not re-encode to its bytes")
+			}
+		}
+		if hs, err := decodeHints(p); err == nil {
+			if len(hs) > MaxHints || len(p) > maxHintFrame {
+				t.Fatalf("%d hints in %d bytes passed the limits", len(hs), len(p))
+			}
+			if !bytes.Equal(encodeHints(hs), p) {
+				t.Fatal("hints do not re-encode to their bytes")
+			}
+		}
+	} else if !errors.Is(err, ErrFrameTooLarge) && !errors.Is(err, ErrMalformed) &&
+		!errors.Is(err, io.EOF) && !errors.Is(err, io.ErrUnexpectedEOF) {
+		t.Fatalf("readFrame: unexpected error %v", err)
+	}
+
+	r.Reset(data)
+	scratch := make([]byte, maxCIDLen)
+	for range 4 {
+		hd, err := readBlockHeader(r, scratch)
+		if err != nil {
+			break
+		}
+		if hd.dataLen > MaxBlockFrame || len(hd.cid) > maxCIDLen {
+			t.Fatalf("header past limits: %d data bytes, %d cid bytes", hd.dataLen, len(hd.cid))
+		}
+		if _, err := io.CopyN(io.Discard, r, int64(hd.dataLen)); err != nil {
+			break
+		}
+	}
 }
 
 func TestImageKey(t *testing.T) {

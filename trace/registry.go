@@ -7,7 +7,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io"
 	"sort"
 	"time"
 
@@ -17,6 +16,8 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote/transport"
 	"github.com/google/go-containerregistry/pkg/v1/static"
 	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/shoal-project/shoal/internal/bounded"
 )
 
 // Artifact layout in the registry (docs/traces.md):
@@ -103,14 +104,17 @@ func (m rawManifest) MediaType() (types.MediaType, error) { return types.OCIMani
 // Find returns the newest trace published for the flat image digest (in the
 // repository of ref), or ErrNotFound. A trace that does not parse, or
 // belongs to another image, is skipped; when none is usable the error
-// wraps ErrNotFound and says why the newest was not.
+// wraps ErrNotFound and says why the newest was not. The manifests it
+// reads are bounded (bounded.Transport over remote.DefaultTransport); a
+// caller that passes its own transport should wrap it so.
 func Find(ctx context.Context, ref, digest string, nameOpts []name.Option, opts ...remote.Option) (*Trace, error) {
 	r, err := name.ParseReference(ref, nameOpts...)
 	if err != nil {
 		return nil, fmt.Errorf("trace: %w", err)
 	}
 	repo := r.Context()
-	opts = append([]remote.Option{remote.WithContext(ctx), remote.WithFilter("artifactType", MediaType)}, opts...)
+	opts = append([]remote.Option{remote.WithContext(ctx), remote.WithFilter("artifactType", MediaType),
+		remote.WithTransport(bounded.Transport(nil))}, opts...)
 	idx, err := remote.Referrers(repo.Digest(digest), opts...)
 	if err != nil {
 		var te *transport.Error
@@ -169,11 +173,8 @@ func fetchTrace(repo name.Repository, manifest v1.Hash, image string, opts []rem
 		return nil, fmt.Errorf("trace %s: %w", manifest, err)
 	}
 	defer rc.Close()
-	data, err := io.ReadAll(io.LimitReader(rc, maxTraceBytes+1))
-	if err != nil {
-		return nil, fmt.Errorf("trace %s: %w", manifest, err)
-	}
-	t, err := Unmarshal(data)
+	// Decode reads to the end, so the digest is checked.
+	t, err := Decode(rc, maxTraceBytes)
 	if err != nil {
 		return nil, fmt.Errorf("trace %s: %w", manifest, err)
 	}

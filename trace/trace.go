@@ -37,6 +37,8 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 )
@@ -49,7 +51,8 @@ const Version = 1
 const MediaType = "application/vnd.shoal.trace.v1+json"
 
 // MaxEvents bounds a decoded trace (a 5 GB image of 256 KiB blocks has
-// ~20k blocks; this leaves room for small-block images).
+// ~20k blocks; this leaves room for small-block images). Decode stops at
+// the first event past it: 1 Mi events take 32 MiB.
 const MaxEvents = 1 << 20
 
 // ErrMalformed is wrapped by every Decode error about the content.
@@ -91,11 +94,16 @@ func (d Duration) MarshalJSON() ([]byte, error) {
 	return []byte(fmt.Sprint(time.Duration(d).Microseconds())), nil
 }
 
-// UnmarshalJSON reads microseconds.
+// UnmarshalJSON reads microseconds. It parses the number itself: an
+// encoding/json decoder for each of a trace's million durations would
+// cost more than the trace.
 func (d *Duration) UnmarshalJSON(b []byte) error {
-	var us int64
-	if err := json.Unmarshal(b, &us); err != nil {
-		return err
+	if string(b) == "null" {
+		return nil
+	}
+	us, err := strconv.ParseInt(string(b), 10, 64)
+	if err != nil {
+		return fmt.Errorf("duration %s: not a whole number of microseconds", b)
 	}
 	if us < 0 || us > int64(365*24*time.Hour/time.Microsecond) {
 		return fmt.Errorf("duration %dus out of range", us)
@@ -122,36 +130,168 @@ func Marshal(t *Trace) ([]byte, error) {
 	return b.Bytes(), nil
 }
 
-// Decode reads and validates a trace; at most maxBytes are read (0: 64 MiB).
+// DefaultMaxBytes bounds a trace Decode reads when its caller sets no
+// bound: MaxEvents events as the encoder writes them take about 60 MB.
+const DefaultMaxBytes = 64 << 20
+
+// Decode reads and validates a trace; at most maxBytes are read (0:
+// DefaultMaxBytes). It reads as it decodes, so what it holds is the
+// events read so far, never the whole input, and stops at the first event
+// past MaxEvents. It reads to the end of r: nothing but white space may
+// follow the trace.
 func Decode(r io.Reader, maxBytes int64) (*Trace, error) {
 	if maxBytes <= 0 {
-		maxBytes = 64 << 20
+		maxBytes = DefaultMaxBytes
 	}
-	data, err := io.ReadAll(io.LimitReader(r, maxBytes+1))
-	if err != nil {
-		return nil, fmt.Errorf("trace: read: %w", err)
-	}
-	if int64(len(data)) > maxBytes {
+	in := &boundedReader{r: r, left: maxBytes, max: maxBytes}
+	t, err := decode(in)
+	switch {
+	case in.tooLarge:
 		return nil, fmt.Errorf("%w: larger than %d bytes", ErrMalformed, maxBytes)
+	case in.err != nil:
+		return nil, fmt.Errorf("trace: read: %w", in.err)
+	case err != nil:
+		return nil, err
 	}
-	return Unmarshal(data)
+	return t, nil
 }
 
 // Unmarshal decodes and validates a trace.
 func Unmarshal(data []byte) (*Trace, error) {
-	dec := json.NewDecoder(bytes.NewReader(data))
+	return Decode(bytes.NewReader(data), max(int64(len(data)), 1))
+}
+
+// decode parses a trace token by token: the fields of the object, and the
+// events one at a time, so that the events slice grows with the events
+// read and stops at MaxEvents. Keys match as encoding/json matches them
+// (case-insensitively); unknown keys and trailing data are errors.
+func decode(r io.Reader) (*Trace, error) {
+	dec := json.NewDecoder(r)
 	dec.DisallowUnknownFields()
 	var t Trace
-	if err := dec.Decode(&t); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrMalformed, err)
+	fields := []field{
+		{"version", &t.Version}, {"image", &t.Image}, {"blocks", &t.Blocks},
+		{"image_bytes", &t.ImageBytes}, {"stored_bytes", &t.StoredBytes},
+		{"recorded", &t.Recorded}, {"window", &t.Window}, {"command", &t.Command},
 	}
-	if dec.More() {
+	bad := func(err error) (*Trace, error) { return nil, fmt.Errorf("%w: %v", ErrMalformed, err) }
+	if err := expect(dec, json.Delim('{')); err != nil {
+		return bad(err)
+	}
+	for dec.More() {
+		tok, err := dec.Token()
+		if err != nil {
+			return bad(err)
+		}
+		key, _ := tok.(string) // an object's keys are strings, or Token fails
+		if strings.EqualFold(key, "events") {
+			if err := decodeEvents(dec, &t.Events); err != nil {
+				return bad(err)
+			}
+			continue
+		}
+		i := slices.IndexFunc(fields, func(f field) bool { return strings.EqualFold(f.name, key) })
+		if i < 0 {
+			return bad(fmt.Errorf("unknown field %q", key))
+		}
+		if err := dec.Decode(fields[i].v); err != nil {
+			return bad(fmt.Errorf("%s: %w", fields[i].name, err))
+		}
+	}
+	if err := expect(dec, json.Delim('}')); err != nil {
+		return bad(err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
 		return nil, fmt.Errorf("%w: trailing data", ErrMalformed)
 	}
 	if err := t.Validate(); err != nil {
 		return nil, err
 	}
 	return &t, nil
+}
+
+// field is a trace field other than the events: its JSON name, and where
+// it goes.
+type field struct {
+	name string
+	v    any
+}
+
+// decodeEvents decodes the events array (or null) one event at a time.
+func decodeEvents(dec *json.Decoder, events *[]Event) error {
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if tok == nil {
+		*events = nil
+		return nil
+	}
+	if tok != json.Delim('[') {
+		return fmt.Errorf("events: %v, want an array", tok)
+	}
+	ev := (*events)[:0]
+	for dec.More() {
+		n := len(ev)
+		if n == MaxEvents {
+			return fmt.Errorf("more than %d events", MaxEvents)
+		}
+		if n == cap(ev) {
+			// Doubling: half the garbage of append's growth, whose
+			// copies of a large slice would outweigh the events.
+			ev = append(make([]Event, 0, min(MaxEvents, max(2*n, 64))), ev...)
+		}
+		ev = ev[:n+1]
+		ev[n] = Event{}
+		if err := dec.Decode(&ev[n]); err != nil {
+			return fmt.Errorf("event %d: %w", n, err)
+		}
+	}
+	*events = ev
+	return expect(dec, json.Delim(']'))
+}
+
+func expect(dec *json.Decoder, d json.Delim) error {
+	tok, err := dec.Token()
+	if err != nil {
+		return err
+	}
+	if tok != d {
+		return fmt.Errorf("%v where %v belongs", tok, d)
+	}
+	return nil
+}
+
+// boundedReader reads at most max bytes of r; one byte more makes it fail.
+// It keeps the error it met, so that Decode can tell a read error, or too
+// large an input, from a malformed one.
+type boundedReader struct {
+	r        io.Reader
+	left     int64
+	max      int64
+	tooLarge bool
+	err      error
+}
+
+var errTooLarge = errors.New("too large")
+
+func (b *boundedReader) Read(p []byte) (int, error) {
+	if b.left < 0 {
+		return 0, errTooLarge
+	}
+	if int64(len(p)) > b.left+1 {
+		p = p[:b.left+1]
+	}
+	n, err := b.r.Read(p)
+	b.left -= int64(n)
+	if b.left < 0 {
+		b.tooLarge = true
+		return n, errTooLarge
+	}
+	if err != nil && !errors.Is(err, io.EOF) && b.err == nil {
+		b.err = err
+	}
+	return n, err
 }
 
 // ReadFile reads and validates a trace file.

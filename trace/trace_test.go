@@ -19,6 +19,7 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/memcheck"
 	"github.com/shoal-project/shoal/internal/testenv"
 )
 
@@ -229,15 +230,25 @@ func TestPublishReferrersAPI(t *testing.T) {
 }
 
 // FuzzUnmarshal: traces come from registries and are untrusted; whatever
-// the bytes, Unmarshal returns a valid trace or ErrMalformed, never panics,
-// and what it accepts re-encodes to a trace that decodes the same.
+// the bytes, Unmarshal returns a valid trace or ErrMalformed, never panics
+// nor allocates past traceCeiling, and what it accepts re-encodes to a
+// trace that decodes the same.
+// traceCeiling bounds what decoding n bytes of trace may allocate: events
+// of 32 bytes for as few as 3 bytes of JSON, in a slice that doubles, the
+// decoder's buffer, and strings no longer than the input.
+var traceCeiling = memcheck.Ceiling{PerByte: 64, Const: 64 << 10}
+
 func FuzzUnmarshal(f *testing.F) {
 	good, _ := Marshal(sample())
 	f.Add(good)
 	f.Add([]byte(`{"version":1,"image":"sha256:0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef","blocks":1,"image_bytes":1,"stored_bytes":1,"recorded":"2026-01-01T00:00:00Z","window":0,"events":[{"b":0,"t":0,"w":0,"s":1,"c":1}]}`))
 	f.Add([]byte(`{}`))
+	// A stream of empty events: 32 bytes each out of 3.
+	f.Add([]byte(`{"events":[{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{},{}]}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
-		tr, err := Unmarshal(data)
+		var tr *Trace
+		var err error
+		traceCeiling.Check(t, len(data), func() { tr, err = Unmarshal(data) })
 		if err != nil {
 			if !errors.Is(err, ErrMalformed) {
 				t.Fatalf("error not ErrMalformed: %v", err)
