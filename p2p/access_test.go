@@ -139,9 +139,12 @@ func TestPrivateImageReaders(t *testing.T) {
 	as, cs := a.Stats(), c.Stats()
 	t.Logf("A: proofs sent %d, accepted %d; C: proofs sent %d, accepted %d, DENIED received %d", as.ProofsSent, as.ProofsAccepted, cs.ProofsSent, cs.ProofsAccepted, cs.DeniedReceived)
 	// One handshake verifies both nodes to each other: whichever opened
-	// its have session first ran it, and the other needed none.
-	if as.ProofsSent+cs.ProofsSent != 1 || as.ProofsAccepted+cs.ProofsAccepted != 1 {
-		t.Errorf("handshakes: %d sent, %d accepted; want 1 and 1", as.ProofsSent+cs.ProofsSent, as.ProofsAccepted+cs.ProofsAccepted)
+	// its have session first ran it, and the other needed none — unless
+	// both opened theirs at the same moment, each before the other's
+	// handshake was done: then one each way, never more.
+	sent, accepted := as.ProofsSent+cs.ProofsSent, as.ProofsAccepted+cs.ProofsAccepted
+	if sent < 1 || sent > 2 || accepted != sent || as.ProofsSent > 1 || cs.ProofsSent > 1 {
+		t.Errorf("handshakes: A sent %d, C sent %d, %d accepted; want one, or one each way, all accepted", as.ProofsSent, cs.ProofsSent, accepted)
 	}
 	if cs.DeniedReceived != 0 || as.DeniedSent != 0 {
 		t.Errorf("DENIED sent %d, received %d; want none between readers", as.DeniedSent, cs.DeniedReceived)
