@@ -50,6 +50,7 @@ func TestBenchChaosRollout(t *testing.T) {
 	needRoot(t)
 	nodes := envInt("SHOAL_BENCH_NODES", 12)
 	mbit := envInt("SHOAL_BENCH_REGISTRY_MBIT", 100)
+	faults := chaosFaults()
 	bin := buildShoal(t)
 	byzd := buildByzd(t)
 	lab, regHost, src, img := rolloutLab(t, mbit)
@@ -86,13 +87,13 @@ func TestBenchChaosRollout(t *testing.T) {
 			ctx, cancel := context.WithCancel(t.Context())
 			c := startCluster(t, ctx, bin, hosts, true)
 			var byz []*exec.Cmd
-			if arm == "chaos" {
+			if arm == "chaos" && faults["byzantine"] {
 				boot := waitStatus(t, hosts[0], bin, c.states[0]).Addrs[0]
 				byz = startByzantine(t, ctx, byzd, byzHosts, boot, flatRef)
 			}
 			killed := map[int]bool{}
 			tx0 := regHost.TxBytes()
-			if arm == "chaos" {
+			if arm == "chaos" && faults["outage"] {
 				go func() {
 					time.Sleep(chaosLinkDown)
 					if err := regHost.SetLinkUp(false); err != nil {
@@ -104,6 +105,8 @@ func TestBenchChaosRollout(t *testing.T) {
 						t.Errorf("registry link up: %v", err)
 					}
 				}()
+			}
+			if arm == "chaos" && faults["kill"] {
 				for k := range chaosKilled {
 					killed[nodes-1-k] = true
 				}
@@ -172,6 +175,7 @@ func TestBenchChaosRollout(t *testing.T) {
 		"image":              imageInfo(t, src, img),
 		"command":            pythonCmd,
 		"unique_bytes":       unique,
+		"faults":             faults,
 		"chaos": fmt.Sprintf("2 byzantine members (a coming-liar ground into the origin group, a node serving corrupt blocks); %d honest daemons SIGKILLed %v after the start; the registry's link down from %v to %v",
 			chaosKilled, chaosKill, chaosLinkDown, chaosLinkDown+chaosOutage),
 		"shoal":         summ("chaos"),
@@ -184,6 +188,19 @@ func TestBenchChaosRollout(t *testing.T) {
 		"network":       "each node in its own network namespace on one bridge (198.18.0.0/16); registry link shaped with tc tbf both ways; nodes unshaped",
 		"reproduce":     fmt.Sprintf("SHOAL_BENCH=1 SHOAL_BENCH_PAIRS=%d go test -count=1 -timeout 60m -run '^TestBenchChaosRollout$' -v ./bench/ (as root)", pairs()),
 	})
+}
+
+// chaosFaults are the faults of the chaos arm: all three, or those
+// $SHOAL_CHAOS lists (byzantine, kill, outage), to see what each costs.
+func chaosFaults() map[string]bool {
+	faults := map[string]bool{"byzantine": true, "kill": true, "outage": true}
+	if v := os.Getenv("SHOAL_CHAOS"); v != "" {
+		faults = map[string]bool{}
+		for f := range strings.SplitSeq(v, ",") {
+			faults[strings.TrimSpace(f)] = true
+		}
+	}
+	return faults
 }
 
 // buildByzd builds the byzantine member (internal/chaos/byzd, -tags

@@ -7,6 +7,8 @@ import (
 	"time"
 
 	"github.com/libp2p/go-libp2p/core/peer"
+
+	"github.com/shoal-project/shoal/flat"
 )
 
 // TestOriginComingLiar: a member of the origin group that answers every
@@ -96,5 +98,47 @@ func TestHostileModes(t *testing.T) {
 	id, _ := imageID(im.digest)
 	if g := OriginGroup(id, append(honest, ground), "", OriginGroupSize); !slices.Contains(g, ground) {
 		t.Errorf("the ground identity is not in the origin group of 201 peers")
+	}
+}
+
+// TestCorruptHolderNoStall: a member that holds every block and serves
+// each one corrupted is struck, then avoided; from then on the reads do not
+// wait for it as a holder, call after call (each FUSE read is a call).
+func TestCorruptHolderNoStall(t *testing.T) {
+	t.Parallel()
+	const wait = 2 * time.Second
+	im := newTestImage("corrupt-holder", 16, 16<<10)
+	nodes := startSwarm(t, im, 2, 0, func(i int, c *Config) { c.OriginWait = wait })
+	bad := startNode(t, Config{Blocks: openStore(t, im, nil), BootstrapPeers: nodes[0].n.Addrs()})
+	if err := bad.JoinImage(t.Context(), im.digest, im.index); err != nil {
+		t.Fatal(err)
+	}
+	if err := bad.setHostile(hostileCorrupt); err != nil {
+		t.Fatal(err)
+	}
+	r := nodes[0]
+	eventually(t, 10*time.Second, "the reader to see the corrupt node hold every block", func() bool { return allHeld(r.n, im, bad.ID()) })
+	start := time.Now()
+	var slowest time.Duration
+	for _, b := range im.index.Blocks {
+		t0 := time.Now()
+		got, err := r.chain.FetchMany(t.Context(), []flat.Block{b})
+		if err != nil || len(got) != 1 {
+			t.Fatalf("block %s: %d, %v", b.ID, len(got), err)
+		}
+		checkBlocks(t, im, got)
+		slowest = max(slowest, time.Since(t0))
+	}
+	took := time.Since(start)
+	info, _ := r.n.PeerInfo(bad.ID())
+	t.Logf("16 reads one after another in %v (slowest %v); the corrupt node: %d strikes", took, slowest, info.BadBlocks)
+	if info.BadBlocks < 1 {
+		t.Error("the corrupt node was never struck")
+	}
+	// Three reads may each meet it (the strikes); the rest go straight to
+	// the block's designated fetcher. Waiting for it as a holder costs a
+	// read a third of OriginWait or more.
+	if limit := 3*wait/3 + 13*wait/10; took > limit {
+		t.Errorf("16 reads took %v (limit %v): reads waited for an avoided holder", took, limit)
 	}
 }

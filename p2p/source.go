@@ -224,13 +224,14 @@ func (ps *PeerSource) await(ctx context.Context, all []flat.Block, f *fetchState
 	s := n.swarm(ps.image)
 	for ctx.Err() == nil {
 		var want []flat.Block
+		now := n.cfg.Clock.Now()
 		f.mu.Lock()
 		news := f.news
 		for _, b := range all {
 			if _, got := f.out[b.ID]; got || f.own[b.ID] {
 				continue
 			}
-			if f.coming[b.ID] || f.pending[b.ID] > 0 || slices.ContainsFunc(f.holdersLocked(n, b.ID), func(p peer.ID) bool { return !f.excluded[p] && !f.tried[b.ID][p] }) {
+			if f.coming[b.ID] || f.pending[b.ID] > 0 || slices.ContainsFunc(f.holdersLocked(n, b.ID), func(p peer.ID) bool { return f.mayDeliverLocked(n, b.ID, p, now) }) {
 				want = append(want, b)
 			}
 		}
@@ -367,7 +368,7 @@ func (ps *PeerSource) plan(want []flat.Block, f *fetchState, rng Rand) assignmen
 			force[b.ID] = ForceSpread(now.Sub(f.spreadAt[b.ID]), n.cfg.SpreadWait, others)
 		}
 		for _, p := range hs {
-			if f.tried[b.ID][p] {
+			if f.tried[b.ID][p] || n.peers.isAvoided(p, now) {
 				continue
 			}
 			held[i] = true
@@ -790,6 +791,15 @@ func (ps *PeerSource) recordOrigin(ctx context.Context, p peer.ID, batch []flat.
 	return true
 }
 
+// mayDeliverLocked reports whether p, a holder of block id, may still
+// deliver it in this call: not excluded from the call, not known to lack
+// it, and not avoided after wrong blocks (it is not asked again before
+// the call ends). A block whose holders are all past that is not waited
+// for; it goes to its designated fetcher at once. f.mu must be held.
+func (f *fetchState) mayDeliverLocked(n *Node, id flat.BlockID, p peer.ID, now time.Time) bool {
+	return !f.excluded[p] && !f.tried[id][p] && !n.peers.isAvoided(p, now)
+}
+
 // setComingLocked records that designated fetcher p answered block id
 // COMING at now (the first such answer counts). f.mu must be held.
 func (f *fetchState) setComingLocked(id flat.BlockID, p peer.ID, now time.Time) {
@@ -811,7 +821,7 @@ func (f *fetchState) undeliveredLocked(n *Node, want []flat.Block, now time.Time
 			continue
 		}
 		from := f.comingFrom[b.ID]
-		if slices.ContainsFunc(f.holdersLocked(n, b.ID), func(p peer.ID) bool { return p != from && !f.excluded[p] && !f.tried[b.ID][p] }) {
+		if slices.ContainsFunc(f.holdersLocked(n, b.ID), func(p peer.ID) bool { return p != from && f.mayDeliverLocked(n, b.ID, p, now) }) {
 			continue
 		}
 		delete(f.coming, b.ID)
