@@ -452,8 +452,23 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 		cands[i], dropped[i] = n.host.Peerstore().PeerInfo(d), false
 		return true
 	}
+	givenUp := false
 	for {
 		passes++
+		// The designated fetcher holds the blob a registry read after the
+		// swarm asks for it. One that has delivered nothing, nor has
+		// anyone, by ComingGrace is taken for a member that lies, as
+		// PeerSource takes one whose COMING never comes: unreachable, and
+		// the next member in its place, in every node that finds it so.
+		if !designated && !givenUp && wait > 0 && n.cfg.Clock.Now().Sub(clockStart) >= ComingGrace(wait) && wctx.Err() == nil {
+			givenUp = true
+			n.st.comingUndelivered.Add(1)
+			n.markUnreachable(d)
+			n.log.Warn("designated fetcher of an image blob delivered nothing; asking the next member", "peer", d.String(), "image", digest, "blob", blob)
+			if i := slices.IndexFunc(cands, func(ai peer.AddrInfo) bool { return ai.ID == d }); i >= 0 {
+				replace(i)
+			}
+		}
 		for k := 0; k < len(cands); k++ {
 			// The designated fetcher is asked first in the first pass
 			// and last in the later ones: by then the others have the

@@ -754,10 +754,12 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 		}
 		cands = append([]int32{first}, p2p.SampleProviders(rest, w.cfg.Swarm.MaxImagePeers, n.rng)...)
 	}
-	deadline := w.e.now + wait
+	start := w.e.now
+	deadline := start + wait
 	pass := 1
 	backoff := 10 * time.Millisecond
 	dropped := map[int32]bool{} // could not connect, or not a member: not asked again
+	givenUp := false            // the designated fetcher, after p2p.ComingGrace
 	var ask func(k int)
 	// lost drops cands[i], found gone or not a member, and goes on with
 	// the next candidate. If it was the designated fetcher, the next
@@ -779,6 +781,23 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 		ask(k + 1)
 	}
 	ask = func(k int) {
+		// ImageBlob's grace: a designated fetcher that delivered nothing,
+		// nor anyone, by ComingGrace is taken for unreachable, and the
+		// next member takes its place.
+		if k == 0 && !designated && !givenUp && !w.cfg.ComingGraceOff && wait > 0 && w.e.now-start >= p2p.ComingGrace(wait) && w.e.now < deadline {
+			givenUp = true
+			w.st.comingUndelivered++
+			w.unreachable(n, w.nodes[w.byID[d]])
+			if i := slices.Index(cands, w.byID[d]); i >= 0 {
+				w.st.originReplanned++
+				if d = designee(); d == n.pid || d == "" {
+					designated, wait, deadline = true, 0, w.e.now
+				} else {
+					cands[i] = w.byID[d]
+					delete(dropped, cands[i])
+				}
+			}
+		}
 		if k == len(cands) {
 			if !slices.ContainsFunc(cands, func(c int32) bool { return !dropped[c] }) {
 				fromRegistry() // nobody left to ask
