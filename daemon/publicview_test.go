@@ -38,14 +38,7 @@ func TestStatusPageHidesPrivateImages(t *testing.T) {
 	reg := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
 	srv := httptest.NewServer(reg)
 	t.Cleanup(srv.Close)
-	locked := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if u, p, ok := r.BasicAuth(); !ok || u != "payroll" || p != "s3cret" {
-			w.Header().Set("WWW-Authenticate", `Basic realm="test"`)
-			http.Error(w, "authentication required", http.StatusUnauthorized)
-			return
-		}
-		reg.ServeHTTP(w, r)
-	}))
+	locked := httptest.NewServer(testenv.BasicAuth(reg, "payroll", "s3cret", nil))
 	t.Cleanup(locked.Close)
 	host, lockedHost := strings.TrimPrefix(srv.URL, "http://"), strings.TrimPrefix(locked.URL, "http://")
 	private := pushAndConvertFileAs(t, lockedHost+"/secret-team/payroll:v7", "data/file", []byte(strings.Repeat("private ", 10000)),

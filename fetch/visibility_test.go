@@ -10,21 +10,9 @@ import (
 	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
-)
 
-// basicAuth demands user:pass on every request, as a registry behind
-// htpasswd does; it counts the requests it refused.
-func basicAuth(h http.Handler, user, pass string, refused *atomic.Int64) http.Handler {
-	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if u, p, ok := r.BasicAuth(); !ok || u != user || p != pass {
-			refused.Add(1)
-			w.Header().Set("WWW-Authenticate", `Basic realm="shoal-test"`)
-			http.Error(w, `{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}`, http.StatusUnauthorized)
-			return
-		}
-		h.ServeHTTP(w, r)
-	})
-}
+	"github.com/shoal-project/shoal/internal/testenv"
+)
 
 // The probe: a registry that serves anonymous reads makes a repository
 // public, one that asks for credentials private; both answers are kept for
@@ -34,7 +22,7 @@ func TestVisibility(t *testing.T) {
 	f := newFixture(t)
 	var refused atomic.Int64
 	open := newManifestCounter(t, shared.handler, false)
-	locked := newManifestCounter(t, basicAuth(shared.handler, "u", "p", &refused), false)
+	locked := newManifestCounter(t, testenv.BasicAuth(shared.handler, "u", "p", &refused), false)
 	broken := newManifestCounter(t, shared.handler, true) // HEADs answer 500
 	v := mustVisibility([]string{broken.Host + "/listed/*"}, true)
 	ref := func(host, repo string) name.Reference {
@@ -91,7 +79,7 @@ func TestOpenImagePrivate(t *testing.T) {
 	f := newFixture(t)
 	_, manifest, index := flatBlobs(t, f)
 	var refused atomic.Int64
-	reg := newManifestCounter(t, basicAuth(shared.handler, "u", "p", &refused), false)
+	reg := newManifestCounter(t, testenv.BasicAuth(shared.handler, "u", "p", &refused), false)
 	src := &peerSource{manifest: func(v1.Descriptor) ([]byte, error) { return manifest, nil }, index: index}
 	opts := append(src.opts(), WithKeychain(staticKeychain{&authn.Basic{Username: "u", Password: "p"}}))
 	im, err := OpenImage(t.Context(), reg.Host+"/app:v1-shoal", opts...)

@@ -8,7 +8,6 @@ import (
 	"fmt"
 	"io"
 	"log"
-	"net/http"
 	"net/http/httptest"
 	"strings"
 	"sync"
@@ -21,6 +20,7 @@ import (
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/internal/testenv"
 )
 
 // blobPeers is a stand-in swarm (Peers, fetch.IndexSource and
@@ -216,14 +216,7 @@ func TestResolvePrivateImage(t *testing.T) {
 	h := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
 	open := httptest.NewServer(h)
 	t.Cleanup(open.Close)
-	locked := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
-		if u, p, ok := r.BasicAuth(); !ok || u != "u" || p != "p" {
-			w.Header().Set("WWW-Authenticate", `Basic realm="shoal-test"`)
-			http.Error(w, "authentication required", http.StatusUnauthorized)
-			return
-		}
-		h.ServeHTTP(w, r)
-	}))
+	locked := httptest.NewServer(testenv.BasicAuth(h, "u", "p", nil))
 	t.Cleanup(locked.Close)
 	pushImage(t, strings.TrimPrefix(open.URL, "http://")+"/app:v1", map[string]string{"hello": "private"})
 	if _, err := converter.Convert(t.Context(), strings.TrimPrefix(open.URL, "http://")+"/app:v1", "", converter.WithPlainHTTP(true), converter.WithLogger(quiet)); err != nil {

@@ -44,13 +44,7 @@ func (n *Node) handleBlock(st network.Stream) {
 	}
 	defer n.wg.Done()
 	p := st.Conn().RemotePeer()
-	_ = st.SetReadDeadline(time.Now().Add(requestTimeout))
-	payload, err := readFrame(bufio.NewReaderSize(st, 1024), maxRequestFrame, nil)
-	if err != nil {
-		st.Reset()
-		return
-	}
-	q, err := decodeRequest(payload)
+	q, err := readRequest(st)
 	if err != nil {
 		n.log.Debug("bad block request", "peer", p.String(), "err", err)
 		st.Reset()
@@ -316,6 +310,16 @@ func (n *Node) handleBlock(st network.Stream) {
 		// first), and later askers of them may be sent to it.
 		n.origin.delivered(written, p)
 	}
+}
+
+// readRequest reads a /shoal/block/1 request, within requestTimeout.
+func readRequest(st network.Stream) (request, error) {
+	_ = st.SetReadDeadline(time.Now().Add(requestTimeout))
+	payload, err := readFrame(bufio.NewReaderSize(st, 1024), maxRequestFrame, nil)
+	if err != nil {
+		return request{}, err
+	}
+	return decodeRequest(payload)
 }
 
 // hintsFor is the hints payload naming the peers in to (but not the

@@ -85,13 +85,7 @@ func (n *Node) setHostile(mode hostility) error {
 		}
 		defer n.wg.Done()
 		defer st.Close()
-		_ = st.SetReadDeadline(time.Now().Add(requestTimeout))
-		payload, err := readFrame(bufio.NewReaderSize(st, 1024), maxRequestFrame, nil)
-		if err != nil {
-			st.Reset()
-			return
-		}
-		q, err := decodeRequest(payload)
+		q, err := readRequest(st)
 		if err != nil {
 			st.Reset()
 			return

@@ -167,6 +167,37 @@ func ids(nodes []*swarmNode) []peer.ID {
 	return out
 }
 
+// checkMovedOnce checks that each block designated to nodes[gone] (which
+// did not fetch it: gone, left, lying) came from the registry once, at the
+// member of live next in the block's rendezvous order, and returns how
+// many blocks that was.
+func checkMovedOnce(t *testing.T, im *testImage, nodes []*swarmNode, gone int, live []int, what string) int {
+	t.Helper()
+	all := ids(nodes)
+	var rest []peer.ID
+	for _, i := range live {
+		rest = append(rest, all[i])
+	}
+	moved := 0
+	for _, b := range im.index.Blocks {
+		if Designated(b.ID, all, all[0]) != all[gone] {
+			continue
+		}
+		moved++
+		next := slices.Index(all, Designated(b.ID, rest, rest[0]))
+		for _, i := range live {
+			want := 0
+			if i == next {
+				want = 1
+			}
+			if c := nodes[i].reg.count(b.ID); c != want {
+				t.Errorf("node %d fetched block %s of %s from the registry %d times, want %d (next: node %d)", i, b.ID, what, c, want, next)
+			}
+		}
+	}
+	return moved
+}
+
 // fetchAll has every node in which read all of im's blocks at once and
 // returns how long each took.
 func fetchAll(t *testing.T, im *testImage, nodes []*swarmNode, which []int) []time.Duration {
@@ -333,29 +364,7 @@ func TestOriginDesignatedDead(t *testing.T) {
 				}
 			}
 			if mode != "hung" {
-				// Each of its blocks came from the registry once, at the
-				// member next in the block's rendezvous order.
-				var rest []peer.ID
-				for _, i := range live {
-					rest = append(rest, all[i])
-				}
-				moved := 0
-				for _, b := range im.index.Blocks {
-					if Designated(b.ID, all, all[0]) != all[dead] {
-						continue
-					}
-					moved++
-					next := slices.Index(all, Designated(b.ID, rest, rest[0]))
-					for _, i := range live {
-						want := 0
-						if i == next {
-							want = 1
-						}
-						if c := nodes[i].reg.count(b.ID); c != want {
-							t.Errorf("node %d fetched block %s of the %s node from the registry %d times, want %d (next: node %d)", i, b.ID, mode, c, want, next)
-						}
-					}
-				}
+				moved := checkMovedOnce(t, im, nodes, dead, live, "the "+mode+" node")
 				var unreachable, replanned int64
 				for _, i := range live {
 					st := nodes[i].n.Stats()

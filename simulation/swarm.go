@@ -319,6 +319,18 @@ func (c *pcall) await() {
 	c.plan()
 }
 
+// reach is how long n's request takes to reach q, a group member with no
+// have session with n: one way, and a new connection (TCP, noise, yamux:
+// three round trips) the first time; n and q are connected from then on.
+func (w *world) reach(n, q *simNode) time.Duration {
+	ow := w.oneWay(n, q)
+	if n.conn[q.i] {
+		return ow
+	}
+	n.conn[q.i], q.conn[n.i] = true, true
+	return 7 * ow
+}
+
 // undelivered is fetchState.undeliveredLocked: of the blocks awaited, those
 // a designated fetcher answered COMING for at least p2p.ComingGrace ago
 // that no other holder shows, with their COMING cleared; each such
@@ -828,12 +840,7 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 	}
 	if q.liar {
 		// Byzantine: COMING for everything, and nothing sent.
-		there := ow
-		if !n.conn[q.i] {
-			there += 6 * ow // no have session: a new connection
-			n.conn[q.i], q.conn[n.i] = true, true
-		}
-		w.e.after(there+ow, func() {
+		w.e.after(w.reach(n, q)+ow, func() {
 			if r.done || r.cancelled {
 				return
 			}
@@ -847,12 +854,7 @@ func (w *world) originRequest(n, q *simNode, blocks []uint32, deadline time.Dura
 		// Up, but not in the image's swarm: it answers NOT_MEMBER for
 		// every block (the asker plans them again for the next member),
 		// or, the daemon before, NOT_FOUND (they fall to the registry).
-		there := ow
-		if !n.conn[q.i] {
-			there += 6 * ow // no have session: a new connection
-			n.conn[q.i], q.conn[n.i] = true, true
-		}
-		w.e.after(there+ow, func() {
+		w.e.after(w.reach(n, q)+ow, func() {
 			if r.done || r.cancelled {
 				return
 			}
