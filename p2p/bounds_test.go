@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"sync"
 	"testing"
 	"time"
@@ -68,9 +69,14 @@ func holdPrefixes(n int) (release func()) {
 // 1 MiB until the read deadline (issue 17). The reader now allocates as
 // the payload arrives: a few KiB for a prefix.
 func TestBarePrefixAllocatesLittle(t *testing.T) {
-	var release func()
-	got := memcheck.Allocated(func() { release = holdPrefixes(1) })
-	release()
+	// The count is the process's: the least of a few tries is the
+	// reader's own, without what other goroutines allocated meanwhile.
+	got := uint64(math.MaxUint64)
+	for range 3 {
+		var release func()
+		got = min(got, memcheck.Allocated(func() { release = holdPrefixes(1) }))
+		release()
+	}
 	t.Logf("a stalled hello prefix claiming %d bytes holds %d bytes", maxHelloFrame, got)
 	if got > 64<<10 {
 		t.Errorf("a stalled hello prefix claiming %d bytes holds %d bytes", maxHelloFrame, got)

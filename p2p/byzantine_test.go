@@ -129,56 +129,72 @@ func TestCorruptHolderNoStall(t *testing.T) {
 }
 
 // TestImageBlobDesignatedLiar: the index's designated fetcher is a member
-// that never fetches it and answers NOT_FOUND. Every node gives up on it
-// after ComingGrace, the next member reads the index from the registry, and
-// the others have it from that member — not each from the registry after
-// OriginWait.
+// that never fetches it and answers NOT_FOUND — and, in the second case,
+// so is the member next in line. Every node gives up on each after
+// BlobGrace, the first honest member in line reads the index from the
+// registry, and the others have it from that member: not each from the
+// registry after OriginWait.
 func TestImageBlobDesignatedLiar(t *testing.T) {
 	t.Parallel()
-	const wait = 3 * time.Second
-	bs := startBlobSwarm(t, "designated-liar", 4, func(c *Config) { c.OriginWait = wait })
-	id, liar, live := bs.indexRoles()
-	if err := bs.nodes[liar].setHostile(hostileComingLiar); err != nil {
-		t.Fatal(err)
-	}
-	rest := slices.DeleteFunc(slices.Clone(bs.ids), func(p peer.ID) bool { return p == bs.ids[liar] })
-	next := slices.Index(bs.ids, Designate(id, OriginGroup(bs.image, rest, "", OriginGroupSize), ""))
-	for _, i := range live {
-		bs.lookUp(t, i)
-	}
-	type res struct {
-		got  []byte
-		err  error
-		took time.Duration
-	}
-	out := make([]res, len(bs.nodes))
-	var wg sync.WaitGroup
-	for _, i := range live {
-		wg.Go(func() {
-			start := time.Now()
-			x, err := bs.nodes[i].ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
-			if errors.Is(err, ErrNoIndex) {
-				bs.put(t, i, bs.index) // it reads the registry, and keeps the blob
+	for _, liars := range []int{1, 2} {
+		t.Run(fmt.Sprintf("%d liars", liars), func(t *testing.T) {
+			t.Parallel()
+			const wait = 3 * time.Second
+			bs := startBlobSwarm(t, fmt.Sprintf("designated-liar-%d", liars), 5, func(c *Config) { c.OriginWait = wait })
+			id := flat.Sum(bs.index)
+			honest := slices.Clone(bs.ids)
+			lying := map[int]bool{}
+			for range liars {
+				d := slices.Index(bs.ids, Designate(id, OriginGroup(bs.image, honest, "", OriginGroupSize), ""))
+				if err := bs.nodes[d].setHostile(hostileComingLiar); err != nil {
+					t.Fatal(err)
+				}
+				lying[d] = true
+				honest = slices.DeleteFunc(honest, func(p peer.ID) bool { return p == bs.ids[d] })
 			}
-			out[i] = res{x, err, time.Since(start)}
+			next := slices.Index(bs.ids, Designate(id, OriginGroup(bs.image, honest, "", OriginGroupSize), ""))
+			var live []int
+			for i := range bs.nodes {
+				if !lying[i] {
+					live = append(live, i)
+					bs.lookUp(t, i)
+				}
+			}
+			type res struct {
+				got  []byte
+				err  error
+				took time.Duration
+			}
+			out := make([]res, len(bs.nodes))
+			var wg sync.WaitGroup
+			for _, i := range live {
+				wg.Go(func() {
+					start := time.Now()
+					x, err := bs.nodes[i].ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
+					if errors.Is(err, ErrNoIndex) {
+						bs.put(t, i, bs.index) // it reads the registry, and keeps the blob
+					}
+					out[i] = res{x, err, time.Since(start)}
+				})
+			}
+			wg.Wait()
+			for _, i := range live {
+				r := out[i]
+				t.Logf("node %d: %d bytes, %v after %v", i, len(r.got), r.err, r.took)
+				if i == next {
+					if !errors.Is(r.err, ErrNoIndex) {
+						t.Errorf("first honest member, node %d: %v; want ErrNoIndex (designated once the liars are given up on)", i, r.err)
+					}
+				} else if r.err != nil || !bytes.Equal(r.got, bs.index) {
+					t.Errorf("node %d: %d bytes, %v; want the index from node %d", i, len(r.got), r.err, next)
+				}
+				if r.took >= wait {
+					t.Errorf("node %d took %v: OriginWait or more", i, r.took)
+				}
+				if st := bs.nodes[i].Stats(); st.ComingUndelivered != int64(liars) {
+					t.Errorf("node %d gave up on %d designated fetchers, want %d", i, st.ComingUndelivered, liars)
+				}
+			}
 		})
-	}
-	wg.Wait()
-	for _, i := range live {
-		r := out[i]
-		t.Logf("node %d: %d bytes, %v after %v", i, len(r.got), r.err, r.took)
-		if i == next {
-			if !errors.Is(r.err, ErrNoIndex) {
-				t.Errorf("next member, node %d: %v; want ErrNoIndex (designated once the liar is given up on)", i, r.err)
-			}
-		} else if r.err != nil || !bytes.Equal(r.got, bs.index) {
-			t.Errorf("node %d: %d bytes, %v; want the index from node %d", i, len(r.got), r.err, next)
-		}
-		if r.took >= wait {
-			t.Errorf("node %d took %v: OriginWait or more", i, r.took)
-		}
-		if st := bs.nodes[i].Stats(); st.ComingUndelivered != 1 {
-			t.Errorf("node %d gave up on %d designated fetchers, want 1", i, st.ComingUndelivered)
-		}
 	}
 }

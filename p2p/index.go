@@ -443,8 +443,10 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 	// blob for the swarm, and every node would wait OriginWait and read
 	// it from the registry itself. It reports whether cands[i] is to be
 	// asked now.
+	dSince := clockStart // when d became the designated fetcher (BlobGrace)
 	replace := func(i int) bool {
 		n.st.originReplanned.Add(1)
+		dSince = n.cfg.Clock.Now()
 		if d = designee(); d == self || d == "" {
 			designated, wait = true, 0 // a quick pass, then the registry
 			return false
@@ -452,16 +454,15 @@ func (n *Node) ImageBlob(ctx context.Context, digest string, id flat.BlockID, si
 		cands[i], dropped[i] = n.host.Peerstore().PeerInfo(d), false
 		return true
 	}
-	givenUp := false
 	for {
 		passes++
 		// The designated fetcher holds the blob a registry read after the
 		// swarm asks for it. One that has delivered nothing, nor has
-		// anyone, by ComingGrace is taken for a member that lies, as
-		// PeerSource takes one whose COMING never comes: unreachable, and
-		// the next member in its place, in every node that finds it so.
-		if !designated && !givenUp && wait > 0 && n.cfg.Clock.Now().Sub(clockStart) >= ComingGrace(wait) && wctx.Err() == nil {
-			givenUp = true
+		// anyone, within BlobGrace of becoming the designee is taken for a
+		// member that lies, as PeerSource takes one whose COMING never
+		// comes: unreachable, and the next member in its place, in every
+		// node that finds it so.
+		if !designated && wait > 0 && n.cfg.Clock.Now().Sub(dSince) >= BlobGrace(wait) && wctx.Err() == nil {
 			n.st.comingUndelivered.Add(1)
 			n.markUnreachable(d)
 			n.log.Warn("designated fetcher of an image blob delivered nothing; asking the next member", "peer", d.String(), "image", digest, "blob", blob)

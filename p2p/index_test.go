@@ -366,28 +366,40 @@ func TestImageBlobHostilePeer(t *testing.T) {
 	}
 }
 
-// Nobody ever holds the index: an asker gives up after OriginWait, and
-// the designated node at once.
+// Nobody ever holds the index. The designated node gives up at once.
+// Every other node passes over each member ahead of it in the index's
+// rendezvous order after BlobGrace (a designated fetcher that delivers
+// nothing is taken for one that lies), and gives up when its own turn
+// comes: BlobGrace times its rank, and never after OriginWait.
 func TestImageBlobNobodyHolds(t *testing.T) {
 	t.Parallel()
 	const wait = 600 * time.Millisecond
 	bs := startBlobSwarm(t, "nobody", 3, func(c *Config) { c.OriginWait = wait })
 	id := flat.Sum(bs.index)
-	d := bs.designated(id)
+	rank := map[int]int{}
+	for rest := slices.Clone(bs.ids); len(rest) > 0; {
+		d := Designate(id, OriginGroup(bs.image, rest, "", OriginGroupSize), "")
+		rank[slices.Index(bs.ids, d)] = len(rank)
+		rest = slices.DeleteFunc(rest, func(p peer.ID) bool { return p == d })
+	}
 	for i, n := range bs.nodes {
 		start := time.Now()
 		x, err := n.ImageIndex(t.Context(), bs.digest, id, int64(len(bs.index)))
 		took := time.Since(start)
-		t.Logf("node %d (designated %v): %v after %v", i, i == d, err, took)
+		t.Logf("node %d (rank %d): %v after %v", i, rank[i], err, took)
 		if x != nil || !errors.Is(err, ErrNoIndex) {
 			t.Errorf("node %d: %d bytes, err %v; want ErrNoIndex", i, len(x), err)
 		}
-		lo, hi := wait-50*time.Millisecond, wait+time.Second
-		if i == d {
+		turn := min(time.Duration(rank[i])*BlobGrace(wait), wait)
+		lo, hi := turn-50*time.Millisecond, turn+time.Second
+		if rank[i] == 0 {
 			lo, hi = 0, 300*time.Millisecond
 		}
 		if took < lo || took > hi {
-			t.Errorf("node %d (designated %v) gave up after %v, want between %v and %v", i, i == d, took, lo, hi)
+			t.Errorf("node %d (rank %d) gave up after %v, want between %v and %v", i, rank[i], took, lo, hi)
+		}
+		if st := n.Stats(); st.ComingUndelivered != int64(rank[i]) {
+			t.Errorf("node %d (rank %d) passed over %d designated fetchers, want %d", i, rank[i], st.ComingUndelivered, rank[i])
 		}
 	}
 }

@@ -759,7 +759,7 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 	pass := 1
 	backoff := 10 * time.Millisecond
 	dropped := map[int32]bool{} // could not connect, or not a member: not asked again
-	givenUp := false            // the designated fetcher, after p2p.ComingGrace
+	dSince := start             // when d became the designated fetcher (p2p.BlobGrace)
 	var ask func(k int)
 	// lost drops cands[i], found gone or not a member, and goes on with
 	// the next candidate. If it was the designated fetcher, the next
@@ -769,6 +769,7 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 		dropped[q.i] = true
 		if q.pid == d && !designated && w.e.now < deadline && (w.down(n)(d) || !n.scores.Designatable(d, w.e.wall())) {
 			w.st.originReplanned++
+			dSince = w.e.now
 			if d = designee(); d == n.pid || d == "" {
 				designated, wait, deadline = true, 0, w.e.now
 			} else {
@@ -782,14 +783,14 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 	}
 	ask = func(k int) {
 		// ImageBlob's grace: a designated fetcher that delivered nothing,
-		// nor anyone, by ComingGrace is taken for unreachable, and the
-		// next member takes its place.
-		if k == 0 && !designated && !givenUp && !w.cfg.ComingGraceOff && wait > 0 && w.e.now-start >= p2p.ComingGrace(wait) && w.e.now < deadline {
-			givenUp = true
+		// nor anyone, within BlobGrace of becoming the designee is taken
+		// for unreachable, and the next member takes its place.
+		if k == 0 && !designated && !w.cfg.ComingGraceOff && wait > 0 && w.e.now-dSince >= p2p.BlobGrace(wait) && w.e.now < deadline {
 			w.st.comingUndelivered++
 			w.unreachable(n, w.nodes[w.byID[d]])
 			if i := slices.Index(cands, w.byID[d]); i >= 0 {
 				w.st.originReplanned++
+				dSince = w.e.now
 				if d = designee(); d == n.pid || d == "" {
 					designated, wait, deadline = true, 0, w.e.now
 				} else {
