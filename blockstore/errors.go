@@ -26,6 +26,13 @@ var (
 	ErrNotPinned = errors.New("blockstore: block is not pinned")
 	// ErrClosed is returned by every method after Close.
 	ErrClosed = errors.New("blockstore: closed")
+	// ErrIncompatible is returned by Open for a directory that holds another
+	// badger database or another format of block store. It is not damage:
+	// Open leaves the directory as it is.
+	ErrIncompatible = errors.New("blockstore: directory holds an incompatible database")
+	// ErrCloseTimeout is returned by Close when the database did not close
+	// within the close timeout (see Close).
+	ErrCloseTimeout = errors.New("blockstore: close timed out")
 	// ErrNoSpace is returned when the file system holding the store is (nearly)
 	// full. It wraps syscall.ENOSPC, so errors.Is works with either.
 	ErrNoSpace = errors.New("blockstore: no space left on device")

@@ -20,12 +20,17 @@ type config struct {
 	minFree      int64 // -1: derive from the badger sizes
 	memTableSize int64
 	vlogFileSize int64
+	closeTimeout time.Duration
+	// syncWrites makes badger fsync every write. The store runs without:
+	// the benchmark that compares both sets it (see the package doc).
+	syncWrites bool
 }
 
 const (
 	defaultGCInterval   = 5 * time.Minute
 	defaultMemTableSize = 8 << 20
 	defaultVlogFileSize = 64 << 20
+	defaultCloseTimeout = 5 * time.Second
 
 	minMemTableSize = 1 << 20
 	maxMemTableSize = 1 << 30
@@ -40,6 +45,7 @@ func defaultConfig() config {
 		minFree:      -1,
 		memTableSize: defaultMemTableSize,
 		vlogFileSize: defaultVlogFileSize,
+		closeTimeout: defaultCloseTimeout,
 	}
 }
 
@@ -153,6 +159,29 @@ func WithValueLogFileSize(bytes int64) Option {
 			return fmt.Errorf("value log file size %d: want %d to %d", bytes, minVlogFileSize, maxVlogFileSize)
 		}
 		c.vlogFileSize = bytes
+		return nil
+	}
+}
+
+// WithCloseTimeout bounds how long Close waits for the database to close
+// before it gives up and returns ErrCloseTimeout (see Close). A daemon that
+// must stop within some time on SIGTERM gives the store part of it.
+// Default 5 seconds.
+func WithCloseTimeout(d time.Duration) Option {
+	return func(c *config) error {
+		if d <= 0 {
+			return fmt.Errorf("close timeout %v: must be positive", d)
+		}
+		c.closeTimeout = d
+		return nil
+	}
+}
+
+// withSyncWrites makes badger fsync its logs on every write, for the
+// benchmark that measures what that would cost.
+func withSyncWrites() Option {
+	return func(c *config) error {
+		c.syncWrites = true
 		return nil
 	}
 }

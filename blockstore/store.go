@@ -14,6 +14,7 @@ import (
 
 	"github.com/dgraph-io/badger/v4"
 	"github.com/dgraph-io/badger/v4/options"
+	"golang.org/x/sys/unix"
 
 	"github.com/shoal-project/shoal/flat"
 )
@@ -56,10 +57,12 @@ type Stats struct {
 // Store is a content-addressed block cache on disk. It is safe for concurrent
 // use. See the package doc for the design.
 type Store struct {
-	db  *badger.DB
-	dir string
-	cfg config
-	log *slog.Logger
+	db   *badger.DB
+	dir  string
+	cfg  config
+	log  *slog.Logger // through hold
+	base *slog.Logger // not held: for the summary lines of Open and Close
+	hold *hold
 
 	// closeMu is read-held by every operation that uses db and write-held by
 	// Close while it marks the store closed, so the database (whose files
@@ -87,6 +90,14 @@ type Store struct {
 // Open opens or creates the store in dir. ctx bounds loading the index; it
 // is not kept. The returned Store runs value-log GC and persists access order
 // in a goroutine until Close.
+//
+// A directory whose contents badger cannot open (garbage, truncated or
+// corrupt files, or a file where the directory should be) is damage: Open
+// moves it aside to <dir>.damaged-<UTC time>, removing any older damaged
+// copy, starts an empty store and logs one error line saying so. Failures
+// of the environment are returned instead: permission denied, a full or
+// read-only file system, another open store holding the directory, an
+// incompatible database (ErrIncompatible).
 func Open(ctx context.Context, dir string, opts ...Option) (*Store, error) {
 	cfg := defaultConfig()
 	for _, o := range opts {
@@ -95,34 +106,60 @@ func Open(ctx context.Context, dir string, opts ...Option) (*Store, error) {
 		}
 	}
 	cfg.derive()
+	s, err := open(ctx, dir, cfg)
+	if err == nil {
+		return s, nil
+	}
+	if !isDamage(err) {
+		return nil, fmt.Errorf("open blockstore %s: %w", dir, err)
+	}
+	aside, removedOld, aerr := setAside(dir, time.Now())
+	if aerr != nil {
+		return nil, fmt.Errorf("open blockstore %s: %w; moving the damaged store aside failed: %w", dir, err, aerr)
+	}
+	s, err2 := open(ctx, dir, cfg)
+	if err2 != nil {
+		return nil, fmt.Errorf("open blockstore %s after moving its damaged copy aside: %w", dir, err2)
+	}
+	where := []any{"moved_to", aside}
+	if aside == "" {
+		where = []any{"removed", "its contents (a mount point cannot be moved)"}
+	}
+	s.base.Error("block store was damaged and could not be opened; it was set aside and the store starts empty",
+		append([]any{"dir", dir, "err", err, "older_copies_removed", removedOld}, where...)...)
+	return s, nil
+}
+
+// open is one attempt at Open. Its failures caused by what dir holds are
+// damageErrors; what it and badger log is held until it succeeds.
+func open(ctx context.Context, dir string, cfg config) (*Store, error) {
+	base := cfg.logger.With("component", "blockstore")
+	h := &hold{on: true}
 	s := &Store{
 		dir:  dir,
 		cfg:  cfg,
-		log:  cfg.logger.With("component", "blockstore"),
+		base: base,
+		hold: h,
+		log:  slog.New(holdHandler{base.Handler(), h}),
 		idx:  newIndex(),
 		kick: make(chan struct{}, 1),
 		stop: make(chan struct{}),
 		done: make(chan struct{}),
 	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		if errors.Is(err, syscall.ENOSPC) {
-			err = fmt.Errorf("%w: %w", ErrNoSpace, err)
+	if fi, err := os.Stat(dir); err == nil && !fi.IsDir() {
+		h.discard(false)
+		return nil, damaged(fmt.Errorf("%s is not a directory (%s)", dir, fi.Mode().Type()))
+	}
+	err := s.openDB(ctx)
+	if err != nil {
+		if isDamage(err) {
+			h.discard(false)
+		} else {
+			h.release()
 		}
-		return nil, fmt.Errorf("open blockstore: %w", err)
+		return nil, err
 	}
-	if err := s.checkSpace(0, true); err != nil {
-		return nil, fmt.Errorf("open blockstore: %w", err)
-	}
-	db, err := badger.Open(badgerOptions(dir, cfg, s.log))
-	if err != nil {
-		return nil, fmt.Errorf("open blockstore %s: %w", dir, translate(err))
-	}
-	s.db = db
-	evicted, err := s.load(ctx)
-	if err != nil {
-		return nil, errors.Join(fmt.Errorf("open blockstore %s: %w", dir, err), translate(db.Close()))
-	}
-	s.notify(evicted)
+	h.release()
 	go s.loop()
 
 	st := s.Stats()
@@ -131,13 +168,67 @@ func Open(ctx context.Context, dir string, opts ...Option) (*Store, error) {
 	return s, nil
 }
 
+// openDB creates dir, checks its tables, opens badger and loads the index.
+func (s *Store) openDB(ctx context.Context) error {
+	if err := os.MkdirAll(s.dir, 0o755); err != nil {
+		if errors.Is(err, syscall.ENOSPC) {
+			err = fmt.Errorf("%w: %w", ErrNoSpace, err)
+		}
+		return err
+	}
+	if err := s.checkSpace(0, true); err != nil {
+		return err
+	}
+	if err := checkTables(ctx, s.dir, badgerOptions(s.dir, s.cfg, s.log)); err != nil {
+		return err
+	}
+	var db *badger.DB
+	err := protect("open badger", func() (err error) {
+		db, err = badger.Open(badgerOptions(s.dir, s.cfg, s.log))
+		return err
+	})
+	if err != nil {
+		return damaged(translate(err))
+	}
+	s.db = db
+	var evicted []flat.BlockID
+	err = protect("load index", func() (err error) {
+		evicted, err = s.load(ctx)
+		return err
+	})
+	if err != nil {
+		if cerr := closeWithin(s.cfg.closeTimeout, db.Close); cerr != nil {
+			s.log.Warn("closing the store after a failed open", "err", translate(cerr))
+		}
+		return damaged(err)
+	}
+	s.notify(evicted)
+	return nil
+}
+
+// closeWithin runs fn and waits at most d for it. When fn does not return
+// in time its goroutine is left behind (badger's Close can retry a failed
+// memtable flush forever), and closeWithin returns ErrCloseTimeout.
+func closeWithin(d time.Duration, fn func() error) error {
+	done := make(chan error, 1)
+	go func() { done <- fn() }()
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case err := <-done:
+		return err
+	case <-t.C:
+		return fmt.Errorf("%w after %v", ErrCloseTimeout, d)
+	}
+}
+
 func badgerOptions(dir string, cfg config, log *slog.Logger) badger.Options {
 	return badger.DefaultOptions(dir).
 		WithLogger(badgerLogger{log.With("backend", "badger")}).
 		WithMetricsEnabled(false).  // expvar metrics are process-global
 		WithDetectConflicts(false). // writes are serialized by Store.wmu
 		WithNumVersionsToKeep(1).
-		WithSyncWrites(false).         // a crash may lose recent puts, never corrupt served bytes
+		WithSyncWrites(cfg.syncWrites).
 		WithCompression(options.None). // block bytes live in the value log, uncompressed anyway
 		WithBlockCacheSize(0).
 		WithIndexCacheSize(0).
@@ -152,26 +243,75 @@ func badgerOptions(dir string, cfg config, log *slog.Logger) badger.Options {
 // Close persists the access order, stops the background goroutine and closes
 // the database. Operations after Close return ErrClosed; further calls to
 // Close return the first call's result.
+//
+// Close gives up after the close timeout (WithCloseTimeout) and returns
+// ErrCloseTimeout: badger retries a memtable flush that fails (the
+// directory was removed, the disk failed or turned read-only) once a second
+// forever, and a daemon must still stop. The abandoned goroutine, badger's
+// files and its further log lines stay behind until the process exits,
+// which is what the caller is expected to do next; the writes not yet
+// flushed are lost. One error line says so.
 func (s *Store) Close() error {
 	s.closeOnce.Do(func() {
-		close(s.stop)
-		<-s.done
-		s.closeMu.Lock()
-		s.closed = true
-		s.closeMu.Unlock()
-
-		var errs []error
-		if err := s.flushAccess(); err != nil {
-			errs = append(errs, err)
+		s.hold.start()
+		err := closeWithin(s.cfg.closeTimeout, s.close)
+		if !errors.Is(err, ErrCloseTimeout) {
+			s.hold.release()
+			s.closeErr = err
+			return
 		}
-		if err := s.db.Close(); err != nil {
-			errs = append(errs, translate(err))
-		}
-		if err := errors.Join(errs...); err != nil {
-			s.closeErr = fmt.Errorf("close blockstore %s: %w", s.dir, err)
-		}
+		n, first := s.hold.discard(true)
+		s.base.Error("block store did not close in time and was abandoned; writes not yet flushed are lost (has its disk failed?)",
+			"dir", s.dir, "timeout", s.cfg.closeTimeout, "badger_messages", n, "first_badger_error", first)
+		s.closeErr = fmt.Errorf("close blockstore %s: %w", s.dir, err)
 	})
 	return s.closeErr
+}
+
+func (s *Store) close() error {
+	close(s.stop)
+	<-s.done
+	s.closeMu.Lock()
+	s.closed = true
+	s.closeMu.Unlock()
+
+	var errs []error
+	if err := s.flushAccess(); err != nil {
+		errs = append(errs, err)
+	}
+	if err := s.db.Close(); err != nil {
+		errs = append(errs, translate(err))
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("close blockstore %s: %w", s.dir, err)
+	}
+	return nil
+}
+
+// Sync makes every block stored so far durable against a power failure.
+// A Put that returned survives the process being killed without it (see
+// the package doc); a machine that loses power may lose the last ones.
+// Sync flushes the whole file system holding the store (syncfs): badger
+// does not sync the value-log files it has rotated out, so syncing its open
+// files alone would not cover every block.
+func (s *Store) Sync(ctx context.Context) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	release, err := s.enter()
+	if err != nil {
+		return fmt.Errorf("sync: %w", err)
+	}
+	defer release()
+	f, err := os.Open(s.dir)
+	if err != nil {
+		return fmt.Errorf("sync: %w", err)
+	}
+	defer f.Close()
+	if err := unix.Syncfs(int(f.Fd())); err != nil {
+		return fmt.Errorf("sync %s: %w", s.dir, translate(err))
+	}
+	return nil
 }
 
 // enter guards an operation against Close; call release when done with db.
@@ -870,7 +1010,7 @@ func (s *Store) checkFormat() error {
 			empty := !it.Valid()
 			it.Close()
 			if !empty {
-				return fmt.Errorf("%s holds a badger database that is not a block store", s.dir)
+				return fmt.Errorf("%s holds a badger database that is not a block store: %w", s.dir, ErrIncompatible)
 			}
 			return txn.Set(versionKey, []byte(formatVersion))
 		}
@@ -879,7 +1019,7 @@ func (s *Store) checkFormat() error {
 		}
 		return item.Value(func(v []byte) error {
 			if string(v) != formatVersion {
-				return fmt.Errorf("%s holds block store format %q, want %q", s.dir, v, formatVersion)
+				return fmt.Errorf("%s holds block store format %q, want %q: %w", s.dir, v, formatVersion, ErrIncompatible)
 			}
 			return nil
 		})
