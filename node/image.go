@@ -8,13 +8,13 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"path/filepath"
 	"strings"
 
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
+	"github.com/shoal-project/shoal/blockstore"
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/flat"
@@ -43,6 +43,8 @@ type Image struct {
 	// viewers.
 	Private bool
 	Trace   *trace.Trace // the newest start-up trace published for it, if any
+
+	localKey string // a local conversion's source digest (hex): its kept index
 }
 
 func (n *Node) fetchOpts() []fetch.Option {
@@ -225,12 +227,14 @@ func (n *Node) convertLocally(ctx context.Context, ref string) (*Image, error) {
 	if err != nil {
 		return nil, err
 	}
-	img := &Image{Source: ref, Ref: "local:" + d.String(), Local: true, Chain: chain, Config: cf}
-	idxPath := filepath.Join(n.dir, "indexes", d.Hex)
-	if x, err := n.loadLocalIndex(ctx, idxPath); err == nil {
+	img := &Image{Source: ref, Ref: "local:" + d.String(), Local: true, Chain: chain, Config: cf, localKey: d.Hex}
+	x, err := n.reuseLocal(ctx, d.Hex)
+	if err == nil {
 		img.Index = x
+		n.trimLocalPins(ctx, d.Hex)
 		return img, nil
 	}
+	held := x != nil // the kept index's pins are held: do not pin twice
 	if n.cfg.notice != nil {
 		fmt.Fprintf(n.cfg.notice, "shoal: %s has no flat form in its registry; converting it here (a full pull, as a standard client would)\n", ref)
 	}
@@ -239,42 +243,40 @@ func (n *Node) convertLocally(ctx context.Context, ref string) (*Image, error) {
 		return nil, err
 	}
 	defer cleanup()
-	if err := n.storeBlocks(ctx, res.Index, flatImg); err != nil {
-		return nil, err
+	// Pins before puts: no block is evicted between its put and its pin.
+	if !held {
+		if err := n.pinIndex(ctx, res.Index, +1); err != nil {
+			return nil, errors.Join(fmt.Errorf("pin converted blocks: %w", err), n.pinIndex(context.WithoutCancel(ctx), res.Index, -1))
+		}
 	}
 	blob, err := flat.EncodeBlob(res.Index)
+	if err == nil {
+		err = n.storeBlocks(ctx, res.Index, flatImg, d.Hex)
+	}
+	if err == nil {
+		// No registry can serve these blocks again: make them durable
+		// before the index that names them.
+		err = n.store.Sync(ctx)
+	}
+	if err == nil {
+		err = n.keepLocal(d.Hex, blob)
+	}
 	if err != nil {
+		if !held {
+			err = errors.Join(err, n.pinIndex(context.WithoutCancel(ctx), res.Index, -1))
+		}
 		return nil, err
 	}
-	if err := writeFileAtomic(idxPath, blob); err != nil {
-		return nil, fmt.Errorf("keep index: %w", err)
-	}
 	img.Index = res.Index
+	n.trimLocalPins(ctx, d.Hex)
 	return img, nil
 }
 
-// loadLocalIndex returns a kept index if every block it names is still cached.
-func (n *Node) loadLocalIndex(ctx context.Context, p string) (*flat.Index, error) {
-	f, err := os.Open(p)
-	if err != nil {
-		return nil, err
-	}
-	defer f.Close()
-	x, err := flat.ReadBlob(f)
-	if err != nil {
-		return nil, err
-	}
-	for _, b := range x.Blocks {
-		if ok, err := n.store.Has(ctx, b.ID); err != nil || !ok {
-			return nil, fmt.Errorf("block %s no longer cached", b.ID)
-		}
-	}
-	return x, nil
-}
-
 // storeBlocks reads the built data blobs and puts every block, verified, in
-// the cache, pinned.
-func (n *Node) storeBlocks(ctx context.Context, x *flat.Index, img v1.Image) error {
+// the cache (the caller has pinned them). A cache full of pinned blocks
+// releases the pins of other local images, least recently used first,
+// before it gives up.
+func (n *Node) storeBlocks(ctx context.Context, x *flat.Index, img v1.Image, keep string) error {
 	byBlob := make(map[uint32][]flat.Block)
 	for _, b := range x.Blocks {
 		byBlob[b.Blob] = append(byBlob[b.Blob], b)
@@ -315,11 +317,12 @@ func (n *Node) storeBlocks(ctx context.Context, x *flat.Index, img v1.Image) err
 				if err != nil {
 					return err
 				}
-				if err := n.store.Put(ctx, b.ID, data); err != nil {
-					return fmt.Errorf("cache block: %w", err)
+				err = n.store.Put(ctx, b.ID, data)
+				for errors.Is(err, blockstore.ErrFull) && n.releaseOldest(ctx, keep) {
+					err = n.store.Put(ctx, b.ID, data)
 				}
-				if err := n.store.Pin(ctx, b.ID); err != nil {
-					return fmt.Errorf("pin block: %w", err)
+				if err != nil {
+					return fmt.Errorf("cache block: %w", err)
 				}
 			}
 			return nil

@@ -80,6 +80,7 @@ type Mount struct {
 	// Demand counts the blocks reads waited on, by where they were.
 	Demand *DemandStats
 	lock   *os.File
+	unuse  func() // ends the image's use (a local image's pins may go)
 }
 
 // Mount mounts img read-only at dir, or at a fresh runs/<id>/lower when dir
@@ -133,7 +134,11 @@ func (n *Node) Mount(ctx context.Context, img *Image, dir string, opts ...lazyfs
 		lock.Close()
 		return nil, fmt.Errorf("mount %s at %s: %w", img.Source, dir, err)
 	}
-	return &Mount{FS: fs, Image: img, Dir: dir, RunDir: rd, Elapsed: time.Since(start), Seeder: n.startSeeder(ctx, img), Demand: demand, lock: lock}, nil
+	unuse := func() {}
+	if img.localKey != "" {
+		unuse = n.useLocal(img.localKey)
+	}
+	return &Mount{FS: fs, Image: img, Dir: dir, RunDir: rd, Elapsed: time.Since(start), Seeder: n.startSeeder(ctx, img), Demand: demand, lock: lock, unuse: unuse}, nil
 }
 
 // Close unmounts and removes the run directory. It is safe to call twice.
@@ -155,6 +160,9 @@ func (m *Mount) Close() error {
 	rmErr := os.RemoveAll(m.RunDir)
 	m.lock.Close()
 	m.lock = nil
+	if m.unuse != nil {
+		m.unuse()
+	}
 	return errors.Join(err, rmErr)
 }
 

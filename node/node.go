@@ -27,6 +27,7 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync"
 
 	"github.com/google/go-containerregistry/pkg/authn"
 	"golang.org/x/sys/unix"
@@ -137,6 +138,11 @@ type Node struct {
 	cfg   config
 	log   *slog.Logger
 	store *blockstore.Store
+
+	// localMu serializes the bookkeeping of local images' pins
+	// (localpins.go); inUse counts the mounts of each, by source digest.
+	localMu sync.Mutex
+	inUse   map[string]int
 }
 
 // Open opens (creating) the state directory, clears what crashed runs left
@@ -152,12 +158,14 @@ func Open(ctx context.Context, dir string, opts ...Option) (*Node, error) {
 	if err != nil {
 		return nil, err
 	}
-	for _, d := range []string{"", "blocks", "indexes", "runs"} {
+	// blocks/ is left to blockstore.Open, which sets aside whatever damaged
+	// thing is found there.
+	for _, d := range []string{"", "indexes", "runs"} {
 		if err := os.MkdirAll(filepath.Join(dir, d), 0o700); err != nil {
 			return nil, fmt.Errorf("state directory: %w", err)
 		}
 	}
-	n := &Node{dir: dir, cfg: c, log: c.log.With("component", "node")}
+	n := &Node{dir: dir, cfg: c, log: c.log.With("component", "node"), inUse: map[string]int{}}
 	n.clearStale()
 	bopts := []blockstore.Option{blockstore.WithQuota(c.quota), blockstore.WithLogger(c.log)}
 	if c.onEvict != nil {
