@@ -206,6 +206,24 @@ func TestOpenDamagedKeepsOneCopy(t *testing.T) {
 	put(t, s, testBlock(1, 100))
 }
 
+// wantRefused checks that Open of dir fails (with an error that is want,
+// if want is not nil) and sets nothing aside.
+func wantRefused(t *testing.T, dir string, want error, opts ...Option) {
+	t.Helper()
+	s, err := Open(t.Context(), dir, append([]Option{WithLogger(testLogger(t))}, opts...)...)
+	if err == nil {
+		s.Close()
+		t.Fatal("Open succeeded")
+	}
+	t.Logf("Open: %v", err)
+	if want != nil && !errors.Is(err, want) {
+		t.Fatalf("Open: %v; want %v", err, want)
+	}
+	if c := damagedCopies(t, dir); len(c) != 0 {
+		t.Fatalf("the directory was set aside: %q", c)
+	}
+}
+
 // TestOpenEnvironmentFailures checks the failures that are not damage: Open
 // returns them and leaves the directory where it is.
 func TestOpenEnvironmentFailures(t *testing.T) {
@@ -216,13 +234,7 @@ func TestOpenEnvironmentFailures(t *testing.T) {
 		s := openTest(t, dir)
 		b := testBlock(1, 64<<10)
 		put(t, s, b)
-		if s2, err := Open(t.Context(), dir, WithLogger(testLogger(t))); err == nil {
-			s2.Close()
-			t.Fatal("a second Open of a store in use succeeded")
-		}
-		if c := damagedCopies(t, dir); len(c) != 0 {
-			t.Fatalf("a store in use was set aside: %q", c)
-		}
+		wantRefused(t, dir, nil)
 		mustGet(t, s, b)
 		// Even asked directly, setAside refuses a directory in use.
 		if _, _, err := setAside(dir, time.Now()); err == nil {
@@ -240,15 +252,7 @@ func TestOpenEnvironmentFailures(t *testing.T) {
 		if err := s.Close(); err != nil {
 			t.Fatal(err)
 		}
-		if s2, err := Open(t.Context(), dir, WithLogger(testLogger(t))); !errors.Is(err, ErrIncompatible) {
-			if s2 != nil {
-				s2.Close()
-			}
-			t.Fatalf("Open of another format: %v; want ErrIncompatible", err)
-		}
-		if c := damagedCopies(t, dir); len(c) != 0 {
-			t.Fatalf("a store of another format was set aside: %q", c)
-		}
+		wantRefused(t, dir, ErrIncompatible)
 	})
 	t.Run("read-only file system", func(t *testing.T) {
 		t.Parallel()
@@ -260,15 +264,7 @@ func TestOpenEnvironmentFailures(t *testing.T) {
 			t.Fatalf("remount read-only: %v", err)
 		}
 		t.Cleanup(func() { _ = syscall.Mount("", mnt, "", syscall.MS_REMOUNT, "") })
-		if s, err := Open(t.Context(), dir, WithLogger(testLogger(t)), WithMinFreeSpace(0)); err == nil {
-			s.Close()
-			t.Fatal("Open on a read-only file system succeeded")
-		} else {
-			t.Logf("Open on a read-only file system: %v", err)
-		}
-		if c := damagedCopies(t, dir); len(c) != 0 {
-			t.Fatalf("set aside on a read-only file system: %q", c)
-		}
+		wantRefused(t, dir, nil, WithMinFreeSpace(0))
 	})
 	t.Run("full file system", func(t *testing.T) {
 		t.Parallel()
@@ -280,15 +276,7 @@ func TestOpenEnvironmentFailures(t *testing.T) {
 		if err := os.WriteFile(filepath.Join(dir, "MANIFEST"), garbage(1), 0o644); err != nil {
 			t.Fatal(err)
 		}
-		if s, err := Open(t.Context(), dir, WithLogger(testLogger(t))); !errors.Is(err, ErrNoSpace) {
-			if s != nil {
-				s.Close()
-			}
-			t.Fatalf("Open on a full file system: %v; want ErrNoSpace", err)
-		}
-		if c := damagedCopies(t, dir); len(c) != 0 {
-			t.Fatalf("set aside on a full file system: %q", c)
-		}
+		wantRefused(t, dir, ErrNoSpace)
 	})
 }
 

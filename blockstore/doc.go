@@ -27,8 +27,8 @@
 // The ID is the checksum, SHA-256 runs at about a gigabyte per second per
 // core, which is cheap next to the network fetch a miss costs, and the
 // failure it catches is the one that matters: badger does not check value-log
-// checksums on read by default, writes are not synced (a crash may lose
-// recent blocks), and disks rot. A copy that fails is removed, reported to
+// checksums on read by default, writes are not synced (a power failure may
+// lose recent blocks), and disks rot. A copy that fails is removed, reported to
 // OnEvict, and Get returns ErrCorrupt, so the caller fetches the block again
 // instead of serving bad data. Has answers from the index and does not verify.
 //
@@ -84,6 +84,37 @@
 // much free beyond the reserve. Until a reservation is released, block Puts
 // leave its unwritten part free as well, so neither side can take the room
 // promised to the other.
+//
+// # Crash safety
+//
+// A Put (or Pin) that returned survives the process being killed (SIGKILL,
+// the OOM killer, a panic): badger copies every write into its write-ahead
+// log and value log, which are shared memory maps, before the write
+// returns, and the kernel keeps those pages when the process dies. It need
+// not survive a power failure: badger's SyncWrites would make it, at 2 to 6
+// times less Put throughput (BenchmarkPutSync), and a cache can fetch a lost
+// block again. Callers that cannot (local conversions) call Sync, which
+// flushes the file system, once they are done.
+//
+// A directory Open cannot open because of what it holds (garbage, truncated
+// or corrupt MANIFEST, tables, value log or key registry, a file where the
+// directory should be) is damage: Open renames it to <dir>.damaged-<UTC
+// time>, removing any older damaged copy (one is kept, for a post-mortem;
+// more could fill the disk), starts empty and logs one error line. A
+// directory that is a mount point is emptied instead. Badger opens tables
+// on goroutines of its own and panics there on a malformed one, so Open
+// first reads every table the manifest lists itself, on its own goroutine,
+// and recovers badger's panics. Environment failures are not damage and
+// still fail Open: permission denied, a full or read-only file system,
+// another open store holding the directory's lock (checked again with
+// flock before anything is moved), an incompatible database.
+//
+// Close is bounded (WithCloseTimeout, 5 s by default): badger retries a
+// memtable flush that fails (the directory was removed, the disk failed)
+// once a second forever. On timeout Close logs one line and returns
+// ErrCloseTimeout, leaving badger's goroutines behind for the exiting
+// process. Badger's own log lines during Open and Close are held and, in
+// those two cases, replaced by the summary line.
 //
 // # Concurrency
 //
