@@ -94,8 +94,8 @@ simulate-gone:
 # Byzantine members of the origin group (IDs ground into it) that answer
 # every ORIGIN request COMING and send nothing: the swarm at 1,000 and
 # 10,000 nodes with one and with two of them, beside the what-if of the
-# daemon before p2p.ComingGrace (--coming-grace-off). JSON under
-# simulation/results/byzantine/.
+# daemon before p2p.ComingGrace and p2p.BlobGrace (--coming-grace-off).
+# JSON under simulation/results/byzantine/; about 25 minutes on 2 cores.
 BYZ_FLAGS := --trace $(SIM_TRACE) --nodes 1000,10000 --zones 4 --racks 4 --registry-mbps 10000 --seed 1 --strategies lazy-swarm --log-level info
 .PHONY: simulate-byzantine
 simulate-byzantine:

@@ -361,10 +361,9 @@ func ComingGrace(originWait time.Duration) time.Duration { return originWait / 2
 // fetcher holds the blob one registry read after it starts to open the
 // image; a byzantine one never does. A quarter of OriginWait lets three
 // such members in a row be passed over before OriginWait sends every node
-// to the registry (two in a row, with half of it, cost 2,659 registry
-// copies of the index at 10,000 nodes in the simulator); an honest
-// fetcher taken for a liar costs one more registry copy, at the next
-// member.
+// to the registry (with half of it, two in a row would); an honest fetcher
+// taken for a liar costs one more registry copy, at the next member
+// (docs/simulation.md, Lying members).
 func BlobGrace(originWait time.Duration) time.Duration { return originWait / 4 }
 
 // DesignatedDial bounds a dial to a designated fetcher this node is not
