@@ -165,9 +165,7 @@ func TestBenchRecordTrace(t *testing.T) {
 func TestBenchCalibrate(t *testing.T) {
 	needBench(t)
 	needRoot(t)
-	if err := netlab.Available(); err != nil {
-		t.Skipf("no network namespaces: %v", err)
-	}
+	needNetlab(t)
 	wl, err := simulation.LoadWorkload(filepath.Join(traceDir, "python-debian.trace.json"), filepath.Join(traceDir, "python-debian.image.json"))
 	if err != nil {
 		t.Fatal(err)

@@ -943,22 +943,74 @@ func TestNoSpaceFromOthers(t *testing.T) {
 	mustGet(t, s, b)
 }
 
+// TestValueLogGC: deleted blocks' space in the value log is reclaimed.
+// Badger learns which value-log bytes are garbage only when a compaction
+// drops the deleted keys' old versions, and compactions follow memtable
+// flushes, so the test keeps the store busy (puts and deletes of small
+// blocks, which live in the LSM tree and fill memtables fast) and runs the
+// collector after each batch, until a value-log file goes or a bound on
+// the work passes. A collector that does nothing fails it.
 func TestValueLogGC(t *testing.T) {
 	t.Parallel()
 	s := openTest(t, t.TempDir())
-	bs := testBlocks(1, 40, 64<<10)
+	bs := testBlocks(1, 40, 64<<10) // 2.5 MiB: three 1 MiB value-log files
 	put(t, s, bs...)
 	for _, b := range bs[:35] {
 		if err := s.Delete(t.Context(), b.ID); err != nil {
 			t.Fatal(err)
 		}
 	}
-	if err := s.collectGarbage(); err != nil {
-		t.Errorf("collectGarbage: %v", err)
+	files, bytes := vlogUsage(t, s.dir)
+	// About 1,000 small blocks fill a 1 MiB memtable; badger compacts
+	// level 0 once it holds 5 tables. 50 batches of 500 are five times
+	// what that takes.
+	const batches, batch, smallSize = 50, 500, 1000 // smallSize < valueThreshold: kept in the LSM tree
+	filesAfter, bytesAfter := files, bytes
+	for i := 0; i < batches && filesAfter >= files; i++ {
+		small := testBlocks(uint64(1000+i*batch), batch, smallSize)
+		put(t, s, small...)
+		for _, b := range small {
+			if err := s.Delete(t.Context(), b.ID); err != nil {
+				t.Fatal(err)
+			}
+		}
+		if err := s.collectGarbage(); err != nil {
+			t.Fatalf("collectGarbage: %v", err)
+		}
+		filesAfter, bytesAfter = vlogUsage(t, s.dir)
+		if filesAfter < files {
+			t.Logf("value log: %d files, %d bytes on disk before; %d files, %d bytes after %d batches of small blocks",
+				files, bytes, filesAfter, bytesAfter, i+1)
+		}
+	}
+	// 35 of the 40 large blocks are gone: at least one value-log file
+	// (about 16 blocks) held nothing else and must have been dropped.
+	if filesAfter >= files || bytesAfter >= bytes {
+		t.Errorf("value-log GC reclaimed nothing: %d files, %d bytes before; %d files, %d bytes after %d batches",
+			files, bytes, filesAfter, bytesAfter, batches)
 	}
 	for _, b := range bs[35:] {
 		mustGet(t, s, b)
 	}
+}
+
+// vlogUsage returns the number of badger value-log files in dir and the
+// bytes they take on disk.
+func vlogUsage(t *testing.T, dir string) (files int, bytes int64) {
+	t.Helper()
+	paths, err := filepath.Glob(filepath.Join(dir, "*.vlog"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, p := range paths {
+		var st syscall.Stat_t
+		if err := syscall.Stat(p, &st); err != nil {
+			t.Fatal(err)
+		}
+		files++
+		bytes += st.Blocks * 512
+	}
+	return files, bytes
 }
 
 func BenchmarkPutGet(b *testing.B) {

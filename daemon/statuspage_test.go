@@ -66,12 +66,12 @@ func TestStatusPage(t *testing.T) {
 	ref := pushAndConvertFile(t, reg.Ref("page:v1"), "data/file", body)
 
 	addrA, addrB := freeAddr(t), freeAddr(t)
-	_, ca := startDaemon(t, Config{StateDir: t.TempDir(), MetricsAddr: addrA, Labels: map[string]string{"zone": "z1"}})
+	da, ca := startDaemon(t, Config{StateDir: t.TempDir(), MetricsAddr: addrA, Labels: map[string]string{"zone": "z1"}})
 	sa, err := ca.Status(t.Context())
 	if err != nil || len(sa.Addrs) == 0 {
 		t.Fatalf("status of A: %+v %v", sa, err)
 	}
-	_, cb := startDaemon(t, Config{StateDir: t.TempDir(), MetricsAddr: addrB, P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
+	db, cb := startDaemon(t, Config{StateDir: t.TempDir(), MetricsAddr: addrB, P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
 	sb, err := cb.Status(t.Context())
 	if err != nil {
 		t.Fatal(err)
@@ -99,8 +99,9 @@ func TestStatusPage(t *testing.T) {
 	// would be passed through to the kernel and show no cache reads.)
 	read(ca, 64<<10)
 	read(ca, len(body))
-	// Give A's announcements time to reach B (batched every 250 ms).
-	time.Sleep(time.Second)
+	// B's mount reads from A once its lookup finds A's record (A's bitmap
+	// comes with the have session, whole).
+	waitProvider(t, db, da, flatImage(t, ref))
 	read(cb, len(body)) // from A
 	pb := pageStatusOf(t, addrB)
 	if pb.Bytes.Peers == 0 || len(pb.Peers) == 0 {

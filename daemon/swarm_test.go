@@ -14,6 +14,7 @@ import (
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,10 +28,12 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/libp2p/go-libp2p/core/peer"
 
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/internal/testenv"
+	"github.com/shoal-project/shoal/p2p"
 )
 
 // startDaemon runs a daemon with p2p on loopback until the test ends.
@@ -100,12 +103,12 @@ func TestPeersServeBlocks(t *testing.T) {
 	}
 	ref := pushAndConvert(t, proxy.Host)
 
-	_, ca := startDaemon(t, Config{StateDir: t.TempDir()})
+	da, ca := startDaemon(t, Config{StateDir: t.TempDir()})
 	sa, err := ca.Status(t.Context())
 	if err != nil || len(sa.Addrs) == 0 {
 		t.Fatalf("status of A: %+v %v", sa, err)
 	}
-	_, cb := startDaemon(t, Config{StateDir: t.TempDir(), P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
+	db, cb := startDaemon(t, Config{StateDir: t.TempDir(), P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
 
 	read := func(c *Client, name string) MountInfo {
 		t.Helper()
@@ -127,14 +130,16 @@ func TestPeersServeBlocks(t *testing.T) {
 	if a.Fetch.BytesFromRegistry == 0 {
 		t.Fatalf("A did not fetch from the registry: %+v", a.Fetch)
 	}
-	// Give A's announcements time to reach B's view (batched every 250 ms).
-	time.Sleep(time.Second)
-	before := blobBytes()
 	fr, _ := name.ParseReference(ref+"-shoal", name.Insecure)
 	fm, err := remote.Get(fr)
 	if err != nil {
 		t.Fatal(err)
 	}
+	image := fm.Digest.String() // the image's name in the swarm
+	// B's mount reads from A once its lookup finds A's record (A's bitmap
+	// comes with the have session, whole).
+	waitProvider(t, db, da, image)
+	before := blobBytes()
 	var flatManifest struct{ Layers []struct{ Digest string } }
 	if err := json.Unmarshal(fm.Manifest, &flatManifest); err != nil || len(flatManifest.Layers) == 0 {
 		t.Fatalf("flat manifest: %v", err)
@@ -160,13 +165,15 @@ func TestPeersServeBlocks(t *testing.T) {
 
 	// With the registry down, a third node that had mounted the image before
 	// still reads it from the swarm.
-	_, cc := startDaemon(t, Config{StateDir: t.TempDir(), P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
+	dc, cc := startDaemon(t, Config{StateDir: t.TempDir(), P2P: P2PConfig{Bootstrap: sa.Addrs[:1]}})
 	mnt := filepath.Join(t.TempDir(), "c")
 	mi, err := cc.Mount(t.Context(), MountRequest{Ref: ref, Dir: mnt})
 	if err != nil {
 		t.Fatal(err)
 	}
-	time.Sleep(500 * time.Millisecond)
+	// C has a holder of every block once it has A's bitmap (A read the
+	// whole image).
+	waitImagePeer(t, dc, da, image)
 	reg.Stop()
 	if got, err := os.ReadFile(filepath.Join(mnt, "data/file")); err != nil || len(got) != 600000 {
 		t.Fatalf("with the registry down: %d bytes, %v", len(got), err)
@@ -179,6 +186,68 @@ func TestPeersServeBlocks(t *testing.T) {
 	if st.Swarm == nil || st.Swarm.BytesUploaded == 0 {
 		t.Errorf("A uploaded nothing: %+v", st.Swarm)
 	}
+}
+
+// swarmWait bounds the polls for what a mount needs of the swarm: a
+// provider lookup (p2p bounds one at 10 s) and the have session that
+// follows it (bitmaps are waited for up to FirstByteTimeout, 2 s by
+// default), with room for a loaded machine. On loopback both take
+// milliseconds; the bound only ends a failing test.
+const swarmWait = 2 * (10*time.Second + 2*time.Second)
+
+// waitProvider polls until from's swarm finds holder as a provider of
+// image (a swarm name: a public image's manifest digest): from's next
+// mount of the image then opens a have session with holder, whose hello
+// carries holder's whole bitmap.
+func waitProvider(t *testing.T, from, holder *Daemon, image string) {
+	t.Helper()
+	key, err := p2p.ImageKey(image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := holder.swarm.ID()
+	for deadline := time.Now().Add(swarmWait); ; time.Sleep(20 * time.Millisecond) {
+		ctx, cancel := context.WithTimeout(t.Context(), time.Until(deadline))
+		provs, err := from.swarm.FindProviders(ctx, key, 16)
+		cancel()
+		if slices.ContainsFunc(provs, func(ai peer.AddrInfo) bool { return ai.ID == want }) {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s does not find %s as a provider of %s after %v (last lookup: %d providers, %v)", from.swarm.ID(), want, image, swarmWait, len(provs), err)
+		}
+	}
+}
+
+// waitImagePeer polls until from's swarm has a have session with holder
+// for image, and so holder's bitmap.
+func waitImagePeer(t *testing.T, from, holder *Daemon, image string) {
+	t.Helper()
+	want := holder.swarm.ID()
+	for deadline := time.Now().Add(swarmWait); !slices.Contains(from.swarm.ImagePeers(image), want); time.Sleep(20 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s has no have session with %s for %s after %v", from.swarm.ID(), want, image, swarmWait)
+		}
+	}
+}
+
+// flatImage returns the swarm name of the flat form of the public image
+// ref: its manifest digest.
+func flatImage(t *testing.T, ref string) string {
+	t.Helper()
+	flatRef, err := fetch.FlatRef(ref)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r, err := name.ParseReference(flatRef, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	desc, err := remote.Head(r)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return desc.Digest.String()
 }
 
 // countingRegistry is an in-memory registry on loopback that counts the

@@ -164,7 +164,21 @@ func TestChainWaiterOutlivesCancelledFetcher(t *testing.T) {
 		}
 		second <- err
 	}()
-	time.Sleep(50 * time.Millisecond)
+	// Cancel only once the second reader waits on the first one's call:
+	// cancelled before it joined, it would claim the block itself and the
+	// takeover would go untested.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(time.Millisecond) {
+		chain.mu.Lock()
+		cl := chain.inflight[b.ID]
+		joined := cl != nil && cl.waiters == 1
+		chain.mu.Unlock()
+		if joined {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the second reader never waited on the first one's fetch")
+		}
+	}
 	cancel()
 	if err := <-first; !errors.Is(err, context.Canceled) {
 		t.Errorf("cancelled reader: %v, want context.Canceled", err)

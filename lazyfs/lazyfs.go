@@ -70,6 +70,11 @@ type config struct {
 	// noKernelPassthrough keeps passthrough out of the FUSE handshake, as
 	// on a kernel without it: for tests of the fallback.
 	noKernelPassthrough bool
+	// released, if set, is called when lazyfs has handled the release of
+	// a handle of regular file i, materialize check included: for tests
+	// that must know a file was not queued for materializing, without
+	// sleeping.
+	released func(i int32)
 }
 
 func defaults() config {

@@ -438,6 +438,9 @@ func (m *FS) openBackingFile(key string, size int64) int {
 // release forgets an open handle of regular file i and, when it read
 // through the block path, sees whether the file can now be materialized.
 func (m *FS) release(i int32, fh fs.FileHandle) {
+	if m.cfg.released != nil {
+		defer m.cfg.released(i)
+	}
 	switch h := fh.(type) {
 	case *backedHandle:
 		m.omu.Lock()

@@ -363,14 +363,33 @@ func TestPassthroughNotLocal(t *testing.T) {
 	f := newLocalFetcher(im)
 	f.notLocal = func(b flat.Block) bool { return b.ID == remote }
 	backing := t.TempDir()
-	m := mountT(t, im.x, f, WithBackingDir(backing, 64<<20))
+	var relMu sync.Mutex
+	releases := map[int32]int{} // handled releases, by file
+	onRelease := func(c *config) error {
+		c.released = func(i int32) { relMu.Lock(); releases[i]++; relMu.Unlock() }
+		return nil
+	}
+	m := mountT(t, im.x, f, WithBackingDir(backing, 64<<20), onRelease)
 	readCheck(t, m, im, "data/random1")
 	readCheck(t, m, im, "data/random3") // all local: it is materialized
 	waitFor(t, "materialization of the local file", 10*time.Second, func() bool {
 		return exists(backingPath(t, im, backing, "data/random3"))
 	})
 	readCheck(t, m, im, "data/random1")
-	time.Sleep(100 * time.Millisecond)
+	// Each read opened random1 once. Once both releases are handled, the
+	// file was queued for materializing or never will be; once the queue
+	// has drained, a queued file is on disk.
+	c := int32(im.x.Resolve(i))
+	waitFor(t, "both releases of data/random1", 10*time.Second, func() bool {
+		relMu.Lock()
+		defer relMu.Unlock()
+		return releases[c] == 2
+	})
+	waitFor(t, "the materialize queue to drain", 10*time.Second, func() bool {
+		m.mat.mu.Lock()
+		defer m.mat.mu.Unlock()
+		return len(m.mat.queued) == 0
+	})
 	if exists(backingPath(t, im, backing, "data/random1")) {
 		t.Error("a file with a block that is not local was materialized")
 	}

@@ -104,7 +104,8 @@ func TestComingAwait(t *testing.T) {
 				dCfg.Origin = origin
 			}
 			hStore := openStore(t, nil, nil)
-			nodes := startMesh(t, im, dCfg, Config{Blocks: hStore}, Config{Blocks: openStore(t, nil, nil)})
+			aClock := &pollClock{}
+			nodes := startMesh(t, im, dCfg, Config{Blocks: hStore}, Config{Blocks: openStore(t, nil, nil), Clock: aClock})
 			d, h, a := nodes[0], nodes[1], nodes[2]
 
 			if view := a.originView(im.digest); len(view) != 3 {
@@ -141,8 +142,9 @@ func TestComingAwait(t *testing.T) {
 			}()
 			eventually(t, 5*time.Second, "A to ask D with the ORIGIN flag", func() bool { return a.Stats().OriginRequests >= 1 })
 			comingAfter := time.Since(start)
-			// Still waiting, and not at the registry.
-			time.Sleep(100 * time.Millisecond)
+			// Still waiting, and not at the registry: A has gone to sleep
+			// in await twice since, with x still wanted.
+			awaitPolls(t, aClock, 2)
 			select {
 			case r := <-done:
 				t.Fatalf("FetchMany returned before anybody announced the block: %d blocks, %v", len(r.got), r.err)

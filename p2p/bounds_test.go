@@ -9,7 +9,6 @@ import (
 	"math"
 	"sync"
 	"testing"
-	"time"
 
 	"github.com/shoal-project/shoal/internal/memcheck"
 )
@@ -17,23 +16,26 @@ import (
 // stalled is a stream that delivers a frame's length prefix and then
 // nothing until it is closed: a peer that waits out the read deadline.
 type stalled struct {
-	prefix []byte
-	sent   chan struct{}
-	done   chan struct{}
+	prefix  []byte
+	waiting chan struct{} // closed at the first Read after the prefix: the reader wants the payload
+	done    chan struct{}
 }
 
 func newStalled(n int) *stalled {
-	return &stalled{prefix: binary.AppendUvarint(nil, uint64(n)), sent: make(chan struct{}), done: make(chan struct{})}
+	return &stalled{prefix: binary.AppendUvarint(nil, uint64(n)), waiting: make(chan struct{}), done: make(chan struct{})}
 }
 
+// Read is called by one reader at a time.
 func (s *stalled) Read(p []byte) (int, error) {
 	if len(s.prefix) > 0 {
 		n := copy(p, s.prefix)
 		s.prefix = s.prefix[n:]
-		if len(s.prefix) == 0 {
-			close(s.sent)
-		}
 		return n, nil
+	}
+	select {
+	case <-s.waiting:
+	default:
+		close(s.waiting)
 	}
 	<-s.done
 	return 0, io.EOF
@@ -53,10 +55,12 @@ func holdPrefixes(n int) (release func()) {
 			_, _ = readFrame(bufio.NewReaderSize(streams[i], 4096), maxHelloFrame, nil)
 		}()
 	}
+	// A reader that asks for the payload has read the length and done
+	// whatever it does with it (allocate the frame, or not): what the
+	// caller measures has happened.
 	for _, s := range streams {
-		<-s.sent
+		<-s.waiting
 	}
-	time.Sleep(20 * time.Millisecond) // the readers are now blocked on their payloads
 	return func() {
 		for _, s := range streams {
 			close(s.done)

@@ -250,7 +250,12 @@ func TestImageBlobFromHolder(t *testing.T) {
 	if _, err := asker.ImageManifest(t.Context(), bs.digest, int64(len(bs.manifest))); err != nil && !errors.Is(err, ErrNoIndex) {
 		t.Error(err)
 	}
-	time.Sleep(100 * time.Millisecond)
+	// A second early provide would be marked running before ImageManifest
+	// returns; recentlyProvided waits for a running one to end, and
+	// Provide counts before it publishes: the count is final here.
+	if !asker.recentlyProvided(t.Context(), bs.key) {
+		t.Error("the early provide is no longer recorded")
+	}
 	if after := asker.Stats().DHTProvides; after != before {
 		t.Errorf("a second ImageManifest provided the record again (%d → %d provides)", before, after)
 	}

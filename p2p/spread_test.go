@@ -103,6 +103,7 @@ func TestSpreadCopies(t *testing.T) {
 type spreadRig struct {
 	h, g, c *Node
 	im      *testImage
+	cClock  *pollClock // C's: counts its await polls
 	x       flat.Block
 	gStore  *blockstore.Store
 	chain   *fetch.Chain
@@ -115,9 +116,11 @@ func newSpreadRig(t *testing.T, name string, spreadWait time.Duration) *spreadRi
 	r := &spreadRig{im: newTestImage(name, 1, 16<<10), gStore: openStore(t, nil, nil)}
 	r.x = r.im.index.Blocks[0]
 	cfg := Config{SpreadCopies: 2, SpreadWait: spreadWait}
-	hCfg, gCfg := cfg, cfg
+	hCfg, gCfg, cCfg := cfg, cfg, cfg
 	hCfg.Blocks, gCfg.Blocks = openStore(t, r.im, nil), r.gStore
-	nodes := startMesh(t, r.im, hCfg, gCfg, cfg)
+	r.cClock = &pollClock{}
+	cCfg.Clock = r.cClock
+	nodes := startMesh(t, r.im, hCfg, gCfg, cCfg)
 	r.h, r.g, r.c = nodes[0], nodes[1], nodes[2]
 	eventually(t, 10*time.Second, "C to see H hold x", func() bool { return holds(r.c, r.im.digest, 0, r.h.ID()) })
 	for range 2 {
@@ -154,10 +157,12 @@ func TestSpreadAwaitsOtherHolder(t *testing.T) {
 		done <- result{got, err}
 	}()
 	eventually(t, 5*time.Second, "H to answer C COMING for x", func() bool { return c.Stats().SpreadReceived >= 1 })
+	// C has gone to sleep in await twice since, with x still wanted.
+	awaitPolls(t, r.cClock, 2)
 	select {
 	case res := <-done:
 		t.Fatalf("FetchMany returned while x's only holder had answered COMING: %d blocks, %v", len(res.got), res.err)
-	case <-time.After(100 * time.Millisecond):
+	default:
 	}
 	// G gets x and announces it.
 	if err := r.gStore.Put(ctx, x.ID, r.im.data[x.ID]); err != nil {

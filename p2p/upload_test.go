@@ -128,14 +128,18 @@ func TestSlowReaderCannotStarve(t *testing.T) {
 					t.Fatal(err)
 				}
 			}
-			slots := Defaults().MaxUploadStreams
+			slots, perPeer := Defaults().MaxUploadStreams, Defaults().UploadStreamsPerPeer
 			start := time.Now()
 			var streams []*slowStream
 			for i := range slots {
 				streams = append(streams, openSlow(t, slow[i%len(slow)], s, im.digest, im.index.Blocks, tc.rate, start))
 			}
-			// The slow peers hold what the server lets them hold.
-			time.Sleep(300 * time.Millisecond)
+			// The slow peers hold what the server lets them hold (their
+			// shares, up to every slot) before the honest peer asks: had it
+			// asked sooner it would have found slots free and tested
+			// nothing.
+			want := int64(min(slots, tc.peers*perPeer))
+			eventually(t, 10*time.Second, "the slow peers to hold their slots", func() bool { return s.Stats().ActiveUploads == want })
 			held := s.Stats().ActiveUploads
 			took, busy, ok := honestWait(t, honest, s, im.digest, im.index.Blocks[0], 20*time.Second)
 			st := s.Stats()
@@ -292,6 +296,10 @@ func TestUploaderAdmission(t *testing.T) {
 		}
 		got <- up
 	}()
+	// The waiter registers nowhere the test can see, so a pause gives it
+	// time to start waiting; if it has not, it takes the freed slot at
+	// its first try, and the check below still holds (it is not a check
+	// that something did not happen).
 	time.Sleep(20 * time.Millisecond)
 	c.release()
 	select {
