@@ -152,6 +152,22 @@ func resultJSON(scenario string, v map[string]any, src provenance.Source, srcErr
 	return append(b, '\n'), nil
 }
 
+// traceOut is where TestBenchRecordTrace writes the trace and image facts
+// it records: SHOAL_TRACE_OUT if set (make trace-fixture sets it to
+// simulation/testdata, the fixture the simulator's tests read), otherwise
+// results/trace. A benchmark run never rewrites a test fixture.
+func traceOut(t *testing.T) string {
+	t.Helper()
+	dir := os.Getenv("SHOAL_TRACE_OUT")
+	if dir == "" {
+		dir = filepath.Join("results", "trace")
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	return dir
+}
+
 func median(xs []float64) float64 {
 	if len(xs) == 0 {
 		return 0
