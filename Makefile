@@ -50,9 +50,33 @@ lint:
 	$(GO) vet $(PKGS)
 	$(GO) run $(STATICCHECK) $(PKGS)
 
-# Benchmarks write JSON under bench/results/ (see ../shared/BENCHMARKS.md).
-bench: deps build
+# Benchmarks write JSON under bench/results/ (see ../shared/BENCHMARKS.md),
+# each with its commit, date, machine and reproducing command, and only
+# from a clean tree: a result from uncommitted code describes code nobody
+# can read. Changes under bench/results and simulation/results (outputs)
+# do not count; untracked files do (the same rule as provenance.Git, which
+# the bench package checks again). SHOAL_BENCH_DIRTY=1 runs anyway and
+# marks every file "dirty": true, not for quoting. The recorded trace goes
+# to bench/results/trace/, never to the fixture (see trace-fixture).
+BENCH_OUTPUTS := ':(top,exclude)bench/results' ':(top,exclude)simulation/results'
+bench: clean-tree deps build
 	SHOAL_BENCH=1 $(GO) test -count=1 -timeout 90m -run 'Bench' -v ./bench/ 2>&1 | tee bench/results/last-run.log
+
+.PHONY: clean-tree trace-fixture
+clean-tree:
+	@if [ "$$SHOAL_BENCH_DIRTY" != 1 ] && [ -n "$$(git status --porcelain -- ':/' $(BENCH_OUTPUTS))" ]; then \
+		git status --short -- ':/' $(BENCH_OUTPUTS); \
+		echo "the tree has uncommitted changes (above): results from it would describe code nobody can read; commit them, or set SHOAL_BENCH_DIRTY=1 for results marked not for quoting" >&2; \
+		exit 1; \
+	fi
+
+# The trace the simulator's tests and sweeps read
+# (simulation/testdata/python-debian.{trace,image}.json) is a fixture: it
+# changes only by this target, never by make bench. Record it again when the
+# image, the converter or the workload changes, and commit it with the
+# change. SHOAL_TRACE_OUT is relative to bench/, where go test runs.
+trace-fixture: clean-tree deps build
+	SHOAL_BENCH=1 SHOAL_TRACE_OUT=../simulation/testdata $(GO) test -count=1 -timeout 30m -run '^TestBenchRecordTrace$$' -v ./bench/
 
 # The rollout simulator (docs/simulation.md): every strategy at 10 to 10,000
 # nodes, JSON and SVG plots under simulation/results/. The first sweep is a
@@ -108,7 +132,7 @@ simulate-byzantine:
 # The simulator against the real network-namespace rollout: first against
 # the committed bench/results/rollout.json (fast), then a fresh real run of
 # 12 nodes (root) written with the prediction to bench/results/calibration.json.
-calibrate: deps build
+calibrate: clean-tree deps build
 	$(GO) test -count=1 -run '^TestCalibration$$' -v ./simulation/
 	SHOAL_BENCH=1 SHOAL_BENCH_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 30m -run '^TestBenchCalibrate$$' -v ./bench/
 

@@ -33,7 +33,8 @@ const traceDir = "../simulation/testdata"
 // workload — python3 starting from the Debian image of TestBenchRollout,
 // cold, on one node, registry on loopback — and writes it with its image
 // facts (index and manifest bytes, the source image's layer bytes) to
-// simulation/testdata, where the simulator and its calibration read it.
+// bench/results/trace, or to simulation/testdata, where the simulator and
+// its calibration read it, with make trace-fixture (see traceOut).
 func TestBenchRecordTrace(t *testing.T) {
 	needBench(t)
 	needRoot(t)
@@ -138,15 +139,16 @@ func TestBenchRecordTrace(t *testing.T) {
 		"image_bytes":         tr.ImageBytes,
 		"image_stored_bytes":  tr.StoredBytes,
 		"time_to_ok_s":        out.okAfter().Seconds(),
-		"recorded_by":         "SHOAL_BENCH=1 go test -count=1 -run '^TestBenchRecordTrace$' -v ./bench/ (as root)",
+		"recorded_by":         "make trace-fixture (SHOAL_BENCH=1 SHOAL_TRACE_OUT=../simulation/testdata go test -count=1 -run '^TestBenchRecordTrace$' -v ./bench/, as root)",
 		"recorded_on_machine": machine(),
 		"commit":              commit(),
 	}
-	if err := trace.WriteFile(filepath.Join(traceDir, "python-debian.trace.json"), tr); err != nil {
+	dir := traceOut(t)
+	if err := trace.WriteFile(filepath.Join(dir, "python-debian.trace.json"), tr); err != nil {
 		t.Fatal(err)
 	}
 	b, _ := json.MarshalIndent(meta, "", "  ")
-	if err := os.WriteFile(filepath.Join(traceDir, "python-debian.image.json"), append(b, '\n'), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(dir, "python-debian.image.json"), append(b, '\n'), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	t.Logf("trace: %d events, %d B (%d B stored) of %d blocks; ok after %v\n%s", len(tr.Events), size, stored, tr.Blocks,

@@ -186,7 +186,6 @@ func TestBenchChaosRollout(t *testing.T) {
 		"ratio_note":    "chaos p99 ÷ (2 × clean p50 + 3 s), per round: at most 1 is the goal",
 		"goals":         "every honest surviving node starts; chaos p99 ≤ 2× clean p50 + 3 s; registry egress ≤ 1.5× unique; corrupt blocks struck, never used",
 		"network":       "each node in its own network namespace on one bridge (198.18.0.0/16); registry link shaped with tc tbf both ways; nodes unshaped",
-		"reproduce":     fmt.Sprintf("SHOAL_BENCH=1 SHOAL_BENCH_PAIRS=%d go test -count=1 -timeout 60m -run '^TestBenchChaosRollout$' -v ./bench/ (as root)", pairs()),
 	})
 }
 

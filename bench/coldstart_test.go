@@ -3,7 +3,6 @@ package bench
 import (
 	"context"
 	"encoding/json"
-	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -85,8 +84,6 @@ func TestBenchColdStartPython(t *testing.T) {
 		"runs":    len(shoalOK),
 		"image":   info,
 		"command": pythonCmd,
-		"reproduce": fmt.Sprintf("SHOAL_BENCH=1 SHOAL_BENCH_PAIRS=%d go test -count=1 -timeout 90m -run '^TestBenchColdStartPython$' -v ./bench/ (as root)",
-			pairs()),
 		"cold": "each shoal run has a fresh --state-dir (empty block cache); each baseline run unpacks into a fresh directory; " +
 			"the kernel page cache is NOT dropped, so it may hold the registry's blob files, the shoal binary and python's files written by a previous baseline unpack",
 		"shoal": map[string]any{

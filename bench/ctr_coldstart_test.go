@@ -54,11 +54,9 @@ func TestBenchCtrColdStart(t *testing.T) {
 	info := imageInfo(t, src, img)
 	info["bytes"] = imageBytes
 	writeResult(t, "ctr-coldstart-python", map[string]any{
-		"runs":    len(shoalOK),
-		"image":   info,
-		"command": pythonCmd,
-		"reproduce": fmt.Sprintf("SHOAL_BENCH=1 SHOAL_BENCH_PAIRS=%d go test -count=1 -timeout 90m -run '^TestBenchCtrColdStart$' -v ./bench/ (as root)",
-			pairs()),
+		"runs":       len(shoalOK),
+		"image":      info,
+		"command":    pythonCmd,
 		"containerd": containerdVersion(),
 		"cold": "each run has a fresh containerd (root, state, content store, snapshots) and, for shoal, a fresh daemon state directory (empty block cache); " +
 			"the kernel page cache is NOT dropped, so it may hold the registry's blob files and files of a previous run",

@@ -147,6 +147,5 @@ func TestBenchPrivateRollout(t *testing.T) {
 		"egress_ratio_samples": egressRatio,
 		"goals":                "private p50 and registry egress within 5% of public (ratios ≤ 1.05)",
 		"network":              "each node in its own network namespace on one bridge (198.18.0.0/16); registry link shaped with tc tbf both ways; nodes unshaped",
-		"reproduce":            fmt.Sprintf("SHOAL_BENCH=1 SHOAL_BENCH_PAIRS=%d go test -count=1 -timeout 60m -run '^TestBenchPrivateRollout$' -v ./bench/ (as root)", pairs()),
 	})
 }

@@ -118,8 +118,6 @@ func TestBenchCachedReadThroughput(t *testing.T) {
 	writeResult(t, "cached-read-throughput", map[string]any{
 		"runs":  len(shoalS),
 		"image": info,
-		"reproduce": fmt.Sprintf("SHOAL_BENCH=1 SHOAL_BENCH_PAIRS=%d go test -count=1 -timeout 90m -run '^TestBenchCachedReadThroughput$' -v ./bench/ (as root)",
-			pairs()),
 		"read_set": map[string]any{"dirs": readSetDirs, "files": len(files), "bytes": total,
 			"how":    "every regular file of the dirs, in WalkDir order, each read sequentially to EOF with a 1 MiB buffer, one at a time",
 			"by_dir": byDir, "by_dir_note": "median MB/s over pairs of the time spent on each directory's files (open to close)"},

@@ -7,6 +7,8 @@ import (
 	"os"
 	"path/filepath"
 	"time"
+
+	"github.com/shoal-project/shoal/internal/provenance"
 )
 
 // Sweep is a set of runs: every strategy at every node count, one base
@@ -20,8 +22,13 @@ type Sweep struct {
 	Progress func(r *Result, wall time.Duration)
 }
 
-// Report is what a sweep writes: the parameters and every result.
+// Report is what a sweep writes: the parameters and every result, and
+// where they came from.
 type Report struct {
+	// Stamp is the provenance (commit, date, machine, reproducing command).
+	// Sweep.Run leaves it nil, so that a report is a function of its
+	// configuration alone; the command that writes the report sets it.
+	*provenance.Stamp
 	Trace      string    `json:"trace"`
 	Image      string    `json:"image"`
 	Parameters Params    `json:"parameters"`

@@ -11,6 +11,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/shoal-project/shoal/internal/provenance"
 	"github.com/shoal-project/shoal/p2p"
 	"github.com/shoal-project/shoal/simulation"
 )
@@ -114,6 +115,8 @@ func runSimulate(ctx context.Context, args []string, stdout, stderr io.Writer) e
 		return err
 	}
 	rep.Trace = filepath.Base(*tracePath) + ": " + rep.Trace
+	st := provenance.New(provenance.Current(ctx), provenance.Command(append([]string{"shoal", "simulate"}, args...)))
+	rep.Stamp = &st
 	fmt.Fprintf(stderr, "simulated %d runs in %v\n", len(rep.Results), time.Since(start).Round(time.Millisecond))
 	if *out != "" {
 		paths, err := rep.Write(*out, *name)
