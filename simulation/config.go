@@ -306,6 +306,14 @@ func (c Config) Defaults() Config {
 // an overestimate.
 const DefaultServeCPU = 3400 * time.Microsecond
 
+// blobGraceOff reports whether ImageBlob passes over a designated fetcher
+// that delivered nothing by p2p.BlobGrace: not under ComingGraceOff, nor
+// under the what-ifs of daemons that had no BlobGrace (DesignateGone,
+// NotMemberOff, NoDesignatedHedge), so that each replays its daemon.
+func (c Config) blobGraceOff() bool {
+	return c.ComingGraceOff || c.DesignateGone || c.NotMemberOff || c.NoDesignatedHedge
+}
+
 // validate reports what cannot be simulated.
 func (c Config) validate() error {
 	var errs []error

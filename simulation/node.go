@@ -785,7 +785,7 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 		// ImageBlob's grace: a designated fetcher that delivered nothing,
 		// nor anyone, within BlobGrace of becoming the designee is taken
 		// for unreachable, and the next member takes its place.
-		if k == 0 && !designated && !w.cfg.ComingGraceOff && wait > 0 && w.e.now-dSince >= p2p.BlobGrace(wait) && w.e.now < deadline {
+		if k == 0 && !designated && !w.cfg.blobGraceOff() && wait > 0 && w.e.now-dSince >= p2p.BlobGrace(wait) && w.e.now < deadline {
 			w.st.comingUndelivered++
 			w.unreachable(n, w.nodes[w.byID[d]])
 			if i := slices.Index(cands, w.byID[d]); i >= 0 {
