@@ -434,12 +434,13 @@ func uncompressed(l v1.Layer) (io.ReadCloser, error) {
 	if err != nil {
 		return nil, err
 	}
-	return decompressLayer(rc)
+	return decompressLayer(rc, maxLayerWindow)
 }
 
 // decompressLayer returns rc's bytes decompressed if they start with the
-// magic of gzip or zstd, as they are otherwise; closing it closes rc.
-func decompressLayer(rc io.ReadCloser) (io.ReadCloser, error) {
+// magic of gzip or zstd, as they are otherwise; closing it closes rc. A
+// zstd frame may ask for a window of at most maxWindow bytes.
+func decompressLayer(rc io.ReadCloser, maxWindow uint64) (io.ReadCloser, error) {
 	br := bufio.NewReaderSize(rc, 1<<20)
 	magic, err := br.Peek(4)
 	if err != nil && !errors.Is(err, io.EOF) {
@@ -457,25 +458,28 @@ func decompressLayer(rc io.ReadCloser) (io.ReadCloser, error) {
 	case len(magic) == 4 && magic[0] == 0x28 && magic[1] == 0xb5 && magic[2] == 0x2f && magic[3] == 0xfd:
 		// For a stream, the decoder's memory limit is its window limit.
 		zr, err := zstd.NewReader(br, zstd.WithDecoderConcurrency(1),
-			zstd.WithDecoderMaxWindow(maxLayerWindow), zstd.WithDecoderMaxMemory(maxLayerWindow))
+			zstd.WithDecoderMaxWindow(maxWindow), zstd.WithDecoderMaxMemory(maxWindow))
 		if err != nil {
 			rc.Close()
 			return nil, fmt.Errorf("zstd: %w", err)
 		}
-		return readCloser{drainAtEOF{zstdLayer{zr}, br}, func() error { zr.Close(); return rc.Close() }}, nil
+		return readCloser{drainAtEOF{zstdLayer{zr, maxWindow}, br}, func() error { zr.Close(); return rc.Close() }}, nil
 	}
 	return readCloser{br, rc.Close}, nil
 }
 
 // zstdLayer says which limit a frame broke when it asks for too large a
 // window.
-type zstdLayer struct{ *zstd.Decoder }
+type zstdLayer struct {
+	*zstd.Decoder
+	maxWindow uint64
+}
 
 func (z zstdLayer) Read(p []byte) (int, error) {
 	n, err := z.Decoder.Read(p)
 	if errors.Is(err, zstd.ErrWindowSizeExceeded) || errors.Is(err, zstd.ErrDecoderSizeExceeded) {
 		err = fmt.Errorf("%w: a zstd frame asks for a window over %d MiB (zstd's own limit by default; --long or --ultra compression passes it)",
-			ErrTooLarge, maxLayerWindow>>20)
+			ErrTooLarge, z.maxWindow>>20)
 	}
 	return n, err
 }

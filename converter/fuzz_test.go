@@ -37,7 +37,7 @@ func FuzzLayerTar(f *testing.F) {
 	f.Add(layerTar(f, []ent{{name: "../x", body: "x"}}), []byte{})
 	f.Add(layerTar(f, []ent{{name: "a", typ: tar.TypeLink, link: "a"}, {name: "b/c", typ: tar.TypeSymlink, link: "../../.."}}), []byte("garbage"))
 	// Compressed layers, and a zstd frame that asks for a 512 MiB window
-	// (allocated up front, and filled, before maxLayerWindow).
+	// (allocated up front, and filled, before the window limit).
 	plain := layerTar(f, []ent{{name: "etc/hosts", body: "127.0.0.1 localhost\n"}, {name: "bin", typ: tar.TypeDir}})
 	var gz bytes.Buffer
 	zw := gzip.NewWriter(&gz)
@@ -57,10 +57,18 @@ func FuzzLayerTar(f *testing.F) {
 }
 
 // layerCeiling bounds what converting two layers of n bytes in all may
-// allocate, for FuzzLayerTar's limits (256 KiB of tar): the tree, which
-// grows with the entries, and constants: a 1 MiB read buffer and a
-// decompressor per layer, and the build's chunker and encoders.
+// allocate, for FuzzLayerTar's limits (256 KiB of tar, zstd windows of
+// fuzzWindow): the tree, which grows with the entries, and constants: a
+// 1 MiB read buffer and a decompressor per layer, and the build's chunker
+// and encoders.
 var layerCeiling = memcheck.Ceiling{PerByte: 64, Const: 8 << 20}
+
+// fuzzWindow is the largest zstd window FuzzLayerTar's layers may ask for.
+// A decoder allocates the window a frame asks for before it decodes a
+// byte, so a 9-byte frame under the converter's own limit (maxLayerWindow,
+// 128 MiB) costs up to that much, whatever its size: a bound that
+// TestZstdLayerWindow measures, not one proportional to the input.
+const fuzzWindow = 1 << 20
 
 func fuzzLayers(t *testing.T, lim limits, log *slog.Logger, layers ...[]byte) {
 	spool, err := os.CreateTemp(t.TempDir(), "spool")
@@ -70,7 +78,7 @@ func fuzzLayers(t *testing.T, lim limits, log *slog.Logger, layers ...[]byte) {
 	defer spool.Close()
 	tr := newTree(spool, lim, log)
 	for i, l := range layers {
-		r, err := decompressLayer(io.NopCloser(bytes.NewReader(l)))
+		r, err := decompressLayer(io.NopCloser(bytes.NewReader(l)), fuzzWindow)
 		if err != nil {
 			return // rejected input: fine, as long as there was no panic
 		}
