@@ -761,23 +761,29 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 	dropped := map[int32]bool{} // could not connect, or not a member: not asked again
 	dSince := start             // when d became the designated fetcher (p2p.BlobGrace)
 	var ask func(k int)
+	// replace puts the next member of the group in the place (cands[i])
+	// of the designated fetcher, as ImageBlob's replace does, and reports
+	// whether cands[i] is to be asked now.
+	replace := func(i int) bool {
+		w.st.originReplanned++
+		dSince = w.e.now
+		if d = designee(); d == n.pid || d == "" {
+			designated, wait, deadline = true, 0, w.e.now
+			return false
+		}
+		cands[i] = w.byID[d]
+		delete(dropped, cands[i])
+		return true
+	}
 	// lost drops cands[i], found gone or not a member, and goes on with
-	// the next candidate. If it was the designated fetcher, the next
-	// member of the group takes its place (ImageBlob's replace).
+	// the next candidate: the next member, if it was the designated
+	// fetcher.
 	lost := func(i, k int) {
 		q := w.nodes[cands[i]]
 		dropped[q.i] = true
-		if q.pid == d && !designated && w.e.now < deadline && (w.down(n)(d) || !n.scores.Designatable(d, w.e.wall())) {
-			w.st.originReplanned++
-			dSince = w.e.now
-			if d = designee(); d == n.pid || d == "" {
-				designated, wait, deadline = true, 0, w.e.now
-			} else {
-				cands[i] = w.byID[d]
-				delete(dropped, cands[i])
-				ask(k)
-				return
-			}
+		if q.pid == d && !designated && w.e.now < deadline && (w.down(n)(d) || !n.scores.Designatable(d, w.e.wall())) && replace(i) {
+			ask(k)
+			return
 		}
 		ask(k + 1)
 	}
@@ -789,14 +795,7 @@ func (w *world) blobFromPeers(n *simNode, kind int, cb func()) {
 			w.st.comingUndelivered++
 			w.unreachable(n, w.nodes[w.byID[d]])
 			if i := slices.Index(cands, w.byID[d]); i >= 0 {
-				w.st.originReplanned++
-				dSince = w.e.now
-				if d = designee(); d == n.pid || d == "" {
-					designated, wait, deadline = true, 0, w.e.now
-				} else {
-					cands[i] = w.byID[d]
-					delete(dropped, cands[i])
-				}
+				replace(i)
 			}
 		}
 		if k == len(cands) {

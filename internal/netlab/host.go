@@ -188,10 +188,7 @@ func (h *Host) SetRate(mbit int) error {
 	l := h.lab
 	l.ops.RLock()
 	defer l.ops.RUnlock()
-	l.mu.Lock()
-	closed := l.closed
-	l.mu.Unlock()
-	if closed {
+	if l.isClosed() {
 		return ErrClosed
 	}
 	if err := h.setRate(mbit); err != nil {
@@ -231,10 +228,7 @@ func (h *Host) SetLinkUp(up bool) error {
 	l := h.lab
 	l.ops.RLock()
 	defer l.ops.RUnlock()
-	l.mu.Lock()
-	closed := l.closed
-	l.mu.Unlock()
-	if closed {
+	if l.isClosed() {
 		return ErrClosed
 	}
 	state := "down"
@@ -309,11 +303,8 @@ func (h *Host) Command(ctx context.Context, name string, args ...string) *exec.C
 		return cmd.Process.Kill()
 	}
 	cmd.WaitDelay = 5 * time.Second
-	l.mu.Lock()
-	closed := l.closed
-	l.mu.Unlock()
 	switch {
-	case closed:
+	case l.isClosed():
 		cmd.Err = ErrClosed
 	case lookErr != nil:
 		cmd.Err = lookErr

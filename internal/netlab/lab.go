@@ -284,6 +284,13 @@ func takeLock(id string) (*os.File, string, error) {
 	return tmp, path, nil
 }
 
+// isClosed reports whether Close has begun.
+func (l *Lab) isClosed() bool {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.closed
+}
+
 func lockPath(id string) string { return filepath.Join(lockDir, id+".lock") }
 
 func (l *Lab) init() error {
