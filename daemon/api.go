@@ -9,6 +9,8 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
+
 	"github.com/shoal-project/shoal/blockstore"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/lazyfs"
@@ -26,6 +28,10 @@ type MountRequest struct {
 	// RecordTrace records the blocks read for the mount's whole life (not
 	// only its first seconds); Unmount returns the trace.
 	RecordTrace bool `json:"record_trace,omitempty"`
+	// keychain, when set, is whose credentials the mount reads the
+	// registry with instead of the daemon's (the snapshotter's, for CRI
+	// pulls). Not part of the API.
+	keychain authn.Keychain
 }
 
 // MountInfo describes a mount the daemon holds.
@@ -106,7 +112,11 @@ func (d *Daemon) Mount(ctx context.Context, req MountRequest) (MountInfo, error)
 		return MountInfo{}, errors.New("daemon is not running")
 	}
 	// The mount outlives the request: only the resolving is bounded by it.
-	img, err := n.Resolve(ctx, req.Ref)
+	kc := req.keychain
+	if kc == nil {
+		kc = d.keychain
+	}
+	img, err := n.ResolveWith(ctx, req.Ref, kc)
 	if err != nil {
 		return MountInfo{}, err
 	}

@@ -28,6 +28,7 @@ import (
 	"golang.org/x/sync/errgroup"
 	"gopkg.in/yaml.v3"
 
+	"github.com/shoal-project/shoal/cri"
 	"github.com/shoal-project/shoal/flat"
 	"github.com/shoal-project/shoal/node"
 	"github.com/shoal-project/shoal/p2p"
@@ -48,6 +49,7 @@ type Config struct {
 	Seeding     SeedingConfig     `yaml:"seeding"`     // trace prefetch, fill, recording, keep-warm (seeding.go)
 	Snapshotter SnapshotterConfig `yaml:"snapshotter"` // containerd remote snapshotter (snapshotter.go)
 	Mirror      MirrorConfig      `yaml:"mirror"`      // registry mirror (mirror.go, docs/mirror.md)
+	CRI         CRIConfig         `yaml:"cri"`         // CRI image service proxy for pull credentials (cri.go)
 }
 
 // P2PConfig configures the swarm.
@@ -131,6 +133,10 @@ type Daemon struct {
 	// keychain holds the registry credentials the daemon reads images
 	// with (Config.Registry), set by Run.
 	keychain authn.Keychain
+	// criCreds holds the credentials of CRI pulls (Config.CRI); nil when
+	// the CRI proxy is off. With it, the snapshotter reads registries
+	// with them instead of keychain.
+	criCreds *cri.Credentials
 
 	mu         sync.Mutex
 	node       *node.Node
@@ -234,6 +240,10 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	}
 	api := &http.Server{Handler: d.routes(), ReadHeaderTimeout: 10 * time.Second}
 	g.Go(func() error { return serve(ctx, api, ln) })
+	if err := d.startCRI(ctx, g); err != nil {
+		ln.Close()
+		return err
+	}
 	if err := d.startSnapshotter(ctx, g); err != nil {
 		ln.Close()
 		return err

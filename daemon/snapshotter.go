@@ -9,6 +9,7 @@ import (
 	"net/http"
 	"path/filepath"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -77,6 +78,18 @@ var (
 	_ snapshotter.LayerFetcher = snapshotRemote{}
 )
 
+// keychain is whose credentials the snapshotter reads registries with:
+// with the CRI proxy on, those of the latest CRI pull of each repository
+// (anonymous for a repository no pull named), never the daemon's own;
+// without it, the daemon's (registry.docker_config), for `shoal pull` and
+// ctr.
+func (r snapshotRemote) keychain() authn.Keychain {
+	if r.d.criCreds != nil {
+		return r.d.criCreds.Keychain()
+	}
+	return r.d.keychain
+}
+
 func (r snapshotRemote) nameOpts() []name.Option {
 	if r.d.cfg.PlainHTTP {
 		return []name.Option{name.Insecure}
@@ -93,7 +106,7 @@ func (r snapshotRemote) Lookup(ctx context.Context, ref, manifest string) (snaps
 	if err != nil {
 		return img, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuthFromKeychain(r.d.keychain), remote.WithTransport(bounded.Transport(nil))}
+	ropts := []remote.Option{remote.WithContext(ctx), remote.WithAuthFromKeychain(r.keychain()), remote.WithTransport(bounded.Transport(nil))}
 	if manifest == "" {
 		desc, err := remote.Head(src, ropts...)
 		if err != nil {
@@ -138,7 +151,7 @@ func (r snapshotRemote) SourceLayers(ctx context.Context, ref, manifest string) 
 	if err != nil {
 		return nil, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	sd, err := remote.Get(src.Context().Digest(manifest), remote.WithContext(ctx), remote.WithAuthFromKeychain(r.d.keychain),
+	sd, err := remote.Get(src.Context().Digest(manifest), remote.WithContext(ctx), remote.WithAuthFromKeychain(r.keychain()),
 		remote.WithTransport(bounded.Transport(nil)))
 	if err != nil {
 		return nil, converter.RegistryError("read", ref, err)
@@ -161,7 +174,7 @@ func (r snapshotRemote) FetchLayer(ctx context.Context, ref, layer string) (io.R
 	if err != nil {
 		return nil, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	l, err := remote.Layer(src.Context().Digest(layer), remote.WithContext(ctx), remote.WithAuthFromKeychain(r.d.keychain))
+	l, err := remote.Layer(src.Context().Digest(layer), remote.WithContext(ctx), remote.WithAuthFromKeychain(r.keychain()))
 	if err != nil {
 		return nil, converter.RegistryError("read", ref, err)
 	}
@@ -174,7 +187,7 @@ func (r snapshotRemote) FetchLayer(ctx context.Context, ref, layer string) (io.R
 
 // Mount mounts flatRef as a daemon mount at dir.
 func (r snapshotRemote) Mount(ctx context.Context, flatRef, dir string) (io.Closer, error) {
-	mi, err := r.d.Mount(ctx, MountRequest{Ref: flatRef, Dir: dir})
+	mi, err := r.d.Mount(ctx, MountRequest{Ref: flatRef, Dir: dir, keychain: r.keychain()})
 	if err != nil {
 		return nil, err
 	}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
@@ -47,9 +48,9 @@ type Image struct {
 	localKey string // a local conversion's source digest (hex): its kept index
 }
 
-func (n *Node) fetchOpts() []fetch.Option {
+func (n *Node) fetchOpts(kc authn.Keychain) []fetch.Option {
 	opts := []fetch.Option{fetch.WithPlainHTTP(n.cfg.plainHTTP), fetch.WithLogger(n.cfg.log),
-		fetch.WithKeychain(n.cfg.keychain), fetch.WithVisibility(n.cfg.visibility)}
+		fetch.WithKeychain(kc), fetch.WithVisibility(n.cfg.visibility)}
 	if src, ok := n.cfg.peers.(fetch.IndexSource); ok {
 		// The swarm is also a fetch.ManifestSource: OpenImage asks it for
 		// the manifest too.
@@ -95,24 +96,36 @@ func (n *Node) chainOpts() []fetch.Option {
 // Resolve finds the flat form of ref (ref's tag + "-shoal", or ref itself if
 // it is a flat image) and opens it. When there is none, it converts ref here
 // (a full pull, as a standard client would), keeps every block in the cache,
-// and says so in one notice line — unless WithoutFallback.
+// and says so in one notice line — unless WithoutFallback. It reads the
+// registry with the node's credentials (WithKeychain).
 func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
+	return n.ResolveWith(ctx, ref, n.cfg.keychain)
+}
+
+// ResolveWith is Resolve with the credentials of one caller instead of the
+// node's: everything this image reads from the registry, then and for as
+// long as it is mounted, is read with kc (the snapshotter passes the
+// credentials of the CRI pull that asked for the image).
+func (n *Node) ResolveWith(ctx context.Context, ref string, kc authn.Keychain) (*Image, error) {
+	if kc == nil {
+		return nil, errors.New("resolve: nil keychain")
+	}
 	var im *fetch.Image
 	var err error
 	if flatRef, ferr := fetch.FlatRef(ref); ferr == nil && !strings.HasSuffix(refTag(ref), flat.TagSuffix) {
-		im, err = fetch.OpenImage(ctx, flatRef, n.fetchOpts()...)
+		im, err = fetch.OpenImage(ctx, flatRef, n.fetchOpts(kc)...)
 		if err != nil && !errors.Is(err, fetch.ErrNotFound) && !errors.Is(err, fetch.ErrNotFlat) {
 			return nil, openError(flatRef, err)
 		}
 	}
 	if im == nil {
-		im, err = fetch.OpenImage(ctx, ref, n.fetchOpts()...)
+		im, err = fetch.OpenImage(ctx, ref, n.fetchOpts(kc)...)
 		switch {
 		case errors.Is(err, fetch.ErrNotFlat):
 			if n.cfg.noFallback {
 				return nil, fmt.Errorf("%s has no flat form (convert it with `shoal convert %s`)", ref, ref)
 			}
-			return n.convertLocally(ctx, ref)
+			return n.convertLocally(ctx, ref, kc)
 		case err != nil:
 			return nil, openError(ref, err)
 		}
@@ -160,8 +173,8 @@ func (n *Node) Resolve(ctx context.Context, ref string) (*Image, error) {
 	}
 	img := &Image{Source: ref, Ref: im.Ref(), Index: im.Index(), Chain: chain, Registry: im.Registry(), Digest: im.Digest(),
 		Private: !im.Public(), SwarmName: swarmName}
-	img.Config = n.sourceConfig(ctx, im.Ref(), im.Index().Source)
-	img.Trace = n.findTrace(ctx, im.Ref(), im.Digest())
+	img.Config = n.sourceConfig(ctx, im.Ref(), im.Index().Source, kc)
+	img.Trace = n.findTrace(ctx, im.Ref(), im.Digest(), kc)
 	return img, nil
 }
 
@@ -184,13 +197,13 @@ func refTag(ref string) string {
 
 // sourceConfig reads the source image's config (for its Env and working
 // directory): two small requests, best effort.
-func (n *Node) sourceConfig(ctx context.Context, flatRef, srcDigest string) *v1.ConfigFile {
+func (n *Node) sourceConfig(ctx context.Context, flatRef, srcDigest string, kc authn.Keychain) *v1.ConfigFile {
 	r, err := name.ParseReference(flatRef, n.nameOpts()...)
 	if err != nil || srcDigest == "" {
 		return nil
 	}
 	src := r.Context().Digest(srcDigest)
-	img, err := remote.Image(src, remote.WithContext(ctx), remote.WithAuthFromKeychain(n.cfg.keychain),
+	img, err := remote.Image(src, remote.WithContext(ctx), remote.WithAuthFromKeychain(kc),
 		remote.WithTransport(bounded.Transport(nil)))
 	if err != nil {
 		n.log.Debug("source config unavailable", "ref", src.String(), "err", err)
@@ -208,12 +221,12 @@ func (n *Node) sourceConfig(ctx context.Context, flatRef, srcDigest string) *v1.
 // indexes/<source digest> and every block is put in the cache and pinned:
 // no registry can serve them again. A later call for the same source reuses
 // both without pulling.
-func (n *Node) convertLocally(ctx context.Context, ref string) (*Image, error) {
+func (n *Node) convertLocally(ctx context.Context, ref string, kc authn.Keychain) (*Image, error) {
 	r, err := name.ParseReference(ref, n.nameOpts()...)
 	if err != nil {
 		return nil, fmt.Errorf("image reference %q: %w", ref, err)
 	}
-	src, err := remote.Image(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(n.cfg.keychain),
+	src, err := remote.Image(r, remote.WithContext(ctx), remote.WithAuthFromKeychain(kc),
 		remote.WithPlatform(converter.HostPlatform()), remote.WithTransport(bounded.Transport(nil)))
 	if err != nil {
 		return nil, converter.RegistryError("read", ref, err)

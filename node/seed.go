@@ -4,6 +4,7 @@ import (
 	"context"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
 
 	"github.com/shoal-project/shoal/seeder"
@@ -39,13 +40,13 @@ func WithoutTraceLookup() Option { return func(c *config) error { c.noTraces = t
 const traceLookupTimeout = 5 * time.Second
 
 // findTrace returns the newest trace published for the flat image, or nil.
-func (n *Node) findTrace(ctx context.Context, ref, digest string) *trace.Trace {
+func (n *Node) findTrace(ctx context.Context, ref, digest string, kc authn.Keychain) *trace.Trace {
 	if n.cfg.noTraces {
 		return nil
 	}
 	ctx, cancel := context.WithTimeout(ctx, traceLookupTimeout)
 	defer cancel()
-	t, err := trace.Find(ctx, ref, digest, n.nameOpts(), remote.WithAuthFromKeychain(n.cfg.keychain))
+	t, err := trace.Find(ctx, ref, digest, n.nameOpts(), remote.WithAuthFromKeychain(kc))
 	switch {
 	case err == nil:
 		n.log.Debug("start-up trace found", "image", ref, "blocks", len(t.Events))
