@@ -78,6 +78,14 @@ func hostsDir(t *testing.T, upstream, mirrorAddr string) string {
 func hostsDirServer(t *testing.T, upstream, mirrorAddr, server string) string {
 	t.Helper()
 	dir := t.TempDir()
+	writeHosts(t, dir, upstream, mirrorAddr, server)
+	return dir
+}
+
+// writeHosts writes dir/<upstream>/hosts.toml: pulls go to the mirror
+// first, then to server.
+func writeHosts(t *testing.T, dir, upstream, mirrorAddr, server string) {
+	t.Helper()
 	if err := os.MkdirAll(filepath.Join(dir, upstream), 0o755); err != nil {
 		t.Fatal(err)
 	}
@@ -85,7 +93,6 @@ func hostsDirServer(t *testing.T, upstream, mirrorAddr, server string) string {
 	if err := os.WriteFile(filepath.Join(dir, upstream, "hosts.toml"), []byte(toml), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	return dir
 }
 
 // pullVia reads every blob of ref through a mirror with go-containerregistry

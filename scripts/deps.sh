@@ -4,6 +4,8 @@
 #   - Debian packages: docker-registry (the real registry for integration
 #     tests), debootstrap (the Debian image), fuse3, iproute2;
 #   - Go modules (go mod download);
+#   - Go tools at pinned versions, built from the Go module proxy into
+#     $(go env GOPATH)/bin: crictl (the CRI test) and helm (the chart test);
 #   - the cached Debian root filesystem tarball (scripts/debian-rootfs.sh).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -35,6 +37,17 @@ if command -v systemctl >/dev/null && systemctl is-active --quiet docker-registr
 	systemctl stop docker-registry || true
 fi
 go mod download
+# Pinned tools; the tests check the versions too (internal/testenv.CrictlVersion,
+# deploy's helmVersion). About 1 and 3 minutes to build on 2 cores, once.
+gobin="$(go env GOPATH)/bin"
+install_tool() { # name version package: go install'd binaries carry their module's version
+	if ! go version -m "$gobin/$1" 2>/dev/null | grep -qP "^\tmod\t\S+\t$2\t"; then
+		echo "deps: go install $3@$2" >&2
+		GOBIN="$gobin" go install "$3@$2"
+	fi
+}
+install_tool crictl v1.37.0 sigs.k8s.io/cri-tools/cmd/crictl
+install_tool helm v3.21.4 helm.sh/helm/v3/cmd/helm
 if [[ $(id -u) -eq 0 ]]; then
 	scripts/debian-rootfs.sh >/dev/null
 else

@@ -55,7 +55,7 @@ func (h *Host) StartRegistry(tb testing.TB, opts ...testenv.RegistryOption) stri
 	if user, password := testenv.RegistryAuth(opts...); user != "" {
 		// Behind htpasswd, as testenv.WithBasicAuth: anonymous reads get 401.
 		htpasswd := filepath.Join(dir, "htpasswd")
-		if err := testenv.WriteHtpasswd(htpasswd, user, password); err != nil {
+		if err := testenv.WriteHtpasswd(htpasswd, [2]string{user, password}); err != nil {
 			tb.Fatalf("netlab: %v", err)
 		}
 		conf += testenv.HtpasswdConfig(htpasswd)

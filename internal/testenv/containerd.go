@@ -53,8 +53,15 @@ type Containerd struct {
 	// directories after it, and Stop removes them.
 	Namespace string
 
-	tb   testing.TB
-	proc *Process
+	// CgroupParent is the cgroup of the CRI plugin's pods (WithCRI), named
+	// like Namespace so that Stop removes it with the rest.
+	CgroupParent string
+
+	tb     testing.TB
+	proc   *Process
+	cri    bool   // the CRI plugin runs (WithCRI)
+	crictl string // crictl's path, with CRI
+	ctrs   atomic.Int64
 }
 
 // ContainerdOption configures StartContainerd.
@@ -63,6 +70,7 @@ type ContainerdOption func(*containerdConfig)
 type containerdConfig struct {
 	proxies map[string]string // snapshotter name → socket
 	extra   []string
+	cri     *CRIOptions // nil: the CRI plugin is off
 }
 
 // WithProxySnapshotter registers a remote snapshotter, served over gRPC on
@@ -113,6 +121,10 @@ func StartContainerd(tb testing.TB, opts ...ContainerdOption) *Containerd {
 	for _, o := range opts {
 		o(&cfg)
 	}
+	var crictl string
+	if cfg.cri != nil {
+		crictl = findCrictl(tb)
+	}
 	// Unix socket paths are limited to 108 bytes; test temporary
 	// directories can be long, so the sockets go in a short directory.
 	dir := tb.TempDir()
@@ -124,16 +136,20 @@ func StartContainerd(tb testing.TB, opts ...ContainerdOption) *Containerd {
 		Address: filepath.Join(sockDir, "c.sock"), Dir: dir,
 		Root: filepath.Join(dir, "root"), State: filepath.Join(dir, "state"), tb: tb,
 		Namespace: fmt.Sprintf("shoal-test-%d-%d", os.Getpid(), containerdSeq.Add(1)),
+		cri:       cfg.cri != nil, crictl: crictl,
 	}
+	c.CgroupParent = "/" + c.Namespace
 	tb.Cleanup(func() {
 		c.Stop()
 		_ = os.RemoveAll(sockDir)
 	})
 	var b strings.Builder
 	fmt.Fprintf(&b, "version = 2\nroot = %q\nstate = %q\n", c.Root, c.State)
-	// CRI wants CNI and a kubelet; the tests drive containerd with ctr and
-	// the Go client only.
-	b.WriteString("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\n")
+	// Without WithCRI the tests drive containerd with ctr and the Go
+	// client only, and CRI (which wants CNI and a kubelet) is off.
+	if cfg.cri == nil {
+		b.WriteString("disabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\n")
+	}
 	fmt.Fprintf(&b, "[grpc]\n  address = %q\n\n[ttrpc]\n  address = %q\n\n", c.Address, c.Address+".ttrpc")
 	b.WriteString("[debug]\n  address = \"\"\n  level = \"info\"\n\n[metrics]\n  address = \"\"\n\n")
 	fmt.Fprintf(&b, "[plugins.\"io.containerd.internal.v1.opt\"]\n  path = %q\n\n", filepath.Join(dir, "opt"))
@@ -143,6 +159,12 @@ func StartContainerd(tb testing.TB, opts ...ContainerdOption) *Containerd {
 			fmt.Fprintf(&b, "  [proxy_plugins.%q]\n    type = \"snapshot\"\n    address = %q\n", name, sock)
 		}
 		b.WriteString("\n")
+	}
+	if cfg.cri != nil {
+		b.WriteString(criConfig(dir, cfg.cri))
+		if err := os.WriteFile(filepath.Join(dir, "crictl.yaml"), []byte("timeout: 60\ndebug: false\npull-image-on-create: false\n"), 0o644); err != nil {
+			tb.Fatalf("testenv: %v", err)
+		}
 	}
 	for _, e := range cfg.extra {
 		b.WriteString(e)
@@ -235,6 +257,9 @@ func (c *Containerd) Stop() {
 	select {
 	case <-c.proc.Done:
 	default:
+		if c.cri {
+			c.stopPods(ctx)
+		}
 		// Tasks first, while the daemon can still reap them properly.
 		if out, err := c.Ctr(ctx, "tasks", "list", "-q").Output(); err == nil {
 			for _, id := range strings.Fields(string(out)) {

@@ -56,6 +56,8 @@ type Registry struct {
 	// WithBasicAuth ("" otherwise): every request, reads included, needs
 	// them, as with any registry behind htpasswd.
 	User, Password string
+	// extra are more accounts (WithAccount): user → password.
+	extra [][2]string
 
 	tb testing.TB
 
@@ -80,6 +82,12 @@ func WithBasicAuth(user, password string) RegistryOption {
 	return func(r *Registry) { r.User, r.Password = user, password }
 }
 
+// WithAccount adds an account to a registry WithBasicAuth: a second
+// identity with the same rights, to tell whose credentials a client used.
+func WithAccount(user, password string) RegistryOption {
+	return func(r *Registry) { r.extra = append(r.extra, [2]string{user, password}) }
+}
+
 // StartRegistry starts the real docker-registry on a free 127.0.0.1 port and
 // returns once GET /v2/ answers. It stops the registry when the test ends.
 // Without the binary the test is skipped, or fails in CI.
@@ -93,7 +101,7 @@ func StartRegistry(tb testing.TB, opts ...RegistryOption) *Registry {
 		o(r)
 	}
 	if r.User != "" {
-		if err := WriteHtpasswd(r.htpasswdPath(), r.User, r.Password); err != nil {
+		if err := WriteHtpasswd(r.htpasswdPath(), append([][2]string{{r.User, r.Password}}, r.extra...)...); err != nil {
 			tb.Fatalf("testenv: %v", err)
 		}
 	}
@@ -142,14 +150,18 @@ func RegistryAuth(opts ...RegistryOption) (user, password string) {
 	return r.User, r.Password
 }
 
-// WriteHtpasswd writes an htpasswd file of one bcrypt entry, as
-// distribution's htpasswd auth reads it.
-func WriteHtpasswd(path, user, password string) error {
-	hash, err := bcrypt.GenerateFromPassword([]byte(password), bcrypt.MinCost)
-	if err != nil {
-		return fmt.Errorf("htpasswd entry: %w", err)
+// WriteHtpasswd writes an htpasswd file of bcrypt entries, one for each
+// user and password, as distribution's htpasswd auth reads it.
+func WriteHtpasswd(path string, accounts ...[2]string) error {
+	var b strings.Builder
+	for _, a := range accounts {
+		hash, err := bcrypt.GenerateFromPassword([]byte(a[1]), bcrypt.MinCost)
+		if err != nil {
+			return fmt.Errorf("htpasswd entry: %w", err)
+		}
+		b.WriteString(a[0] + ":" + string(hash) + "\n")
 	}
-	if err := os.WriteFile(path, []byte(user+":"+string(hash)+"\n"), 0o600); err != nil {
+	if err := os.WriteFile(path, []byte(b.String()), 0o600); err != nil {
 		return fmt.Errorf("write htpasswd: %w", err)
 	}
 	return nil
