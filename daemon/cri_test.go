@@ -110,7 +110,9 @@ func randomLayers(t *testing.T, n int, size int64) []v1.Layer {
 //     401, and B gets no byte of it from peers; a pull with the right
 //     credentials (--auth) runs, the snapshotter reading the image with
 //     them and never with B's own (a second valid account in B's Docker
-//     config, which the registry never sees).
+//     config, which the registry never sees). A pull that bypasses the
+//     proxy leaves the snapshotter anonymous: the image is unpacked the
+//     ordinary way.
 func TestCRI(t *testing.T) {
 	if testing.Short() {
 		t.Skip("runs containerd's CRI plugin, two daemons and two registries")
@@ -137,13 +139,18 @@ func TestCRI(t *testing.T) {
 	pushAs(t, proxy.Ref("tools/plain:v1"), plainImg, "", "")
 	privRef := privLog.host() + "/team/app:v1"
 	pushAs(t, privRef, privImg, user, pass)
+	otherImg := testenv.ProbeImage(t)
+	otherRef := privLog.host() + "/team/other:v1"
+	pushAs(t, otherRef, otherImg, user, pass)
 	quiet := converter.WithLogger(slog.New(slog.DiscardHandler))
 	if _, err := converter.Convert(ctx, proxy.Ref("tools/lazy:v1"), "", converter.WithPlainHTTP(true), quiet); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := converter.Convert(ctx, privRef, "", converter.WithPlainHTTP(true), quiet,
-		converter.WithKeychain(keychainOf{&authn.Basic{Username: user, Password: pass}})); err != nil {
-		t.Fatal(err)
+	for _, ref := range []string{privRef, otherRef} {
+		if _, err := converter.Convert(ctx, ref, "", converter.WithPlainHTTP(true), quiet,
+			converter.WithKeychain(keychainOf{&authn.Basic{Username: user, Password: pass}})); err != nil {
+			t.Fatal(err)
+		}
 	}
 	compressed := func(img v1.Image) int64 {
 		m, err := img.Manifest()
@@ -241,6 +248,29 @@ func TestCRI(t *testing.T) {
 	}
 	t.Logf("private: pulled and ran in %v; %d block bytes from A, %d from the registry; registry requests as %s: %d, as the node: 0",
 		time.Since(step).Round(time.Millisecond), pm.Fetch.BytesFromPeers, pm.Fetch.BytesFromRegistry, user, privLog.count(user))
+
+	// A pull that bypasses the CRI proxy (straight to containerd, with
+	// the right credentials) leaves the snapshotter no credentials: it
+	// reads the flat form anonymously, is refused, and containerd unpacks
+	// the image the ordinary way. B's own account is never used.
+	if out, err := ctr.Crictl(ctx, "", "pull", "--creds", user+":"+pass, otherRef).CombinedOutput(); err != nil {
+		t.Fatalf("crictl pull straight to containerd: %v\n%s", err, out)
+	}
+	pod = ctr.RunPod(ctx, "other")
+	if out, code := ctr.RunContainer(ctx, pod, "other", otherRef, "/probe", "hello", "other"); out != "hello other" || code != 0 {
+		t.Errorf("the container of the image pulled past the proxy printed %q, exit %d", out, code)
+	}
+	if st, err = cb.Status(ctx); err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range st.Mounts {
+		if strings.Contains(m.Source, "/team/other") {
+			t.Errorf("a pull past the CRI proxy made a flat mount of %s: the snapshotter had credentials", m.Source)
+		}
+	}
+	if n := privLog.count(nodeUser); n != 0 {
+		t.Errorf("after a pull past the proxy, the registry saw B's own account %d times", n)
+	}
 
 	// 2. The converted image: remote snapshots, a lazy start.
 	step = time.Now()
