@@ -229,8 +229,22 @@ func TestCRI(t *testing.T) {
 	if n := peerBytes(); n != 0 {
 		t.Errorf("refused pulls got %v bytes from peers", n)
 	}
+	denied := mirrorMetric(t, db, "shoal_mirror_denied_total", "")
+	if denied == 0 {
+		t.Error("B's mirror refused no request of the pulls without the right credentials")
+	}
+	okRequests := func() float64 {
+		return mirrorMetric(t, db, "shoal_mirror_requests_total", "") - mirrorMetric(t, db, "shoal_mirror_errors_total", "")
+	}
+	ok0 := okRequests()
 	step := time.Now()
 	pullOK("--auth", base64.StdEncoding.EncodeToString([]byte(user+":"+pass)), privRef)
+	// containerd resolved the tag and read the manifest and config through
+	// B's mirror (after its first, anonymous, request was challenged),
+	// which asked the registry with the pull's credentials.
+	if n := okRequests() - ok0; n < 2 {
+		t.Errorf("the pull with credentials: B's mirror answered %v requests; want the manifest and the config", n)
+	}
 	pod := ctr.RunPod(ctx, "private")
 	if out, code := ctr.RunContainer(ctx, pod, "private", privRef, "/probe", "hello", "private"); out != "hello private" || code != 0 {
 		t.Errorf("the private container printed %q, exit %d", out, code)
