@@ -93,6 +93,13 @@ func (t *tree) walk() ([]flat.Entry, []fileRef) {
 	return entries, files
 }
 
+// Start-up files (WithTraceLayout) are cut at the average block size
+// divided by LeadBlockDivisor, and no smaller than MinLeadBlockSize.
+const (
+	LeadBlockDivisor = 4
+	MinLeadBlockSize = 4 << 10
+)
+
 // chunk is one block cut from the content stream.
 type chunk struct {
 	off  int64 // position in the content stream
@@ -122,6 +129,14 @@ type buildResult struct {
 // result does not depend on scheduling.
 func (t *tree) build(ctx context.Context, o buildOptions) (*buildResult, error) {
 	chunker, err := flat.NewChunker(o.avgBlock)
+	if err != nil {
+		return nil, err
+	}
+	// Start-up files are cut at a quarter of the average: a start reads
+	// parts of large files and shares blocks with files it does not read,
+	// so smaller blocks fetch less it does not need, and as they lie back
+	// to back, a prefetch still fetches them in a few merged requests.
+	leadChunker, err := flat.NewChunker(max(o.avgBlock/LeadBlockDivisor, MinLeadBlockSize))
 	if err != nil {
 		return nil, err
 	}
@@ -161,6 +176,10 @@ func (t *tree) build(ctx context.Context, o buildOptions) (*buildResult, error) 
 		buf := make([]byte, 0, 2*chunker.Max())
 		var off int64
 		for pi, part := range [][]fileRef{lead, rest} {
+			chunker := chunker
+			if pi == 0 {
+				chunker = leadChunker
+			}
 			readers := make([]io.Reader, 0, len(part))
 			for _, f := range part {
 				if f.ino.size > 0 {
