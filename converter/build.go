@@ -96,7 +96,7 @@ func (t *tree) walk() ([]flat.Entry, []fileRef) {
 // Start-up files (WithTraceLayout) are cut at the average block size
 // divided by LeadBlockDivisor, and no smaller than MinLeadBlockSize.
 const (
-	LeadBlockDivisor = 4
+	LeadBlockDivisor = 8
 	MinLeadBlockSize = 4 << 10
 )
 
@@ -132,7 +132,7 @@ func (t *tree) build(ctx context.Context, o buildOptions) (*buildResult, error) 
 	if err != nil {
 		return nil, err
 	}
-	// Start-up files are cut at a quarter of the average: a start reads
+	// Start-up files are cut at an eighth of the average: a start reads
 	// parts of large files and shares blocks with files it does not read,
 	// so smaller blocks fetch less it does not need, and as they lie back
 	// to back, a prefetch still fetches them in a few merged requests.
