@@ -35,6 +35,9 @@ type Stats struct {
 	IndexBytes      int64 `json:"index_bytes"`        // the compressed index blob
 	LayerBytes      int64 `json:"layer_tar_bytes"`    // uncompressed tar bytes read from the source
 	SourceEntries   int   `json:"source_tar_entries"` // tar entries read from the source
+	LeadFiles       int   `json:"lead_files"`         // files laid out first (WithTraceLayout)
+	LeadBytes       int64 `json:"lead_bytes"`         // their bytes
+	LeadBlocks      int   `json:"lead_blocks"`        // blocks cut from them
 }
 
 // fileRef is a canonical regular file whose contents go into the stream.
@@ -90,6 +93,13 @@ func (t *tree) walk() ([]flat.Entry, []fileRef) {
 	return entries, files
 }
 
+// Start-up files (WithTraceLayout) are cut at the average block size
+// divided by LeadBlockDivisor, and no smaller than MinLeadBlockSize.
+const (
+	LeadBlockDivisor = 8
+	MinLeadBlockSize = 4 << 10
+)
+
 // chunk is one block cut from the content stream.
 type chunk struct {
 	off  int64 // position in the content stream
@@ -104,6 +114,7 @@ type buildOptions struct {
 	workers    int
 	workDir    string
 	level      zstd.EncoderLevel
+	first      []string // paths laid out first, in order (WithTraceLayout)
 }
 
 type buildResult struct {
@@ -121,6 +132,14 @@ func (t *tree) build(ctx context.Context, o buildOptions) (*buildResult, error) 
 	if err != nil {
 		return nil, err
 	}
+	// Start-up files are cut at an eighth of the average: a start reads
+	// parts of large files and shares blocks with files it does not read,
+	// so smaller blocks fetch less it does not need, and as they lie back
+	// to back, a prefetch still fetches them in a few merged requests.
+	leadChunker, err := flat.NewChunker(max(o.avgBlock/LeadBlockDivisor, MinLeadBlockSize))
+	if err != nil {
+		return nil, err
+	}
 	entries, files := t.walk()
 	res := &buildResult{index: &flat.Index{AvgBlockSize: uint32(o.avgBlock)}}
 	st := &res.stats
@@ -129,6 +148,16 @@ func (t *tree) build(ctx context.Context, o buildOptions) (*buildResult, error) 
 	for _, f := range files {
 		st.ImageBytes += f.ino.size
 	}
+	// The content stream is the lead files (start-up's, in first-touch
+	// order), then the rest in path order. Each part is chunked on its
+	// own: no block holds bytes of both, so start-up's blocks end where
+	// its files end, and the rest cuts the same blocks whatever the lead.
+	lead, rest := layoutOrder(entries, files, o.first)
+	st.LeadFiles = len(lead)
+	for _, f := range lead {
+		st.LeadBytes += f.ino.size
+	}
+	files = append(lead, rest...)
 
 	g, ctx := errgroup.WithContext(ctx)
 	type job struct {
@@ -138,48 +167,60 @@ func (t *tree) build(ctx context.Context, o buildOptions) (*buildResult, error) 
 	jobs := make(chan job, 2*o.workers)
 	order := make(chan chan *chunk, 4*o.workers)
 
-	// Producer: cut the stream of file contents, in path order, into blocks.
+	// Producer: cut the stream of file contents into blocks, each part
+	// (lead, rest) on its own.
+	leadBlocks := 0
 	g.Go(func() error {
 		defer close(jobs)
 		defer close(order)
-		readers := make([]io.Reader, 0, len(files))
-		for _, f := range files {
-			if f.ino.size > 0 {
-				readers = append(readers, io.NewSectionReader(t.spool, f.ino.off, f.ino.size))
-			}
-		}
-		stream := io.MultiReader(readers...)
 		buf := make([]byte, 0, 2*chunker.Max())
 		var off int64
-		eof := false
-		for {
-			for !eof && len(buf) < chunker.Max() {
-				n, err := stream.Read(buf[len(buf):cap(buf)])
-				buf = buf[:len(buf)+n]
-				if err == io.EOF {
-					eof = true
-				} else if err != nil {
-					return fmt.Errorf("read spooled contents: %w", err)
+		for pi, part := range [][]fileRef{lead, rest} {
+			chunker := chunker
+			if pi == 0 {
+				chunker = leadChunker
+			}
+			readers := make([]io.Reader, 0, len(part))
+			for _, f := range part {
+				if f.ino.size > 0 {
+					readers = append(readers, io.NewSectionReader(t.spool, f.ino.off, f.ino.size))
 				}
 			}
-			if len(buf) == 0 {
-				return nil
-			}
-			n := chunker.Cut(buf)
-			j := job{c: &chunk{off: off, data: slices.Clone(buf[:n])}, done: make(chan *chunk, 1)}
-			off += int64(n)
-			buf = buf[:copy(buf, buf[n:])]
-			select {
-			case order <- j.done:
-			case <-ctx.Done():
-				return ctx.Err()
-			}
-			select {
-			case jobs <- j:
-			case <-ctx.Done():
-				return ctx.Err()
+			stream := io.MultiReader(readers...)
+			eof := false
+			for {
+				for !eof && len(buf) < chunker.Max() {
+					n, err := stream.Read(buf[len(buf):cap(buf)])
+					buf = buf[:len(buf)+n]
+					if err == io.EOF {
+						eof = true
+					} else if err != nil {
+						return fmt.Errorf("read spooled contents: %w", err)
+					}
+				}
+				if len(buf) == 0 {
+					break
+				}
+				n := chunker.Cut(buf)
+				j := job{c: &chunk{off: off, data: slices.Clone(buf[:n])}, done: make(chan *chunk, 1)}
+				off += int64(n)
+				buf = buf[:copy(buf, buf[n:])]
+				if pi == 0 {
+					leadBlocks++
+				}
+				select {
+				case order <- j.done:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
+				select {
+				case jobs <- j:
+				case <-ctx.Done():
+					return ctx.Err()
+				}
 			}
 		}
+		return nil
 	})
 
 	// Workers: hash and compress.
@@ -259,6 +300,7 @@ func (t *tree) build(ctx context.Context, o buildOptions) (*buildResult, error) 
 	if err := g.Wait(); err != nil {
 		return nil, err
 	}
+	st.LeadBlocks = leadBlocks
 	res.index.Entries = entries
 	return res, nil
 }

@@ -41,6 +41,7 @@ type config struct {
 	log        *slog.Logger
 	progress   io.Writer
 	limits     limits
+	first      []string // paths laid out first (WithTraceLayout)
 }
 
 func defaults() config {
@@ -318,7 +319,7 @@ func build(ctx context.Context, img v1.Image, c *config) (res *Result, flatImg v
 	}
 	br, err := t.build(ctx, buildOptions{
 		avgBlock: c.avgBlock, blobTarget: c.blobTarget, workers: c.workers,
-		workDir: work, level: zstd.SpeedDefault,
+		workDir: work, level: zstd.SpeedDefault, first: c.first,
 	})
 	if err != nil {
 		return nil, nil, nil, err
