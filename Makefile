@@ -143,6 +143,14 @@ calibrate: clean-tree deps build
 	$(GO) test -count=1 -run '^TestCalibration$$' -v ./simulation/
 	SHOAL_BENCH=1 SHOAL_BENCH_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 30m -run '^TestBenchCalibrate$$' -v ./bench/
 
+# The p2p, daemon and fetch tests under -race, FLAKE_RUNS times in a row
+# (default 30), with FLAKE_SIMS rollout simulator sweeps running beside
+# them as load (issue 23's check: 2); a summary line per package and run,
+# the logs of failed runs kept. Knobs and output: scripts/flake-loop.sh.
+.PHONY: flake-loop
+flake-loop: deps
+	scripts/flake-loop.sh
+
 demo: deps build
 	scripts/demo.sh
 
