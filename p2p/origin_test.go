@@ -225,12 +225,15 @@ func fetchAll(t *testing.T, im *testImage, nodes []*swarmNode, which []int) []ti
 // Four nodes, none holding any block, read the whole image at once: every
 // block is fetched from the registry exactly once, by its designated node,
 // and the others get it from that node — with no wait on the origin
-// budget.
+// budget. OriginWait is 10 s here: the reads take 0.3–1 s, and up
+// to 3.2 s were seen with the machine's load at 10; a node that waited it
+// out would take longer, and would then read the block from the registry
+// itself (the counts below).
 func TestOriginCoalescing(t *testing.T) {
 	t.Parallel()
 	const k, delay = 4, 200 * time.Millisecond
 	im := newTestImage("origin-coalescing", 24, 64<<10)
-	nodes := startSwarm(t, im, k, delay, nil)
+	nodes := startSwarm(t, im, k, delay, func(_ int, c *Config) { c.OriginWait = 10 * time.Second })
 	all := ids(nodes)
 
 	took := fetchAll(t, im, nodes, []int{0, 1, 2, 3})
