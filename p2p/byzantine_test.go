@@ -21,7 +21,12 @@ import (
 // once, there — not once per reader.
 func TestOriginComingLiar(t *testing.T) {
 	t.Parallel()
-	const k, wait = 4, 2 * time.Second
+	// A reader that gave up on the liar after ComingGrace (half of
+	// OriginWait) has its blocks from the next member soon after; one
+	// that waited out OriginWait takes more than all of it. 4 s leaves a
+	// loaded machine 2 s between the two (1.53 s was seen against a
+	// limit of 1.5 s with OriginWait 2 s).
+	const k, wait = 4, 4 * time.Second
 	im := newTestImage("origin-coming-liar", 16, 32<<10)
 	nodes := startSwarm(t, im, k, 0, func(i int, c *Config) { c.OriginWait = wait })
 	all := ids(nodes)
@@ -44,9 +49,7 @@ func TestOriginComingLiar(t *testing.T) {
 	var undelivered int64
 	for _, i := range live {
 		undelivered += nodes[i].n.Stats().ComingUndelivered
-		// ComingGrace and a registry fetch at the next member, where a
-		// reader that waited out OriginWait would take more than wait.
-		if limit := ComingGrace(wait) + wait/4; took[i] > limit {
+		if limit := wait; took[i] >= limit {
 			t.Errorf("node %d took %v (limit %v)", i, took[i], limit)
 		}
 	}
