@@ -5,7 +5,7 @@ BIN      := bin/shoal
 PKGS     := ./...
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.8.2
 
-.PHONY: all build deps test test-short fuzz lint bench demo ci clean
+.PHONY: all build deps test test-short fuzz lint check-docs bench demo ci clean
 
 all: build
 
@@ -45,10 +45,17 @@ fuzz:
 	$(FUZZ) -fuzz '^FuzzUnmarshal$$' -fuzztime $(or $(FUZZTIME),200000x) ./trace/
 	$(FUZZ) -fuzz '^FuzzDecodeRecipe$$' -fuzztime $(or $(FUZZTIME),80000x) ./mirror/
 
-lint:
+lint: check-docs
 	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
 	$(GO) vet $(PKGS)
 	$(GO) run $(STATICCHECK) $(PKGS)
+
+# Every figure README.md and docs/ quote from a results file carries a
+# reference to it (docs/architecture.md, "Quoting a number"); this fails
+# when a file does not hold its figure, or a quoted file records no clean
+# commit and is not listed as such. go test ./... runs it too.
+check-docs:
+	$(GO) test -count=1 ./internal/docfigures/
 
 # Benchmarks write JSON under bench/results/ (see ../shared/BENCHMARKS.md),
 # each with its commit, date, machine and reproducing command, and only
@@ -135,6 +142,14 @@ simulate-byzantine:
 calibrate: clean-tree deps build
 	$(GO) test -count=1 -run '^TestCalibration$$' -v ./simulation/
 	SHOAL_BENCH=1 SHOAL_BENCH_BIN=$(CURDIR)/$(BIN) $(GO) test -count=1 -timeout 30m -run '^TestBenchCalibrate$$' -v ./bench/
+
+# The p2p, daemon and fetch tests under -race, FLAKE_RUNS times in a row
+# (default 30), with FLAKE_SIMS rollout simulator sweeps running beside
+# them as load (issue 23's check: 2); a summary line per package and run,
+# the logs of failed runs kept. Knobs and output: scripts/flake-loop.sh.
+.PHONY: flake-loop
+flake-loop: deps
+	scripts/flake-loop.sh
 
 demo: deps build
 	scripts/demo.sh

@@ -36,7 +36,13 @@
 //
 // The quota counts block bytes, not badger's files: value-log garbage stays
 // on disk until GC rewrites the file it sits in, so leave the file system
-// room beyond the quota. The recency order lives in memory as a
+// room beyond the quota. GC runs every 5 minutes (WithGCInterval). Badger
+// sees garbage only once a compaction has dropped the removed blocks'
+// keys, which a cache that goes quiet after evicting would not start; so
+// when the blocks removed since could fill half a value-log file and
+// badger finds nothing to rewrite, GC flushes the memtables and compacts
+// level 0 first (tens of milliseconds; writes wait meanwhile, and during
+// each file's rewrite). The recency order lives in memory as a
 // container/list of unpinned blocks plus a map; Put and Get move a block to
 // the front. A Put that would exceed the quota evicts from the back in the
 // same badger write batch that stores the new block; if evicting every

@@ -30,7 +30,11 @@ type index struct {
 
 	used        int64 // bytes of all stored blocks
 	pinnedBytes int64 // bytes of stored blocks with pins > 0
-	seq         uint64
+	// garbage counts the bytes of removed blocks that sat in the value
+	// log, since value-log GC last made badger account for them
+	// (Store.collectGarbage).
+	garbage int64
+	seq     uint64
 }
 
 func newIndex() *index {
@@ -79,6 +83,9 @@ func (x *index) remove(e *entry) {
 	delete(x.entries, e.id)
 	delete(x.dirty, e.id)
 	x.used -= e.size
+	if e.size > valueThreshold {
+		x.garbage += e.size
+	}
 	if e.elem != nil {
 		x.lru.Remove(e.elem)
 		e.elem = nil

@@ -20,6 +20,11 @@ const (
 // versionKey holds formatVersion; Open refuses a directory holding another.
 var versionKey = []byte("v")
 
+// compactKey is written and dropped at once by Store.compactDeleted, which
+// uses the drop to flush the memtables and compact level 0. Open ignores
+// one left behind by a crash.
+var compactKey = []byte("g")
+
 const formatVersion = "shoal-blockstore/1"
 
 const keyLen = 1 + len(flat.BlockID{})

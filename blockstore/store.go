@@ -9,6 +9,7 @@ import (
 	"os"
 	"slices"
 	"sync"
+	"sync/atomic"
 	"syscall"
 	"time"
 
@@ -74,6 +75,8 @@ type Store struct {
 	// goes with it, so the index and the database agree after each write.
 	// Reads do not take it. Lock order: closeMu, wmu, mu.
 	wmu sync.Mutex
+	// compactions counts compactDeleted's runs.
+	compactions atomic.Int64
 
 	mu       sync.Mutex // guards idx, reserved and pending
 	idx      *index
@@ -850,27 +853,91 @@ func (s *Store) flushAccess() error {
 
 // collectGarbage rewrites value-log files that are mostly garbage, which is
 // how the space of deleted and evicted blocks returns to the file system.
+//
+// Badger learns which value-log bytes are garbage only when a compaction
+// drops the keys that pointed at them. A cache that deletes or evicts and
+// then goes quiet writes no memtable full enough to flush, so nothing is
+// compacted and RunValueLogGC finds nothing to rewrite, however much was
+// removed. So when the blocks removed since the last compaction this
+// routine forced could fill half a value-log file (less cannot make any
+// file worth a rewrite at gcDiscardRatio) and badger still finds nothing,
+// it compacts (compactDeleted) and tries again.
 func (s *Store) collectGarbage() error {
 	// A rewrite copies up to one value-log file before deleting the old one.
 	if err := s.checkSpace(s.cfg.vlogFileSize, true); err != nil {
 		s.log.Debug("value log gc skipped", "err", err)
 		return nil
 	}
+	rewrote, err := s.rewriteValueLog()
+	if err != nil || rewrote {
+		return err
+	}
+	s.mu.Lock()
+	garbage := s.idx.garbage
+	if float64(garbage) < gcDiscardRatio*float64(s.cfg.vlogFileSize) {
+		s.mu.Unlock()
+		return nil
+	}
+	s.idx.garbage = 0
+	s.mu.Unlock()
+	if err := s.compactDeleted(); err != nil {
+		s.mu.Lock()
+		s.idx.garbage += garbage
+		s.mu.Unlock()
+		return err
+	}
+	_, err = s.rewriteValueLog()
+	return err
+}
+
+// rewriteValueLog runs badger's value-log GC until it has nothing to
+// rewrite (or gcMaxRounds), and reports whether it rewrote a file.
+//
+// Each round holds wmu: a rewrite starts by reading the memtable's highest
+// version (DB.MaxVersion), which badger's write goroutine updates without
+// a lock, so a rewrite beside a write is a data race (badger v4.9.6). Writes
+// wait for one file's rewrite at most (its live half or less, at
+// gcDiscardRatio), and go on between rounds.
+func (s *Store) rewriteValueLog() (bool, error) {
+	rewrote := false
 	for range gcMaxRounds {
 		select {
 		case <-s.stop:
-			return nil
+			return rewrote, nil
 		default:
 		}
+		s.wmu.Lock()
 		err := s.db.RunValueLogGC(gcDiscardRatio)
+		s.wmu.Unlock()
 		switch {
 		case err == nil:
+			rewrote = true
 		case errors.Is(err, badger.ErrNoRewrite), errors.Is(err, badger.ErrRejected):
-			return nil
+			return rewrote, nil
 		default:
-			return translate(err)
+			return rewrote, translate(err)
 		}
 	}
+	return rewrote, nil
+}
+
+// compactDeleted flushes the memtables to level 0 and compacts level 0
+// into the levels below, where the keys of removed blocks are dropped and
+// badger counts their value-log bytes as garbage. Badger exposes both only
+// through DropPrefix, so it drops compactKey, written just before. Writes
+// wait on wmu meanwhile: DropPrefix refuses concurrent writes
+// (ErrBlockedWrites) rather than queueing them. The keys are small (block
+// bytes live in the value log), so this takes milliseconds.
+func (s *Store) compactDeleted() error {
+	s.wmu.Lock()
+	defer s.wmu.Unlock()
+	if err := s.db.Update(func(txn *badger.Txn) error { return txn.Set(compactKey, nil) }); err != nil {
+		return fmt.Errorf("compact deleted blocks: %w", translate(err))
+	}
+	if err := s.db.DropPrefix(compactKey); err != nil {
+		return fmt.Errorf("compact deleted blocks: %w", translate(err))
+	}
+	s.compactions.Add(1)
 	return nil
 }
 

@@ -21,7 +21,12 @@ import (
 // once, there — not once per reader.
 func TestOriginComingLiar(t *testing.T) {
 	t.Parallel()
-	const k, wait = 4, 2 * time.Second
+	// A reader that gave up on the liar after ComingGrace (half of
+	// OriginWait) has its blocks from the next member soon after; one
+	// that waited out OriginWait takes more than all of it. 4 s leaves a
+	// loaded machine 2 s between the two (1.53 s was seen against a
+	// limit of 1.5 s with OriginWait 2 s).
+	const k, wait = 4, 4 * time.Second
 	im := newTestImage("origin-coming-liar", 16, 32<<10)
 	nodes := startSwarm(t, im, k, 0, func(i int, c *Config) { c.OriginWait = wait })
 	all := ids(nodes)
@@ -44,9 +49,7 @@ func TestOriginComingLiar(t *testing.T) {
 	var undelivered int64
 	for _, i := range live {
 		undelivered += nodes[i].n.Stats().ComingUndelivered
-		// ComingGrace and a registry fetch at the next member, where a
-		// reader that waited out OriginWait would take more than wait.
-		if limit := ComingGrace(wait) + wait/4; took[i] > limit {
+		if limit := wait; took[i] >= limit {
 			t.Errorf("node %d took %v (limit %v)", i, took[i], limit)
 		}
 	}
@@ -131,9 +134,9 @@ func TestCorruptHolderNoStall(t *testing.T) {
 // TestImageBlobDesignatedLiar: the index's designated fetcher is a member
 // that never fetches it and answers NOT_FOUND — and, in the second case,
 // so is the member next in line. Every node gives up on each after
-// BlobGrace, the first honest member in line reads the index from the
-// registry, and the others have it from that member: not each from the
-// registry after OriginWait.
+// BlobGrace (until it finds the index), the first honest member in line
+// reads the index from the registry, and the others have it from that
+// member: not each from the registry after OriginWait.
 func TestImageBlobDesignatedLiar(t *testing.T) {
 	t.Parallel()
 	for _, liars := range []int{1, 2} {
@@ -191,8 +194,15 @@ func TestImageBlobDesignatedLiar(t *testing.T) {
 				if r.took >= wait {
 					t.Errorf("node %d took %v: OriginWait or more", i, r.took)
 				}
-				if st := bs.nodes[i].Stats(); st.ComingUndelivered != int64(liars) {
-					t.Errorf("node %d gave up on %d designated fetchers, want %d", i, st.ComingUndelivered, liars)
+				// The first honest member is designated only once it has
+				// given up on every liar. Another node gives up on the
+				// liars it is still waiting for, and stops once it finds
+				// the index at that member: a node whose read started
+				// later than that member's (a loaded machine) finds it
+				// there before its own grace for the second liar ends.
+				st := bs.nodes[i].Stats()
+				if i == next && st.ComingUndelivered != int64(liars) || st.ComingUndelivered > int64(liars) {
+					t.Errorf("node %d (first honest member: %v) gave up on %d designated fetchers, want %d", i, i == next, st.ComingUndelivered, liars)
 				}
 			}
 		})

@@ -612,9 +612,13 @@ func (n *Node) Stats() Stats {
 // PeerInfo returns what the node knows about p: labels, latency, penalties.
 func (n *Node) PeerInfo(p peer.ID) (PeerInfo, bool) { return n.peers.info(p) }
 
+// dialBound bounds a dial to a peer that is not a designated fetcher
+// (DesignatedDial bounds those).
+const dialBound = 5 * time.Second
+
 // connect makes sure the host is connected to ai, with a bound on the dial.
 func (n *Node) connect(ctx context.Context, ai peer.AddrInfo) error {
-	return n.connectWithin(ctx, ai, 5*time.Second)
+	return n.connectWithin(ctx, ai, dialBound)
 }
 
 // connectWithin is connect with the dial bounded by bound. A dial that

@@ -115,7 +115,11 @@ func newSpreadRig(t *testing.T, name string, spreadWait time.Duration) *spreadRi
 	ctx := t.Context()
 	r := &spreadRig{im: newTestImage(name, 1, 16<<10), gStore: openStore(t, nil, nil)}
 	r.x = r.im.index.Blocks[0]
-	cfg := Config{SpreadCopies: 2, SpreadWait: spreadWait}
+	// A reader with nobody to ask puts a block to its designated fetcher
+	// after a third of OriginWait (await's late path); at the default 3 s
+	// a loaded machine reached that before G announced x, and C asked G
+	// twice. 12 s leaves it 4 s.
+	cfg := Config{SpreadCopies: 2, SpreadWait: spreadWait, OriginWait: 12 * time.Second}
 	hCfg, gCfg, cCfg := cfg, cfg, cfg
 	hCfg.Blocks, gCfg.Blocks = openStore(t, r.im, nil), r.gStore
 	r.cClock = &pollClock{}
@@ -179,9 +183,9 @@ func TestSpreadAwaitsOtherHolder(t *testing.T) {
 		t.Fatalf("FetchMany: %d blocks, %v", len(res.got), res.err)
 	}
 	hs, gs, cs := h.Stats(), g.Stats(), c.Stats()
-	t.Logf("H served %d (COMING %d), G served %d, C: COMING received %d, forced %d, await rounds %d", hs.BlocksServed, hs.SpreadSent, gs.BlocksServed, cs.SpreadReceived, cs.ForcedRequests, cs.AwaitRounds)
-	if hs.BlocksServed != 2 || gs.BlocksServed != 1 || cs.ForcedRequests != 0 {
-		t.Errorf("H served %d, G %d, C forced %d requests; want 2, 1, 0", hs.BlocksServed, gs.BlocksServed, cs.ForcedRequests)
+	t.Logf("H served %d (COMING %d), G served %d, C: COMING received %d, forced %d, await rounds %d, ORIGIN requests %d", hs.BlocksServed, hs.SpreadSent, gs.BlocksServed, cs.SpreadReceived, cs.ForcedRequests, cs.AwaitRounds, cs.OriginRequests)
+	if hs.BlocksServed != 2 || gs.BlocksServed != 1 || cs.ForcedRequests != 0 || cs.OriginRequests != 0 {
+		t.Errorf("H served %d, G %d, C forced %d requests and sent %d ORIGIN; want 2, 1, 0, 0", hs.BlocksServed, gs.BlocksServed, cs.ForcedRequests, cs.OriginRequests)
 	}
 	if n := reg.count(x.ID); n != 0 {
 		t.Errorf("x read from the registry %d times", n)
