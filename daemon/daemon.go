@@ -29,6 +29,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/mirror"
 	"github.com/shoal-project/shoal/node"
 	"github.com/shoal-project/shoal/p2p"
 	"github.com/shoal-project/shoal/trace"
@@ -136,6 +137,7 @@ type Daemon struct {
 	node       *node.Node
 	swarm      *p2p.Node              // nil with p2p disabled
 	mirrorAddr string                 // registry mirror's address, "" when off
+	mirror     *mirror.Mirror         // nil when off
 	mounts     map[string]*mountEntry // by id
 	jobs       *jobs                  // background prefetches (seeding.go)
 	seq        int

@@ -114,6 +114,12 @@ type Config struct {
 	// OfflineGrace is how old a positive answer may be and still let kept
 	// content be served while the upstream cannot be reached. Default 1 h.
 	OfflineGrace time.Duration
+	// CoalesceMin is the smallest blob that nodes pulling it at the same
+	// moment read upstream in ranges and swap (RangePeers), when no peer
+	// holds it whole; smaller ones are read whole by each node, as are
+	// all blobs when Peers is not a RangePeers. Negative: never. Default
+	// (0) 1 MiB.
+	CoalesceMin int64
 	// Logger gets the mirror's logs, with component=mirror. Default
 	// slog.Default().
 	Logger *slog.Logger
@@ -152,6 +158,10 @@ type Mirror struct {
 	closed  bool
 	flights map[string]*flight
 	failed  map[string]struct{} // provides to retry
+
+	pullMu sync.Mutex
+	pulls  map[string]*pull // blobs being pulled in ranges, by key (coalesce.go)
+	recent []*pull          // the last recentPulls that ended, oldest first
 
 	st counters
 }
@@ -198,7 +208,10 @@ func New(cfg Config) (*Mirror, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	m := &Mirror{cfg: cfg, log: cfg.Logger.With("component", "mirror"), ups: map[string]*Upstream{}, flights: map[string]*flight{}, failed: map[string]struct{}{},
+	if cfg.CoalesceMin == 0 {
+		cfg.CoalesceMin = 1 << 20
+	}
+	m := &Mirror{pulls: map[string]*pull{}, cfg: cfg, log: cfg.Logger.With("component", "mirror"), ups: map[string]*Upstream{}, flights: map[string]*flight{}, failed: map[string]struct{}{},
 		checks: newChecks(), salt: newSalt(), names: newNames(), budget: &budget{max: cfg.MaxSpool}}
 	m.budget.space, _ = cfg.Blocks.(Space)
 	for i := range cfg.Upstreams {
@@ -397,6 +410,9 @@ type Stats struct {
 	Kept                          int   // blobs with a recipe on disk
 	KeptPublic                    int   // of those, public (announced, served to peers)
 	Named                         int   // private and shared blobs held under a swarm name (announced, served to proven peers)
+	Pulls                         int64 // blobs pulled in ranges with the other nodes pulling them (RangePeers)
+	RangesPeers, RangesUpstream   int64 // their ranges, by where they came from
+	RangesBad                     int64 // ranges from peers that differed from upstream's (their peers struck)
 }
 
 type counters struct {
@@ -407,6 +423,8 @@ type counters struct {
 	checks, denied                           atomic.Int64
 	windows, windowBytes                     atomic.Int64
 	spoolRefused                             atomic.Int64
+	pulls, rangesPeers, rangesUpstream       atomic.Int64
+	rangesBad                                atomic.Int64
 }
 
 // Stats returns the mirror's counters.
@@ -432,6 +450,10 @@ func (m *Mirror) Stats() Stats {
 		Kept:               len(m.keep.keptDigests(classPrivate)),
 		KeptPublic:         len(m.keep.keptDigests(classPublic)),
 		Named:              m.names.len(),
+		Pulls:              m.st.pulls.Load(),
+		RangesPeers:        m.st.rangesPeers.Load(),
+		RangesUpstream:     m.st.rangesUpstream.Load(),
+		RangesBad:          m.st.rangesBad.Load(),
 	}
 }
 
