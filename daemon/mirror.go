@@ -24,6 +24,10 @@ type MirrorConfig struct {
 	// the cache's quota and free-space guard; 0: 64 GiB. See
 	// mirror.Config.MaxSpool.
 	MaxSpool int64 `yaml:"max_spool"`
+	// CoalesceMin is the smallest blob that the nodes pulling it at the
+	// same moment read upstream in ranges, once each, and swap; -1 never;
+	// 0: 1 MiB. See mirror.Config.CoalesceMin.
+	CoalesceMin int64 `yaml:"coalesce_min"`
 }
 
 // MirrorUpstream is a registry the mirror may fetch from; requests for any
@@ -52,7 +56,7 @@ func (d *Daemon) startMirror(n *node.Node, sw *p2p.Node) (func(ctx context.Conte
 	if c.MaxSpool < 0 {
 		return nil, fmt.Errorf("mirror: max_spool %d: must not be negative", c.MaxSpool)
 	}
-	cfg := mirror.Config{Dir: filepath.Join(d.cfg.StateDir, "mirror"), Blocks: n.Store(), Keychain: d.keychain, Logger: d.base, MaxSpool: c.MaxSpool}
+	cfg := mirror.Config{Dir: filepath.Join(d.cfg.StateDir, "mirror"), Blocks: n.Store(), Keychain: d.keychain, Logger: d.base, MaxSpool: c.MaxSpool, CoalesceMin: c.CoalesceMin}
 	for _, u := range c.Upstreams {
 		cfg.Upstreams = append(cfg.Upstreams, mirror.Upstream{Host: u.Host, Endpoint: u.Endpoint, PlainHTTP: u.PlainHTTP, Default: u.Default,
 			SharedRepositories: u.SharedRepositories, PublicRepositories: u.PublicRepositories})

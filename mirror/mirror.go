@@ -392,27 +392,33 @@ func (m *Mirror) Recipe(ctx context.Context, key string) ([]byte, error) {
 type Stats struct {
 	// Body bytes sent to clients (blobs and manifests), by where they came
 	// from: the node's kept copy, peers, or upstream.
-	ServedLocal, ServedPeers, ServedUpstream int64
+	ServedLocal    int64 `json:"served_local"`
+	ServedPeers    int64 `json:"served_peers"`
+	ServedUpstream int64 `json:"served_upstream"`
 	// Bytes fetched to keep: verified blob bytes from peers, and response
 	// bytes from upstream.
-	FetchedPeers, FetchedUpstream int64
-	Requests, Errors              int64
-	Fetches                       int64 // blob fetches started (concurrent requests share one)
-	BadPeerBlobs                  int64 // peer recipes or blobs that failed verification
-	UpstreamMismatches            int64 // upstream content that failed its digest
-	Provided                      int64 // provider records announced (held locally; published to the DHT or retried)
-	Windows                       int64 // private blobs' windows read upstream (Range GETs)
-	WindowBytes                   int64 // their bytes
-	Checks                        int64 // access checks sent upstream (HEADs with a client's credentials, and public probes)
-	Denied                        int64 // requests the upstream refused for the client's credentials (401, 403)
-	SpoolBytes                    int64 // room reserved by the spool files of fetches in progress
-	SpoolRefused                  int64 // fetches refused for lack of room to spool the blob (the blob was streamed from upstream)
-	Kept                          int   // blobs with a recipe on disk
-	KeptPublic                    int   // of those, public (announced, served to peers)
-	Named                         int   // private and shared blobs held under a swarm name (announced, served to proven peers)
-	Pulls                         int64 // blobs pulled in ranges with the other nodes pulling them (RangePeers)
-	RangesPeers, RangesUpstream   int64 // their ranges, by where they came from
-	RangesBad                     int64 // ranges from peers that differed from upstream's (their peers struck)
+	FetchedPeers       int64 `json:"fetched_peers"`
+	FetchedUpstream    int64 `json:"fetched_upstream"`
+	Requests           int64 `json:"requests"`
+	Errors             int64 `json:"errors"`
+	Fetches            int64 `json:"fetches"`             // blob fetches started (concurrent requests share one)
+	BadPeerBlobs       int64 `json:"bad_peer_blobs"`      // peer recipes or blobs that failed verification
+	UpstreamMismatches int64 `json:"upstream_mismatches"` // upstream content that failed its digest
+	Provided           int64 `json:"provided"`            // provider records announced (held locally; published to the DHT or retried)
+	Windows            int64 `json:"windows"`             // private blobs' windows read upstream (Range GETs)
+	WindowBytes        int64 `json:"window_bytes"`        // their bytes
+	Checks             int64 `json:"checks"`              // access checks sent upstream (HEADs with a client's credentials, and public probes)
+	Denied             int64 `json:"denied"`              // requests the upstream refused for the client's credentials (401, 403)
+	SpoolBytes         int64 `json:"spool_bytes"`         // room reserved by the spool files of fetches in progress
+	SpoolRefused       int64 `json:"spool_refused"`       // fetches refused for lack of room to spool the blob (the blob was streamed from upstream)
+	Kept               int   `json:"kept"`                // blobs with a recipe on disk
+	KeptPublic         int   `json:"kept_public"`         // of those, public (announced, served to peers)
+	Named              int   `json:"named"`               // private and shared blobs held under a swarm name (announced, served to proven peers)
+	Pulls              int64 `json:"pulls"`               // blobs pulled in ranges with the other nodes pulling them (RangePeers)
+	// Their ranges, by where they came from.
+	RangesPeers    int64 `json:"ranges_peers"`
+	RangesUpstream int64 `json:"ranges_upstream"`
+	RangesBad      int64 `json:"ranges_bad"` // ranges from peers that differed from upstream's (their peers struck)
 }
 
 type counters struct {
