@@ -331,6 +331,7 @@ func (m *Mirror) pullRanges(ctx context.Context, rp RangePeers, a *access, p *pu
 				case data != nil:
 					fail(m.wroteFromPeer(p, i, off, data, from))
 				case reading:
+					p.set(i, rangeNone, 0) // another member's now
 					toPeers <- i
 				default:
 					fail(m.rangeUpstream(ctx, a, p, i))

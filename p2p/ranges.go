@@ -29,11 +29,13 @@ package p2p
 //	request = frame( str(key) uvarint(index) uvarint(flags) )     flags: bit 0 MEMBER
 //	answer  = frame( status(1 byte) rest )
 //	  OK:        rest = the range's bytes
-//	  COMING:    rest = uvarint(n): the range is on its way here — n = 0: queued, to
-//	             be read upstream; n ≥ 1: being read upstream, n-1 bytes landed
-//	  NOT_FOUND, BUSY (no upload slot), NOT_MEMBER (not pulling the blob: do not
-//	  designate), DENIED (a private blob, and no proof of access from the asker):
-//	  rest empty
+//	  COMING:    rest = uvarint(n) members: the range is on its way here — n = 0:
+//	             queued, to be read upstream; n ≥ 1: being read upstream, n-1 bytes landed
+//	  NOT_FOUND: rest = members
+//	  BUSY (no upload slot), NOT_MEMBER (not pulling the blob: do not designate),
+//	  DENIED (a private blob, and no proof of access from the asker): rest empty
+//	members = uvarint(k) k × str(peer ID): the server's view of the pull's
+//	  origin group (k ≤ OriginGroupSize), which the asker adds to its own
 //
 // The key is a public blob's digest or a private blob's swarm name; a
 // private blob's ranges go only to peers that proved access for the name
@@ -50,6 +52,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"sync"
 	"time"
 
 	"github.com/ipfs/go-cid"
@@ -68,8 +71,15 @@ const MaxRangeSize = flat.MaxBlockSize
 
 // RangeMinRate is the slowest a designated fetcher's registry read of a
 // range may progress, on average, before askers stop waiting for it: a
-// range's wait is bounded by OriginWait plus its length at this rate.
-const RangeMinRate = 256 << 10
+// range's wait is bounded by OriginWait plus its length at this rate. A
+// registry link is shared by every range being read at once — at a
+// rollout's start, four per blob on each of the group's nodes — so one
+// range's share of it is a small part of the link: 256 KiB/s sent askers
+// to the registry themselves behind a 100 Mbit/s link at 12 nodes, and
+// the copies they added slowed every range further. Within the bound a
+// read must also keep moving (OriginWait without a new byte ends the
+// wait).
+const RangeMinRate = 32 << 10
 
 // ErrRangeUpstream means: read this range from the registry (this node is
 // its designated fetcher, or the swarm did not deliver it in time).
@@ -238,10 +248,12 @@ func (n *Node) RangeDesignee(key string, i int) peer.ID {
 // came from. The wait is bounded: a designated fetcher that has not
 // answered COMING within BlobGrace is taken for one that will not deliver
 // (unreachable, and the next member designated, as every node that sees
-// it does), and the whole wait ends OriginWait plus size at RangeMinRate
-// after the call began; a designated fetcher that let it end is
-// unreachable too, so that its other ranges go to the next member. An error wrapping ErrRangeUpstream means: read it from the
-// registry — at once when this node is designated.
+// it does); a read that has started and lands no byte for OriginWait is
+// given up; and the whole wait ends OriginWait plus size at RangeMinRate
+// after the call began — a designated fetcher that let it end is
+// unreachable too, so that its other ranges go to the next member. An
+// error wrapping ErrRangeUpstream means: read it from the registry — at
+// once when this node is designated.
 func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([]byte, peer.ID, error) {
 	if size <= 0 || size > MaxRangeSize {
 		return nil, "", fmt.Errorf("range %d of %s: %d bytes: %w", i, key, size, ErrRangeUpstream)
@@ -263,7 +275,8 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 	rng := rand.New(rand.NewPCG(rand.Uint64(), rand.Uint64()))
 	self := n.ID()
 	progress := map[peer.ID]int64{}
-	var dSince = start // when d became the designated fetcher
+	dSince := start // when d became the designated fetcher
+	moved := start  // when d's read last landed bytes
 	d := n.RangeDesignee(key, i)
 	// adopted: d is a member found reading the range upstream when this
 	// node was designated; it is waited for, not re-designated.
@@ -322,6 +335,9 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 			case coming >= 0:
 				if old, seen := progress[ai.ID]; !seen || coming > old {
 					progress[ai.ID] = coming
+					if ai.ID == d {
+						moved = n.cfg.Clock.Now()
+					}
 				}
 				if coming >= 1 && reader == "" {
 					reader = ai.ID
@@ -345,13 +361,16 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 		now := n.cfg.Clock.Now()
 		if _, started := progress[d]; !started && reader != "" && reader != d {
 			// Not the designee, but another member reads it: wait for that.
-			d, dSince, adopted, answered = reader, now, true, false
+			d, dSince, adopted, answered, moved = reader, now, true, false, now
 			continue
+		}
+		if p, started := progress[d]; started && p >= 1 && now.Sub(moved) >= wait {
+			return nil, "", fmt.Errorf("range %d of %s: the read at %s landed nothing for %v: %w", i, key, d, wait, ErrRangeUpstream)
 		}
 		if adopted {
 			// Waited for until the deadline, whatever the designation says.
 		} else if nd := n.RangeDesignee(key, i); nd != d {
-			d, dSince, answered = nd, now, false // gone, slow or not a member: the next member
+			d, dSince, answered, moved = nd, now, false, now // gone, slow or not a member: the next member
 			continue
 		}
 		// A designated fetcher that has not said within BlobGrace of
@@ -370,7 +389,7 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 				n.markUnreachable(d)
 			}
 			n.log.Debug("designated fetcher of a blob range delivered nothing; asking the next member", "peer", d.String(), "key", key, "range", i, "answered", answered)
-			d, dSince, answered = n.RangeDesignee(key, i), now, false
+			d, dSince, answered, moved = n.RangeDesignee(key, i), now, false, now
 			continue
 		}
 		select {
@@ -381,35 +400,81 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 	}
 }
 
+// maxElsewhere bounds the members readingElsewhere asks.
+const maxElsewhere = 16
+
 // readingElsewhere is the pass the designated fetcher of a range makes
 // before it reads the range upstream, as ImageBlob's asks a few providers:
-// it asks the other members of the pull's group once each. A member that
-// holds the range (it started earlier) gives it (data). Nodes that started
-// a moment apart may see different groups, and each designate itself for
-// the same range; the one that asks second finds the first reading it
-// (COMING ≥ 1) and waits for it (the peer returned, data nil). Two that
-// ask each other while both have it queued agree by Designate over the
-// two of them. "" means: nobody is reading it, read it here.
+// it asks the other members of the pull it knows and is connected to (the
+// group first, at most maxElsewhere), at once, within DesignatedHedge. A
+// member that holds the range (it started earlier) gives it (data). Nodes
+// that joined a moment apart may see different groups, and each designate
+// itself for the same range — a node that found few members at first may
+// have started reading ranges that the group it is not in leaves to
+// others; the one that asks second finds the first reading it (COMING ≥
+// 1) and waits for it (the peer returned, data nil). Two that ask each
+// other while both have it queued agree by Designate over the two of them.
+// "" means: nobody is reading it, read it here.
 func (n *Node) readingElsewhere(ctx context.Context, key string, i int, size int64, progress map[peer.ID]int64) (peer.ID, []byte) {
 	ctx, cancel := context.WithTimeout(ctx, DesignatedHedge)
 	defer cancel()
-	for _, p := range n.pullGroup(PullKey(key)) {
-		if p == n.ID() || n.host.Network().Connectedness(p) != network.Connected {
-			continue
-		}
-		data, coming, _, err := n.askRange(ctx, p, key, i, size)
-		if err == nil && data != nil {
-			return p, data
-		}
-		// Reading it already; or queued there too — p designated itself
-		// as well — and p, not this node, is the pair's designee: both
-		// nodes compute the same, so exactly one of them reads it.
-		if coming >= 1 || (coming == 0 && Designate(RangeID(key, i), []peer.ID{n.ID(), p}, n.ID()) == p) {
-			progress[p] = coming
-			return p, nil
+	pk := PullKey(key)
+	seen := map[peer.ID]bool{n.ID(): true}
+	var members []peer.ID
+	add := func(p peer.ID) {
+		if !seen[p] && len(members) < maxElsewhere && n.host.Network().Connectedness(p) == network.Connected {
+			seen[p] = true
+			members = append(members, p)
 		}
 	}
-	return "", nil
+	for _, p := range n.pullGroup(pk) {
+		add(p)
+	}
+	now := time.Now()
+	n.mu.Lock()
+	var others []peer.ID
+	for p, at := range n.pullPeers[pk] {
+		if now.Sub(at) < openingGrace {
+			others = append(others, p)
+		}
+	}
+	n.mu.Unlock()
+	for _, p := range others {
+		add(p)
+	}
+	type answer struct {
+		data   []byte
+		coming int64
+	}
+	answers := make([]answer, len(members))
+	var wg sync.WaitGroup
+	for k, p := range members {
+		wg.Go(func() {
+			data, coming, _, err := n.askRange(ctx, p, key, i, size)
+			if err != nil {
+				data, coming = nil, -1
+			}
+			answers[k] = answer{data, coming}
+		})
+	}
+	wg.Wait()
+	reader, best := peer.ID(""), int64(0)
+	for k, p := range members {
+		a := answers[k]
+		if a.data != nil {
+			return p, a.data
+		}
+		// Reading it already (the furthest along); or queued there too —
+		// p designated itself as well — and p, not this node, is the
+		// pair's designee: both nodes compute the same, so exactly one of
+		// them reads it.
+		pair := a.coming == 0 && Designate(RangeID(key, i), []peer.ID{n.ID(), p}, n.ID()) == p
+		if (a.coming >= 1 && a.coming > best) || (pair && reader == "") {
+			reader, best = p, max(best, a.coming)
+			progress[p] = a.coming
+		}
+	}
+	return reader, nil
 }
 
 // RangeElsewhere is readingElsewhere for a caller that must not wait: the
@@ -474,10 +539,15 @@ func (n *Node) askRange(ctx context.Context, p peer.ID, key string, i int, size 
 	case statusComing:
 		d := decoder{b: rest}
 		c := d.uvarint()
-		if d.err != nil || c > uint64(size)+1 {
+		if d.err != nil || c > uint64(size)+1 || !n.learnMembers(key, &d) {
 			return nil, coming, false, fmt.Errorf("range %d of %s from %s: %w", i, key, p, ErrMalformed)
 		}
 		return nil, int64(c), false, nil
+	case statusNotFound:
+		d := decoder{b: rest}
+		if !n.learnMembers(key, &d) {
+			return nil, coming, false, fmt.Errorf("range %d of %s from %s: %w", i, key, p, ErrMalformed)
+		}
 	case statusNotMember:
 		return nil, coming, true, nil
 	case statusBusy:
@@ -487,6 +557,60 @@ func (n *Node) askRange(ctx context.Context, p peer.ID, key string, i int, size 
 		return nil, coming, false, fmt.Errorf("range %d of %s from %s: denied", i, key, p)
 	}
 	return nil, coming, false, nil
+}
+
+// appendMembers appends the pull's origin group as this node sees it
+// (OriginGroupSize peer IDs at most) to a COMING or NOT_FOUND answer:
+//
+//	members = uvarint(k) k × str(peer ID)
+//
+// Two nodes that joined a pull a moment apart may each have found members
+// the other has not, and designate ranges differently; the asker adds
+// these to its view (learnMembers), so the views converge on the lowest
+// members of their union — the group every node uses — within a round
+// trip, rather than both reading the ranges they disagree on.
+func (n *Node) appendMembers(b []byte, key string) []byte {
+	g := n.pullGroup(PullKey(key))
+	if len(g) > OriginGroupSize {
+		g = g[:OriginGroupSize]
+	}
+	b = binary.AppendUvarint(b, uint64(len(g)))
+	for _, p := range g {
+		b = appendBytes(b, []byte(p))
+	}
+	return b
+}
+
+// learnMembers reads a members list (appendMembers) and records, as
+// members of the pull, those this node can dial (it knows an address);
+// false if the list does not decode.
+func (n *Node) learnMembers(key string, d *decoder) bool {
+	k := d.uvarint()
+	if d.err != nil || k > OriginGroupSize {
+		return false
+	}
+	var ids []peer.ID
+	for range k {
+		b := d.bytes(maxHintPeerLen)
+		if d.err != nil {
+			return false
+		}
+		id, err := peer.IDFromBytes(b)
+		if err != nil {
+			return false
+		}
+		ids = append(ids, id)
+	}
+	if len(d.b) != 0 {
+		return false
+	}
+	pk := PullKey(key)
+	for _, id := range ids {
+		if id != n.ID() && len(n.host.Peerstore().Addrs(id)) > 0 {
+			n.sawPullMember(pk, id)
+		}
+	}
+	return true
 }
 
 // maxRangeIndex bounds a requested range's index (a 64 GiB blob of 1 MiB
@@ -536,7 +660,7 @@ func (n *Node) handleRange(st network.Stream, g RangeGetter) {
 	switch {
 	case ok && len(data) <= MaxRangeSize:
 	case coming >= 0:
-		answer(binary.AppendUvarint([]byte{statusComing}, uint64(coming)))
+		answer(n.appendMembers(binary.AppendUvarint([]byte{statusComing}, uint64(coming)), key))
 		return
 	case flags&1 != 0 && !n.opening(PullKey(key)):
 		n.st.notMemberSent.Add(1)
@@ -544,7 +668,7 @@ func (n *Node) handleRange(st network.Stream, g RangeGetter) {
 		return
 	default:
 		n.st.notFound.Add(1)
-		answer([]byte{statusNotFound})
+		answer(n.appendMembers([]byte{statusNotFound}, key))
 		return
 	}
 	up, _, preempted := n.up.acquire(p, func() { st.Reset() })
