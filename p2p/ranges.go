@@ -296,9 +296,9 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 		if d == self || d == "" {
 			return nil, "", fmt.Errorf("range %d of %s: designated here after re-designation: %w", i, key, ErrRangeUpstream)
 		}
-		// The designated fetcher, the other members of the group (one
-		// of them may read the range, its view being another), and a
-		// sample of the other providers.
+		// The designated fetcher; unless it has the range on its way,
+		// also the other members of the group (one of them may read it,
+		// its view being another) and a sample of the other providers.
 		provs, _ := n.providers(ctx, k, 1)
 		cands := []peer.AddrInfo{n.host.Peerstore().PeerInfo(d)}
 		inGroup := map[peer.ID]bool{d: true, self: true}
@@ -316,9 +316,14 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 		}
 		cands = append(cands, SampleProviders(others, 3, rng)...)
 		reader := peer.ID("")
-		for _, ai := range cands {
+		for k, ai := range cands {
 			if ctx.Err() != nil {
 				break
+			}
+			if k == 1 {
+				if c, ok := progress[d]; ok && c >= 0 && !answered {
+					break // d has it on its way: no need to ask the others
+				}
 			}
 			if !n.peers.usable(ai.ID, n.cfg.Clock.Now()) && ai.ID != d {
 				continue
@@ -338,6 +343,9 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 					if ai.ID == d {
 						moved = n.cfg.Clock.Now()
 					}
+				}
+				if ai.ID == d {
+					answered = false
 				}
 				if coming >= 1 && reader == "" {
 					reader = ai.ID
