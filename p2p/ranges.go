@@ -26,7 +26,7 @@ package p2p
 // never bytes it got from another peer unverified, so a bad range always
 // has the peer that sent it as its author.
 //
-//	request = frame( str(key) uvarint(index) uvarint(flags) )     flags: bit 0 MEMBER
+//	request = frame( str(key) uvarint(index) uvarint(flags) members )     flags: bit 0 MEMBER
 //	answer  = frame( status(1 byte) rest )
 //	  OK:        rest = the range's bytes
 //	  COMING:    rest = uvarint(n) members: the range is on its way here — n = 0:
@@ -34,8 +34,8 @@ package p2p
 //	  NOT_FOUND: rest = members
 //	  BUSY (no upload slot), NOT_MEMBER (not pulling the blob: do not designate),
 //	  DENIED (a private blob, and no proof of access from the asker): rest empty
-//	members = uvarint(k) k × str(peer ID): the server's view of the pull's
-//	  origin group (k ≤ OriginGroupSize), which the asker adds to its own
+//	members = uvarint(k) k × str(peer ID): the sender's view of the pull's
+//	  origin group (k ≤ PullGroupSize), which the receiver adds to its own
 //
 // The key is a public blob's digest or a private blob's swarm name; a
 // private blob's ranges go only to peers that proved access for the name
@@ -77,9 +77,15 @@ const MaxRangeSize = flat.MaxBlockSize
 // range's share of it is a small part of the link: 256 KiB/s sent askers
 // to the registry themselves behind a 100 Mbit/s link at 12 nodes, and
 // the copies they added slowed every range further. Within the bound a
-// read must also keep moving (OriginWait without a new byte ends the
-// wait).
+// read must also keep moving (RangeStall).
 const RangeMinRate = 32 << 10
+
+// RangeStall ends the wait for a range whose read at its designated
+// fetcher has landed no new byte for this long. A capped registry link
+// queues deeply: with OriginWait (3 s) here, a third of the askers'
+// fallbacks in the N=12 bench were reads whose first bytes sat in the
+// link's queue.
+const RangeStall = 10 * time.Second
 
 // ErrRangeUpstream means: read this range from the registry (this node is
 // its designated fetcher, or the swarm did not deliver it in time).
@@ -114,6 +120,15 @@ func RangeID(key string, i int) flat.BlockID {
 	binary.BigEndian.PutUint64(b[:], uint64(i))
 	return flat.BlockID(sha256.Sum256([]byte("shoal/mirror range v1\x00" + key + "\x00" + string(b[:]))))
 }
+
+// PullGroupSize is how many members a pull's origin group has at most:
+// the lowest of OriginGroup's scores among the members found. Larger than
+// an image's (OriginGroupSize): members of a pull are found while the
+// pull runs, and with rendezvous hashing a member found late takes only
+// the ranges it wins, whereas in a group cut at eight it pushes another
+// member out and that member's whole share moves (the N=12 bench: ranges
+// read twice by the old and the new designee).
+const PullGroupSize = 32
 
 // pullRelook is how often JoinPull looks a pull up again while it is
 // called: nodes that start a moment apart find each other within it.
@@ -192,7 +207,7 @@ func (n *Node) pullGroup(pk string) []peer.ID {
 	}
 	n.mu.Unlock()
 	_, id, _ := imageOfKey(mustKey(pk))
-	return LiveGroup(OriginGroup(id, found, n.ID(), OriginGroupSize), n.ID(), n.undesignatable(pk))
+	return LiveGroup(OriginGroup(id, found, n.ID(), PullGroupSize), n.ID(), n.undesignatable(pk))
 }
 
 func mustKey(digest string) cid.Cid {
@@ -245,11 +260,14 @@ func (n *Node) RangeDesignee(key string, i int) peer.ID {
 // other members, again after a back-off while one of them says it is on
 // its way (COMING: read or queued there) or nobody holds it yet. It
 // returns the bytes, unverified (see the file comment), and the peer they
-// came from. The wait is bounded: a designated fetcher that has not
-// answered COMING within BlobGrace is taken for one that will not deliver
-// (unreachable, and the next member designated, as every node that sees
-// it does); a read that has started and lands no byte for OriginWait is
-// given up; and the whole wait ends OriginWait plus size at RangeMinRate
+// came from. While the designee does not have the range on its way, the
+// other members are asked too, and one that reads it or has it queued is
+// waited for instead. The wait is bounded: a designated fetcher that does
+// not answer within BlobGrace is taken for gone (unreachable, and the next
+// member designated, as every node that sees it does), and one that
+// answers that it does not read the range, with nobody else reading it,
+// leaves this node to read it; a read that has started and lands no byte
+// for RangeStall is given up; and the whole wait ends OriginWait plus size at RangeMinRate
 // after the call began — a designated fetcher that let it end is
 // unreachable too, so that its other ranges go to the next member. An
 // error wrapping ErrRangeUpstream means: read it from the registry — at
@@ -281,20 +299,20 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 	// adopted: d is a member found reading the range upstream when this
 	// node was designated; it is waited for, not re-designated.
 	adopted, answered := false, false // answered: d said NOT_FOUND
-	if d == self || d == "" {
-		var data []byte
-		if d, data = n.readingElsewhere(ctx, key, i, size, progress); data != nil {
-			return data, d, nil
-		}
-		if d == "" {
-			return nil, "", fmt.Errorf("range %d of %s: designated here: %w", i, key, ErrRangeUpstream)
-		}
-		adopted = true
-	}
 	backoff := blobBackoffMin
 	for {
 		if d == self || d == "" {
-			return nil, "", fmt.Errorf("range %d of %s: designated here after re-designation: %w", i, key, ErrRangeUpstream)
+			// Designated here (at first, or now that the members before
+			// this node are passed over): unless another member reads
+			// the range already, read it.
+			var data []byte
+			if d, data = n.readingElsewhere(ctx, key, i, size, progress); data != nil {
+				return data, d, nil
+			}
+			if d == "" {
+				return nil, "", fmt.Errorf("range %d of %s: designated here: %w", i, key, ErrRangeUpstream)
+			}
+			adopted, answered, dSince, moved = true, false, n.cfg.Clock.Now(), n.cfg.Clock.Now()
 		}
 		// The designated fetcher; unless it has the range on its way,
 		// also the other members of the group (one of them may read it,
@@ -347,7 +365,9 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 				if ai.ID == d {
 					answered = false
 				}
-				if coming >= 1 && reader == "" {
+				// Read there now, or queued to be: a member that
+				// designated itself under another view.
+				if reader == "" || coming > progress[reader] {
 					reader = ai.ID
 				}
 			case err == nil && ai.ID == d:
@@ -372,8 +392,8 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 			d, dSince, adopted, answered, moved = reader, now, true, false, now
 			continue
 		}
-		if p, started := progress[d]; started && p >= 1 && now.Sub(moved) >= wait {
-			return nil, "", fmt.Errorf("range %d of %s: the read at %s landed nothing for %v: %w", i, key, d, wait, ErrRangeUpstream)
+		if p, started := progress[d]; started && p >= 1 && now.Sub(moved) >= RangeStall {
+			return nil, "", fmt.Errorf("range %d of %s: the read at %s landed nothing for %v: %w", i, key, d, RangeStall, ErrRangeUpstream)
 		}
 		if adopted {
 			// Waited for until the deadline, whatever the designation says.
@@ -383,20 +403,22 @@ func (n *Node) FetchRange(ctx context.Context, key string, i int, size int64) ([
 		}
 		// A designated fetcher that has not said within BlobGrace of
 		// becoming the designee that the range is on its way (COMING) is
-		// passed over, as ImageBlob passes one over: every node that sees
-		// it so designates the next member. One that answers NOT_FOUND
-		// sees the pull otherwise (its view of the group is not this
-		// node's): it is left out of this pull's designation only
-		// (NotMemberRest); one that does not answer is unreachable. One
-		// that said COMING is waited for until the deadline.
+		// passed over. One that does not answer is taken for gone, as
+		// ImageBlob takes it: unreachable, and the next member designated,
+		// as every node that sees it so does. One that answers NOT_FOUND
+		// is up but sees the pull otherwise, and nobody this node asked
+		// reads the range: views are exchanged with every answer, so such
+		// a disagreement is brief, and it costs this range a registry
+		// read here, not the member its whole share (marking it out moved
+		// its ranges onto other members, who had planned them otherwise
+		// too).
 		if _, started := progress[d]; !started && !adopted && now.Sub(dSince) >= BlobGrace(wait) {
 			n.st.comingUndelivered.Add(1)
 			if answered {
-				n.markNotMember(pk, d)
-			} else {
-				n.markUnreachable(d)
+				return nil, "", fmt.Errorf("range %d of %s: designee %s does not read it: %w", i, key, d, ErrRangeUpstream)
 			}
-			n.log.Debug("designated fetcher of a blob range delivered nothing; asking the next member", "peer", d.String(), "key", key, "range", i, "answered", answered)
+			n.markUnreachable(d)
+			n.log.Debug("designated fetcher of a blob range delivered nothing; asking the next member", "peer", d.String(), "key", key, "range", i)
 			d, dSince, answered, moved = n.RangeDesignee(key, i), now, false, now
 			continue
 		}
@@ -414,7 +436,7 @@ const maxElsewhere = 16
 // readingElsewhere is the pass the designated fetcher of a range makes
 // before it reads the range upstream, as ImageBlob's asks a few providers:
 // it asks the other members of the pull it knows and is connected to (the
-// group first, at most maxElsewhere), at once, within DesignatedHedge. A
+// group first, at most maxElsewhere), at once. A
 // member that holds the range (it started earlier) gives it (data). Nodes
 // that joined a moment apart may see different groups, and each designate
 // itself for the same range — a node that found few members at first may
@@ -422,9 +444,13 @@ const maxElsewhere = 16
 // others; the one that asks second finds the first reading it (COMING ≥
 // 1) and waits for it (the peer returned, data nil). Two that ask each
 // other while both have it queued agree by Designate over the two of them.
-// "" means: nobody is reading it, read it here.
+// "" means: nobody is reading it, read it here. The pass takes at most
+// BlobGrace: a member that has not answered by then is taken for one that
+// does not read the range (with DesignatedHedge, a loaded swarm of twelve
+// in network namespaces had every answer late, and each designee read
+// ranges others were reading).
 func (n *Node) readingElsewhere(ctx context.Context, key string, i int, size int64, progress map[peer.ID]int64) (peer.ID, []byte) {
-	ctx, cancel := context.WithTimeout(ctx, DesignatedHedge)
+	ctx, cancel := context.WithTimeout(ctx, BlobGrace(max(n.cfg.OriginWait, 0)))
 	defer cancel()
 	pk := PullKey(key)
 	seen := map[peer.ID]bool{n.ID(): true}
@@ -515,6 +541,7 @@ func (n *Node) askRange(ctx context.Context, p peer.ID, key string, i int, size 
 	q := appendBytes(nil, []byte(key))
 	q = binary.AppendUvarint(q, uint64(i))
 	q = binary.AppendUvarint(q, 1) // MEMBER
+	q = n.appendMembers(q, key)
 	if _, err := st.Write(appendFrame(nil, q)); err != nil {
 		st.Reset()
 		return nil, coming, false, fmt.Errorf("range %d of %s from %s: send: %w", i, key, p, err)
@@ -568,7 +595,7 @@ func (n *Node) askRange(ctx context.Context, p peer.ID, key string, i int, size 
 }
 
 // appendMembers appends the pull's origin group as this node sees it
-// (OriginGroupSize peer IDs at most) to a COMING or NOT_FOUND answer:
+// (PullGroupSize peer IDs at most) to a COMING or NOT_FOUND answer:
 //
 //	members = uvarint(k) k × str(peer ID)
 //
@@ -579,8 +606,8 @@ func (n *Node) askRange(ctx context.Context, p peer.ID, key string, i int, size 
 // trip, rather than both reading the ranges they disagree on.
 func (n *Node) appendMembers(b []byte, key string) []byte {
 	g := n.pullGroup(PullKey(key))
-	if len(g) > OriginGroupSize {
-		g = g[:OriginGroupSize]
+	if len(g) > PullGroupSize {
+		g = g[:PullGroupSize]
 	}
 	b = binary.AppendUvarint(b, uint64(len(g)))
 	for _, p := range g {
@@ -594,7 +621,7 @@ func (n *Node) appendMembers(b []byte, key string) []byte {
 // false if the list does not decode.
 func (n *Node) learnMembers(key string, d *decoder) bool {
 	k := d.uvarint()
-	if d.err != nil || k > OriginGroupSize {
+	if d.err != nil || k > PullGroupSize {
 		return false
 	}
 	var ids []peer.ID
@@ -621,6 +648,10 @@ func (n *Node) learnMembers(key string, d *decoder) bool {
 	return true
 }
 
+// maxRangeRequest bounds a range request: the key, the index, the flags
+// and the asker's members.
+const maxRangeRequest = maxDigestLen + 24 + PullGroupSize*(maxHintPeerLen+2)
+
 // maxRangeIndex bounds a requested range's index (a 64 GiB blob of 1 MiB
 // ranges has 65,536).
 const maxRangeIndex = 1 << 20
@@ -633,7 +664,7 @@ func (n *Node) handleRange(st network.Stream, g RangeGetter) {
 	defer n.wg.Done()
 	p := st.Conn().RemotePeer()
 	_ = st.SetReadDeadline(time.Now().Add(requestTimeout))
-	payload, err := readFrame(bufio.NewReaderSize(st, 512), maxDigestLen+24, nil)
+	payload, err := readFrame(bufio.NewReaderSize(st, 512), maxRangeRequest, nil)
 	if err != nil {
 		st.Reset()
 		return
@@ -642,10 +673,11 @@ func (n *Node) handleRange(st network.Stream, g RangeGetter) {
 	key := string(d.bytes(maxDigestLen))
 	i := d.uvarint()
 	flags := d.uvarint()
-	if d.err != nil || len(d.b) != 0 || i >= maxRangeIndex {
+	if d.err != nil || i >= maxRangeIndex {
 		st.Reset()
 		return
 	}
+	members := d // read once the asker is admitted
 	ctx, cancel := context.WithTimeout(n.life, n.cfg.UploadTimeout)
 	defer cancel()
 	answer := func(b []byte) {
@@ -659,6 +691,10 @@ func (n *Node) handleRange(st network.Stream, g RangeGetter) {
 	if !n.admitted(ctx, p, key) {
 		n.st.deniedSent.Add(1)
 		answer([]byte{statusDenied})
+		return
+	}
+	if !n.learnMembers(key, &members) {
+		st.Reset()
 		return
 	}
 	if flags&1 != 0 {
