@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"slices"
 	"strings"
 	"sync"
 	"testing"
@@ -169,6 +170,18 @@ func TestMirrorPullsAtOnce(t *testing.T) {
 	if fromPeers == 0 {
 		t.Errorf("no node got a byte from its peers")
 	}
+	// The status page lists each layer's pull, with its bytes by source.
+	for i, d := range ds {
+		pulls := d.pageStatus(newSeries(1)).Pulls
+		if len(pulls) != len(man.Layers) {
+			t.Errorf("node %d: status page lists %d pulls, want %d", i, len(pulls), len(man.Layers))
+		}
+		for _, p := range pulls {
+			if p.Digest == "" || p.FromPeers+p.FromUpstream < p.Size || p.Done != p.Ranges || p.EndedMS == 0 {
+				t.Errorf("node %d: pull on the status page: %+v", i, p)
+			}
+		}
+	}
 }
 
 // TestMirrorPrivatePullsAtOnce is TestMirrorPullsAtOnce for a private
@@ -218,5 +231,9 @@ func TestMirrorPrivatePullsAtOnce(t *testing.T) {
 		if ps, _ := ds[0].swarm.BlobProviders(t.Context(), l.Digest.String(), 4); len(ps) != 0 {
 			t.Errorf("private %s has providers under its digest: %v", l.Digest, ps)
 		}
+	}
+	// The status page (served to anyone on its port) does not name them.
+	if pulls := ds[0].pageStatus(newSeries(1)).Pulls; len(pulls) != len(man.Layers) || slices.ContainsFunc(pulls, func(p MirrorPull) bool { return p.Digest != "" }) {
+		t.Errorf("status page pulls of private blobs: %+v, want %d without digests", pulls, len(man.Layers))
 	}
 }
