@@ -173,6 +173,10 @@ type daemonStatus struct {
 		// Designated fetchers given up on after ComingGrace.
 		ComingUndelivered int64 `json:"coming_undelivered"`
 	} `json:"swarm"`
+	Mirror struct {
+		FetchedPeers    int64 `json:"fetched_peers"`
+		FetchedUpstream int64 `json:"fetched_upstream"`
+	} `json:"mirror"`
 }
 
 // waitStatus polls `shoal status` inside the host until the daemon answers.

@@ -14,6 +14,7 @@ import (
 	"github.com/shoal-project/shoal/blockstore"
 	"github.com/shoal-project/shoal/fetch"
 	"github.com/shoal-project/shoal/lazyfs"
+	"github.com/shoal-project/shoal/mirror"
 	"github.com/shoal-project/shoal/node"
 	"github.com/shoal-project/shoal/p2p"
 	"github.com/shoal-project/shoal/seeder"
@@ -68,6 +69,7 @@ type Status struct {
 	PeerID   string           `json:"peer_id,omitempty"`
 	Addrs    []string         `json:"addrs,omitempty"` // p2p addresses, with /p2p/<id>
 	Swarm    *p2p.Stats       `json:"swarm,omitempty"`
+	Mirror   *mirror.Stats    `json:"mirror,omitempty"` // the registry mirror's counters, when it is on
 	Cache    blockstore.Stats `json:"cache"`
 	Mounts   []MountInfo      `json:"mounts"`
 	Jobs     []Job            `json:"jobs,omitempty"` // background prefetches (keep-warm, prefetch without --wait)
@@ -244,6 +246,10 @@ func (d *Daemon) Status() Status {
 		st.Mounts = append(st.Mounts, e.info())
 	}
 	st.Jobs = d.Jobs()
+	if d.mirror != nil {
+		ms := d.mirror.Stats()
+		st.Mirror = &ms
+	}
 	return st
 }
 

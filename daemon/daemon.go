@@ -30,6 +30,7 @@ import (
 
 	"github.com/shoal-project/shoal/cri"
 	"github.com/shoal-project/shoal/flat"
+	"github.com/shoal-project/shoal/mirror"
 	"github.com/shoal-project/shoal/node"
 	"github.com/shoal-project/shoal/p2p"
 	"github.com/shoal-project/shoal/trace"
@@ -142,6 +143,7 @@ type Daemon struct {
 	node       *node.Node
 	swarm      *p2p.Node              // nil with p2p disabled
 	mirrorAddr string                 // registry mirror's address, "" when off
+	mirror     *mirror.Mirror         // nil when off
 	mounts     map[string]*mountEntry // by id
 	jobs       *jobs                  // background prefetches (seeding.go)
 	seq        int

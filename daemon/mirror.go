@@ -24,6 +24,10 @@ type MirrorConfig struct {
 	// the cache's quota and free-space guard; 0: 64 GiB. See
 	// mirror.Config.MaxSpool.
 	MaxSpool int64 `yaml:"max_spool"`
+	// CoalesceMin is the smallest blob that the nodes pulling it at the
+	// same moment read upstream in ranges, once each, and swap; -1 never;
+	// 0: 1 MiB. See mirror.Config.CoalesceMin.
+	CoalesceMin int64 `yaml:"coalesce_min"`
 }
 
 // MirrorUpstream is a registry the mirror may fetch from; requests for any
@@ -52,7 +56,7 @@ func (d *Daemon) startMirror(n *node.Node, sw *p2p.Node) (func(ctx context.Conte
 	if c.MaxSpool < 0 {
 		return nil, fmt.Errorf("mirror: max_spool %d: must not be negative", c.MaxSpool)
 	}
-	cfg := mirror.Config{Dir: filepath.Join(d.cfg.StateDir, "mirror"), Blocks: n.Store(), Keychain: d.keychain, Logger: d.base, MaxSpool: c.MaxSpool}
+	cfg := mirror.Config{Dir: filepath.Join(d.cfg.StateDir, "mirror"), Blocks: n.Store(), Keychain: d.keychain, Logger: d.base, MaxSpool: c.MaxSpool, CoalesceMin: c.CoalesceMin}
 	for _, u := range c.Upstreams {
 		cfg.Upstreams = append(cfg.Upstreams, mirror.Upstream{Host: u.Host, Endpoint: u.Endpoint, PlainHTTP: u.PlainHTTP, Default: u.Default,
 			SharedRepositories: u.SharedRepositories, PublicRepositories: u.PublicRepositories})
@@ -71,10 +75,12 @@ func (d *Daemon) startMirror(n *node.Node, sw *p2p.Node) (func(ctx context.Conte
 	}
 	if sw != nil {
 		sw.ServeRecipes(m)
+		sw.ServeRanges(m)
 	}
 	d.metrics.watchMirror(m)
 	d.mu.Lock()
 	d.mirrorAddr = ln.Addr().String()
+	d.mirror = m
 	d.mu.Unlock()
 	d.log.Info("serving registry mirror", "addr", ln.Addr().String(), "upstreams", len(cfg.Upstreams))
 	return func(ctx context.Context) error {
@@ -116,6 +122,11 @@ func (m *metrics) watchMirror(mi *mirror.Mirror) {
 	counter("shoal_mirror_access_checks_total", "Access checks the mirror sent upstream (HEADs with a client's credentials, and anonymous probes for public repositories).", nil, func(s mirror.Stats) int64 { return s.Checks })
 	counter("shoal_mirror_denied_total", "Mirror requests the upstream refused for the client's credentials (401, 403).", nil, func(s mirror.Stats) int64 { return s.Denied })
 	counter("shoal_mirror_spool_refused_total", "Blob fetches the mirror could not spool (past max_spool, the cache's quota or its free-space guard); those blobs were streamed from upstream and not kept.", nil, func(s mirror.Stats) int64 { return s.SpoolRefused })
+	counter("shoal_mirror_pulls_total", "Blobs no peer held whole that the mirror pulled in ranges with the other nodes pulling them at the same moment, each range read upstream by one node.", nil, func(s mirror.Stats) int64 { return s.Pulls })
+	const ranges = "Ranges of blobs pulled with other nodes, by where they came from (peers, upstream)."
+	counter("shoal_mirror_ranges_total", ranges, prometheus.Labels{"source": mirror.SourcePeers}, func(s mirror.Stats) int64 { return s.RangesPeers })
+	counter("shoal_mirror_ranges_total", ranges, prometheus.Labels{"source": mirror.SourceUpstream}, func(s mirror.Stats) int64 { return s.RangesUpstream })
+	counter("shoal_mirror_bad_ranges_total", "Blob ranges from peers that differed from the upstream's bytes (found after the blob failed its digest; the peers were struck).", nil, func(s mirror.Stats) int64 { return s.RangesBad })
 	counter("shoal_mirror_window_reads_total", "Windows of private blobs the mirror read upstream with a client's credentials (4 KiB Range GETs), to ask peers for the blob under its swarm name.", nil, func(s mirror.Stats) int64 { return s.Windows })
 	m.reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_mirror_spool_bytes", Help: "Room reserved by the mirror's spool files (blobs being fetched), counted against the cache's quota and free space."},
 		func() float64 { return float64(mi.Stats().SpoolBytes) }))

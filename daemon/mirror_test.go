@@ -408,23 +408,9 @@ func TestMirrorPrivateBlobsFromPeers(t *testing.T) {
 	const user, pass = "alice", "wonderland-7"
 	reg := testenv.StartRegistry(t, testenv.WithBasicAuth(user, pass))
 	proxy := reg.Proxy(t)
-	img := testenv.RandomImage(t, 2, 3<<20)
-	ref, err := name.ParseReference(reg.Ref("team/app:v1"), name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(ref, img, remote.WithContext(t.Context()), remote.WithAuth(reg.Auth())); err != nil {
-		t.Fatal(err)
-	}
+	img := testenv.PushImageAs(t, reg.Ref("team/app:v1"), testenv.RandomImage(t, 2, 3<<20), reg.Auth())
 	want, _ := img.Digest()
-	man, err := img.Manifest()
-	if err != nil {
-		t.Fatal(err)
-	}
-	var layerTotal int64
-	for _, l := range man.Layers {
-		layerTotal += l.Size
-	}
+	man, layerTotal := layersOf(t, img)
 
 	mcfg := MirrorConfig{Listen: "127.0.0.1:0", Upstreams: []MirrorUpstream{{Host: proxy.Host, PlainHTTP: true, Default: true}}}
 	da, db, _ := mirrorPair(t, mcfg)

@@ -39,6 +39,7 @@ type PageStatus struct {
 	Labels     map[string]string `json:"labels,omitempty"`
 	Bytes      SourceBytes       `json:"bytes"` // block bytes served to mounts since start, by source
 	Peers      []PeerRow         `json:"peers"`
+	Pulls      []MirrorPull      `json:"mirror_pulls"` // blobs the mirror pulls in ranges with other nodes, then the last few
 	IntervalMS int64             `json:"interval_ms"`
 	Series     []Sample          `json:"series"` // oldest first
 }
@@ -49,6 +50,21 @@ type SourceBytes struct {
 	Cache    int64 `json:"cache"`
 	Peers    int64 `json:"peers"`
 	Registry int64 `json:"registry"`
+}
+
+// MirrorPull is one blob the registry mirror pulls (or lately pulled) in
+// ranges with the other nodes pulling it: bytes from peers against bytes
+// from upstream. A private or shared blob's digest is not shown.
+type MirrorPull struct {
+	Digest       string `json:"digest,omitempty"`
+	Size         int64  `json:"size"`
+	Ranges       int    `json:"ranges"`
+	Done         int    `json:"done"`
+	FromPeers    int64  `json:"from_peers"`
+	FromUpstream int64  `json:"from_upstream"`
+	StartedMS    int64  `json:"started"` // unix milliseconds
+	EndedMS      int64  `json:"ended,omitempty"`
+	Err          string `json:"error,omitempty"`
 }
 
 // PeerRow is one peer in the swarm of a mounted image, as this node sees it.
@@ -152,8 +168,19 @@ func (d *Daemon) pageStatus(s *series) PageStatus {
 		Peers: []PeerRow{}, IntervalMS: sampleEvery.Milliseconds(), Series: s.samples(),
 	}
 	d.mu.Lock()
-	sw := d.swarm
+	sw, mi := d.swarm, d.mirror
 	d.mu.Unlock()
+	ps.Pulls = []MirrorPull{}
+	if mi != nil {
+		for _, p := range mi.Pulls() {
+			mp := MirrorPull{Digest: p.Digest, Size: p.Size, Ranges: p.Ranges, Done: p.Done, FromPeers: p.FromPeers,
+				FromUpstream: p.FromUpstream, StartedMS: p.Started.UnixMilli(), Err: p.Err}
+			if !p.Ended.IsZero() {
+				mp.EndedMS = p.Ended.UnixMilli()
+			}
+			ps.Pulls = append(ps.Pulls, mp)
+		}
+	}
 	if sw == nil {
 		return ps
 	}

@@ -130,6 +130,9 @@ func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 	case errors.Is(err, ErrSpoolFull):
 	case c == classPublic:
 		r, err = m.fromPeers(ctx, f, f.digest, size, limit)
+		if errors.Is(err, ErrNoPeers) && !manifest && size >= 0 {
+			r, err = m.fromSwarm(ctx, f, a, f.digest, size)
+		}
 	case !manifest && m.privatePeers() != nil:
 		name, nerr := m.askName(ctx, a, f.digest)
 		if nerr != nil {
@@ -140,6 +143,9 @@ func (m *Mirror) fetch(f *flight, a *access, manifest bool, c class) {
 		}
 		defer m.release(name)
 		r, err = m.fromPeers(ctx, f, name, size, limit)
+		if errors.Is(err, ErrNoPeers) && size >= 0 {
+			r, err = m.fromSwarm(ctx, f, a, name, size)
+		}
 	}
 	if err != nil && !errors.Is(err, ErrSpoolFull) {
 		if !errors.Is(err, ErrNoPeers) {

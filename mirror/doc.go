@@ -199,6 +199,55 @@
 // go into the cache after the whole blob matched, from the spool file.
 // Manifests are never streamed.
 //
+// # Pulling at the same moment (coalesce.go)
+//
+// When many nodes pull the same image at once, nobody holds a layer when
+// they look, and each would read every layer upstream. So a blob of known
+// size of at least CoalesceMin (1 MiB) that no peer announced is pulled in
+// ranges, when Peers is also a RangePeers (SwarmPeers is): the nodes
+// pulling it join its pull (p2p.Node.JoinPull: a DHT record under a key
+// derived from the blob's key, provided early, as an image's), and each
+// ChunkSize range has one designated fetcher among them — rendezvous
+// hashing over the pull's origin group, the designation flat blocks and
+// image blobs use. The designee reads its ranges upstream, as its client,
+// and serves each to the others over /shoal/range/1 as soon as it has
+// landed (COMING, with progress, before); they read their own ranges and
+// ask for the others. A designee that says nothing costs an asker
+// BlobGrace (750 ms), then the next member is designated; one that says
+// COMING and does not deliver costs OriginWait plus 4 s per MiB at most,
+// then the range is read upstream; with no peer connected the blob
+// streams from upstream as it did before. Upstream workers never wait on
+// a peer: others wait for their queued ranges.
+//
+// The trust argument. Nothing upstream states a range's digest: the
+// registry gives the whole blob's, and a sha256 midstate cannot be checked
+// before the end. A range from a peer is therefore unverified bytes of the
+// right length, and
+//
+//   - nothing of a blob with ranges from peers is readable by a client
+//     before the whole blob matches its digest (readableLocked: not
+//     streamed). Verification is where a client's bytes start, as for a
+//     blob from peers' recipes; the blob is whole when the upstream has
+//     sent one copy of it over its link, so a pull waits for little more
+//     than its own last range would take;
+//   - a node serves peers only ranges it read upstream itself, or of a
+//     blob it verified whole (BlobRange): never bytes it got unverified,
+//     so a wrong range always has its sender as its author;
+//   - when the assembled blob fails its digest, every range from a peer is
+//     read upstream again and compared: the peers whose bytes differ are
+//     struck (p2p penalties), the upstream bytes replace them, and the
+//     blob is verified again — a liar costs a node one more copy of what
+//     it got from peers, never a wrong byte to a client;
+//   - a private or shared blob is pulled under its swarm name, after the
+//     window read that proves the client's access upstream; p2p serves
+//     its ranges only to peers that proved access for the name, and its
+//     pull record is derived from the name, so the DHT learns nothing of
+//     the digest. A client the upstream refuses is refused before any of
+//     this.
+//
+// Pulls (in progress, and the last 16) are listed with their bytes from
+// peers and upstream for the status page (Pulls).
+//
 // After a blob is kept its provider record is announced — a public blob's
 // digest, a private blob's name — so the next node finds it here.
 //
@@ -207,7 +256,8 @@
 // Stats counts body bytes served by source (local, peers, upstream), bytes
 // fetched from peers and upstream, requests, errors, fetches, bad peer
 // blobs, upstream digest mismatches, announcements, access checks,
-// refusals, window reads, the spool's room and the fetches it refused, and
-// kept blobs (all, public, named); the daemon exports them as
+// refusals, window reads, the spool's room and the fetches it refused,
+// kept blobs (all, public, named), and blobs pulled in ranges with their
+// ranges by source and the ranges found wrong; the daemon exports them as
 // shoal_mirror_* metrics.
 package mirror

@@ -114,6 +114,12 @@ type Config struct {
 	// OfflineGrace is how old a positive answer may be and still let kept
 	// content be served while the upstream cannot be reached. Default 1 h.
 	OfflineGrace time.Duration
+	// CoalesceMin is the smallest blob that nodes pulling it at the same
+	// moment read upstream in ranges and swap (RangePeers), when no peer
+	// holds it whole; smaller ones are read whole by each node, as are
+	// all blobs when Peers is not a RangePeers. Negative: never. Default
+	// (0) 1 MiB.
+	CoalesceMin int64
 	// Logger gets the mirror's logs, with component=mirror. Default
 	// slog.Default().
 	Logger *slog.Logger
@@ -152,6 +158,10 @@ type Mirror struct {
 	closed  bool
 	flights map[string]*flight
 	failed  map[string]struct{} // provides to retry
+
+	pullMu sync.Mutex
+	pulls  map[string]*pull // blobs being pulled in ranges, by key (coalesce.go)
+	recent []*pull          // the last recentPulls that ended, oldest first
 
 	st counters
 }
@@ -198,7 +208,10 @@ func New(cfg Config) (*Mirror, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
-	m := &Mirror{cfg: cfg, log: cfg.Logger.With("component", "mirror"), ups: map[string]*Upstream{}, flights: map[string]*flight{}, failed: map[string]struct{}{},
+	if cfg.CoalesceMin == 0 {
+		cfg.CoalesceMin = 1 << 20
+	}
+	m := &Mirror{pulls: map[string]*pull{}, cfg: cfg, log: cfg.Logger.With("component", "mirror"), ups: map[string]*Upstream{}, flights: map[string]*flight{}, failed: map[string]struct{}{},
 		checks: newChecks(), salt: newSalt(), names: newNames(), budget: &budget{max: cfg.MaxSpool}}
 	m.budget.space, _ = cfg.Blocks.(Space)
 	for i := range cfg.Upstreams {
@@ -379,24 +392,33 @@ func (m *Mirror) Recipe(ctx context.Context, key string) ([]byte, error) {
 type Stats struct {
 	// Body bytes sent to clients (blobs and manifests), by where they came
 	// from: the node's kept copy, peers, or upstream.
-	ServedLocal, ServedPeers, ServedUpstream int64
+	ServedLocal    int64 `json:"served_local"`
+	ServedPeers    int64 `json:"served_peers"`
+	ServedUpstream int64 `json:"served_upstream"`
 	// Bytes fetched to keep: verified blob bytes from peers, and response
 	// bytes from upstream.
-	FetchedPeers, FetchedUpstream int64
-	Requests, Errors              int64
-	Fetches                       int64 // blob fetches started (concurrent requests share one)
-	BadPeerBlobs                  int64 // peer recipes or blobs that failed verification
-	UpstreamMismatches            int64 // upstream content that failed its digest
-	Provided                      int64 // provider records announced (held locally; published to the DHT or retried)
-	Windows                       int64 // private blobs' windows read upstream (Range GETs)
-	WindowBytes                   int64 // their bytes
-	Checks                        int64 // access checks sent upstream (HEADs with a client's credentials, and public probes)
-	Denied                        int64 // requests the upstream refused for the client's credentials (401, 403)
-	SpoolBytes                    int64 // room reserved by the spool files of fetches in progress
-	SpoolRefused                  int64 // fetches refused for lack of room to spool the blob (the blob was streamed from upstream)
-	Kept                          int   // blobs with a recipe on disk
-	KeptPublic                    int   // of those, public (announced, served to peers)
-	Named                         int   // private and shared blobs held under a swarm name (announced, served to proven peers)
+	FetchedPeers       int64 `json:"fetched_peers"`
+	FetchedUpstream    int64 `json:"fetched_upstream"`
+	Requests           int64 `json:"requests"`
+	Errors             int64 `json:"errors"`
+	Fetches            int64 `json:"fetches"`             // blob fetches started (concurrent requests share one)
+	BadPeerBlobs       int64 `json:"bad_peer_blobs"`      // peer recipes or blobs that failed verification
+	UpstreamMismatches int64 `json:"upstream_mismatches"` // upstream content that failed its digest
+	Provided           int64 `json:"provided"`            // provider records announced (held locally; published to the DHT or retried)
+	Windows            int64 `json:"windows"`             // private blobs' windows read upstream (Range GETs)
+	WindowBytes        int64 `json:"window_bytes"`        // their bytes
+	Checks             int64 `json:"checks"`              // access checks sent upstream (HEADs with a client's credentials, and public probes)
+	Denied             int64 `json:"denied"`              // requests the upstream refused for the client's credentials (401, 403)
+	SpoolBytes         int64 `json:"spool_bytes"`         // room reserved by the spool files of fetches in progress
+	SpoolRefused       int64 `json:"spool_refused"`       // fetches refused for lack of room to spool the blob (the blob was streamed from upstream)
+	Kept               int   `json:"kept"`                // blobs with a recipe on disk
+	KeptPublic         int   `json:"kept_public"`         // of those, public (announced, served to peers)
+	Named              int   `json:"named"`               // private and shared blobs held under a swarm name (announced, served to proven peers)
+	Pulls              int64 `json:"pulls"`               // blobs pulled in ranges with the other nodes pulling them (RangePeers)
+	// Their ranges, by where they came from.
+	RangesPeers    int64 `json:"ranges_peers"`
+	RangesUpstream int64 `json:"ranges_upstream"`
+	RangesBad      int64 `json:"ranges_bad"` // ranges from peers that differed from upstream's (their peers struck)
 }
 
 type counters struct {
@@ -407,6 +429,8 @@ type counters struct {
 	checks, denied                           atomic.Int64
 	windows, windowBytes                     atomic.Int64
 	spoolRefused                             atomic.Int64
+	pulls, rangesPeers, rangesUpstream       atomic.Int64
+	rangesBad                                atomic.Int64
 }
 
 // Stats returns the mirror's counters.
@@ -432,6 +456,10 @@ func (m *Mirror) Stats() Stats {
 		Kept:               len(m.keep.keptDigests(classPrivate)),
 		KeptPublic:         len(m.keep.keptDigests(classPublic)),
 		Named:              m.names.len(),
+		Pulls:              m.st.pulls.Load(),
+		RangesPeers:        m.st.rangesPeers.Load(),
+		RangesUpstream:     m.st.rangesUpstream.Load(),
+		RangesBad:          m.st.rangesBad.Load(),
 	}
 }
 

@@ -95,3 +95,24 @@ func (s swarmPeers) AddPrivate(digest string, window []byte) string {
 }
 
 func (s swarmPeers) RemovePrivate(name string) { s.n.RemovePrivate(name) }
+
+var _ RangePeers = swarmPeers{}
+
+func (s swarmPeers) JoinPull(ctx context.Context, key string) (int, error) {
+	return s.n.JoinPull(ctx, key)
+}
+
+func (s swarmPeers) Designated(key string, i int) bool {
+	d := s.n.RangeDesignee(key, i)
+	return d == "" || d == s.n.ID()
+}
+
+func (s swarmPeers) Range(ctx context.Context, key string, i int, n int64) ([]byte, string, error) {
+	data, from, err := s.n.FetchRange(ctx, key, i, n)
+	return data, from.String(), err
+}
+
+func (s swarmPeers) Elsewhere(ctx context.Context, key string, i int, n int64) ([]byte, string, bool) {
+	data, from, reading := s.n.RangeElsewhere(ctx, key, i, n)
+	return data, from.String(), reading
+}

@@ -448,6 +448,22 @@
 // resolves a tag with a HEAD (no body) and takes the manifest from peers
 // by digest, checked against it.
 //
+// # Blob ranges (ranges.go)
+//
+// The registry mirror pulls a blob that many nodes want at once and
+// nobody holds yet in fixed-size ranges: the nodes pulling it join a
+// pull (JoinPull: an early-provided record under PullKey, a lookup, and
+// the peers that ask for its ranges, which together make the pull's
+// origin group), each range has a designated fetcher (Designate over the
+// group, LiveGroup less members found gone, slow or not pulling), and the
+// others ask it over /shoal/range/1 (FetchRange) until it delivers, with
+// ImageBlob's bounds: BlobGrace for a designee that says nothing, then the
+// next member; OriginWait plus a second per RangeMinRate of the range for
+// one that says COMING and never sends. A designee first asks the other
+// members once whether one reads the range already (RangeElsewhere): nodes
+// that joined a moment apart see different groups at first. Ranges have
+// no digest; ranges.go says how the mirror keeps that safe.
+//
 // # Private images
 //
 // A private image (its registry refuses anonymous reads) is named in the

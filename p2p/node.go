@@ -93,6 +93,10 @@ type Node struct {
 	// opens or holds it (servable).
 	blobs   map[string][]flat.BlockID
 	recipes RecipeGetter // what ServeRecipes set; nil before
+	// pullPeers are, per pull key (PullKey), the peers a lookup found or
+	// that asked this node for the pull's ranges, and when: members of the
+	// pull, which its origin group includes (ranges.go).
+	pullPeers map[string]map[peer.ID]time.Time
 	// notMembers are, per image digest, the peers that answered NOT_MEMBER
 	// for it and when they may be designated for it again.
 	notMembers map[string]map[peer.ID]time.Time

@@ -168,6 +168,31 @@ function render(st) {
 
   renderImages(st.mounts);
   renderPeers(st.peers, !!sw);
+  renderPulls(st.mirror_pulls || []);
+}
+
+function renderPulls(pulls) {
+  const body = document.querySelector("#pulls tbody");
+  body.replaceChildren();
+  if (!pulls.length) body.append(el("tr", {}, el("td", { colspan: 5, class: "empty" }, "no blob pulled with other nodes lately")));
+  for (const p of pulls) {
+    const got = p.from_peers + p.from_upstream;
+    const mix = el("div", { class: "mix" });
+    for (const [cls, v] of [["peers", p.from_peers], ["registry", p.from_upstream]]) {
+      if (v <= 0) continue;
+      const seg = el("div", { class: cls, title: cls + " " + fmtBytes(v) });
+      seg.style.width = (100 * v / got) + "%";
+      mix.append(seg);
+    }
+    const mixLabel = el("div", { class: "mixlabel" }, "peers " + fmtBytes(p.from_peers) + " · upstream " + fmtBytes(p.from_upstream));
+    const state = p.error ? "failed: " + p.error : p.ended ? "done in " + fmtDuration((p.ended - p.started) / 1000) : "in progress";
+    body.append(el("tr", {},
+      el("td", { class: "ref", title: p.digest || "private" }, p.digest ? shortID(p.digest) : "(private)"),
+      el("td", { class: "num" }, fmtBytes(p.size)),
+      el("td", { class: "num" }, p.done + " / " + p.ranges),
+      el("td", {}, mix, mixLabel),
+      el("td", { class: p.error ? "bad" : "" }, state)));
+  }
 }
 
 function renderImages(mounts) {

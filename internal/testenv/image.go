@@ -21,6 +21,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/google/go-containerregistry/pkg/authn"
 	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
@@ -103,12 +104,18 @@ func PushDebianImage(tb testing.TB, ref string) v1.Image {
 // PushImage pushes img to ref in a plain-HTTP loopback registry and returns it.
 func PushImage(tb testing.TB, ref string, img v1.Image) v1.Image {
 	tb.Helper()
+	return PushImageAs(tb, ref, img, authn.Anonymous)
+}
+
+// PushImageAs is PushImage with the registry's credentials.
+func PushImageAs(tb testing.TB, ref string, img v1.Image, auth authn.Authenticator) v1.Image {
+	tb.Helper()
 	r, err := name.ParseReference(ref, name.Insecure)
 	if err != nil {
 		tb.Fatalf("testenv: parse %q: %v", ref, err)
 	}
 	start := time.Now()
-	if err := remote.Write(r, img, remote.WithContext(tb.Context())); err != nil {
+	if err := remote.Write(r, img, remote.WithContext(tb.Context()), remote.WithAuth(auth)); err != nil {
 		tb.Fatalf("testenv: push %s: %v", ref, err)
 	}
 	d, _ := img.Digest()

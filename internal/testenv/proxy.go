@@ -11,6 +11,8 @@ import (
 	"sync/atomic"
 	"testing"
 	"time"
+
+	"golang.org/x/time/rate"
 )
 
 // CountingProxy is a reverse proxy on a loopback port that counts the
@@ -23,6 +25,7 @@ type CountingProxy struct {
 	Host string
 
 	srv    *httptest.Server
+	link   atomic.Pointer[rate.Limiter] // nil: no limit
 	bytes  atomic.Int64
 	active atomic.Int64 // requests being served
 
@@ -68,7 +71,7 @@ func NewCountingProxy(tb testing.TB, upstream string) *CountingProxy {
 	p.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		p.active.Add(1)
 		defer p.active.Add(-1) // after the request is counted below
-		cw := &countingWriter{ResponseWriter: w, status: http.StatusOK}
+		cw := &countingWriter{ResponseWriter: w, status: http.StatusOK, link: p.link.Load(), ctx: req}
 		rp.ServeHTTP(cw, req)
 		p.mu.Lock()
 		p.reqs = append(p.reqs, ProxiedRequest{
@@ -84,6 +87,20 @@ func NewCountingProxy(tb testing.TB, upstream string) *CountingProxy {
 	p.Host = p.srv.Listener.Addr().String()
 	tb.Cleanup(p.srv.Close)
 	return p
+}
+
+// linkBurst is the most bytes a limited link sends at once.
+const linkBurst = 32 << 10
+
+// Limit makes every response body from now on share a link of
+// bytesPerSec, as an origin behind a slower link than its clients'
+// (0: no limit). Bytes are counted as they are sent.
+func (p *CountingProxy) Limit(bytesPerSec int) {
+	if bytesPerSec <= 0 {
+		p.link.Store(nil)
+		return
+	}
+	p.link.Store(rate.NewLimiter(rate.Limit(bytesPerSec), linkBurst))
 }
 
 // Ref returns the reference of repoTag through the proxy.
@@ -127,6 +144,8 @@ func (p *CountingProxy) Reset() {
 
 type countingWriter struct {
 	http.ResponseWriter
+	link        *rate.Limiter // shared by every response; nil: no limit
+	ctx         *http.Request // whose context ends a wait for the link
 	status      int
 	wroteHeader bool
 	n           int64
@@ -143,9 +162,26 @@ func (w *countingWriter) WriteHeader(code int) {
 
 func (w *countingWriter) Write(b []byte) (int, error) {
 	w.wroteHeader = true
-	n, err := w.ResponseWriter.Write(b)
-	w.n += int64(n)
-	return n, err
+	if w.link == nil {
+		n, err := w.ResponseWriter.Write(b)
+		w.n += int64(n)
+		return n, err
+	}
+	var sent int
+	for len(b) > 0 {
+		c := min(len(b), linkBurst)
+		if err := w.link.WaitN(w.ctx.Context(), c); err != nil {
+			return sent, err
+		}
+		n, err := w.ResponseWriter.Write(b[:c])
+		w.n += int64(n)
+		sent += n
+		if err != nil {
+			return sent, err
+		}
+		b = b[c:]
+	}
+	return sent, nil
 }
 
 // Unwrap lets http.ResponseController reach the real writer (ReverseProxy
