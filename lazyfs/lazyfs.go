@@ -12,9 +12,9 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 	"golang.org/x/sync/singleflight"
+	"golang.org/x/sys/unix"
 
 	"github.com/shoal-project/shoal/flat"
 )
@@ -66,6 +66,7 @@ type config struct {
 	backingMax      int64
 	passthroughMin  int64
 	observer        AccessObserver
+	handoff         func(Handoff) error
 
 	// noKernelPassthrough keeps passthrough out of the FUSE handshake, as
 	// on a kernel without it: for tests of the fallback.
@@ -245,6 +246,24 @@ func WithAccessObserver(o AccessObserver) Option {
 	return func(c *config) error { c.observer = o; return nil }
 }
 
+// Handoff is what a process needs, beside the connection itself, to go on
+// serving a mount another process made (Attach): the kernel backing IDs of
+// the files it passes through, by inode number. The kernel allows one
+// backing file per inode, so the next process must open those files with
+// the very same IDs.
+type Handoff struct {
+	Backing map[uint64]int32 `json:"backing,omitempty"`
+}
+
+// WithHandoff has lazyfs report every change of its Handoff to save, before
+// the kernel can learn of it: a backing ID is saved before an open uses it,
+// and forgotten before it is unregistered. save must be quick (it runs
+// while opens of large files wait) and must fail when it did not record
+// the state; the open then reads through the block path instead.
+func WithHandoff(save func(Handoff) error) Option {
+	return func(c *config) error { c.handoff = save; return nil }
+}
+
 // cacheTimeout is the entry, attribute and negative-lookup timeout handed to
 // the kernel. The tree never changes while mounted, so the kernel may keep
 // all three as long as it likes; an hour makes revalidation rare.
@@ -256,15 +275,19 @@ const maxBackgroundFetches = 8
 
 // FS is a mounted flat image.
 type FS struct {
-	dir    string
-	x      *flat.Index
-	t      *tree
-	f      Fetcher
-	pf     Prefetcher   // f, if it is one
-	lc     LocalChecker // f, if it is one
-	cfg    config
-	log    *slog.Logger
-	server *fuse.Server
+	dir  string
+	x    *flat.Index
+	t    *tree
+	f    Fetcher
+	pf   Prefetcher   // f, if it is one
+	lc   LocalChecker // f, if it is one
+	cfg  config
+	log  *slog.Logger
+	conn *os.File // the /dev/fuse connection
+	raw  *rawFS
+
+	// attached: the mount was made by another process (Attach).
+	attached bool
 
 	// ctx is the parent of every fetch; Unmount cancels it. It is the
 	// mount's lifetime, not a request's.
@@ -288,6 +311,9 @@ type FS struct {
 	mat   *materializer
 	omu   sync.Mutex
 	opens map[int32]*openState
+	// backing is the Handoff's map, kept under omu when WithHandoff is set.
+	backing       map[uint64]int32
+	noPassthrough atomic.Bool // the kernel refused a backing file
 
 	stats stats
 }
@@ -331,8 +357,117 @@ type Stats struct {
 // Metadata is answered from x, which must not change afterwards; file
 // contents come from f, block by block, as they are read. ctx bounds the
 // mounting only (its values, not its cancellation, reach every Fetch). The
-// mount needs root, or fusermount for an unprivileged user.
+// mount needs CAP_SYS_ADMIN (root).
 func Mount(ctx context.Context, mountpoint string, x *flat.Index, f Fetcher, opts ...Option) (*FS, error) {
+	m, err := newFS(ctx, mountpoint, x, f, opts)
+	if err != nil {
+		return nil, err
+	}
+	if m.conn, err = mountFUSE(mountpoint, m.cfg); err != nil {
+		m.abort()
+		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	}
+	server, err := newServer(m)
+	if err != nil {
+		_ = syscall.Unmount(mountpoint, syscall.MNT_DETACH)
+		m.conn.Close()
+		m.abort()
+		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
+	}
+	m.start(server)
+	pollHack(mountpoint)
+	if m.cfg.kernelReadahead > 0 {
+		m.setKernelReadahead(m.cfg.kernelReadahead)
+	}
+	m.log.Info("mounted", "entries", len(x.Entries), "blocks", len(x.Blocks), "image_bytes", x.ImageBytes(),
+		"prefetcher", m.pf != nil, "backing_dir", m.cfg.backingDir, "backing_budget", m.cfg.backingMax, "local_checker", m.lc != nil)
+	return m, nil
+}
+
+// Attach serves the mount at mountpoint whose FUSE connection is conn: one
+// that another process made with Mount (or Attach) and handed over, alive
+// or dead, before it stopped serving. x must be the index that process
+// served, and h its last Handoff. The kernel is first told to send again
+// every request the other process read but did not answer, so a read that
+// was in flight there completes here; the reader sees a pause, not an
+// error. Attach takes conn over: Unmount and the end of the file system
+// close it.
+func Attach(ctx context.Context, conn *os.File, mountpoint string, x *flat.Index, f Fetcher, h Handoff, opts ...Option) (*FS, error) {
+	m, err := newFS(ctx, mountpoint, x, f, opts)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	m.conn, m.attached = conn, true
+	if m.mat != nil {
+		for ino, id := range h.Backing {
+			if ino == 0 || ino > uint64(len(x.Entries)) || id <= 0 {
+				continue
+			}
+			i := m.t.canon[ino-1]
+			if !m.passthroughCandidate(i) {
+				continue
+			}
+			m.opens[i] = &openState{fd: -1, id: id, inherited: true}
+			if m.backing != nil {
+				m.backing[ino] = id
+			}
+		}
+	}
+	if err := resendPending(conn); err != nil {
+		m.abort()
+		conn.Close()
+		return nil, fmt.Errorf("attach %s: %w", mountpoint, err)
+	}
+	// go-fuse reads the first request of a connection as its INIT, before
+	// it serves; on a connection already initialized that is an ordinary
+	// request, served as such. It waits for one to arrive, so a statfs of
+	// the mount (a request the kernel never answers from its caches)
+	// makes sure one does.
+	type result struct {
+		s   *fuse.Server
+		err error
+	}
+	done := make(chan result, 1)
+	go func() {
+		s, err := newServer(m)
+		done <- result{s, err}
+	}()
+	go func() {
+		var st syscall.Statfs_t
+		_ = syscall.Statfs(mountpoint, &st)
+	}()
+	var r result
+	select {
+	case r = <-done:
+	case <-ctx.Done():
+		// The statfs may be stuck behind a dead mount point; give up, and
+		// let the server goroutine end with the connection.
+		conn.Close()
+		m.abort()
+		return nil, fmt.Errorf("attach %s: %w", mountpoint, ctx.Err())
+	}
+	if r.err != nil {
+		conn.Close()
+		m.abort()
+		return nil, fmt.Errorf("attach %s: %w", mountpoint, r.err)
+	}
+	if m.cfg.handoff != nil {
+		m.omu.Lock()
+		err := m.cfg.handoff(m.handoffState())
+		m.omu.Unlock()
+		if err != nil {
+			m.log.Warn("handoff state not saved", "err", err)
+		}
+	}
+	m.start(r.s)
+	pollHack(mountpoint)
+	m.log.Info("attached", "entries", len(x.Entries), "inherited_backing_ids", len(h.Backing))
+	return m, nil
+}
+
+// newFS checks the options and sets up everything but the connection.
+func newFS(ctx context.Context, mountpoint string, x *flat.Index, f Fetcher, opts []Option) (*FS, error) {
 	c := defaults()
 	for _, o := range opts {
 		if err := o(&c); err != nil {
@@ -363,6 +498,7 @@ func Mount(ctx context.Context, mountpoint string, x *flat.Index, f Fetcher, opt
 		sem:   make(chan struct{}, maxBackgroundFetches),
 		done:  make(chan struct{}),
 	}
+	m.raw = newRawFS(m)
 	m.pf, _ = f.(Prefetcher)
 	m.ctx, m.cancel = context.WithCancel(context.WithoutCancel(ctx))
 	if c.backingDir != "" && c.backingMax > 0 {
@@ -374,84 +510,99 @@ func Mount(ctx context.Context, mountpoint string, x *flat.Index, f Fetcher, opt
 		m.mat = newMaterializer(d)
 		m.opens = map[int32]*openState{}
 		m.lc, _ = f.(LocalChecker)
+		if c.handoff != nil {
+			m.backing = map[uint64]int32{}
+		}
 	}
+	if m.mat == nil || c.noKernelPassthrough {
+		m.noPassthrough.Store(true)
+	}
+	return m, nil
+}
 
-	timeout := cacheTimeout
+// abort undoes newFS for a mount that never served.
+func (m *FS) abort() {
+	m.cancel()
+	if m.mat != nil {
+		m.mat.d.release()
+	}
+}
+
+// newServer starts go-fuse on the mount's connection.
+func newServer(m *FS) (*fuse.Server, error) {
+	p, err := connPath(m.conn)
+	if err != nil {
+		return nil, err
+	}
+	s, err := fuse.NewServer(m.raw, p, m.serverOptions())
+	if err != nil {
+		return nil, err
+	}
+	return s, nil
+}
+
+// serverOptions are go-fuse's options for the mount's server.
+func (m *FS) serverOptions() *fuse.MountOptions {
+	c := m.cfg
 	fuseLog := slog.NewLogLogger(m.log.Handler(), slog.LevelWarn)
 	if c.debug {
 		fuseLog = slog.NewLogLogger(m.log.Handler(), slog.LevelDebug)
 	}
-	fsOpts := &fs.Options{
-		MountOptions: fuse.MountOptions{
-			FsName:      c.fsName,
-			Name:        "shoal",
-			AllowOther:  c.allowOther,
-			Options:     []string{"ro", "default_permissions"},
-			DirectMount: true,
-			// The mount is read-only in the VFS as well as in the superblock.
-			DirectMountFlags: syscall.MS_RDONLY | syscall.MS_NOSUID | syscall.MS_NODEV,
-			// One READ may carry up to 1 MiB, the kernel's limit.
-			MaxWrite:     fuse.MAX_KERNEL_WRITE,
-			MaxReadAhead: fuse.MAX_KERNEL_WRITE,
-			// Kernel readahead goes out as background requests; let enough of
-			// them be in flight for several sequential readers.
-			MaxBackground: 64,
-			// Replies are slices of cached blocks sent with writev; there is
-			// no file descriptor to splice from.
-			DisableSplice: true,
-			// Nothing changes under the kernel, so it never needs to drop
-			// cached pages because an mtime moved, and it may cache symlinks.
-			ExplicitDataCacheControl: true,
-			EnableSymlinkCaching:     true,
-			Debug:                    c.debug,
-			Logger:                   fuseLog,
-		},
-		EntryTimeout:    &timeout,
-		AttrTimeout:     &timeout,
-		NegativeTimeout: &timeout,
-		// Modes are served exactly as the image has them, 0000 included.
-		NullPermissions: true,
-		RootStableAttr:  &fs.StableAttr{Ino: t.ino(0)},
-		Logger:          fuseLog,
+	o := &fuse.MountOptions{
+		// One READ may carry up to 1 MiB, the kernel's limit.
+		MaxWrite:     fuse.MAX_KERNEL_WRITE,
+		MaxReadAhead: fuse.MAX_KERNEL_WRITE,
+		// Kernel readahead goes out as background requests; let enough of
+		// them be in flight for several sequential readers.
+		MaxBackground: 64,
+		// Replies are slices of cached blocks sent with writev; there is
+		// no file descriptor to splice from.
+		DisableSplice: true,
+		// Nothing changes under the kernel, so it never needs to drop
+		// cached pages because an mtime moved, and it may cache symlinks.
+		ExplicitDataCacheControl: true,
+		EnableSymlinkCaching:     true,
+		Debug:                    c.debug,
+		Logger:                   fuseLog,
 	}
 	if m.mat == nil || c.noKernelPassthrough {
 		// Negotiated, passthrough makes the kernel count this mount as a
 		// level of file system stacking (see the package documentation):
 		// not worth it with nothing to pass through.
-		fsOpts.MountOptions.DisabledCapabilities = fuse.CAP_PASSTHROUGH
+		o.DisabledCapabilities = fuse.CAP_PASSTHROUGH
 	}
-	root := &dir{node{m: m, i: 0}}
-	server, err := fs.Mount(mountpoint, root, fsOpts)
-	if err != nil {
-		m.cancel()
-		if m.mat != nil {
-			m.mat.d.release()
-		}
-		return nil, fmt.Errorf("mount %s: %w", mountpoint, err)
-	}
-	m.server = server
-	closeFUSEOnExec(m.log)
-	if c.kernelReadahead > 0 {
-		m.setKernelReadahead(c.kernelReadahead)
-	}
+	return o
+}
+
+// start serves the connection until the file system goes away, however it
+// does (Unmount, umount(8), the kernel aborting the connection), then
+// stops fetching and drains.
+func (m *FS) start(server *fuse.Server) {
 	if m.mat != nil && m.lc != nil && m.track() {
 		go m.materializeLoop()
 	}
 	go func() {
-		// However the file system goes away (Unmount, umount(8), the kernel
-		// aborting the connection), stop fetching and drain.
-		server.Wait()
+		server.Serve()
 		m.stop()
 		m.bg.Wait()
 		if m.mat != nil {
 			m.closeBackingFiles()
 			m.mat.d.release()
 		}
+		m.conn.Close()
 		close(m.done)
 	}()
-	m.log.Info("mounted", "entries", len(x.Entries), "blocks", len(x.Blocks), "image_bytes", x.ImageBytes(),
-		"prefetcher", m.pf != nil, "backing_dir", c.backingDir, "backing_budget", c.backingMax, "local_checker", m.lc != nil)
-	return m, nil
+}
+
+// Conn returns a duplicate of the mount's FUSE connection, to hand to a
+// process that may serve the mount after this one (Attach). The caller
+// owns it.
+func (m *FS) Conn() (*os.File, error) {
+	fd, err := unix.FcntlInt(m.conn.Fd(), unix.F_DUPFD_CLOEXEC, 0)
+	if err != nil {
+		return nil, fmt.Errorf("duplicate FUSE connection: %w", err)
+	}
+	return os.NewFile(uintptr(fd), "/dev/fuse"), nil
 }
 
 // Dir returns the mount point.
@@ -517,9 +668,6 @@ func (m *FS) unmount() error {
 		// Not a mount point any more: unmounted from outside.
 		m.log.Info("already unmounted")
 		return nil
-	case errors.Is(err, syscall.EPERM):
-		// Mounted through fusermount by an unprivileged user.
-		err = m.server.Unmount()
 	}
 	if err != nil {
 		return fmt.Errorf("unmount %s: %w", m.dir, err)
@@ -553,26 +701,6 @@ func (m *FS) track() bool {
 	}
 	m.bg.Add(1)
 	return true
-}
-
-// closeFUSEOnExec marks this process's /dev/fuse descriptors close-on-exec.
-// go-fuse's direct mount opens the device without O_CLOEXEC, so every
-// program the daemon starts afterwards (container runtimes, shims) would
-// inherit the connection, and keep it alive after the daemon dies: reads
-// would then hang forever instead of failing with ENOTCONN.
-func closeFUSEOnExec(log *slog.Logger) {
-	ents, err := os.ReadDir("/proc/self/fd")
-	if err != nil {
-		log.Warn("cannot mark /dev/fuse close-on-exec", "err", err)
-		return
-	}
-	for _, e := range ents {
-		if target, err := os.Readlink("/proc/self/fd/" + e.Name()); err == nil && target == "/dev/fuse" {
-			if fd, err := strconv.Atoi(e.Name()); err == nil {
-				syscall.CloseOnExec(fd)
-			}
-		}
-	}
 }
 
 // setKernelReadahead raises the readahead of the mount's backing device

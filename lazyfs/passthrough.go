@@ -17,7 +17,6 @@ import (
 	"sync"
 	"syscall"
 
-	"github.com/hanwen/go-fuse/v2/fs"
 	"github.com/hanwen/go-fuse/v2/fuse"
 
 	"github.com/shoal-project/shoal/flat"
@@ -331,42 +330,48 @@ func (m *FS) passthroughCandidate(i int32) bool {
 // forgets a handle before lazyfs hears of its release, so these counts
 // never fall below the kernel's.
 type openState struct {
-	cached int // handles reading through the block path
-	backed int // handles with the backing file
-	fd     int // the backing file, open while backed > 0
+	cached int   // handles reading through the block path
+	backed int   // handles with the backing file
+	fd     int   // the backing file, open while backed > 0; -1 if none
+	id     int32 // its kernel backing ID while passed through; 0 if not
+	// inherited: id was registered by the process before Attach, which
+	// may have left handles open with it. It is never unregistered, and
+	// every open of the file uses it: the kernel refuses a second backing
+	// file for one inode.
+	inherited bool
 }
 
-// backedHandle is an open file whose bytes are in a backing file. go-fuse
-// hands PassthroughFd's descriptor to the kernel, which then reads the
-// backing file itself; if the kernel cannot (no passthrough support, no
-// privilege), go-fuse stops asking for the mount and the reads come here,
-// served from the same descriptor.
+// backedHandle is an open file whose bytes are in a backing file. When the
+// kernel passes its reads through (the open carried a backing ID), they
+// never come here; otherwise (no passthrough support, no privilege) they
+// are served from fd. fd is -1 for a handle of an inherited backing ID,
+// whose reads the kernel always passes through.
 type backedHandle struct {
 	fd int
 }
 
-var _ fs.FilePassthroughFder = (*backedHandle)(nil)
-
-func (h *backedHandle) PassthroughFd() (int, bool) { return h.fd, true }
-
 // openLarge opens regular file i, which is a passthrough candidate: with its
 // backing file if there is one and nothing holds the file open through the
-// block path, and through the block path otherwise.
-func (m *FS) openLarge(i int32) fs.FileHandle {
+// block path, and through the block path otherwise. id is the kernel
+// backing ID to pass the open through with, 0 for none.
+func (m *FS) openLarge(i int32, srv *fuse.Server) (h *handle, b *backedHandle, id int32) {
 	m.omu.Lock()
 	st := m.openState(i)
 	switch {
-	case st.backed > 0:
+	case st.inherited || st.backed > 0:
 		st.backed++
-		fd := st.fd
+		b, id = &backedHandle{fd: st.fd}, st.id
 		m.omu.Unlock()
 		m.stats.passthroughOpens.Add(1)
 		m.mat.d.touch(m.fileKey(i))
-		return &backedHandle{fd: fd}
-	case st.cached > 0:
+		return nil, b, id
+	case st.cached > 0 || m.attached:
+		// An attached mount does not know which files the previous
+		// process left open through the page cache, so it passes through
+		// only the files that process did (inherited).
 		st.cached++
 		m.omu.Unlock()
-		return &handle{lastEnd: -1, counted: true}
+		return &handle{lastEnd: -1, counted: true}, nil, 0
 	}
 	m.omu.Unlock()
 
@@ -377,27 +382,67 @@ func (m *FS) openLarge(i int32) fs.FileHandle {
 
 	m.omu.Lock()
 	st = m.openState(i) // the last release may have dropped the old one
-	var h fs.FileHandle
 	switch {
 	case st.backed > 0:
 		st.backed++
-		h = &backedHandle{fd: st.fd}
+		b, id = &backedHandle{fd: st.fd}, st.id
 	case st.cached > 0 || fd < 0:
 		st.cached++
 		h = &handle{lastEnd: -1, counted: true}
 	default:
-		st.backed, st.fd, fd = 1, fd, -1
-		h = &backedHandle{fd: st.fd}
+		if id = m.passThrough(srv, i, fd); id < 0 {
+			st.cached++
+			h = &handle{lastEnd: -1, counted: true}
+			break
+		}
+		st.backed, st.fd, st.id, fd = 1, fd, id, -1
+		b = &backedHandle{fd: st.fd}
 	}
 	m.omu.Unlock()
 	if fd >= 0 {
 		syscall.Close(fd) // not needed after all
 	}
-	if _, ok := h.(*backedHandle); ok {
+	if b != nil {
 		m.stats.passthroughOpens.Add(1)
 		m.mat.d.touch(key)
-	} else {
-		m.maybeMaterialize(i)
+	}
+	return h, b, id
+}
+
+// passThrough registers fd as the backing file of regular file i with the
+// kernel and returns its backing ID: 0 when the kernel cannot pass reads
+// through (lazyfs then serves them from fd), -1 when the handoff state
+// could not record the ID (the open then takes the block path). Called
+// with omu held.
+func (m *FS) passThrough(srv *fuse.Server, i int32, fd int) int32 {
+	if srv == nil || m.noPassthrough.Load() {
+		return 0
+	}
+	id, errno := srv.RegisterBackingFd(&fuse.BackingMap{Fd: int32(fd)})
+	if errno != 0 {
+		// Not root, no kernel support, or a backing directory the kernel
+		// will not stack on: serve backed handles by pread from now on.
+		m.noPassthrough.Store(true)
+		m.log.Info("kernel passthrough unavailable; backing files are read by lazyfs", "err", errno)
+		return 0
+	}
+	if m.cfg.handoff != nil {
+		m.backing[m.t.ino(i)] = id
+		if err := m.cfg.handoff(m.handoffState()); err != nil {
+			delete(m.backing, m.t.ino(i))
+			srv.UnregisterBackingFd(id)
+			m.log.Warn("handoff state not saved; file read through the block path", "path", m.x.Entries[i].Path, "err", err)
+			return -1
+		}
+	}
+	return id
+}
+
+// handoffState copies what Attach needs. Called with omu held.
+func (m *FS) handoffState() Handoff {
+	h := Handoff{Backing: make(map[uint64]int32, len(m.backing))}
+	for ino, id := range m.backing {
+		h.Backing[ino] = id
 	}
 	return h
 }
@@ -435,36 +480,49 @@ func (m *FS) openBackingFile(key string, size int64) int {
 	return fd
 }
 
-// release forgets an open handle of regular file i and, when it read
-// through the block path, sees whether the file can now be materialized.
-func (m *FS) release(i int32, fh fs.FileHandle) {
+// release forgets an open handle of a large file and, when it read through
+// the block path, sees whether the file can now be materialized. The last
+// backed handle of a file ends its backing ID: first in the handoff state,
+// then in the kernel, so that a process attaching in between never uses
+// an ID that is gone.
+func (m *FS) release(of *openFile, srv *fuse.Server) {
+	i := of.i
 	if m.cfg.released != nil {
 		defer m.cfg.released(i)
 	}
-	switch h := fh.(type) {
-	case *backedHandle:
+	switch {
+	case of.backed != nil:
 		m.omu.Lock()
 		st := m.opens[i]
-		if st == nil { // closed by closeBackingFiles
+		if st == nil || st.backed == 0 { // closed by closeBackingFiles
 			m.omu.Unlock()
 			return
 		}
 		st.backed--
-		fd := -1
-		if st.backed == 0 {
+		fd, id := -1, int32(0)
+		if st.backed == 0 && !st.inherited {
 			fd, st.fd = st.fd, -1
+			id, st.id = st.id, 0
 			if st.cached == 0 {
 				delete(m.opens, i)
 			}
 		}
+		if id != 0 && m.cfg.handoff != nil {
+			delete(m.backing, m.t.ino(i))
+			if err := m.cfg.handoff(m.handoffState()); err != nil {
+				// Left registered: a later process may still be told of it.
+				m.log.Warn("handoff state not saved; backing ID kept", "path", m.x.Entries[i].Path, "err", err)
+				id = 0
+			}
+		}
 		m.omu.Unlock()
+		if id != 0 && srv != nil {
+			srv.UnregisterBackingFd(id)
+		}
 		if fd >= 0 {
 			syscall.Close(fd)
 		}
-	case *handle:
-		if !h.counted {
-			return
-		}
+	case of.h != nil && of.h.counted:
 		m.omu.Lock()
 		st := m.opens[i]
 		if st == nil {
@@ -472,7 +530,7 @@ func (m *FS) release(i int32, fh fs.FileHandle) {
 			return
 		}
 		st.cached--
-		if st.cached == 0 && st.backed == 0 {
+		if st.cached == 0 && st.backed == 0 && !st.inherited {
 			delete(m.opens, i)
 		}
 		m.omu.Unlock()
@@ -486,6 +544,7 @@ func (m *FS) closeBackingFiles() {
 	m.omu.Lock()
 	defer m.omu.Unlock()
 	for i, st := range m.opens {
+		st.backed = 0
 		if st.fd >= 0 {
 			syscall.Close(st.fd)
 		}
