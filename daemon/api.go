@@ -126,6 +126,11 @@ func (d *Daemon) Mount(ctx context.Context, req MountRequest) (MountInfo, error)
 	if dir != "" && !filepath.IsAbs(dir) {
 		return MountInfo{}, fmt.Errorf("mount directory %q must be absolute", dir)
 	}
+	if e := d.heldAt(dir, img.Ref); e != nil {
+		// Taken over from the previous daemon (handoff.go): the snapshotter
+		// asks for its flat mounts again after a restart.
+		return e.info(), nil
+	}
 	if req.RecordTrace && img.Digest == "" {
 		return MountInfo{}, fmt.Errorf("record trace: %s has no flat form in its registry (convert it with `shoal convert` first)", req.Ref)
 	}
@@ -134,15 +139,24 @@ func (d *Daemon) Mount(ctx context.Context, req MountRequest) (MountInfo, error)
 	if rec != nil {
 		opts = append(opts, lazyfs.WithAccessObserver(rec))
 	}
+	d.mu.Lock()
+	d.seq++
+	id := fmt.Sprintf("m%d", d.seq)
+	d.mu.Unlock()
+	kept := d.keep(id, img)
+	if kept != nil {
+		opts = append(opts, lazyfs.WithHandoff(kept.save))
+	}
 	m, err := n.Mount(context.WithoutCancel(ctx), img, dir, opts...)
 	if err != nil {
 		return MountInfo{}, err
 	}
+	if kept != nil {
+		kept.put(ctx, m)
+	}
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	d.seq++
-	id := fmt.Sprintf("m%d", d.seq)
-	e := &mountEntry{id: id, m: m, started: time.Now(), rec: rec}
+	e := &mountEntry{id: id, m: m, started: time.Now(), rec: rec, kept: kept}
 	d.mounts[id] = e
 	d.metrics.mounts.Set(float64(len(d.mounts)))
 	d.log.Info("mounted", "id", id, "ref", img.Ref, "dir", m.Dir, "trace_prefetch", img.Trace != nil, "recording", rec != nil)
@@ -219,6 +233,9 @@ func (d *Daemon) Unmount(req UnmountRequest) (MountInfo, error) {
 		e.saveTimer.Stop()
 	}
 	info.Trace = d.saveTrace(e.rec, "")
+	if e.kept != nil {
+		e.kept.drop()
+	}
 	if err := e.m.Close(); err != nil {
 		return info, err
 	}

@@ -50,6 +50,10 @@ type Config struct {
 	Seeding     SeedingConfig     `yaml:"seeding"`     // trace prefetch, fill, recording, keep-warm (seeding.go)
 	Snapshotter SnapshotterConfig `yaml:"snapshotter"` // containerd remote snapshotter (snapshotter.go)
 	Mirror      MirrorConfig      `yaml:"mirror"`      // registry mirror (mirror.go, docs/mirror.md)
+	// KeeperSocket is the socket of `shoal keeper`, which holds the
+	// mounts' FUSE connections so that they outlive the daemon
+	// (handoff.go, docs/deploy.md); "" runs without one.
+	KeeperSocket string `yaml:"keeper_socket"`
 	CRI         CRIConfig         `yaml:"cri"`         // CRI image service proxy for pull credentials (cri.go)
 }
 
@@ -139,6 +143,9 @@ type Daemon struct {
 	// with them instead of keychain.
 	criCreds *cri.Credentials
 
+	// runCtx is Run's context: done once the daemon is stopping.
+	runCtx context.Context
+
 	mu         sync.Mutex
 	node       *node.Node
 	swarm      *p2p.Node              // nil with p2p disabled
@@ -156,6 +163,8 @@ type mountEntry struct {
 	rec     *trace.Recorder // nil when not recording
 	// saveTimer keeps the recording when its window ends (seeding.go).
 	saveTimer *time.Timer
+	// kept is the mount's entry in the keeper; nil without one.
+	kept *keptMount
 }
 
 // New checks the configuration, reads the swarm's key, and wires the
@@ -207,8 +216,13 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 		}
 		opts = append(opts, node.WithPeers(swarm{sw}), node.WithOnEvict(func(id flat.BlockID) { sw.Withdraw(id) }))
 	}
+	ks := d.takeKept(ctx)
+	opts = append(opts, node.WithKeptRuns(keptRuns(ks)...))
 	n, err := node.Open(ctx, d.cfg.StateDir, opts...)
 	if err != nil {
+		for _, k := range ks {
+			k.ent.Conn.Close()
+		}
 		if sw != nil {
 			sw.Close()
 		}
@@ -225,6 +239,8 @@ func (d *Daemon) Run(ctx context.Context) (err error) {
 	if err != nil {
 		return err
 	}
+	d.runCtx = ctx
+	d.takeOver(ctx, n, ks)
 	runMirror, err := d.startMirror(n, sw)
 	if err != nil {
 		ln.Close()
@@ -311,14 +327,21 @@ func (d *Daemon) shutdown() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var errs []error
+	left := 0
 	for id, e := range d.mounts {
 		if e.saveTimer != nil {
 			e.saveTimer.Stop()
 		}
-		if err := e.m.Close(); err != nil {
+		if e.kept != nil && d.leaving() {
+			e.m.Leave()
+			left++
+		} else if err := e.m.Close(); err != nil {
 			errs = append(errs, fmt.Errorf("unmount %s: %w", e.m.Dir, err))
 		}
 		delete(d.mounts, id)
+	}
+	if left > 0 {
+		d.log.Info("left mounts to the keeper: their reads wait for the next daemon", "mounts", left, "keeper", d.cfg.KeeperSocket)
 	}
 	if d.node != nil {
 		errs = append(errs, d.node.Close())

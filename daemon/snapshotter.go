@@ -56,6 +56,7 @@ func (d *Daemon) startSnapshotter(ctx context.Context, g *errgroup.Group) error 
 	if err != nil {
 		return err
 	}
+	sn.Adopt(ctx, d.held)
 	ln, err := listenUnix(c.Socket)
 	if err != nil {
 		sn.Close()
@@ -192,6 +193,9 @@ func (r snapshotRemote) Mount(ctx context.Context, flatRef, dir string) (io.Clos
 		return nil, err
 	}
 	return closerFunc(func() error {
+		if r.d.leaving() {
+			return nil // the daemon stops, and the keeper keeps the mount
+		}
 		_, err := r.d.Unmount(UnmountRequest{ID: mi.ID})
 		if errors.Is(err, errNoMount) {
 			return nil // the daemon's shutdown got there first

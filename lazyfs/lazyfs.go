@@ -288,6 +288,8 @@ type FS struct {
 
 	// attached: the mount was made by another process (Attach).
 	attached bool
+	// detached: handing over (Detach); reads are no longer answered.
+	detached atomic.Bool
 
 	// ctx is the parent of every fetch; Unmount cancels it. It is the
 	// mount's lifetime, not a request's.
@@ -681,6 +683,25 @@ func (m *FS) unmount() error {
 	}
 	m.log.Info("unmounted")
 	return nil
+}
+
+// Detach stops answering reads, for a handover to the next process
+// (Attach) just before this one exits: the mount stays, fetches in flight
+// are cancelled, and every read from now on, or whose fetch fails from now
+// on, waits unanswered, so that the kernel sends it again to the next
+// server instead of failing it. Metadata is still answered. A detached
+// mount cannot be used again in this process.
+func (m *FS) Detach() {
+	m.detached.Store(true)
+	m.stop()
+	m.log.Info("detached: reads wait for the next server")
+}
+
+// holdIfDetached blocks a read forever once the mount is detached.
+func (m *FS) holdIfDetached() {
+	if m.detached.Load() {
+		select {}
+	}
 }
 
 // stop refuses new background work and cancels all fetches in flight.

@@ -298,6 +298,7 @@ func (r *rawFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.
 	if !ok || r.m.x.Entries[i].Type != flat.TypeReg {
 		return nil, fuse.EINVAL
 	}
+	r.m.holdIfDetached()
 	of := r.handle(in.Fh, i)
 	var res fuse.ReadResult
 	var errno syscall.Errno
@@ -305,6 +306,9 @@ func (r *rawFS) Read(cancel <-chan struct{}, in *fuse.ReadIn, buf []byte) (fuse.
 		res, errno = r.m.readBacked(of.backed, buf, int64(in.Offset))
 	} else {
 		res, errno = r.m.read(i, of.h, buf, int64(in.Offset))
+	}
+	if errno != 0 {
+		r.m.holdIfDetached()
 	}
 	return res, fuse.Status(errno)
 }

@@ -89,14 +89,60 @@ type Mount struct {
 func (n *Node) Mount(ctx context.Context, img *Image, dir string, opts ...lazyfs.Option) (m *Mount, err error) {
 	start := time.Now()
 	rd := filepath.Join(n.dir, "runs", runID(img.Ref))
-	if err := os.MkdirAll(rd, 0o700); err != nil {
+	lock, err := lockRunDir(rd)
+	if err != nil {
 		return nil, err
 	}
 	defer func() {
 		if err != nil {
+			lock.Close()
 			os.RemoveAll(rd)
 		}
 	}()
+	if dir == "" {
+		dir = filepath.Join(rd, "lower")
+	} else if dir, err = filepath.Abs(dir); err != nil {
+		return nil, err
+	} else if err := writeFileAtomic(filepath.Join(rd, "mountpoint"), []byte(dir)); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		return nil, err
+	}
+	clearDeadMount(dir)
+	demand := &DemandStats{}
+	fs, err := lazyfs.Mount(ctx, dir, img.Index, localChain{img.Chain, n.store, demand}, n.mountOptions(opts)...)
+	if err != nil {
+		return nil, fmt.Errorf("mount %s at %s: %w", img.Source, dir, err)
+	}
+	return n.newMount(ctx, img, fs, dir, rd, lock, demand, start), nil
+}
+
+// Attach serves the mount of img at dir, with run directory runDir, that
+// a previous process made and handed over: conn is its FUSE connection and
+// h its last lazyfs.Handoff (see lazyfs.Attach). img must be the image
+// that process mounted, its index unchanged.
+func (n *Node) Attach(ctx context.Context, img *Image, dir, runDir string, conn *os.File, h lazyfs.Handoff, opts ...lazyfs.Option) (*Mount, error) {
+	start := time.Now()
+	lock, err := lockRunDir(runDir)
+	if err != nil {
+		conn.Close()
+		return nil, err
+	}
+	demand := &DemandStats{}
+	fs, err := lazyfs.Attach(ctx, conn, dir, img.Index, localChain{img.Chain, n.store, demand}, h, n.mountOptions(opts)...)
+	if err != nil {
+		lock.Close()
+		return nil, fmt.Errorf("attach %s at %s: %w", img.Source, dir, err)
+	}
+	return n.newMount(ctx, img, fs, dir, runDir, lock, demand, start), nil
+}
+
+// lockRunDir makes run directory rd if needed and takes its lock.
+func lockRunDir(rd string) (*os.File, error) {
+	if err := os.MkdirAll(rd, 0o700); err != nil {
+		return nil, err
+	}
 	lock, err := os.OpenFile(filepath.Join(rd, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
 	if err != nil {
 		return nil, err
@@ -105,40 +151,43 @@ func (n *Node) Mount(ctx context.Context, img *Image, dir string, opts ...lazyfs
 		lock.Close()
 		return nil, fmt.Errorf("lock run directory: %w", err)
 	}
-	if dir == "" {
-		dir = filepath.Join(rd, "lower")
-	} else if dir, err = filepath.Abs(dir); err != nil {
-		lock.Close()
-		return nil, err
-	} else if err := writeFileAtomic(filepath.Join(rd, "mountpoint"), []byte(dir)); err != nil {
-		lock.Close()
-		return nil, err
-	}
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		lock.Close()
-		return nil, err
-	}
-	clearDeadMount(dir)
-	// The chain hands out only verified bytes (the cache re-hashes on every
-	// get, sources are checked before use), so lazyfs's own second SHA-256
-	// per block would only halve cached read throughput. Files whose blocks
-	// are all in the block cache are materialized under files/ and then
-	// read by the kernel directly (FUSE passthrough); see lazyfs.
-	opts = append([]lazyfs.Option{
+	return lock, nil
+}
+
+// mountOptions puts the node's lazyfs options before opts. The chain hands
+// out only verified bytes (the cache re-hashes on every get, sources are
+// checked before use), so lazyfs's own second SHA-256 per block would only
+// halve cached read throughput. Files whose blocks are all in the block
+// cache are materialized under files/ and then read by the kernel directly
+// (FUSE passthrough); see lazyfs.
+func (n *Node) mountOptions(opts []lazyfs.Option) []lazyfs.Option {
+	return append([]lazyfs.Option{
 		lazyfs.WithLogger(n.cfg.log), lazyfs.WithVerify(false),
 		lazyfs.WithBackingDir(filepath.Join(n.dir, "files"), DefaultBackingBytes),
 	}, opts...)
-	demand := &DemandStats{}
-	fs, err := lazyfs.Mount(ctx, dir, img.Index, localChain{img.Chain, n.store, demand}, opts...)
-	if err != nil {
-		lock.Close()
-		return nil, fmt.Errorf("mount %s at %s: %w", img.Source, dir, err)
-	}
+}
+
+func (n *Node) newMount(ctx context.Context, img *Image, fs *lazyfs.FS, dir, rd string, lock *os.File, demand *DemandStats, start time.Time) *Mount {
 	unuse := func() {}
 	if img.localKey != "" {
 		unuse = n.useLocal(img.localKey)
 	}
-	return &Mount{FS: fs, Image: img, Dir: dir, RunDir: rd, Elapsed: time.Since(start), Seeder: n.startSeeder(ctx, img), Demand: demand, lock: lock, unuse: unuse}, nil
+	return &Mount{FS: fs, Image: img, Dir: dir, RunDir: rd, Elapsed: time.Since(start), Seeder: n.startSeeder(ctx, img), Demand: demand, lock: lock, unuse: unuse}
+}
+
+// Leave stops serving the mount without unmounting it, for the next
+// process to take over (lazyfs.FS.Detach): it stays mounted, its run
+// directory stays, and its requests wait for that process.
+func (m *Mount) Leave() {
+	if m.lock == nil {
+		return
+	}
+	if m.Seeder != nil {
+		m.Seeder.Stop()
+	}
+	m.FS.Detach()
+	m.lock.Close()
+	m.lock = nil
 }
 
 // Close unmounts and removes the run directory. It is safe to call twice.

@@ -73,6 +73,22 @@ type config struct {
 	noTraces   bool
 	keychain   authn.Keychain
 	visibility *fetch.Visibility
+	kept       map[string]bool // run directories of mounts handed over
+}
+
+// WithKeptRuns names the run directories of mounts a previous process
+// handed over (see Attach): Open leaves them and their mounts alone
+// instead of clearing them as a crash's leftovers.
+func WithKeptRuns(dirs ...string) Option {
+	return func(c *config) error {
+		if c.kept == nil {
+			c.kept = map[string]bool{}
+		}
+		for _, d := range dirs {
+			c.kept[filepath.Clean(d)] = true
+		}
+		return nil
+	}
 }
 
 // WithLogger sets the logger (default: slog.Default()).
@@ -198,6 +214,9 @@ func (n *Node) clearStale() {
 	}
 	for _, e := range entries {
 		rd := filepath.Join(runs, e.Name())
+		if n.cfg.kept[rd] {
+			continue
+		}
 		lock, err := os.OpenFile(filepath.Join(rd, "lock"), os.O_RDWR|os.O_CREATE, 0o600)
 		if err != nil {
 			continue

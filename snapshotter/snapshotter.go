@@ -533,6 +533,25 @@ func (s *Snapshotter) ownLabels(ctx context.Context) (map[string]map[string]stri
 	return out, err
 }
 
+// Adopt takes back the flat mounts that outlived a restart of the process
+// (the daemon hands them over through its keeper): every flat snapshot
+// whose mount directory held reports as served is mounted again through
+// Remote.Mount, which finds the mount there, so that Remove unmounts it.
+func (s *Snapshotter) Adopt(ctx context.Context, held func(dir string) bool) {
+	own, err := s.ownLabels(ctx)
+	if err != nil {
+		s.log.Warn("could not list snapshots to adopt their mounts", "err", err)
+		return
+	}
+	for id, l := range own {
+		if ref := l[LabelFlat]; ref != "" && held(s.flatPath(id)) {
+			if _, err := s.ensureFlat(ctx, id, ref); err != nil {
+				s.log.Warn("could not adopt a flat mount", "snapshot", id, "err", err)
+			}
+		}
+	}
+}
+
 // mountSoon mounts a flat snapshot in the background: it was just pulled,
 // and a container will want it next, so its index is fetched while
 // containerd finishes the pull and creates the container. A failure is

@@ -44,6 +44,7 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	noP2P := fs.Bool("no-p2p", false, "no swarm: fetch from the registry only")
 	uploads := fs.Int("upload-streams", 0, "concurrent block uploads to peers (default 4)")
 	uploadRate := fs.Int64("upload-bytes-per-sec", 0, "cap on bytes/s uploaded to peers (0: unlimited)")
+	keeperSock := fs.String("keeper-socket", "", "socket of `shoal keeper`, which holds the mounts so that they outlive the daemon (default: none; mounts end with the daemon)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -95,6 +96,9 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if set["upload-bytes-per-sec"] {
 		cfg.P2P.UploadBytesPerSec = *uploadRate
 	}
+	if set["keeper-socket"] {
+		cfg.KeeperSocket = *keeperSock
+	}
 	if *kubeNode != "" {
 		kl, err := kubeNodeLabels(ctx, *kubeNode, *kubeRack)
 		if err != nil {
@@ -118,7 +122,11 @@ func runDaemon(ctx context.Context, args []string, stdout, stderr io.Writer) err
 	if err != nil {
 		return err
 	}
-	fmt.Fprintln(stderr, "shoal daemon: starting (SIGTERM or Ctrl-C stops it and unmounts everything)")
+	if cfg.KeeperSocket != "" {
+		fmt.Fprintln(stderr, "shoal daemon: starting (SIGTERM or Ctrl-C stops it and leaves its mounts to the keeper for the next daemon)")
+	} else {
+		fmt.Fprintln(stderr, "shoal daemon: starting (SIGTERM or Ctrl-C stops it and unmounts everything)")
+	}
 	return d.Run(ctx)
 }
 

@@ -33,6 +33,7 @@ var commands = []command{
 	{"trace", "trace push|get [flags] REF [FILE]", "publish or show an image's start-up trace", runTrace},
 	{"pull", "pull [flags] REF", "pull an image into containerd as lazy Shoal snapshots", runPull},
 	{"daemon", "daemon [flags]", "run the node daemon (cache, mounts, API socket, metrics)", runDaemon},
+	{"keeper", "keeper [--socket PATH]", "hold the daemon's mounts so that they outlive it (restarts, upgrades)", runKeeper},
 	{"status", "status [flags]", "show the daemon's cache and mounts as JSON", runStatus},
 	{"keygen", "keygen [--force] [FILE|-]", "make a private-network key for the swarm (p2p.psk_file)", runKeygen},
 	{"simulate", "simulate [flags] --trace FILE", "simulate a rollout to many nodes and compare strategies", runSimulate},

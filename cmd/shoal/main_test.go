@@ -20,8 +20,15 @@ import (
 	"github.com/shoal-project/shoal/sandbox"
 )
 
+// asShoalEnv makes the test binary run as `shoal` with its arguments.
+const asShoalEnv = "SHOAL_TEST_AS_SHOAL"
+
 func TestMain(m *testing.M) {
 	sandbox.Init() // `shoal run` re-executes the test binary as the sandbox's init
+	if os.Getenv(asShoalEnv) != "" {
+		// A daemon in a process of its own (TestRestartKeepsMounts).
+		os.Exit(run(os.Args[1:], os.Stdout, os.Stderr))
+	}
 	os.Exit(m.Run())
 }
 

@@ -2,6 +2,7 @@ package testenv
 
 import (
 	"bytes"
+	"io"
 	"log/slog"
 	"strings"
 	"sync"
@@ -16,6 +17,13 @@ const logKeep = 256 << 10
 // and printed only if the test fails: a flaky failure in CI then comes with
 // the log that explains it, and a passing run stays quiet.
 func Logger(t testing.TB, name string) *slog.Logger {
+	t.Helper()
+	return slog.New(slog.NewTextHandler(LogWriter(t, name), &slog.HandlerOptions{Level: slog.LevelDebug}))
+}
+
+// LogWriter is Logger's output for a process a test starts: kept, and
+// printed only if the test fails.
+func LogWriter(t testing.TB, name string) io.Writer {
 	t.Helper()
 	w := &tailBuffer{}
 	t.Cleanup(func() {
@@ -33,7 +41,7 @@ func Logger(t testing.TB, name string) *slog.Logger {
 		}
 		t.Logf("testenv: %s log (tail):\n%s", name, out)
 	})
-	return slog.New(slog.NewTextHandler(w, &slog.HandlerOptions{Level: slog.LevelDebug}))
+	return w
 }
 
 // tailBuffer keeps at least the last logKeep bytes written to it.

@@ -1,0 +1,221 @@
+//go:build linux && !race
+
+// Integration test with a Debian image and daemons in processes of their
+// own (SIGKILL is the point): built without the race detector, as the
+// other heavy ones.
+
+package main
+
+import (
+	"bufio"
+	"context"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"sync"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/shoal-project/shoal/converter"
+	"github.com/shoal-project/shoal/daemon"
+	"github.com/shoal-project/shoal/internal/keeper"
+	"github.com/shoal-project/shoal/internal/testenv"
+)
+
+// TestRestartKeepsMounts: a process reads every file of a lazily mounted
+// Debian image, checking each against the image, while the daemon serving
+// the mount is SIGKILLed and started again, then stopped (SIGTERM) and
+// started again, as an upgrade does. Every read succeeds with the right
+// bytes; the longest wait between two files is reported and must stay
+// under 5 s; the mount keeps its ID, and unmounts cleanly at the end.
+func TestRestartKeepsMounts(t *testing.T) {
+	if testing.Short() {
+		t.Skip("integration test: real registry, Debian image, FUSE")
+	}
+	if os.Geteuid() != 0 {
+		testenv.SkipOrFatal(t, "needs root for FUSE")
+	}
+	ctx := t.Context()
+	reg := testenv.StartRegistry(t)
+	src := reg.Ref("debian:restart")
+	img := testenv.PushDebianImage(t, src)
+	if _, err := converter.Convert(ctx, src, "", converter.WithPlainHTTP(true)); err != nil {
+		t.Fatal(err)
+	}
+	want := testenv.ExtractTree(t, img)
+
+	kctx, kcancel := context.WithCancel(context.Background())
+	sock := filepath.Join(t.TempDir(), "keeper.sock")
+	ks, err := keeper.Listen(sock, testenv.Logger(t, "keeper"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	kdone := make(chan error, 1)
+	go func() { kdone <- ks.Serve(kctx) }()
+	t.Cleanup(func() { kcancel(); <-kdone })
+
+	state := t.TempDir()
+	exe, err := os.Executable()
+	if err != nil {
+		t.Fatal(err)
+	}
+	start := func(name string) *exec.Cmd {
+		t.Helper()
+		cmd := exec.Command(exe, "daemon", "--state-dir", state, "--plain-http", "--no-p2p", "--keeper-socket", sock, "--log-level", "info")
+		cmd.Env = append(os.Environ(), asShoalEnv+"=1")
+		cmd.Stderr = testenv.LogWriter(t, name)
+		if err := cmd.Start(); err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() {
+			if cmd.ProcessState == nil {
+				cmd.Process.Kill()
+				cmd.Wait()
+			}
+		})
+		return cmd
+	}
+	dial := func() *daemon.Client {
+		t.Helper()
+		deadline := time.Now().Add(60 * time.Second)
+		for {
+			c, err := daemon.Dial(ctx, daemon.SocketPath(state))
+			if err == nil {
+				if _, err = c.Status(ctx); err == nil {
+					return c
+				}
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("daemon never answered: %v", err)
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	d1 := start("daemon 1")
+	mi, err := dial().Mount(ctx, daemon.MountRequest{Ref: src})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { syscall.Unmount(mi.Dir, syscall.MNT_DETACH) })
+
+	// The reader: sha256sum of every regular file, one at a time, so that
+	// each file's first read reaches the daemon.
+	reader := exec.Command("/bin/sh", "-c", "cd "+mi.Dir+" && find . -type f -print0 | sort -z | xargs -0 -n 16 sha256sum")
+	out, err := reader.StdoutPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	reader.Stderr = testenv.LogWriter(t, "reader")
+	if err := reader.Start(); err != nil {
+		t.Fatal(err)
+	}
+	var mu sync.Mutex
+	var sums []string
+	var gaps []time.Duration
+	last := time.Now()
+	progress := make(chan int, 1024)
+	readDone := make(chan struct{})
+	go func() {
+		defer close(readDone)
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			now := time.Now()
+			mu.Lock()
+			sums = append(sums, sc.Text())
+			gaps = append(gaps, now.Sub(last))
+			last = now
+			n := len(sums)
+			mu.Unlock()
+			select {
+			case progress <- n:
+			default:
+			}
+		}
+	}()
+	waitFiles := func(n int) {
+		t.Helper()
+		timeout := time.After(2 * time.Minute)
+		for {
+			select {
+			case got := <-progress:
+				if got >= n {
+					return
+				}
+			case <-readDone:
+				t.Fatalf("the reader finished before %d files: kill the daemon earlier", n)
+			case <-timeout:
+				t.Fatalf("the reader never reached %d files", n)
+			}
+		}
+	}
+
+	waitFiles(300)
+	killedAt := time.Now()
+	d1.Process.Kill()
+	d1.Wait()
+	mu.Lock()
+	atKill := len(sums)
+	mu.Unlock()
+	d2 := start("daemon 2")
+	waitFiles(atKill + 1)
+	t.Logf("SIGKILL: the next file came %v after the kill", time.Since(killedAt).Round(time.Millisecond))
+
+	waitFiles(atKill + 300)
+	stoppedAt := time.Now()
+	d2.Process.Signal(syscall.SIGTERM)
+	if err := d2.Wait(); err != nil {
+		t.Fatalf("daemon 2 on SIGTERM: %v", err)
+	}
+	mu.Lock()
+	atStop := len(sums)
+	mu.Unlock()
+	d3 := start("daemon 3")
+	c3 := dial()
+	waitFiles(atStop + 1)
+	t.Logf("SIGTERM and restart: the next file came %v after the stop", time.Since(stoppedAt).Round(time.Millisecond))
+
+	if err := reader.Wait(); err != nil {
+		t.Fatalf("the reader failed across the restarts: %v", err)
+	}
+	<-readDone
+	files := 0
+	for p, e := range want {
+		if e.Kind == "file" && !strings.Contains(p, "\n") {
+			files++
+		}
+	}
+	if len(sums) != files {
+		t.Errorf("read %d files, the image has %d", len(sums), files)
+	}
+	for _, l := range sums {
+		sum, p, ok := strings.Cut(l, "  ./")
+		if !ok || want[p].SHA256 != sum {
+			t.Errorf("%s: read %s, the image has %s", p, sum, want[p].SHA256)
+		}
+	}
+	var worst time.Duration
+	for _, g := range gaps {
+		worst = max(worst, g)
+	}
+	t.Logf("%d files read across a SIGKILL and a SIGTERM restart; longest wait between two lines of output %v", len(sums), worst.Round(time.Millisecond))
+	if worst > 5*time.Second {
+		t.Errorf("reads paused %v across a restart, want at most 5 s", worst)
+	}
+
+	st, err := c3.Status(ctx)
+	if err != nil || len(st.Mounts) != 1 || st.Mounts[0].ID != mi.ID || st.Mounts[0].Dir != mi.Dir {
+		t.Fatalf("status after the restarts: %+v, %v; want the mount %s at %s", st.Mounts, err, mi.ID, mi.Dir)
+	}
+	if _, err := c3.Unmount(ctx, daemon.UnmountRequest{ID: mi.ID}); err != nil {
+		t.Fatal(err)
+	}
+	d3.Process.Signal(syscall.SIGTERM)
+	if err := d3.Wait(); err != nil {
+		t.Fatalf("daemon 3 on SIGTERM: %v", err)
+	}
+	if got := ks.Entries(); len(got) != 0 {
+		t.Errorf("the keeper still holds %d entries after the unmount", len(got))
+	}
+}
