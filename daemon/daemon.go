@@ -53,8 +53,8 @@ type Config struct {
 	// KeeperSocket is the socket of `shoal keeper`, which holds the
 	// mounts' FUSE connections so that they outlive the daemon
 	// (handoff.go, docs/deploy.md); "" runs without one.
-	KeeperSocket string `yaml:"keeper_socket"`
-	CRI         CRIConfig         `yaml:"cri"`         // CRI image service proxy for pull credentials (cri.go)
+	KeeperSocket string    `yaml:"keeper_socket"`
+	CRI          CRIConfig `yaml:"cri"` // CRI image service proxy for pull credentials (cri.go)
 }
 
 // P2PConfig configures the swarm.
