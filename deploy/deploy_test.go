@@ -221,10 +221,19 @@ func checkManifests(t *testing.T, m manifests, ns string, documented bool) (*app
 		t.Errorf("service account %s cannot get nodes: --kube-node would fail", sa.Name)
 	}
 
-	if len(ps.Containers) != 1 {
-		t.Fatalf("want one container, have %d", len(ps.Containers))
+	// Two containers: the daemon and the keeper that holds its mounts
+	// across its restarts, on a socket the config names.
+	var c, kc corev1.Container
+	for _, x := range ps.Containers {
+		if len(x.Args) > 0 && x.Args[0] == "keeper" {
+			kc = x
+		} else {
+			c = x
+		}
 	}
-	c := ps.Containers[0]
+	if len(ps.Containers) != 2 || kc.Name == "" || c.Name == "" {
+		t.Fatalf("want a daemon and a keeper container, have %d containers", len(ps.Containers))
+	}
 	if c.SecurityContext == nil || c.SecurityContext.Privileged == nil || !*c.SecurityContext.Privileged {
 		t.Error("the daemon container is not privileged (FUSE mounts, Bidirectional propagation)")
 	}
@@ -281,6 +290,7 @@ func checkManifests(t *testing.T, m manifests, ns string, documented bool) (*app
 		t.Fatalf("--config=%s is not a key of config map %s mounted in the container", cfgPath, cm.Name)
 	}
 	cfg := loadConfig(t, "config map "+cm.Name, []byte(cfgData))
+	checkKeeper(t, cfg.KeeperSocket, c, kc, vols)
 	if vm, hp := mountOf(cfg.StateDir); hp != nil && (vm.MountPath != cfg.StateDir ||
 		vm.MountPropagation == nil || *vm.MountPropagation != corev1.MountPropagationBidirectional) {
 		t.Errorf("state dir %s: mounted at %s with propagation %v, want the same path, Bidirectional (mounts must reach containerd)",
@@ -886,5 +896,29 @@ func TestSystemdInstall(t *testing.T) {
 	}
 	if err := install(second, "--key", other); err == nil || !bytes.Equal(key(second), k) {
 		t.Errorf("install.sh --key with another key over an installed one: %v; want an error and the key kept", err)
+	}
+}
+
+// checkKeeper checks that the keeper listens on the daemon's keeper_socket,
+// through a volume both containers mount at the same place.
+func checkKeeper(t *testing.T, sock string, daemon, keeper corev1.Container, vols map[string]corev1.Volume) {
+	t.Helper()
+	if sock == "" {
+		t.Error("the config has no keeper_socket: mounts would die with the daemon")
+		return
+	}
+	if got := flagArgs(t, keeper.Args[1:])["socket"]; got != sock {
+		t.Errorf("the keeper listens on %q, the daemon's keeper_socket is %q", got, sock)
+	}
+	volAt := func(c corev1.Container) string {
+		for _, vm := range c.VolumeMounts {
+			if vm.MountPath == path.Dir(sock) {
+				return vm.Name
+			}
+		}
+		return ""
+	}
+	if a, b := volAt(daemon), volAt(keeper); a == "" || a != b || vols[a].HostPath != nil && vols[a].EmptyDir != nil {
+		t.Errorf("keeper socket directory %s: daemon mounts volume %q, keeper %q; want the same", path.Dir(sock), a, b)
 	}
 }

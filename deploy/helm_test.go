@@ -95,7 +95,7 @@ func TestHelmChart(t *testing.T) {
 			if _, ok := args["kube-rack-label"]; ok || cfg.CacheQuota != 20<<30 || cfg.CRI.ImageSocket != "" {
 				t.Errorf("defaults: rack label %q, cache quota %d, CRI socket %q", args["kube-rack-label"], cfg.CacheQuota, cfg.CRI.ImageSocket)
 			}
-			if got := ds.Spec.Template.Spec.Containers[0].Resources.Requests[corev1.ResourceMemory]; got.Cmp(resource.MustParse("256Mi")) != 0 {
+			if got := daemonContainer(t, ds).Resources.Requests[corev1.ResourceMemory]; got.Cmp(resource.MustParse("256Mi")) != 0 {
 				t.Errorf("memory request %s", got.String())
 			}
 		}},
@@ -135,7 +135,7 @@ swarmKey:
 			if args["kube-rack-label"] != "example.com/rack" || cfg.CacheQuota != 1<<30 {
 				t.Errorf("rack label %q, cache quota %d", args["kube-rack-label"], cfg.CacheQuota)
 			}
-			c := ds.Spec.Template.Spec.Containers[0]
+			c := daemonContainer(t, ds)
 			if got := c.Resources.Limits[corev1.ResourceMemory]; got.Cmp(resource.MustParse("2Gi")) != 0 {
 				t.Errorf("memory limit %s", got.String())
 			}
@@ -200,4 +200,16 @@ swarmKey:
 		!strings.Contains(err.Error(), "swarmKey.create needs swarmKey.value") {
 		t.Errorf("swarmKey.create without a value: %v", err)
 	}
+}
+
+// daemonContainer is the DaemonSet's container that runs `shoal daemon`.
+func daemonContainer(t *testing.T, ds *appsv1.DaemonSet) corev1.Container {
+	t.Helper()
+	for _, c := range ds.Spec.Template.Spec.Containers {
+		if len(c.Args) > 0 && c.Args[0] == "daemon" {
+			return c
+		}
+	}
+	t.Fatal("no container runs `shoal daemon`")
+	return corev1.Container{}
 }

@@ -68,8 +68,9 @@ else
 fi
 
 install -D -m 0644 "$here/shoal.service" "$root/etc/systemd/system/shoal.service"
+install -D -m 0644 "$here/shoal-keeper.service" "$root/etc/systemd/system/shoal-keeper.service"
 if [ "$start" = 1 ]; then
 	systemctl daemon-reload
-	systemctl enable --now shoal
+	systemctl enable --now shoal-keeper shoal
 	echo "started: journalctl -u shoal shows its log, shoal status its state"
 fi

@@ -31,7 +31,7 @@ values cannot break its syntax; the daemon reads it strictly.
 */}}
 {{- define "shoal.config" -}}
 {{- $p2p := dict "listen" (list (printf "/ip4/0.0.0.0/tcp/%d" (int .Values.p2p.port))) "bootstrap" .Values.p2p.bootstrap "psk_file" (printf "%s/%s" (include "shoal.keyDir" .) .Values.swarmKey.key) "upload_streams" (int .Values.p2p.uploadStreams) "upload_bytes_per_sec" (int64 .Values.p2p.uploadBytesPerSec) -}}
-{{- $cfg := dict "state_dir" .Values.stateDir "metrics_addr" "127.0.0.1:9464" "plain_http" false "cache_quota" (int64 .Values.cacheQuota) "p2p" $p2p "snapshotter" (dict "socket" (printf "%s/snapshotter.sock" .Values.stateDir)) -}}
+{{- $cfg := dict "state_dir" .Values.stateDir "metrics_addr" "127.0.0.1:9464" "plain_http" false "cache_quota" (int64 .Values.cacheQuota) "p2p" $p2p "snapshotter" (dict "socket" (printf "%s/snapshotter.sock" .Values.stateDir)) "keeper_socket" "/run/shoal/keeper.sock" -}}
 {{- if .Values.mirror.enabled -}}
 {{- $_ := set $cfg "mirror" (dict "listen" .Values.mirror.listen "upstreams" .Values.mirror.upstreams) -}}
 {{- end -}}
