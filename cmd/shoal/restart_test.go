@@ -7,13 +7,10 @@
 package main
 
 import (
-	"bufio"
 	"context"
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -102,104 +99,34 @@ func TestRestartKeepsMounts(t *testing.T) {
 
 	// The reader: sha256sum of every regular file, one at a time, so that
 	// each file's first read reaches the daemon.
-	reader := exec.Command("/bin/sh", "-c", "cd "+mi.Dir+" && find . -type f -print0 | sort -z | xargs -0 -n 16 sha256sum")
-	out, err := reader.StdoutPipe()
-	if err != nil {
-		t.Fatal(err)
-	}
-	reader.Stderr = testenv.LogWriter(t, "reader")
-	if err := reader.Start(); err != nil {
-		t.Fatal(err)
-	}
-	var mu sync.Mutex
-	var sums []string
-	var gaps []time.Duration
-	last := time.Now()
-	progress := make(chan int, 1024)
-	readDone := make(chan struct{})
-	go func() {
-		defer close(readDone)
-		sc := bufio.NewScanner(out)
-		for sc.Scan() {
-			now := time.Now()
-			mu.Lock()
-			sums = append(sums, sc.Text())
-			gaps = append(gaps, now.Sub(last))
-			last = now
-			n := len(sums)
-			mu.Unlock()
-			select {
-			case progress <- n:
-			default:
-			}
-		}
-	}()
-	waitFiles := func(n int) {
-		t.Helper()
-		timeout := time.After(2 * time.Minute)
-		for {
-			select {
-			case got := <-progress:
-				if got >= n {
-					return
-				}
-			case <-readDone:
-				t.Fatalf("the reader finished before %d files: kill the daemon earlier", n)
-			case <-timeout:
-				t.Fatalf("the reader never reached %d files", n)
-			}
-		}
-	}
+	r := testenv.ReadFiles(t, mi.Dir)
+	const wait = 2 * time.Minute
 
-	waitFiles(300)
+	r.WaitFiles(t, 300, wait)
 	killedAt := time.Now()
 	d1.Process.Kill()
 	d1.Wait()
-	mu.Lock()
-	atKill := len(sums)
-	mu.Unlock()
 	d2 := start("daemon 2")
-	waitFiles(atKill + 1)
-	t.Logf("SIGKILL: the next file came %v after the kill", time.Since(killedAt).Round(time.Millisecond))
+	next := r.WaitFiles(t, r.Files()+1, wait)
+	t.Logf("SIGKILL: the next file came %v after the kill", next.Sub(killedAt).Round(time.Millisecond))
 
-	waitFiles(atKill + 300)
+	r.WaitFiles(t, r.Files()+300, wait)
 	stoppedAt := time.Now()
 	d2.Process.Signal(syscall.SIGTERM)
 	if err := d2.Wait(); err != nil {
 		t.Fatalf("daemon 2 on SIGTERM: %v", err)
 	}
-	mu.Lock()
-	atStop := len(sums)
-	mu.Unlock()
 	d3 := start("daemon 3")
 	c3 := dial()
-	waitFiles(atStop + 1)
-	t.Logf("SIGTERM and restart: the next file came %v after the stop", time.Since(stoppedAt).Round(time.Millisecond))
+	next = r.WaitFiles(t, r.Files()+1, wait)
+	t.Logf("SIGTERM and restart: the next file came %v after the stop", next.Sub(stoppedAt).Round(time.Millisecond))
 
-	if err := reader.Wait(); err != nil {
+	if err := r.Wait(); err != nil {
 		t.Fatalf("the reader failed across the restarts: %v", err)
 	}
-	<-readDone
-	files := 0
-	for p, e := range want {
-		if e.Kind == "file" && !strings.Contains(p, "\n") {
-			files++
-		}
-	}
-	if len(sums) != files {
-		t.Errorf("read %d files, the image has %d", len(sums), files)
-	}
-	for _, l := range sums {
-		sum, p, ok := strings.Cut(l, "  ./")
-		if !ok || want[p].SHA256 != sum {
-			t.Errorf("%s: read %s, the image has %s", p, sum, want[p].SHA256)
-		}
-	}
-	var worst time.Duration
-	for _, g := range gaps {
-		worst = max(worst, g)
-	}
-	t.Logf("%d files read across a SIGKILL and a SIGTERM restart; longest wait between two lines of output %v", len(sums), worst.Round(time.Millisecond))
+	r.CheckTree(t, want)
+	worst := r.LongestGap()
+	t.Logf("%d files read across a SIGKILL and a SIGTERM restart; longest wait between two files %v", r.Files(), worst.Round(time.Millisecond))
 	if worst > 5*time.Second {
 		t.Errorf("reads paused %v across a restart, want at most 5 s", worst)
 	}
