@@ -70,8 +70,10 @@ func TestBenchRestart(t *testing.T) {
 		s := slices.Sorted(slices.Values(v))
 		return map[string]any{"runs": len(s), "p50_s": round3(s[len(s)/2]), "max_s": round3(s[len(s)-1]), "all_s": s}
 	}
+	info := imageInfo(t, src, img)
+	info["description"] = "testenv.DebianImage: Debian bookworm minbase + python3"
 	writeResult(t, "restart", map[string]any{
-		"image": imageInfo(t, src, img),
+		"image": info,
 		"what": "a process reads every file of a lazily mounted Debian image once (sha256sum) while the daemon is SIGKILLed and " +
 			"started again, then stopped (SIGTERM) and started from another copy of the binary; times are from the signal " +
 			"to the next file read",
