@@ -20,7 +20,7 @@ deps:
 HEAVY := ./converter ./node ./cmd/shoal
 test: deps
 	$(GO) test -race -count=1 -timeout 30m $(PKGS)
-	$(GO) test -count=1 -timeout 30m -run 'TestConvertDebianImage|TestMountMatchesSource|TestRunFromLazyMount|TestRestartKeepsMounts|TestContainerdRemoteSnapshots' $(HEAVY) ./snapshotter
+	$(GO) test -count=1 -timeout 30m -run 'TestConvertDebianImage|TestMountMatchesSource|TestRunFromLazyMount|TestRestartKeepsMounts|TestContainerdRemoteSnapshots|TestContainerdRestart' $(HEAVY) ./snapshotter
 
 test-short:
 	$(GO) test -short -count=1 $(PKGS)

@@ -26,11 +26,22 @@ type FileReader struct {
 	err   error
 }
 
+// ReadFilesScript is the shell command a FileReader runs in the directory
+// it reads: sha256sum of every regular file under "." in name order, 16
+// files to a process.
+const ReadFilesScript = "find . -type f -print0 | sort -z | xargs -0 -n 16 sha256sum"
+
 // ReadFiles starts a FileReader of dir; it is killed when the test ends.
 func ReadFiles(tb testing.TB, dir string) *FileReader {
 	tb.Helper()
-	r := &FileReader{done: make(chan struct{}), tick: make(chan struct{}, 1), sums: map[string]string{}}
-	r.cmd = exec.Command("/bin/sh", "-c", "cd '"+dir+"' && find . -type f -print0 | sort -z | xargs -0 -n 16 sha256sum")
+	return StartReader(tb, exec.Command("/bin/sh", "-c", "cd '"+dir+"' && "+ReadFilesScript))
+}
+
+// StartReader starts cmd, which must print ReadFilesScript's output (in a
+// container, say), as a FileReader; it is killed when the test ends.
+func StartReader(tb testing.TB, cmd *exec.Cmd) *FileReader {
+	tb.Helper()
+	r := &FileReader{cmd: cmd, done: make(chan struct{}), tick: make(chan struct{}, 1), sums: map[string]string{}}
 	out, err := r.cmd.StdoutPipe()
 	if err != nil {
 		tb.Fatal(err)
@@ -138,12 +149,17 @@ func (r *FileReader) LongestGap() time.Duration {
 }
 
 // CheckTree compares what the reader read with the regular files of want.
-func (r *FileReader) CheckTree(tb testing.TB, want Tree) {
+func (r *FileReader) CheckTree(tb testing.TB, want Tree) { r.CheckTreeUnder(tb, want, "") }
+
+// CheckTreeUnder compares what the reader read with the regular files of
+// want under prefix ("usr/", say; "" for all), whose paths the reader
+// printed relative to the tree's root.
+func (r *FileReader) CheckTreeUnder(tb testing.TB, want Tree, prefix string) {
 	tb.Helper()
 	got := r.Sums()
 	files := 0
 	for p, e := range want {
-		if e.Kind != "file" {
+		if e.Kind != "file" || !strings.HasPrefix(p, prefix) {
 			continue
 		}
 		files++
