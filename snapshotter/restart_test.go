@@ -17,7 +17,6 @@ import (
 
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/daemon"
-	"github.com/shoal-project/shoal/internal/keeper"
 	"github.com/shoal-project/shoal/internal/testenv"
 	"github.com/shoal-project/shoal/snapshotter"
 )
@@ -75,15 +74,7 @@ func TestContainerdRestart(t *testing.T) {
 	}
 	want := testenv.ExtractTree(t, img)
 
-	kctx, kcancel := context.WithCancel(context.Background())
-	ksock := filepath.Join(t.TempDir(), "keeper.sock")
-	ks, err := keeper.Listen(ksock, testenv.Logger(t, "keeper"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kdone := make(chan error, 1)
-	go func() { kdone <- ks.Serve(kctx) }()
-	t.Cleanup(func() { kcancel(); <-kdone })
+	ksock, _ := testenv.StartKeeper(t)
 
 	sockDir, err := os.MkdirTemp("", "shoal-sn")
 	if err != nil {

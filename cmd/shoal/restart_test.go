@@ -7,17 +7,14 @@
 package main
 
 import (
-	"context"
 	"os"
 	"os/exec"
-	"path/filepath"
 	"syscall"
 	"testing"
 	"time"
 
 	"github.com/shoal-project/shoal/converter"
 	"github.com/shoal-project/shoal/daemon"
-	"github.com/shoal-project/shoal/internal/keeper"
 	"github.com/shoal-project/shoal/internal/testenv"
 )
 
@@ -43,15 +40,7 @@ func TestRestartKeepsMounts(t *testing.T) {
 	}
 	want := testenv.ExtractTree(t, img)
 
-	kctx, kcancel := context.WithCancel(context.Background())
-	sock := filepath.Join(t.TempDir(), "keeper.sock")
-	ks, err := keeper.Listen(sock, testenv.Logger(t, "keeper"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	kdone := make(chan error, 1)
-	go func() { kdone <- ks.Serve(kctx) }()
-	t.Cleanup(func() { kcancel(); <-kdone })
+	sock, ks := testenv.StartKeeper(t)
 
 	state := t.TempDir()
 	exe, err := os.Executable()
