@@ -89,9 +89,16 @@ func TestRestartKeepsMounts(t *testing.T) {
 	// The reader: sha256sum of every regular file, one at a time, so that
 	// each file's first read reaches the daemon.
 	r := testenv.ReadFiles(t, mi.Dir)
+	// And `shoal run` under the daemon: its mount is the daemon's, its
+	// container's root an overlay on it, and it unmounts by ID at the end.
+	runCmd := exec.Command(exe, "run", "--plain-http", "--state-dir", state, src, "--",
+		"/bin/sh", "-c", "cd / && find ./usr -type f -print0 | sort -z | xargs -0 -n 16 sha256sum")
+	runCmd.Env = append(os.Environ(), asShoalEnv+"=1")
+	rr := testenv.StartReader(t, runCmd)
 	const wait = 2 * time.Minute
 
 	r.WaitFiles(t, 300, wait)
+	rr.WaitFiles(t, 100, wait)
 	killedAt := time.Now()
 	d1.Process.Kill()
 	d1.Wait()
@@ -110,6 +117,11 @@ func TestRestartKeepsMounts(t *testing.T) {
 	next = r.WaitFiles(t, r.Files()+1, wait)
 	t.Logf("SIGTERM and restart: the next file came %v after the stop", next.Sub(stoppedAt).Round(time.Millisecond))
 
+	if err := rr.Wait(); err != nil {
+		t.Fatalf("shoal run failed across the restarts: %v", err)
+	}
+	rr.CheckTreeUnder(t, want, "usr/")
+	t.Logf("shoal run read %d files across the restarts; longest wait between two files %v", rr.Files(), rr.LongestGap().Round(time.Millisecond))
 	if err := r.Wait(); err != nil {
 		t.Fatalf("the reader failed across the restarts: %v", err)
 	}
