@@ -24,16 +24,16 @@
 // position: each directory's children in name order (lookup is a binary
 // search), the parent of every entry, link counts, and for every regular
 // file the file offset at which each extent starts (a read finds its
-// extents by binary search). Nothing is built per lookup beyond the
-// go-fuse inode the kernel asks for.
+// extents by binary search). Nothing is built per lookup: lazyfs serves
+// go-fuse's raw protocol, and a FUSE node ID is simply the inode number.
 //
 // # Inode numbers and hard links
 //
 // An entry's inode number is its position in the index plus one, so the
 // root is 1 and the numbers are the same on every mount of the same image.
 // A hard link has the number of the regular file it names: both names
-// reach one go-fuse inode (go-fuse merges inodes with equal numbers), stat
-// shows the same st_ino and an st_nlink counting every name, and the
+// reach one kernel inode (the node ID is that number), stat shows the
+// same st_ino and an st_nlink counting every name, and the
 // kernel shares one page cache between them. Directories have the usual
 // link count of 2 plus their subdirectories.
 //
@@ -75,8 +75,8 @@
 // WithPassthroughMinSize bytes (256 KiB by default) whose blocks are all
 // local is materialized: written out, decompressed, as a plain file in the
 // backing directory. Later opens hand that file to the kernel (FUSE
-// passthrough, Linux 6.9 and later, through go-fuse's
-// FilePassthroughFder), which then reads, maps and executes it as it would
+// passthrough, Linux 6.9 and later: the open carries a backing ID the
+// kernel was given for that file), which then reads, maps and executes it as it would
 // a local file: its reads never reach lazyfs. Small files stay on the block
 // path, where the blocks they share with their neighbours are read once;
 // a backing file each would cost an inode and an open per file for little.
@@ -118,14 +118,14 @@
 // the handles of a file are all of one kind at a time: a file opened the
 // block way before it was materialized keeps being opened that way until
 // its last such handle is released, and while one passthrough handle is
-// open, every open of the file is one. go-fuse clears FOPEN_KEEP_CACHE on
-// a passthrough open; its reads do not use the FUSE file's page cache, and
+// open, every open of the file is one. A passthrough open does not carry
+// FOPEN_KEEP_CACHE; its reads do not use the FUSE file's page cache, and
 // whatever earlier opens left there are the same bytes.
 //
 // Without kernel support (an older kernel, a server without
 // CAP_SYS_ADMIN, or a backing directory the kernel will not stack on, such
 // as one on overlayfs), the first registration of a backing file fails and
-// go-fuse silently stops trying for the mount. The same handles are then
+// lazyfs stops trying for the mount. The same handles are then
 // served by lazyfs, by pread from the backing file: a FUSE round trip per
 // read still, but no block lookup or hash. Stats tell the two apart:
 // PassthroughOpens counts backed opens, BackingReads the reads of them
@@ -195,9 +195,25 @@
 // unmounts, and waits for the server and every goroutine lazyfs started. A mount still busy with
 // open files after a few retries is detached instead (umount -l): it
 // leaves the tree at once, and the open files are served from memory until
-// closed, when Wait returns. The mount's /dev/fuse descriptor is marked
-// close-on-exec (go-fuse's direct mount leaves it inheritable), so programs
-// the daemon starts never hold the connection open after the daemon exits.
+// closed, when Wait returns. lazyfs makes the mount itself (mount(2) on a
+// /dev/fuse descriptor it opened close-on-exec, so programs the daemon
+// starts never hold the connection) and keeps the descriptor.
+//
+// # Handing a mount over
+//
+// Node IDs are inode numbers, directory handles carry nothing and file
+// handles only readahead state, so the kernel holds no ID that another
+// process serving the same index would not understand. Conn hands out the
+// connection's descriptor; a process that gets it (the daemon's keeper
+// keeps it across restarts) serves the mount on with Attach, which first
+// has the kernel send again the requests the previous server read and
+// never answered (FUSE_NOTIFY_RESEND, Linux 6.9). Detach stops answering
+// reads before a handover, so they wait for the next server. The kernel
+// allows one backing file per inode, so a file held open through
+// passthrough can only be opened again with the same backing ID:
+// WithHandoff reports the IDs in use, and Attach takes them; an attached
+// mount passes through only those files, since it cannot know which files
+// the previous process left open through the page cache.
 //
 // Processes that serve a mount must not page-fault on it themselves, nor
 // fork a child that touches it before exec (go-fuse's package
