@@ -105,18 +105,7 @@ func restartRun(t *testing.T, bin, upgraded, src, sock string, want testenv.Tree
 		if sock != "" {
 			args = append(args, "--keeper-socket", sock)
 		}
-		cmd := exec.Command(exe, args...)
-		cmd.Stderr = testenv.LogWriter(t, "daemon")
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if cmd.ProcessState == nil {
-				cmd.Process.Kill()
-				cmd.Wait()
-			}
-		})
-		return cmd
+		return testenv.StartProcess(t, "daemon", exec.Command(exe, args...))
 	}
 	dial := func() *daemon.Client {
 		deadline := time.Now().Add(time.Minute)
@@ -154,13 +143,8 @@ func restartRun(t *testing.T, bin, upgraded, src, sock string, want testenv.Tree
 		return 0, 0, err == nil && r.Files() == countFiles(want)
 	}
 	kill = r.WaitFiles(t, r.Files()+1, wait).Sub(at).Seconds()
-	r.WaitFiles(t, r.Files()+300, wait)
-	at = time.Now()
-	d.Process.Signal(syscall.SIGTERM)
-	d.Wait()
-	d = start(upgraded)
+	upgrade = r.Across(t, 300, func() { d.Process.Signal(syscall.SIGTERM); d.Wait() }, func() { d = start(upgraded) }).Seconds()
 	c := dial()
-	upgrade = r.WaitFiles(t, r.Files()+1, wait).Sub(at).Seconds()
 	err = r.Wait()
 	r.CheckTree(t, want)
 	t.Logf("with a keeper: %d files, next file %.3f s after SIGKILL, %.3f s after SIGTERM; longest gap %v; %v",

@@ -110,7 +110,8 @@ func (k *keptMount) drop() {
 	}
 }
 
-// heldAt returns the mount at dir of image ref, if the daemon holds one.
+// heldAt returns the mount at dir of image ref (of any image for ""), if
+// the daemon holds one.
 func (d *Daemon) heldAt(dir, ref string) *mountEntry {
 	if dir == "" {
 		return nil
@@ -118,7 +119,7 @@ func (d *Daemon) heldAt(dir, ref string) *mountEntry {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	for _, e := range d.mounts {
-		if e.m.Dir == filepath.Clean(dir) && e.m.Image.Ref == ref {
+		if e.m.Dir == filepath.Clean(dir) && (ref == "" || e.m.Image.Ref == ref) {
 			return e
 		}
 	}
@@ -126,16 +127,7 @@ func (d *Daemon) heldAt(dir, ref string) *mountEntry {
 }
 
 // held reports whether the daemon serves a mount at dir.
-func (d *Daemon) held(dir string) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	for _, e := range d.mounts {
-		if e.m.Dir == filepath.Clean(dir) {
-			return true
-		}
-	}
-	return false
-}
+func (d *Daemon) held(dir string) bool { return d.heldAt(dir, "") != nil }
 
 // attachGiveUp is how long the daemon tries to serve a kept mount again
 // (its image must resolve) before it detaches it: its readers then get

@@ -71,20 +71,18 @@ const MaxRangeSize = flat.MaxBlockSize
 
 // RangeMinRate is the slowest a designated fetcher's registry read of a
 // range may progress, on average, before askers stop waiting for it: a
-// range's wait is bounded by OriginWait plus its length at this rate. A
-// registry link is shared by every range being read at once — at a
-// rollout's start, four per blob on each of the group's nodes — so one
-// range's share of it is a small part of the link: 256 KiB/s sent askers
-// to the registry themselves behind a 100 Mbit/s link at 12 nodes, and
-// the copies they added slowed every range further. Within the bound a
-// read must also keep moving (RangeStall).
+// range's wait is bounded by OriginWait plus its length at this rate. It
+// is low because a registry link is shared by every range being read at
+// once (at a rollout's start, several per blob on each of the group's
+// nodes), so one range's share of it is a small part of the link, and an
+// asker that gives up early adds a registry copy that slows every range
+// further. Within the bound a read must also keep moving (RangeStall).
 const RangeMinRate = 32 << 10
 
 // RangeStall ends the wait for a range whose read at its designated
-// fetcher has landed no new byte for this long. A capped registry link
-// queues deeply: with OriginWait (3 s) here, a third of the askers'
-// fallbacks in the N=12 bench were reads whose first bytes sat in the
-// link's queue.
+// fetcher has landed no new byte for this long. It is longer than
+// OriginWait because a capped registry link queues deeply: a read's first
+// bytes may sit in the link's queue for seconds.
 const RangeStall = 10 * time.Second
 
 // ErrRangeUpstream means: read this range from the registry (this node is
@@ -126,8 +124,8 @@ func RangeID(key string, i int) flat.BlockID {
 // an image's (OriginGroupSize): members of a pull are found while the
 // pull runs, and with rendezvous hashing a member found late takes only
 // the ranges it wins, whereas in a group cut at eight it pushes another
-// member out and that member's whole share moves (the N=12 bench: ranges
-// read twice by the old and the new designee).
+// member out and that member's whole share moves, to be read twice by
+// the old and the new designee.
 const PullGroupSize = 32
 
 // pullRelook is how often JoinPull looks a pull up again while it is

@@ -103,16 +103,7 @@ func TestContainerdRestart(t *testing.T) {
 		t.Helper()
 		cmd := exec.Command(exe)
 		cmd.Env = append(os.Environ(), daemonHelperEnv+"="+string(cfg))
-		cmd.Stderr = testenv.LogWriter(t, name)
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if cmd.ProcessState == nil {
-				cmd.Process.Kill()
-				cmd.Wait()
-			}
-		})
+		testenv.StartProcess(t, name, cmd)
 		for deadline := time.Now().Add(time.Minute); ; time.Sleep(20 * time.Millisecond) {
 			c, err := daemon.Dial(ctx, daemon.SocketPath(state))
 			if err == nil {
@@ -136,22 +127,17 @@ func TestContainerdRestart(t *testing.T) {
 	const wait = 2 * time.Minute
 
 	r.WaitFiles(t, 300, wait)
-	killedAt := time.Now()
-	d1.Process.Kill()
-	d1.Wait()
-	d2, _ := start("daemon 2")
-	next := r.WaitFiles(t, r.Files()+1, wait)
-	t.Logf("SIGKILL: the container's next file came %v after the kill", next.Sub(killedAt).Round(time.Millisecond))
-
-	r.WaitFiles(t, r.Files()+300, wait)
-	stoppedAt := time.Now()
-	d2.Process.Signal(syscall.SIGTERM)
-	if err := d2.Wait(); err != nil {
-		t.Fatalf("daemon 2 on SIGTERM: %v", err)
-	}
-	d3, c3 := start("daemon 3")
-	next = r.WaitFiles(t, r.Files()+1, wait)
-	t.Logf("SIGTERM and restart: the container's next file came %v after the stop", next.Sub(stoppedAt).Round(time.Millisecond))
+	var d2, d3 *exec.Cmd
+	var c3 *daemon.Client
+	after := r.Across(t, 0, func() { d1.Process.Kill(); d1.Wait() }, func() { d2, _ = start("daemon 2") })
+	t.Logf("SIGKILL: the container's next file came %v after the kill", after.Round(time.Millisecond))
+	after = r.Across(t, 300, func() {
+		d2.Process.Signal(syscall.SIGTERM)
+		if err := d2.Wait(); err != nil {
+			t.Fatalf("daemon 2 on SIGTERM: %v", err)
+		}
+	}, func() { d3, c3 = start("daemon 3") })
+	t.Logf("SIGTERM and restart: the container's next file came %v after the stop", after.Round(time.Millisecond))
 
 	if err := r.Wait(); err != nil {
 		t.Fatalf("the container failed across the restarts: %v", err)

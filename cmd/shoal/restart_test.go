@@ -51,17 +51,7 @@ func TestRestartKeepsMounts(t *testing.T) {
 		t.Helper()
 		cmd := exec.Command(exe, "daemon", "--state-dir", state, "--plain-http", "--no-p2p", "--keeper-socket", sock, "--log-level", "info")
 		cmd.Env = append(os.Environ(), asShoalEnv+"=1")
-		cmd.Stderr = testenv.LogWriter(t, name)
-		if err := cmd.Start(); err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() {
-			if cmd.ProcessState == nil {
-				cmd.Process.Kill()
-				cmd.Wait()
-			}
-		})
-		return cmd
+		return testenv.StartProcess(t, name, cmd)
 	}
 	dial := func() *daemon.Client {
 		t.Helper()
@@ -99,23 +89,17 @@ func TestRestartKeepsMounts(t *testing.T) {
 
 	r.WaitFiles(t, 300, wait)
 	rr.WaitFiles(t, 100, wait)
-	killedAt := time.Now()
-	d1.Process.Kill()
-	d1.Wait()
-	d2 := start("daemon 2")
-	next := r.WaitFiles(t, r.Files()+1, wait)
-	t.Logf("SIGKILL: the next file came %v after the kill", next.Sub(killedAt).Round(time.Millisecond))
-
-	r.WaitFiles(t, r.Files()+300, wait)
-	stoppedAt := time.Now()
-	d2.Process.Signal(syscall.SIGTERM)
-	if err := d2.Wait(); err != nil {
-		t.Fatalf("daemon 2 on SIGTERM: %v", err)
-	}
-	d3 := start("daemon 3")
+	var d2, d3 *exec.Cmd
+	after := r.Across(t, 0, func() { d1.Process.Kill(); d1.Wait() }, func() { d2 = start("daemon 2") })
+	t.Logf("SIGKILL: the next file came %v after the kill", after.Round(time.Millisecond))
+	after = r.Across(t, 300, func() {
+		d2.Process.Signal(syscall.SIGTERM)
+		if err := d2.Wait(); err != nil {
+			t.Fatalf("daemon 2 on SIGTERM: %v", err)
+		}
+	}, func() { d3 = start("daemon 3") })
 	c3 := dial()
-	next = r.WaitFiles(t, r.Files()+1, wait)
-	t.Logf("SIGTERM and restart: the next file came %v after the stop", next.Sub(stoppedAt).Round(time.Millisecond))
+	t.Logf("SIGTERM and restart: the next file came %v after the stop", after.Round(time.Millisecond))
 
 	if err := rr.Wait(); err != nil {
 		t.Fatalf("shoal run failed across the restarts: %v", err)

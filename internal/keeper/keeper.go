@@ -538,13 +538,3 @@ func (k Client) Take(ctx context.Context) ([]Entry, error) {
 	}
 	return fail(errors.New("more entries than a keeper holds"))
 }
-
-// Reachable reports whether a keeper answers at path.
-func (k Client) Reachable(ctx context.Context) bool {
-	c, err := k.dial(ctx)
-	if err != nil {
-		return false
-	}
-	c.Close()
-	return true
-}

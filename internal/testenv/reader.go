@@ -110,6 +110,19 @@ func (r *FileReader) WaitFiles(tb testing.TB, n int, d time.Duration) time.Time 
 	}
 }
 
+// Across waits until n more files have been read, then calls stop (a
+// SIGKILL of the daemon serving them, say) and start (the next daemon),
+// and returns how long after stop began the next file came.
+func (r *FileReader) Across(tb testing.TB, n int, stop, start func()) time.Duration {
+	tb.Helper()
+	const wait = 2 * time.Minute
+	r.WaitFiles(tb, r.Files()+n, wait)
+	at := time.Now()
+	stop()
+	start()
+	return r.WaitFiles(tb, r.Files()+1, wait).Sub(at)
+}
+
 // Wait waits for the reader to end and returns its error.
 func (r *FileReader) Wait() error {
 	<-r.done
@@ -122,9 +135,6 @@ func (r *FileReader) Err() error {
 	defer r.mu.Unlock()
 	return r.err
 }
-
-// Done is closed when the reader ends.
-func (r *FileReader) Done() <-chan struct{} { return r.done }
 
 // Sums maps the files read to their SHA-256.
 func (r *FileReader) Sums() map[string]string {
@@ -170,4 +180,22 @@ func (r *FileReader) CheckTreeUnder(tb testing.TB, want Tree, prefix string) {
 	if len(got) != files {
 		tb.Errorf("read %d files, the image has %d", len(got), files)
 	}
+}
+
+// StartProcess starts cmd, a daemon or helper a test runs, with its
+// stderr kept as name's log (LogWriter); it is killed when the test ends
+// unless it was waited for.
+func StartProcess(tb testing.TB, name string, cmd *exec.Cmd) *exec.Cmd {
+	tb.Helper()
+	cmd.Stderr = LogWriter(tb, name)
+	if err := cmd.Start(); err != nil {
+		tb.Fatalf("start %s: %v", name, err)
+	}
+	tb.Cleanup(func() {
+		if cmd.ProcessState == nil {
+			cmd.Process.Kill()
+			cmd.Wait()
+		}
+	})
+	return cmd
 }
